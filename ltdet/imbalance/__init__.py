@@ -1,0 +1,20 @@
+"""Model-agnostic imbalance core: class-balanced weights, label-aware smoothing, LDS, FDS, mixup, shifted BN."""
+import importlib
+
+# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
+# importing its siblings.
+_EXPORTS = {
+,
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
