@@ -4,7 +4,23 @@ import importlib
 # name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
 # importing its siblings.
 _EXPORTS = {
-,
+    "Trainer": "trainer",
+    "NonFiniteLossError": "trainer",
+    "Checkpointer": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "atomic_write": "checkpoint",
+    "init_distributed": "distributed",
+    "build_optimizer": "solver",
+    "build_lr_scheduler": "solver",
+    "lr_factor": "solver",
+    "TrainLogger": "logger",
+    "setup_logging": "logger",
+    "inference": "evaluate",
+    "evaluate_model": "evaluate",
+    "evaluate_checkpoint": "evaluate",
+    "evaluate_detections": "evaluate",
+    "resolve_data_paths": "data",
+    "prepare_stage2": "refine",
 }
 
 __all__ = sorted(_EXPORTS)

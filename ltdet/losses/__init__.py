@@ -4,7 +4,12 @@
 """
 import importlib
 
-_EXPORTS = {"build_loss": "registry", "LOSSES": "registry", "reduce_loss": "reduction"}
+_EXPORTS = {
+    "build_loss": "registry",
+    "LOSSES": "registry",
+    "hyper_parameters": "registry",
+    "reduce_loss": "reduction",
+}
 
 __all__ = sorted(_EXPORTS)
 
@@ -13,3 +18,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

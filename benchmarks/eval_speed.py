@@ -1,0 +1,212 @@
+"""Speed / memory / agreement of ltdet's LVIS evaluator against the official `lvis` package and
+faster-coco-eval (LVIS mode), each in its own subprocess on the same generated files.
+
+    python benchmarks/eval_speed.py --images 500            # quick
+    python benchmarks/eval_speed.py --images 5000           # the acceptance run (~13 GB for peers)
+    python benchmarks/eval_speed.py --images 19809 --only ltdet
+
+The generated set is LVIS v1-like: 1203 classes (337 r / 461 c / 405 f), about 12 boxes per image
+(~58% small), `neg_category_ids` and `not_exhaustive_category_ids` on every image, a 8-number
+polygon per box (real LVIS json carries polygons, which every evaluator has to parse), and 300
+detections per image (boxes to 2 decimals, scores to 4). Wall time and peak RSS are for the whole
+child process: interpreter start, imports, json loading, evaluation.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300", "ARs@300",
+           "ARm@300", "ARl@300"]
+N_RCF = (337, 461, 405)
+
+
+def generate(root, n_images, seed=0):
+    """Write gt.json and dets.json under ``root`` (skipped when both exist for these args)."""
+    os.makedirs(root, exist_ok=True)
+    gt_path, det_path = os.path.join(root, "gt.json"), os.path.join(root, "dets.json")
+    stamp = os.path.join(root, f"done_{n_images}_{seed}")
+    if os.path.exists(stamp) and os.path.exists(gt_path) and os.path.exists(det_path):
+        return gt_path, det_path
+    rng = np.random.default_rng(seed)
+    K = sum(N_RCF)
+    freq = np.array(["r"] * N_RCF[0] + ["c"] * N_RCF[1] + ["f"] * N_RCF[2])
+    rng.shuffle(freq)
+    # Long tail: a class's chance to appear on an image spans ~3 orders of magnitude.
+    weight = np.where(freq == "f", rng.uniform(20, 400, K),
+                      np.where(freq == "c", rng.uniform(2, 20, K), rng.uniform(0.2, 2, K)))
+    p_cls = weight / weight.sum()
+    W, H = 640, 480
+
+    def sample_boxes(n):
+        # sqrt(area) log-normal: ~58% below 32 px, ~15% above 96 px.
+        side = np.exp(rng.normal(np.log(26.0), 0.95, n)).clip(2, 470)
+        ar = np.exp(rng.normal(0, 0.5, n))
+        w = (side * np.sqrt(ar)).clip(1, W - 1)
+        h = (side / np.sqrt(ar)).clip(1, H - 1)
+        x = rng.uniform(0, 1, n) * (W - w)
+        y = rng.uniform(0, 1, n) * (H - h)
+        return np.round(np.stack([x, y, w, h], 1), 2)
+
+    images, anns, det_rows = [], [], []
+    img_ids = np.arange(1, n_images + 1) * 3
+    n_pos_cls = 1 + rng.poisson(2.5, n_images)
+    ann_id = 1
+    for i, img_id in enumerate(img_ids.tolist()):
+        pos = np.unique(rng.choice(K, size=n_pos_cls[i], p=p_cls))
+        n_box = max(1, rng.poisson(12))
+        box_cls = pos[rng.integers(0, len(pos), n_box)]
+        boxes = sample_boxes(n_box)
+        for b, c in zip(boxes.tolist(), box_cls.tolist()):
+            x, y, w, h = b
+            anns.append({"id": ann_id, "image_id": img_id, "category_id": c + 1, "bbox": b,
+                         "area": round(w * h, 2),
+                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+            ann_id += 1
+        rest = np.setdiff1d(rng.choice(K, size=rng.poisson(9) + 1, p=p_cls), pos)
+        nel = pos[rng.random(len(pos)) < 0.15]
+        images.append({"id": img_id, "width": W, "height": H,
+                       "neg_category_ids": (rest + 1).tolist(),
+                       "not_exhaustive_category_ids": (nel + 1).tolist()})
+        # 300 detections: jittered copies of the gt (right or confused class), the rest random.
+        n_true = min(300, 3 * n_box)
+        src = rng.integers(0, n_box, n_true)
+        jit = boxes[src] + rng.normal(0, 0.08, (n_true, 4)) * boxes[src][:, [2, 3, 2, 3]]
+        jit[:, 2:] = np.abs(jit[:, 2:]).clip(min=1)
+        cls_true = np.where(rng.random(n_true) < 0.7, box_cls[src], rng.choice(K, n_true, p=p_cls))
+        n_rand = 300 - n_true
+        d_box = np.round(np.concatenate([jit, sample_boxes(n_rand)]), 2)
+        d_cls = np.concatenate([cls_true, rng.choice(K, n_rand, p=p_cls)]) + 1
+        d_score = np.round(np.concatenate([rng.beta(3, 2, n_true), rng.beta(1, 6, n_rand)]), 4)
+        det_rows.append((img_id, d_cls, d_box, d_score))
+    cats = []
+    for k in range(K):
+        cats.append({"id": k + 1, "name": f"class_{k + 1}", "synset": f"class_{k + 1}.n.01",
+                     "frequency": str(freq[k]), "image_count": 0, "instance_count": 0})
+    a_cat = np.array([a["category_id"] for a in anns]) - 1
+    a_img = np.array([a["image_id"] for a in anns])
+    inst = np.bincount(a_cat, minlength=K)
+    imgc = np.bincount(np.unique(np.stack([a_img, a_cat], 1), axis=0)[:, 1], minlength=K)
+    for k, c in enumerate(cats):
+        # "Training" counts consistent with the frequency group (the val json carries train counts).
+        lo, hi = {"r": (1, 10), "c": (11, 100), "f": (101, 5000)}[c["frequency"]]
+        c["image_count"] = int(rng.integers(lo, hi + 1))
+        c["instance_count"] = int(c["image_count"] * (1 + inst[k] / max(imgc[k], 1)))
+    with open(gt_path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats,
+                   "info": {}, "licenses": []}, f)
+    fmt = '{"image_id": %d, "category_id": %d, "bbox": [%.2f, %.2f, %.2f, %.2f], "score": %.4f}'
+    with open(det_path, "w") as f:
+        f.write("[")
+        for n, (img_id, c, b, s) in enumerate(det_rows):
+            f.write((", " if n else "") + ", ".join(
+                fmt % (img_id, ci, *bi, si) for ci, bi, si in zip(c.tolist(), b.tolist(), s.tolist())))
+        f.write("]")
+    open(stamp, "w").close()
+    return gt_path, det_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Children: one evaluator each; print one json line with the metrics and the peak RSS.
+
+def run_ltdet(gt, dets):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ltdet.evaluation import evaluate_lvis
+    res = evaluate_lvis(gt, dets)
+    return {k: res[k] for k in METRICS}
+
+
+def run_lvis(gt, dets):
+    np.float = float  # the lvis package still calls np.float (removed in NumPy 1.24)
+    from lvis import LVISEval
+    e = LVISEval(gt, dets, "bbox")
+    e.run()
+    return {k: float(v) for k, v in e.get_results().items()}
+
+
+def run_fce(gt, dets):
+    from faster_coco_eval import COCO, COCOeval_faster
+    g = COCO(gt)
+    with open(dets) as f:
+        results = json.load(f)
+    # loadRes does not apply LVIS's top-300-per-image cap: do it as LVISResults does.
+    by_img = {}
+    for r in results:
+        by_img.setdefault(r["image_id"], []).append(r)
+    results = [r for rs in by_img.values()
+               for r in (sorted(rs, key=lambda r: r["score"], reverse=True)[:300])]
+    e = COCOeval_faster(g, g.loadRes(results), "bbox", lvis_style=True, print_function=lambda *a: None)
+    e.params.maxDets = [300]
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    s = e.stats_as_dict
+    names = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small",
+             "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf",
+             "AR@300": "AR_all", "ARs@300": "AR_small", "ARm@300": "AR_medium",
+             "ARl@300": "AR_large"}
+    return {k: s[v] for k, v in names.items() if v in s}
+
+
+RUNNERS = {"ltdet": run_ltdet, "lvis": run_lvis, "faster-coco-eval": run_fce}
+
+
+def child(name, gt, dets):
+    metrics = RUNNERS[name](gt, dets)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"metrics": metrics, "peak_mb": peak_mb}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=500)
+    ap.add_argument("--root", default="data/generated/eval_speed")
+    ap.add_argument("--only", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", nargs=3, metavar=("NAME", "GT", "DETS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    root = os.path.join(args.root, f"{args.images}")
+    t0 = time.time()
+    gt, dets = generate(root, args.images, args.seed)
+    print(f"set: {args.images} images, {os.path.getsize(dets) / 1e6:.0f} MB of detections, "
+          f"{os.path.getsize(gt) / 1e6:.0f} MB gt ({time.time() - t0:.0f} s to prepare)")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    rows = {}
+    for name in args.only:
+        t = time.time()
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, gt, dets],
+                           capture_output=True, text=True, env=env)
+        wall = time.time() - t
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        if p.returncode or not line:
+            print(f"{name}: failed (rc {p.returncode}) {p.stderr[-2000:]}")
+            continue
+        out = json.loads(line[-1][7:])
+        rows[name] = dict(wall=wall, peak_mb=out["peak_mb"], metrics=out["metrics"])
+        print(f"  {name}: {wall:.1f} s, {out['peak_mb']:.0f} MB", flush=True)
+
+    ref = rows.get("lvis")
+    print(f"\n| evaluator | wall s | peak RSS MB | speed-up vs lvis | memory vs lvis | "
+          f"max |metric - lvis| | AP |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        sp = f"{ref['wall'] / r['wall']:.1f}x" if ref else "-"
+        mem = f"{r['peak_mb'] / ref['peak_mb']:.2f}" if ref else "-"
+        diff = "-"
+        if ref:
+            common = [k for k in METRICS if k in r["metrics"] and k in ref["metrics"]]
+            diff = f"{max(abs(r['metrics'][k] - ref['metrics'][k]) for k in common):.2e}"
+        print(f"| {name} | {r['wall']:.1f} | {r['peak_mb']:.0f} | {sp} | {mem} | {diff} | "
+              f"{r['metrics'].get('AP', float('nan')):.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""LVIS v1 and COCO detection data sets read through the official `lvis` / `pycocotools` APIs.
+
+``dataset[i] -> (image, target)``:
+  - ``image``: FloatTensor ``[3, H, W]`` in ``[0, 1]``, RGB (decoded with ``cv2.imread``), after the
+    transforms (resize / flip);
+  - ``target``: ``boxes`` float32 ``[K, 4]`` xyxy pixels of the transformed image, ``labels`` int64
+    ``[K]`` in ``1..C`` (label ``i`` = ``cat_ids[i - 1]``, sorted json category ids; 0 is
+    torchvision's background), ``image_id`` int, ``orig_size`` ``(h, w)`` of the file,
+    ``scale`` float (resized / original: divide predicted boxes by it for original coordinates),
+    ``flipped`` bool.
+
+Index ``i`` is the ``i``-th image by sorted image id. COCO crowd annotations (``iscrowd=1``) are
+not training targets and are dropped, as is done by torchvision's reference scripts.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from typing import Callable, Mapping
+
+import cv2
+import numpy as np
+import torch
+from lvis import LVIS
+from pycocotools.coco import COCO
+
+from .class_stats import ClassStats, FlatAnnotations, load_json_dict
+from .transforms import ToTensor
+
+logger = logging.getLogger(__name__)
+
+
+class _LVISFromDict(LVIS):
+    """`lvis.LVIS` whose constructor also accepts an already loaded dict (it only takes a path)."""
+
+    def _load_json(self, path_or_dict):
+        if isinstance(path_or_dict, Mapping):
+            return path_or_dict
+        return super()._load_json(path_or_dict)
+
+
+class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
+    """Shared reader: flat validated annotations + image decoding; subclasses pick the json API."""
+
+    format_name = ""
+
+    def __init__(self, json, image_root, transforms: Callable | None = None,
+                 filter_empty: bool = False, *, skip_invalid: bool = False,
+                 json_path: str | None = None):
+        # json_path names an in-memory dict's source file in error messages.
+        data, path = load_json_dict(json)
+        path = path if path is not None else json_path
+        self.json_path = path
+        self.image_root = os.fspath(image_root)
+        self.transforms = transforms
+        flat = FlatAnnotations.from_dict(data, json_path=path, skip_invalid=skip_invalid)
+        self.api = self._make_api(data)
+        if filter_empty:
+            keep = np.flatnonzero(np.diff(flat.ann_offsets) > 0)
+            if keep.size == 0:
+                raise ValueError(f"annotation json {path or '<dict>'}: no image has an annotation, "
+                                 "so filter_empty=True leaves an empty data set")
+            flat = _subset(flat, keep)
+        self.annotations = flat
+        self.cat_ids = list(flat.cat_ids)
+        self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.class_names = list(flat.class_names)
+        self.image_ids = flat.image_ids.tolist()
+        self.stats = ClassStats.from_flat(flat)
+        self._to_tensor = ToTensor()
+
+    @abc.abstractmethod
+    def _make_api(self, data: dict):
+        """The official json API object (``lvis.LVIS`` / ``pycocotools.coco.COCO``) over ``data``."""
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def aspect_ratios(self) -> torch.Tensor:
+        """Width / height per image from the json (no decoding), float64 ``[N]``."""
+        w, h = self.annotations.widths, self.annotations.heights
+        if np.any(h <= 0) or np.any(w <= 0):
+            k = int(np.flatnonzero((h <= 0) | (w <= 0))[0])
+            raise ValueError(f"image id {self.image_ids[k]} in {self.json_path or '<dict>'} has "
+                             f"width {w[k]} / height {h[k]}; aspect-ratio grouping needs the "
+                             "'width' and 'height' fields of every image")
+        return torch.from_numpy(w / h)
+
+    def image_labels(self, i: int) -> set[int]:
+        """Labels (1..C) present on image ``i``, from the annotations (no decoding)."""
+        a, b = self.annotations.ann_offsets[i], self.annotations.ann_offsets[i + 1]
+        return set(self.annotations.ann_labels[a:b].tolist())
+
+    def labels_to_cat_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """Map labels ``1..C`` back to json category ids (for writing detections)."""
+        table = torch.as_tensor([0] + self.cat_ids, dtype=torch.int64, device=labels.device)
+        return table[labels.long()]
+
+    def image_path(self, i: int) -> str:
+        """File of image ``i``: ``image_root/file_name``; LVIS v1 has only ``coco_url``, whose
+        last two parts (``train2017/xxx.jpg``) are tried under ``image_root`` and then its
+        basename alone (LVIS v1 val mixes COCO train2017 and val2017 images)."""
+        info = self.api.imgs[self.image_ids[i]]
+        if "file_name" in info:
+            return os.path.join(self.image_root, info["file_name"])
+        if "coco_url" not in info:
+            raise ValueError(f"image id {self.image_ids[i]} in {self.json_path or '<dict>'} has "
+                             "neither 'file_name' nor 'coco_url'; add one of them")
+        split, base = info["coco_url"].split("/")[-2:]
+        candidates = [os.path.join(self.image_root, split, base),
+                      os.path.join(self.image_root, base)]
+        return next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Decoded image ``i`` as HWC uint8 RGB."""
+        path = self.image_path(i)
+        image_id = self.image_ids[i]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"image file {path!r} (image id {image_id}, json {self.json_path or '<dict>'}) "
+                f"does not exist; check that image_root {self.image_root!r} holds the images "
+                "(see docs/data.md for the layout)")
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"could not decode image file {path!r} (image id {image_id}): the file "
+                          "is corrupt or not an image; re-download it or remove the image from "
+                          "the json")
+        h, w = bgr.shape[:2]
+        jw, jh = self.annotations.widths[i], self.annotations.heights[i]
+        if (jw > 0 and jh > 0) and (w != jw or h != jh):
+            raise ValueError(f"image file {path!r} (image id {image_id}) decodes to {w}x{h} but "
+                             f"the json says {int(jw)}x{int(jh)}; the boxes would be misplaced - "
+                             "fix the json's width/height or the image file")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, i: int):
+        image = self.load_image(i)
+        flat = self.annotations
+        a, b = flat.ann_offsets[i], flat.ann_offsets[i + 1]
+        xywh = flat.ann_boxes[a:b]
+        h, w = image.shape[:2]
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        # COCO boxes can overhang the image by a fraction of a pixel; keep them inside.
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        target = {
+            "boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4),
+            "labels": torch.from_numpy(flat.ann_labels[a:b].astype(np.int64)),
+            "image_id": int(self.image_ids[i]),
+            "orig_size": (int(h), int(w)),
+            "scale": 1.0,
+            "flipped": False,
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if isinstance(image, np.ndarray):
+            image, target = self._to_tensor(image, target)
+        return image, target
+
+
+def _subset(flat: FlatAnnotations, keep: np.ndarray) -> FlatAnnotations:
+    """`flat` restricted to image indices ``keep`` (sorted), annotations re-indexed."""
+    counts = np.diff(flat.ann_offsets)[keep]
+    new_index = np.full(flat.num_images, -1, np.int64)
+    new_index[keep] = np.arange(keep.size)
+    ann_keep = new_index[flat.ann_image_index] >= 0
+    offsets = np.zeros(keep.size + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return FlatAnnotations(
+        image_ids=flat.image_ids[keep], widths=flat.widths[keep], heights=flat.heights[keep],
+        cat_ids=flat.cat_ids, class_names=flat.class_names, ann_ids=flat.ann_ids[ann_keep],
+        ann_image_index=new_index[flat.ann_image_index[ann_keep]],
+        ann_labels=flat.ann_labels[ann_keep], ann_boxes=flat.ann_boxes[ann_keep],
+        ann_offsets=offsets, json_path=flat.json_path, frequency=flat.frequency)
+
+
+class LVISDetection(_JsonDetection):
+    """LVIS v1 json (read through `lvis.LVIS`) + image root (the COCO image folder)."""
+
+    format_name = "lvis"
+
+    def _make_api(self, data: dict):
+        return _LVISFromDict(data)
+
+
+class COCODetection(_JsonDetection):
+    """COCO-format json (read through `pycocotools.coco.COCO`) + image root."""
+
+    format_name = "coco"
+
+    def _make_api(self, data: dict):
+        api = COCO()
+        api.dataset = data
+        api.createIndex()
+        return api
+
+
+def detect_format(data: Mapping) -> str:
+    """'lvis' when images carry LVIS's federated fields or categories carry ``frequency``, or
+    images have only ``coco_url``; else 'coco'."""
+    images = data.get("images", [])
+    first = images[0] if images else {}
+    cats = data.get("categories", [])
+    if ("neg_category_ids" in first or "not_exhaustive_category_ids" in first
+            or (cats and "frequency" in cats[0]) or ("coco_url" in first and "file_name" not in first)):
+        return "lvis"
+    return "coco"
+
+
+def build_dataset(json, image_root, format: str = "auto", transforms=None, **kwargs):
+    """`LVISDetection` or `COCODetection` for ``format`` in auto | lvis | coco; ``kwargs`` go to
+    the constructor (``filter_empty``, ``skip_invalid``)."""
+    data, path = load_json_dict(json)
+    fmt = detect_format(data) if format == "auto" else format
+    classes = {"lvis": LVISDetection, "coco": COCODetection}
+    if fmt not in classes:
+        raise ValueError(f"data.format must be one of auto, lvis, coco; got {format!r}")
+    return classes[fmt](data, image_root, transforms, json_path=path, **kwargs)

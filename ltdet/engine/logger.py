@@ -1,0 +1,152 @@
+"""Run logging: console/file logging setup, JSON lines, TensorBoard and the progress bar.
+
+Only the main process writes; other ranks get a `TrainLogger(enabled=False)` whose methods do
+nothing, so the training loop calls them unconditionally.
+
+log.jsonl: one JSON object per line. Training lines (every `log_period` iterations) hold
+`iter` (optimizer steps done), `epoch`, `lr`, each loss term and `loss` (their sum, averaged over
+the last `log_period` iterations and over ranks), `time` and `data_time` (seconds per iteration,
+same window), `eta_seconds`, `memory_mb` (peak CUDA memory, or peak process RSS on CPU).
+Evaluation lines hold `iter` and `eval` (the metrics dict).
+"""
+import json
+import logging
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+_FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
+
+
+def setup_logging(output_dir=None, rank: int = 0) -> None:
+    """Log INFO from `ltdet` to stderr and to `output_dir/log.txt` on rank 0; WARNING elsewhere."""
+    root = logging.getLogger("ltdet")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    for h in list(root.handlers):
+        if getattr(h, "_ltdet", False):
+            root.removeHandler(h)
+            h.close()
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if output_dir is not None and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+    for h in handlers:
+        h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        h._ltdet = True
+        root.addHandler(h)
+    root.propagate = False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _truncate_jsonl(path: Path, start_iter: int) -> None:
+    """On resume, drop lines of iterations after the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by the crash that preceded this resume
+            continue
+        if rec.get("iter", 0) <= start_iter:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        path.write_text("".join(keep), encoding="utf-8")
+
+
+class TrainLogger:
+    """Collects per-iteration losses and timings; writes log.jsonl, TensorBoard and the bar."""
+
+    def __init__(self, output_dir, *, max_iter: int, start_iter: int, log_period: int,
+                 enabled: bool = True, progress: bool = True):
+        self.enabled = enabled
+        self.max_iter = max_iter
+        self.log_period = max(int(log_period), 1)
+        self._window = defaultdict(list)
+        self._start_time = time.perf_counter()
+        self._start_iter = start_iter
+        self._bar = None
+        self._writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(out / "log.jsonl", start_iter)
+        self._jsonl = open(out / "log.jsonl", "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # heavy import: main process only
+        self._writer = SummaryWriter(log_dir=str(out), purge_step=start_iter or None)
+        if progress:
+            from tqdm import tqdm
+            tty = sys.stderr.isatty()
+            self._bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it",
+                             dynamic_ncols=True, mininterval=1.0 if tty else 30.0,
+                             file=sys.stderr)
+
+    def update(self, it: int, *, epoch: int, lr: float, losses: dict, time_s: float,
+               data_time_s: float, device: torch.device) -> None:
+        """Record iteration `it` (steps done so far, 1-based); write a line every log_period."""
+        if not self.enabled:
+            return
+        for k, v in losses.items():
+            self._window[k].append(v)
+        self._window["time"].append(time_s)
+        self._window["data_time"].append(data_time_s)
+        if self._bar is not None:
+            self._bar.update(1)
+        if it % self.log_period and it != self.max_iter:
+            return
+        avg = {k: sum(v) / len(v) for k, v in self._window.items()}
+        self._window.clear()
+        done = it - self._start_iter
+        per_iter = (time.perf_counter() - self._start_time) / max(done, 1)
+        eta = per_iter * (self.max_iter - it)
+        record = {"iter": it, "epoch": epoch, "lr": lr}
+        record.update({k: avg[k] for k in losses})
+        record.update(time=avg["time"], data_time=avg["data_time"], eta_seconds=eta,
+                      memory_mb=peak_memory_mb(device))
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if k not in ("iter", "epoch"):
+                self._writer.add_scalar(f"train/{k}", v, it)
+        if self._bar is not None:
+            shown = {k: f"{avg[k]:.3f}" for k in losses if k == "loss" or len(losses) <= 4}
+            shown["lr"] = f"{lr:.2e}"
+            self._bar.set_postfix(shown, refresh=False)
+        logging.getLogger("ltdet.engine").debug("iter %d %s eta %s", it, record, format_eta(eta))
+
+    def log_eval(self, it: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._jsonl.write(json.dumps({"iter": it, "eval": scalars}) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            self._writer.add_scalar(f"eval/{k}", v, it)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,239 @@
+"""Stage 2: decoupled classifier refinement of a trained two-stage detector.
+
+Kang et al., "Decoupling Representation and Classifier for Long-Tailed Recognition", ICLR 2020
+(cRT, LWS, tau-norm), and Zhong et al., "Improving Calibration for Long-Tailed Recognition"
+(MiSLAS), CVPR 2021 (shifted BN, label-aware smoothing). After stage 1 (everything trained on
+the natural, instance-balanced data), stage 2 keeps the representation - backbone, FPN, RPN and
+the RoI feature extractor (``roi_heads.box_head``) - frozen and re-balances only the box
+classifier (optionally the box regressor too), with a re-balanced image sampler
+(``data.sampler``: repeat_factor or class_aware) and any classification loss of the library
+(``model.cls_loss``, e.g. ``las``).
+
+The ``refine`` config section (docs/stage2.md):
+
+- ``head``: ``crt`` (re-initialised classifier, re-trained) | ``lws`` (frozen classifier, one
+  learnable scale per class) | ``tau_norm`` (post-hoc ``w_c / ||w_c||^tau``, nothing trained) |
+  ``cosine`` (fresh cosine classifier with learnable scale, trained);
+- ``tau``: the tau_norm exponent; ``normalize_background`` (optional, default false): also
+  normalise the background row;
+- ``box``: also re-train ``bbox_pred``;
+- ``shifted_bn``: the box head's BatchNorm layers (``faster_rcnn_v2``) update their running
+  statistics on the re-balanced data while their affine parameters stay frozen;
+- ``cosine`` (optional map): ``scale`` (20.0), ``learn_scale`` (true) for the cosine head.
+
+Seams with the trainer: it builds the detector from the stage-2 config, calls
+:func:`prepare_stage2` *before* wrapping the model in DDP, builds the optimizer from the returned
+param groups (an empty list = nothing to train: evaluate directly), and sums only the losses whose
+key is in ``model.ltdet_loss_keys``. To evaluate a saved stage-2 checkpoint, build the detector
+and call :func:`install_refine_head` with ``initialise=False`` before ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from torch import nn
+
+from ltdet.imbalance.shifted_bn import freeze_batchnorm, shift_batchnorm
+from ltdet.models.classifiers import (CosineClassifier, CosinePredictor, LWSPredictor,
+                                      ScaledClassifier, reset_classifier, tau_normalize)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HEADS", "freeze_module", "install_refine_head", "prepare_stage2", "stage2_loss_keys",
+           "trainable_parameter_names"]
+
+HEADS = ("crt", "lws", "tau_norm", "cosine")
+_REFINE_KEYS = {"head", "tau", "box", "shifted_bn", "normalize_background", "cosine"}
+# State-dict prefixes that make up the stage-1 detector proper; everything else under roi_heads
+# (loss state, LDS/FDS statistics) may legitimately differ between the two stages' configs.
+_DETECTOR_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.",
+                      "roi_heads.mask_", "roi_heads.keypoint_")
+_PREDICTOR_PREFIX = "roi_heads.box_predictor."
+
+
+def _refine_cfg(cfg: Mapping) -> dict:
+    refine = dict(cfg.get("refine") or {})
+    unknown = set(refine) - _REFINE_KEYS
+    if unknown:
+        raise ValueError(f"refine: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_REFINE_KEYS)}")
+    head = refine.get("head", "crt")
+    if head not in HEADS:
+        raise ValueError(f"refine.head={head!r} is not a stage-2 head; choose one of {list(HEADS)}")
+    refine["head"] = head
+    if head == "tau_norm" and refine.get("box", False):
+        raise ValueError("refine.box=true re-trains the box regressor, but refine.head=tau_norm "
+                         "trains nothing; use head crt/lws/cosine, or box=false")
+    return refine
+
+
+def _roi_heads(model: nn.Module):
+    roi_heads = getattr(model, "roi_heads", None)
+    if roi_heads is None or not hasattr(roi_heads, "box_predictor"):
+        raise ValueError(
+            f"stage 2 refines the box classifier of a two-stage detector; {type(model).__name__} "
+            "has no roi_heads.box_predictor (use model.arch=faster_rcnn or faster_rcnn_v2)"
+        )
+    return roi_heads
+
+
+def freeze_module(module: nn.Module, *, name: str = "") -> nn.Module:
+    """Freeze ``module`` for stage 2: ``requires_grad=False`` everywhere, BatchNorm locked in
+    inference mode (replaced by ``FrozenBatchNorm2d`` with the same values, so ``model.train()``
+    cannot switch it back to batch statistics). Returns the module (the replacement if
+    ``module`` is itself a BatchNorm layer)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return freeze_batchnorm(module, name=name)
+
+
+def stage2_loss_keys(cfg: Mapping) -> tuple[str, ...]:
+    """Loss-dict keys the trainer sums in stage 2: the RoI classification loss, plus the RoI box
+    loss when ``refine.box``. The RPN losses (``loss_objectness``, ``loss_rpn_box_reg``) and a
+    frozen regressor's loss are dropped: nothing they could train is trainable."""
+    refine = _refine_cfg(cfg)
+    return ("loss_classifier", "loss_box_reg") if refine.get("box", False) else ("loss_classifier",)
+
+
+def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = True) -> nn.Module:
+    """Give ``model.roi_heads.box_predictor`` the stage-2 head of ``cfg["refine"]``.
+
+    Structure (always): ``lws`` wraps the classifier in an :class:`LWSPredictor`; ``cosine``
+    replaces it by a fresh :class:`CosinePredictor` that keeps the stage-1 ``bbox_pred``.
+    Values (``initialise=True``, i.e. starting stage 2 from stage-1 weights): ``crt``
+    re-initialises the classifier; ``tau_norm`` applies :func:`tau_normalize`. With
+    ``initialise=False`` only the structure changes, so a saved stage-2 state dict loads
+    key for key. Returns the model.
+    """
+    refine = _refine_cfg(cfg)
+    roi_heads = _roi_heads(model)
+    predictor = roi_heads.box_predictor
+    head = refine["head"]
+    if head == "lws":
+        if not isinstance(getattr(predictor, "cls_score", None), ScaledClassifier):
+            roi_heads.box_predictor = LWSPredictor(predictor)
+    elif head == "cosine":
+        if not isinstance(getattr(predictor, "cls_score", None), CosineClassifier) or initialise:
+            cls_score = predictor.cls_score
+            in_features = (cls_score.in_features if isinstance(cls_score, (nn.Linear, CosineClassifier))
+                           else predictor.bbox_pred.in_features)
+            cosine = dict(refine.get("cosine") or {})
+            unknown = set(cosine) - {"scale", "learn_scale"}
+            if unknown:
+                raise ValueError(f"refine.cosine: unknown key(s) {sorted(unknown)}; valid keys: "
+                                 "['learn_scale', 'scale']")
+            new = CosinePredictor(in_features, predictor.bbox_pred.out_features // 4,
+                                  scale=float(cosine.get("scale", 20.0)),
+                                  learn_scale=bool(cosine.get("learn_scale", True)))
+            new.bbox_pred = predictor.bbox_pred
+            roi_heads.box_predictor = new.to(predictor.bbox_pred.weight.device)
+    elif initialise and head == "crt":
+        reset_classifier(predictor)
+    elif initialise and head == "tau_norm":
+        tau_normalize(predictor, float(refine.get("tau", 1.0)),
+                      normalize_background=bool(refine.get("normalize_background", False)))
+    return model
+
+
+def _load_stage1(model: nn.Module, state_dict: Mapping) -> None:
+    state = state_dict
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    state = dict(state)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    own = model.state_dict()
+    required = [k for k in own if k.startswith(_DETECTOR_PREFIXES)
+                and not k.endswith("num_batches_tracked")]
+    missing = [k for k in required if k not in state]
+    wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in required
+             if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        hint = ("the box predictor differs: give the stage-2 config the stage-1 model.classifier "
+                "and number of classes" if any(k.startswith(_PREDICTOR_PREFIX) for k in missing)
+                or any(w.startswith(_PREDICTOR_PREFIX) for w in wrong)
+                else "check model.arch / model.backbone / model.norm against stage 1")
+        raise ValueError(
+            f"stage-1 checkpoint does not fit the stage-2 model ({len(missing)} missing, "
+            f"{len(wrong)} of another shape, e.g. {(missing + wrong)[:3]}): {hint}"
+        )
+    # Non-detector entries (loss state, LDS/FDS buffers) load where both stages have them.
+    loadable = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(loadable, strict=False)
+
+
+def prepare_stage2(model: nn.Module, cfg: Mapping, stage1_state_dict: Mapping) -> list[dict]:
+    """Turn a freshly built detector into a stage-2 model; returns the optimizer param groups.
+
+    Steps: load the stage-1 weights (a state dict, or a checkpoint dict with a ``"model"`` entry;
+    a DDP ``module.`` prefix is removed); install the ``refine.head``; freeze everything except
+    the classifier being trained (and ``bbox_pred`` with ``refine.box``), BatchNorm layers locked
+    in inference mode - except, with ``refine.shifted_bn``, the box head's, which keep updating
+    their running statistics with frozen affine parameters; set ``model.ltdet_loss_keys``.
+
+    Call before DDP wrapping and before building the optimizer.
+
+    Returns:
+        param groups for ``torch.optim`` (each with a ``name``; scale parameters carry
+        ``weight_decay: 0.0``, decay would pull a scale toward 0). ``[]`` for ``tau_norm``:
+        nothing to train, evaluate the model directly.
+    """
+    refine = _refine_cfg(cfg)
+    roi_heads = _roi_heads(model)
+    _load_stage1(model, stage1_state_dict)
+    install_refine_head(model, cfg, initialise=True)
+    predictor = roi_heads.box_predictor
+
+    # Everything frozen first, BN locked; then the trainable parts are switched back on.
+    shifted = refine.get("shifted_bn", False)
+    for name, child in list(model.named_children()):
+        if shifted and name == "roi_heads":
+            continue
+        setattr(model, name, freeze_module(child, name=name))
+    if shifted:
+        for name, child in list(roi_heads.named_children()):
+            if name != "box_head":
+                setattr(roi_heads, name, freeze_module(child, name=f"roi_heads.{name}"))
+        for p in roi_heads.box_head.parameters():
+            p.requires_grad_(False)
+        names = shift_batchnorm(roi_heads.box_head)
+        if not names:
+            raise ValueError(
+                "refine.shifted_bn=true, but roi_heads.box_head has no BatchNorm layer (the default "
+                "TwoMLPHead); use model.arch=faster_rcnn_v2, whose box head has BatchNorm"
+            )
+        logger.info("stage 2: shifted BN in %d box-head BatchNorm layers", len(names))
+
+    groups = []
+    cls_score = predictor.cls_score
+    head = refine["head"]
+    if head == "lws":
+        cls_score.scales.requires_grad_(True)
+        groups.append({"params": [cls_score.scales], "weight_decay": 0.0, "name": "lws_scales"})
+    elif head in ("crt", "cosine"):
+        weights = [p for n, p in cls_score.named_parameters() if n != "scale"]
+        for p in weights:
+            p.requires_grad_(True)
+        groups.append({"params": weights, "name": "classifier"})
+        if isinstance(cls_score, CosineClassifier) and bool(
+                (refine.get("cosine") or {}).get("learn_scale", True)):
+            cls_score.scale.requires_grad_(True)
+            groups.append({"params": [cls_score.scale], "weight_decay": 0.0,
+                           "name": "cosine_scale"})
+    if refine.get("box", False):
+        box = list(predictor.bbox_pred.parameters())
+        for p in box:
+            p.requires_grad_(True)
+        groups.append({"params": box, "name": "box_regressor"})
+
+    model.ltdet_loss_keys = stage2_loss_keys(cfg)
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    logger.info("stage 2 (%s): %d trainable parameters in %s; summed losses: %s", head, n_train,
+                [g["name"] for g in groups] or "none (post-hoc head)", list(model.ltdet_loss_keys))
+    return groups
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that will receive gradients (for logs and tests)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+

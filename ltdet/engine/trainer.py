@@ -1,0 +1,281 @@
+"""The training loop: iteration-based SGD over epochs, single process or DDP under `torchrun`.
+
+    trainer = Trainer(cfg, resume=False)     # data sets, class statistics, detector
+    # optional seam (stage 2): freeze / swap parts of trainer.model, choose what to optimise
+    metrics = trainer.train(param_groups=None, train_sampler=None)
+
+One iteration = one optimizer step on `data.batch_size` images per process. The loop runs
+`solver.max_iter` iterations, calling `set_epoch(epoch)` on the batch sampler at each epoch start.
+A checkpoint (see `checkpoint.py`) is written every `solver.checkpoint_period` iterations and at
+the end; with `resume=True` training continues from the last one exactly where it stopped: same
+weights, optimizer and scheduler state, GradScaler, epoch, position within the epoch and RNG
+states, so N + resume N iterations equal 2N iterations.
+
+Outputs in `output_dir`: config.yaml (resolved), log.txt, log.jsonl, TensorBoard events,
+checkpoints/, and after evaluation detections.json, metrics.json, per_class_ap.csv,
+ap_vs_frequency.png (intermediate evaluations under eval/iter_XXXXXXX/).
+"""
+import dataclasses
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ltdet.config import dump_config
+
+from . import distributed as du
+from .checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
+from .data import (build_datasets, epoch_batches, make_loader, resolve_data_paths,
+                   wrap_index_sampler)
+from .evaluate import evaluate_model
+from .logger import TrainLogger, setup_logging
+from .solver import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the message names the iteration, the term and the fix."""
+
+
+class Trainer:
+    """Builds the data sets and the detector for `cfg` (a config from `ltdet.config.load_config`).
+
+    Keyword args:
+        resume: continue from `output_dir/checkpoints/last_checkpoint` (from scratch if none).
+        evaluate: evaluate on the validation set every `solver.eval_period` and at the end.
+        progress: show the tqdm progress bar on rank 0.
+        stage2: the model is a stage-2 (refined classifier) model; recorded in the checkpoints
+            so that `evaluate_checkpoint` rebuilds the refine head before loading.
+    Attributes after construction: `model` (on its device, not yet wrapped in DDP),
+    `train_dataset`, `val_dataset`, `stats` (ClassStats of the training set), `num_classes`,
+    `paths` (resolved data paths), `info` (rank, world size, device).
+    """
+
+    def __init__(self, cfg: dict, *, resume: bool = False, evaluate: bool = True,
+                 progress: bool = True, stage2: bool = False):
+        from ltdet.models import build_detector
+
+        self.cfg = cfg
+        self.resume = resume
+        self.evaluate = evaluate
+        self.progress = progress
+        self.stage2 = stage2
+        self.info = du.init_distributed(cfg["device"])
+        self.output_dir = Path(cfg["output_dir"])
+        setup_logging(self.output_dir, self.info.rank)
+        if self.info.is_main:
+            dump_config(cfg, self.output_dir / "config.yaml")
+        self.paths = resolve_data_paths(cfg)
+        self.train_dataset, self.val_dataset = build_datasets(cfg, self.paths, val=evaluate)
+        self.stats = self.train_dataset.stats
+        self.num_classes = len(self.train_dataset.cat_ids)
+        # Same initial weights on every rank and for every world size; per-rank streams after.
+        seed_all(cfg["seed"])
+        self.model = build_detector(cfg, self.num_classes, self.stats).to(self.info.device)
+        seed_all(cfg["seed"] + self.info.rank)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
+        logger.info("training set %s: %d images, %d classes; %d processes on %s",
+                    self.paths["train_json"], len(self.train_dataset), self.num_classes,
+                    self.info.world_size, self.info.device)
+
+    # -- checkpoint state -------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"cat_ids": list(self.train_dataset.cat_ids), "stage2": self.stage2,
+                "stats": {f.name: getattr(self.stats, f.name)
+                          for f in dataclasses.fields(self.stats)}}
+
+    def _save(self, name, *, it, epoch, position, optimizer, scheduler, scaler) -> None:
+        rank_states = du.all_gather_object(
+            {"epoch": epoch, "position": position, "rng": rng_state()})
+        if self.info.is_main:
+            self.checkpointer.save(name, {
+                "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "iteration": it, "rank_states": rank_states, "config": self.cfg,
+                "meta": self._meta()})
+        du.barrier()
+
+    def _restore(self, optimizer, scheduler, scaler):
+        """(iteration, epoch, position) from the last checkpoint, or (0, 0, 0)."""
+        path = self.checkpointer.last()
+        if path is None:
+            logger.warning("--resume: no checkpoint in %s; starting from scratch",
+                           self.checkpointer.folder)
+            return 0, 0, 0
+        ckpt = load_checkpoint(path, map_location=self.info.device)
+        self.model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") is not None and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        states = ckpt["rank_states"]
+        if len(states) == self.info.world_size:
+            mine = states[self.info.rank]
+            epoch, position = mine["epoch"], mine["position"]
+            set_rng_state(mine["rng"])
+        else:
+            # The data shards depend on the world size: the interrupted epoch cannot be
+            # continued sample for sample, so the next epoch starts.
+            epoch, position = max(s["epoch"] for s in states) + 1, 0
+            logger.warning("checkpoint %s was written by %d processes, this run has %d: "
+                           "resuming at the start of epoch %d", path, len(states),
+                           self.info.world_size, epoch)
+        logger.info("resumed from %s at iteration %d (epoch %d, batch %d)", path,
+                    ckpt["iteration"], epoch, position)
+        return ckpt["iteration"], epoch, position
+
+    # -- evaluation -------------------------------------------------------------------------
+    def run_evaluation(self, out_dir) -> dict:
+        data = self.cfg["data"]
+        return evaluate_model(
+            self.model, self.val_dataset, label_to_cat_id=self.train_dataset.label_to_cat_id,
+            val_json=self.paths["val_json"], train_json=self.paths["train_json"],
+            out_dir=out_dir, device=self.info.device, max_dets=self.cfg["test"]["max_dets"],
+            batch_size=data["batch_size"], num_workers=data["num_workers"],
+            amp=self.cfg["solver"]["amp"])
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, *, param_groups=None, train_sampler=None) -> dict:
+        """Train to `solver.max_iter`; returns the final metrics ({} without evaluation and on
+        ranks other than 0).
+
+        param_groups: what the optimizer updates (tensors or param-group dicts); default every
+            parameter with requires_grad. An empty list means nothing to train (e.g. stage-2
+            tau-norm): the model is saved as iteration 0 and evaluated.
+        train_sampler: an index sampler (`set_epoch`, `__len__`, sharded per rank) replacing
+            `build_train_sampler`'s; batched the same way (aspect-ratio groups, batch size).
+        """
+        from ltdet.data import build_train_sampler
+
+        cfg, solver, info = self.cfg, self.cfg["solver"], self.info
+        device = info.device
+        if param_groups is None:
+            param_groups = [p for p in self.model.parameters() if p.requires_grad]
+        elif len(param_groups) == 0:
+            return self._evaluate_untrained()
+        optimizer = build_optimizer(param_groups, solver)
+        scheduler = build_lr_scheduler(optimizer, solver)
+        use_amp = bool(solver["amp"]) and device.type == "cuda"
+        scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+        if train_sampler is None:
+            batch_sampler = build_train_sampler(cfg["data"], self.train_dataset,
+                                                info.world_size, info.rank, cfg["seed"])
+        else:
+            batch_sampler = wrap_index_sampler(train_sampler, self.train_dataset, cfg["data"])
+        if len(batch_sampler) == 0:
+            raise ValueError("the training sampler yields no batches for this process; check "
+                             "data.sampler and data.batch_size")
+
+        it, epoch, position = (self._restore(optimizer, scheduler, scaler) if self.resume
+                               else (0, 0, 0))
+        max_iter = solver["max_iter"]
+        model = self.model
+        if info.world_size > 1:
+            model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained = [p for g in optimizer.param_groups for p in g["params"]]
+        log = TrainLogger(self.output_dir, max_iter=max_iter, start_iter=it,
+                          log_period=solver["log_period"], enabled=info.is_main,
+                          progress=self.progress)
+        ckpt_kw = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        data = cfg["data"]
+        # A model may restrict the summed losses (stage 2 drops the RPN losses).
+        loss_keys = getattr(self.model, "ltdet_loss_keys", None)
+        try:
+            model.train()
+            while it < max_iter:
+                batches = epoch_batches(batch_sampler, epoch, position, seed=cfg["seed"],
+                                        rank=info.rank)
+                loader = make_loader(self.train_dataset, batches,
+                                     num_workers=data["num_workers"],
+                                     pin_memory=device.type == "cuda",
+                                     seed=cfg["seed"] * 1000 + epoch)
+                t_start = time.perf_counter()
+                for images, targets in loader:
+                    t_data = time.perf_counter()
+                    images, targets = _to_device(images, targets, device)
+                    with torch.autocast(device_type=device.type, enabled=use_amp):
+                        loss_dict = model(images, targets)
+                    if loss_keys is not None:
+                        loss_dict = {k: v for k, v in loss_dict.items() if k in loss_keys}
+                    loss = sum(loss_dict.values())
+                    values = du.all_reduce_mean(
+                        torch.stack([v.detach().float() for v in loss_dict.values()]))
+                    if not bool(torch.isfinite(values).all()):
+                        self._raise_non_finite(it, epoch, loss_dict, values, optimizer)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if solver["clip_grad_norm"] is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(trained, solver["clip_grad_norm"])
+                    scaler.step(optimizer)
+                    scaler.update()
+                    lr = optimizer.param_groups[0]["lr"]
+                    scheduler.step()
+                    it += 1
+                    position += 1
+                    losses = dict(zip(loss_dict, values.tolist()))
+                    losses["loss"] = float(values.sum())
+                    now = time.perf_counter()
+                    log.update(it, epoch=epoch, lr=lr, losses=losses, time_s=now - t_start,
+                               data_time_s=t_data - t_start, device=device)
+                    if it % solver["checkpoint_period"] == 0 or it == max_iter:
+                        self._save(f"model_{it:07d}.pth", it=it, epoch=epoch,
+                                   position=position, **ckpt_kw)
+                    if (self.evaluate and solver["eval_period"] > 0
+                            and it % solver["eval_period"] == 0 and it != max_iter):
+                        res = self.run_evaluation(self.output_dir / "eval" / f"iter_{it:07d}")
+                        log.log_eval(it, res)
+                        model.train()
+                    if it >= max_iter:
+                        break
+                    t_start = time.perf_counter()
+                else:
+                    epoch, position = epoch + 1, 0
+            results = {}
+            if self.evaluate:
+                results = self.run_evaluation(self.output_dir)
+                log.log_eval(it, results)
+        finally:
+            log.close()
+        return results
+
+    def _evaluate_untrained(self) -> dict:
+        logger.info("nothing to train (empty param_groups): saving and evaluating the model")
+        if self.info.is_main:
+            self.checkpointer.save("model_0000000.pth", {
+                "model": self.model.state_dict(), "iteration": 0, "config": self.cfg,
+                "meta": self._meta()})
+        du.barrier()
+        return self.run_evaluation(self.output_dir) if self.evaluate else {}
+
+    def _raise_non_finite(self, it, epoch, loss_dict, values, optimizer):
+        bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
+        last = self.checkpointer.last() if self.checkpointer.folder.is_dir() else None
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {it + 1} (epoch {epoch}): {', '.join(bad)}. "
+            f"Training stopped. Lower solver.lr (now {optimizer.param_groups[0]['lr']:.4g} after "
+            f"warm-up factor), lengthen solver.warmup_iters, or set solver.clip_grad_norm "
+            f"(e.g. 10.0); then restart"
+            + (f" or continue from {last} with --resume --opts solver.clip_grad_norm=10.0"
+               if last else "") + ".")

@@ -1,0 +1,508 @@
+"""LVIS-style box AP, exact against the official ``lvis`` package (and ``pycocotools`` for COCO gt).
+
+Reference: Gupta, Dollar, Girshick, "LVIS: A Dataset for Large Vocabulary Instance
+Segmentation", CVPR 2019, Sec. 5 (federated evaluation); the ``lvis`` package's ``LVISEval`` is
+the reference implementation, ``pycocotools``' ``COCOeval`` for COCO-format ground truth.
+
+Rules reproduced (LVIS ground truth, i.e. images carry ``neg_category_ids`` /
+``not_exhaustive_category_ids``):
+  1. keep the top ``max_dets`` detections per image across classes (ties: input order);
+  2. federated filter: a detection of class c on image i is evaluated only if c has a ground-truth
+     box on i or is in i's ``neg_category_ids``; all others are dropped;
+  3. per (image, class), greedy matching in score order at IoU 0.50:0.05:0.95: each detection takes
+     the unmatched non-ignored gt of highest IoU >= threshold (ties: the later gt), else an
+     ignored gt (gt ``ignore`` flag or area outside the range); unmatched detections outside the
+     area range, or of a class listed in the image's ``not_exhaustive_category_ids``, are ignored;
+  4. per class: detections of all images sorted by score, cumulative TP / FP, precision made
+     monotone and read at 101 recall points; classes without (non-ignored) gt are excluded;
+  5. AP / AR are means over classes (and IoU thresholds, recall points); APr / APc / APf over the
+     classes whose json ``frequency`` is r / c / f.
+COCO ground truth (no federated fields): no federated filter, at most ``max_dets`` detections per
+(image, class) as COCOeval's ``maxDets``, ``iscrowd`` gts are ignored regions (IoU = intersection
+/ detection area, matchable any number of times).
+
+Implementation: detections are flat columns; matching loops only over the rank position of a
+detection inside its (image, class) group, processing every group, IoU threshold and area range at
+once (state ``gt_matched`` [T, A, G]); accumulation is one sort + segmented cumulative sums, and
+"precision at recall >= r" is a scatter-max into 101 recall buckets followed by a suffix max.
+Everything runs in float64 with the reference's operation order, so results are bit-for-bit the
+reference's up to summation order in the final means.
+
+Shapes: T = 10 IoU thresholds, A = 4 area ranges (all, small, medium, large), R = 101 recall
+points, K classes, G ground-truth boxes, N detections.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .results_io import DetColumns, DetectionFormatError, load_detections
+
+logger = logging.getLogger(__name__)
+
+# Same construction as the references (np.linspace, not arange: exact 0.75 etc.).
+IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+AREA_RNGS = ((0.0, 1e5 ** 2), (0.0, 32.0 ** 2), (32.0 ** 2, 96.0 ** 2), (96.0 ** 2, 1e5 ** 2))
+AREA_NAMES = ("all", "small", "medium", "large")
+FREQ_GROUPS = ("r", "c", "f")
+# LVIS frequency thresholds on training image counts: r <= 10 < c <= 100 < f.
+FREQ_THRESHOLDS = (10, 100)
+# COCO-LT bins on training instance counts: AP1 [1, 20), AP2 [20, 400), AP3 [400, 8000), AP4 >= 8000.
+COCO_LT_BINS = (1, 20, 400, 8000, float("inf"))
+_EPS = np.spacing(1)
+
+
+class GroundTruthFormatError(ValueError):
+    """The ground-truth json is malformed; the message names the field / entry."""
+
+
+@dataclass
+class GroundTruth:
+    """Ground truth as columns. Annotation arrays are in json order."""
+    is_lvis: bool
+    img_ids: np.ndarray  # int64 [I] sorted
+    cat_ids: np.ndarray  # int64 [K] sorted
+    categories: list  # [K] category dicts from the json, sorted by id
+    ann_img: np.ndarray  # int64 [G] image index (into img_ids)
+    ann_cat: np.ndarray  # int64 [G] category index (into cat_ids)
+    ann_bbox: np.ndarray  # float64 [G, 4] xywh
+    ann_area: np.ndarray  # float64 [G] the json's "area" (used for area ranges)
+    ann_ignore: np.ndarray  # bool [G]
+    ann_crowd: np.ndarray  # bool [G] (COCO iscrowd; always False for LVIS)
+    neg_pairs: np.ndarray  # int64 image_index * K + category_index
+    not_exhaustive_pairs: np.ndarray  # int64, same encoding
+    source: str = "gt"
+
+
+def _read_json(obj, what):
+    if isinstance(obj, dict):
+        return obj, what
+    path = os.fspath(obj)
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except json.JSONDecodeError as e:
+        raise GroundTruthFormatError(f"{path}: malformed json ({e})") from None
+
+
+def load_ground_truth(gt) -> GroundTruth:
+    """LVIS v1 or COCO json (path or dict) -> :class:`GroundTruth`."""
+    doc, src = _read_json(gt, "gt")
+    for key in ("images", "annotations", "categories"):
+        if key not in doc:
+            raise GroundTruthFormatError(f"{src}: missing top-level key {key!r}")
+    images, anns, cats = doc["images"], doc["annotations"], doc["categories"]
+    lvis_fields = ("neg_category_ids", "not_exhaustive_category_ids")
+    has = [all(k in im for k in lvis_fields) for im in images]
+    is_lvis = bool(images) and all(has)
+    if any(has) and not is_lvis:
+        bad = images[has.index(False)]
+        raise GroundTruthFormatError(
+            f"{src}: image {bad.get('id')} lacks {lvis_fields} while other images have them; an "
+            f"LVIS json needs both lists on every image (empty lists are fine)"
+        )
+    img_ids = np.array(sorted(im["id"] for im in images), dtype=np.int64)
+    cats = sorted(cats, key=lambda c: c["id"])
+    cat_ids = np.array([c["id"] for c in cats], dtype=np.int64)
+    if np.unique(img_ids).size != img_ids.size or np.unique(cat_ids).size != cat_ids.size:
+        raise GroundTruthFormatError(f"{src}: duplicate image or category ids")
+    try:
+        a_img = np.array([a["image_id"] for a in anns], dtype=np.int64)
+        a_cat = np.array([a["category_id"] for a in anns], dtype=np.int64)
+        a_box = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
+        a_area = np.array([a["area"] for a in anns], dtype=np.float64)
+        if is_lvis:
+            a_ign = np.array([bool(a.get("ignore", 0)) for a in anns], dtype=bool)
+            a_crowd = np.zeros(len(anns), dtype=bool)
+        else:
+            # COCOeval overwrites any "ignore" field with iscrowd.
+            a_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+            a_ign = a_crowd.copy()
+    except (KeyError, TypeError, ValueError):
+        for a in anns:
+            missing = [k for k in ("image_id", "category_id", "bbox", "area") if k not in a]
+            if missing or len(a["bbox"]) != 4:
+                raise GroundTruthFormatError(
+                    f"{src}: annotation id {a.get('id')} misses {missing or 'a 4-number bbox'}"
+                ) from None
+        raise GroundTruthFormatError(f"{src}: annotations do not convert to numbers") from None
+    def describe(i):
+        return f"{src}: annotation #{i} (id {anns[i].get('id')})"
+
+    ann_img = _index_of(img_ids, a_img, "image_id", describe, GroundTruthFormatError)
+    ann_cat = _index_of(cat_ids, a_cat, "category_id", describe, GroundTruthFormatError)
+
+    neg = nel = np.zeros(0, np.int64)
+    if is_lvis:
+        neg = _image_category_pairs(images, "neg_category_ids", img_ids, cat_ids)
+        nel = _image_category_pairs(images, "not_exhaustive_category_ids", img_ids, cat_ids)
+    return GroundTruth(
+        is_lvis, img_ids, cat_ids, cats, ann_img, ann_cat, a_box, a_area, a_ign, a_crowd,
+        neg, nel, src,
+    )
+
+
+def _index_of(sorted_ids, ids, field, describe, error_cls):
+    """Positions of ``ids`` in ``sorted_ids``; an unknown id raises ``error_cls`` naming the first
+    offending entry (``describe(i)``)."""
+    pos = np.searchsorted(sorted_ids, ids).clip(max=max(len(sorted_ids) - 1, 0))
+    ok = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise error_cls(
+            f"{describe(i)}: {field} {int(ids[i])} is not in the ground truth "
+            f"({int((~ok).sum())} such entries); evaluate against the json the detections are for"
+        )
+    return pos.astype(np.int64)
+
+
+def _image_category_pairs(images, key, img_ids, cat_ids):
+    """Flattened per-image category lists -> sorted unique pair keys; unknown category ids are
+    dropped (no detection can carry them: those are rejected)."""
+    K = len(cat_ids)
+    lens = np.array([len(im[key]) for im in images], dtype=np.int64)
+    flat = np.fromiter((c for im in images for c in im[key]), dtype=np.int64, count=int(lens.sum()))
+    img = np.repeat(np.searchsorted(img_ids, [im["id"] for im in images]), lens)
+    pos = np.searchsorted(cat_ids, flat).clip(max=max(K - 1, 0))
+    known = cat_ids[pos] == flat if K else np.zeros(flat.size, bool)
+    return np.unique(img[known] * K + pos[known])
+
+
+def training_counts(train, cat_ids):
+    """Per-category (image_count, instance_count) int64 [K] from a training json (path or dict)."""
+    doc, _ = _read_json(train, "train")
+    a_img = np.array([a["image_id"] for a in doc["annotations"]], dtype=np.int64)
+    a_cat = np.array([a["category_id"] for a in doc["annotations"]], dtype=np.int64)
+    K = len(cat_ids)
+    pos = np.searchsorted(cat_ids, a_cat).clip(max=max(K - 1, 0))
+    known = cat_ids[pos] == a_cat if K else np.zeros(a_cat.size, bool)
+    instances = np.bincount(pos[known], minlength=K)
+    pairs = np.unique(np.stack([a_img[known], pos[known]], 1), axis=0)
+    images = np.bincount(pairs[:, 1], minlength=K) if len(pairs) else np.zeros(K, np.int64)
+    return images.astype(np.int64), instances.astype(np.int64)
+
+
+def frequency_from_counts(image_counts):
+    """LVIS r / c / f from training image counts (r <= 10, c <= 100, f > 100)."""
+    lo, hi = FREQ_THRESHOLDS
+    return ["r" if n <= lo else ("c" if n <= hi else "f") for n in image_counts.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch core
+
+
+def _stable_order(*keys):
+    """Indices sorting by ``keys`` lexicographically, the LAST key most significant; stable
+    (remaining ties keep index order), like ``np.lexsort``."""
+    n = keys[0].shape[0]
+    order = torch.arange(n, device=keys[0].device)
+    for k in keys:
+        order = order[torch.sort(k[order], stable=True).indices]
+    return order
+
+
+def _rank_in_group(sorted_keys):
+    """Position of each element inside its run of equal keys; ``sorted_keys`` is grouped."""
+    n = sorted_keys.shape[0]
+    ar = torch.arange(n, device=sorted_keys.device)
+    first = torch.ones(n, dtype=torch.bool, device=sorted_keys.device)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    start = torch.where(first, ar, torch.zeros_like(ar))
+    if n:
+        start = torch.cummax(start, 0).values
+    return ar - start, start
+
+
+def _box_iou_coco(d, g, crowd):
+    """pycocotools' ``bbIou`` on paired rows: d, g float64 [P, 4] xywh, crowd bool [P] -> [P].
+
+    Same operation order as maskApi.c (intersection from x + w, union = da + ga - i, or da for a
+    crowd gt) so values, and hence threshold comparisons, are bit-identical.
+    """
+    w = torch.minimum(d[:, 2] + d[:, 0], g[:, 2] + g[:, 0]) - torch.maximum(d[:, 0], g[:, 0])
+    h = torch.minimum(d[:, 3] + d[:, 1], g[:, 3] + g[:, 1]) - torch.maximum(d[:, 1], g[:, 1])
+    inter = w * h
+    da = d[:, 2] * d[:, 3]
+    union = torch.where(crowd, da, da + g[:, 2] * g[:, 3] - inter)
+    iou = inter / union
+    return torch.where((w > 0) & (h > 0), iou, torch.zeros_like(iou))
+
+
+def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device):
+    """Validate ids, apply the per-image (LVIS) or per-(image, class) (COCO) cap and the federated
+    filter. Returns tensors on ``device`` for the kept detections, in input order."""
+    K = len(gt.cat_ids)
+    def describe(i):
+        return f"{cols.source}: detection #{i} {cols.entry(i)}"
+
+    img = _index_of(gt.img_ids, cols.image_id, "image_id", describe, DetectionFormatError)
+    cat = _index_of(gt.cat_ids, cols.category_id, "category_id", describe, DetectionFormatError)
+    t_img = torch.from_numpy(img).to(device)
+    t_cat = torch.from_numpy(cat).to(device)
+    score = torch.from_numpy(cols.score).to(device)
+    pair = t_img * K + t_cat
+    # LVISResults caps per image (sorted by score, stable); COCOeval caps per (image, class).
+    group = t_img if gt.is_lvis else pair
+    order = _stable_order(-score, group)
+    rank, _ = _rank_in_group(group[order])
+    keep = torch.sort(order[rank < max_dets]).values
+    if gt.is_lvis:
+        pos_pairs = torch.from_numpy(gt.ann_img * K + gt.ann_cat).to(device)
+        allowed = torch.cat([pos_pairs, torch.from_numpy(gt.neg_pairs).to(device)])
+        keep = keep[torch.isin(pair[keep], allowed)]
+        nel = torch.isin(pair[keep], torch.from_numpy(gt.not_exhaustive_pairs).to(device))
+    else:
+        nel = torch.zeros(keep.shape[0], dtype=torch.bool, device=device)
+    box = torch.from_numpy(cols.bbox).to(device)[keep]
+    return dict(
+        orig=keep, img=t_img[keep], cat=t_cat[keep], pair=pair[keep], score=score[keep],
+        box=box, area=box[:, 2] * box[:, 3], nel=nel,
+    )
+
+
+def _match(det, gt_t, num_cats, device):
+    """Greedy COCO/LVIS matching for all (image, class) groups at once.
+
+    ``det`` tensors are sorted by (pair, -score, input order); ``gt_t`` by (pair, json order).
+    Returns ``matched`` and ``matched_ignored`` bool [T, A, N].
+    """
+    T, A = len(IOU_THRS), len(AREA_RNGS)
+    N, G = det["pair"].shape[0], gt_t["pair"].shape[0]
+    matched = torch.zeros(T, A, N, dtype=torch.bool, device=device)
+    matched_ig = torch.zeros(T, A, N, dtype=torch.bool, device=device)
+    if N == 0 or G == 0:
+        return matched, matched_ig
+    # Candidate (det, gt) pairs: same (image, class), IoU >= the lowest threshold.
+    gpairs, gcounts = torch.unique_consecutive(gt_t["pair"], return_counts=True)
+    gstart = torch.cumsum(gcounts, 0) - gcounts
+    pos = torch.searchsorted(gpairs, det["pair"]).clamp(max=gpairs.shape[0] - 1)
+    has = gpairs[pos] == det["pair"]
+    n_g = torch.where(has, gcounts[pos], torch.zeros_like(gcounts[pos]))
+    d_rep = torch.repeat_interleave(torch.arange(N, device=device), n_g)
+    offs = torch.cumsum(n_g, 0) - n_g
+    g_idx = gstart[pos][d_rep] + torch.arange(d_rep.shape[0], device=device) - offs[d_rep]
+    iou = _box_iou_coco(det["box"][d_rep], gt_t["box"][g_idx], gt_t["crowd"][g_idx])
+    thrs = torch.tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
+    keep = iou >= thrs.min()
+    d_rep, g_idx, iou = d_rep[keep], g_idx[keep], iou[keep]
+    if d_rep.numel() == 0:
+        return matched, matched_ig
+    # Matching is sequential only inside a group: step r handles, in every group at once, the
+    # r-th detection (score order) among those that have candidates.
+    cand_dets = torch.unique_consecutive(d_rep)
+    step_of_det, _ = _rank_in_group(det["pair"][cand_dets])
+    step = torch.full((N,), -1, dtype=torch.int64, device=device)
+    step[cand_dets] = step_of_det
+    by_step = torch.sort(step[d_rep], stable=True)
+    d_rep, g_idx, iou = d_rep[by_step.indices], g_idx[by_step.indices], iou[by_step.indices]
+    bounds = torch.cumsum(torch.bincount(by_step.values), 0).tolist()
+
+    gt_matched = torch.zeros(T, A, G, dtype=torch.bool, device=device)
+    gt_ig = gt_t["ignore_area"]  # [A, G]
+    crowd = gt_t["crowd"]
+    a_ar = torch.arange(A, device=device)[None, :, None]
+    t_ar = torch.arange(T, device=device)[:, None, None]
+    lo = 0
+    for hi in bounds:
+        pd, pg, piou = d_rep[lo:hi], g_idx[lo:hi], iou[lo:hi]
+        lo = hi
+        ldet, inv = torch.unique_consecutive(pd, return_inverse=True)
+        P, L = pd.shape[0], ldet.shape[0]
+        inv3 = inv.expand(T, A, P)
+        free = ~gt_matched[:, :, pg] | crowd[pg]  # crowd regions match any number of times
+        cand = (piou[None, None, :] >= thrs[:, None, None]) & free  # [T, A, P]
+        nig = ~gt_ig[:, pg]  # [A, P]
+        # A detection prefers non-ignored gts; only without one does it take an ignored gt.
+        has_nig = torch.zeros(T, A, L, dtype=torch.int32, device=device).scatter_reduce(
+            2, inv3, (cand & nig).to(torch.int32), "amax")
+        elig = cand & (nig.to(torch.int32)[None] == has_nig.gather(2, inv3))
+        iou_e = torch.where(elig, piou.expand(T, A, P), torch.full_like(piou, -1.0))
+        best = torch.full((T, A, L), -1.0, dtype=torch.float64, device=device).scatter_reduce(
+            2, inv3, iou_e, "amax")
+        # Equal IoU: the reference keeps the later gt in its (ignore-last, json) order.
+        win = elig & (iou_e == best.gather(2, inv3))
+        gsel = torch.where(win, pg.expand(T, A, P), torch.full_like(pg, -1))
+        bestg = torch.full((T, A, L), -1, dtype=torch.int64, device=device).scatter_reduce(
+            2, inv3, gsel, "amax")
+        ok = bestg >= 0
+        g_safe = bestg.clamp(min=0)
+        gt_matched[t_ar.expand_as(g_safe)[ok], a_ar.expand_as(g_safe)[ok], g_safe[ok]] = True
+        matched[:, :, ldet] = ok
+        matched_ig[:, :, ldet] = ok & gt_ig[a_ar, g_safe]
+    return matched, matched_ig
+
+
+def _accumulate(det, matched, matched_ig, num_gt, num_cats, device):
+    """Per-class precision [T, A, K, R] and recall [T, A, K] (-1 where a class has no gt)."""
+    T, A, R, K = len(IOU_THRS), len(AREA_RNGS), len(REC_THRS), num_cats
+    lo = torch.tensor([r[0] for r in AREA_RNGS], dtype=torch.float64, device=device)
+    hi = torch.tensor([r[1] for r in AREA_RNGS], dtype=torch.float64, device=device)
+    area = det["area"][None, :]
+    ignored_if_unmatched = (area < lo[:, None]) | (area > hi[:, None]) | det["nel"][None, :]
+    tp = matched & ~matched_ig  # [T, A, N]
+    fp = ~matched & ~ignored_if_unmatched[None]
+    # Reference order: class, score descending, image order, input order.
+    order = _stable_order(det["orig"], det["img"], -det["score"], det["cat"])
+    cat = det["cat"][order]
+    tp, fp = tp[:, :, order], fp[:, :, order]
+    _, seg_start = _rank_in_group(cat)
+    tp_cum = torch.cumsum(tp, 2, dtype=torch.int64)
+    fp_cum = torch.cumsum(fp, 2, dtype=torch.int64)
+    tp_cum = tp_cum - (tp_cum - tp.long())[:, :, seg_start]
+    fp_cum = fp_cum - (fp_cum - fp.long())[:, :, seg_start]
+    n_gt = num_gt[:, cat].clamp(min=1).to(torch.float64)[None]  # [1, A, N]
+    tpf, fpf = tp_cum.to(torch.float64), fp_cum.to(torch.float64)
+    rc = tpf / n_gt
+    pr = tpf / (fpf + tpf + _EPS)
+    # Interpolated precision at recall r = max precision over positions with recall >= r:
+    # scatter-max into the bucket of the highest recall point <= rc, then a suffix max.
+    rec = torch.tensor(REC_THRS, dtype=torch.float64, device=device)
+    bucket = torch.searchsorted(rec, rc.contiguous(), right=True) - 1
+    prec = torch.zeros(T, A, K * R, dtype=torch.float64, device=device).scatter_reduce(
+        2, cat[None, None, :] * R + bucket, pr, "amax")
+    prec = prec.view(T, A, K, R).flip(-1).cummax(-1).values.flip(-1)
+    tp_total = torch.zeros(T, A, K, dtype=torch.float64, device=device).scatter_add(
+        2, cat.expand(T, A, -1), tp.to(torch.float64))
+    valid = (num_gt > 0)[None]  # [1, A, K]
+    recall = torch.where(valid, tp_total / num_gt.clamp(min=1)[None], torch.full_like(tp_total, -1))
+    prec = torch.where(valid[..., None], prec, torch.full_like(prec, -1))
+    return prec, recall
+
+
+def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets=300, device=None):
+    """Core: returns (precision [T, A, K, R], recall [T, A, K]) as float64 numpy arrays."""
+    device = torch.device(device or "cpu")
+    K = len(gt.cat_ids)
+    det = _select_detections(gt, cols, max_dets, device)
+    order = _stable_order(-det["score"], det["pair"])  # det["orig"] is ascending already
+    det = {k: v[order] for k, v in det.items()}
+    g_pair = torch.from_numpy(gt.ann_img * K + gt.ann_cat).to(device)
+    g_order = _stable_order(g_pair)
+    g_area = torch.from_numpy(gt.ann_area).to(device)[g_order]
+    g_ign = torch.from_numpy(gt.ann_ignore).to(device)[g_order]
+    lo = torch.tensor([r[0] for r in AREA_RNGS], dtype=torch.float64, device=device)[:, None]
+    hi = torch.tensor([r[1] for r in AREA_RNGS], dtype=torch.float64, device=device)[:, None]
+    gt_t = dict(
+        pair=g_pair[g_order],
+        box=torch.from_numpy(gt.ann_bbox).to(device)[g_order],
+        crowd=torch.from_numpy(gt.ann_crowd).to(device)[g_order],
+        ignore_area=g_ign[None] | (g_area[None] < lo) | (g_area[None] > hi),  # [A, G]
+    )
+    g_cat = torch.from_numpy(gt.ann_cat).to(device)[g_order]
+    num_gt = torch.zeros(len(AREA_RNGS), K, dtype=torch.int64, device=device).scatter_add(
+        1, g_cat.expand(len(AREA_RNGS), -1), (~gt_t["ignore_area"]).long())
+    matched, matched_ig = _match(det, gt_t, K, device)
+    prec, recall = _accumulate(det, matched, matched_ig, num_gt, K, device)
+    return prec.cpu().numpy(), recall.cpu().numpy()
+
+
+def _mean_valid(x):
+    v = x[x > -1]
+    return float(v.mean()) if v.size else -1.0
+
+
+def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=None) -> dict:
+    """LVIS-style (or, for COCO-format ``gt``, COCOeval-style) box AP.
+
+    Args:
+        gt: LVIS v1 / COCO json path or loaded dict.
+        dets: result json path, list of result dicts (``image_id, category_id, bbox xywh,
+            score``) or list of per-image tensor dicts ``{"image_id", "boxes" [K, 4] xyxy in
+            original image coordinates, "scores" [K], "category_ids" [K]}``.
+        iou_type: only ``"bbox"``.
+        max_dets: per image across classes (LVIS) / per (image, class) (COCO maxDets).
+        device: torch device for matching and accumulation (default: the input tensors' device,
+            else CPU).
+        train: training json (path or dict) giving per-class training counts; for COCO gt it
+            defines r / c / f (LVIS thresholds on image counts) and the COCO-LT bins AP1-AP4
+            (training instances [1, 20), [20, 400), [400, 8000), [8000, inf)).
+
+    Returns:
+        dict with AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AR@{max_dets}, ARs@, ARm@, ARl@
+        (floats; -1 where undefined, as in the reference), AP1-AP4 for COCO gt with ``train``, and
+        ``per_class``: list of {id, name, frequency, image_count, instance_count, AP (None when
+        the class has no gt)}.
+    """
+    if iou_type != "bbox":
+        raise ValueError(f"iou_type {iou_type!r} is not supported; ltdet evaluates boxes ('bbox')")
+    if not isinstance(max_dets, int) or max_dets <= 0:
+        raise ValueError(f"max_dets must be a positive int, got {max_dets!r}")
+    if device is None and isinstance(dets, (list, tuple)) and dets and isinstance(dets[0], dict) \
+            and isinstance(dets[0].get("boxes"), torch.Tensor):
+        device = dets[0]["boxes"].device
+    gtd = load_ground_truth(gt)
+    cols = load_detections(dets)
+    prec, recall = evaluate_arrays(gtd, cols, max_dets=max_dets, device=device)
+    K = len(gtd.cat_ids)
+
+    if train is not None:
+        image_count, instance_count = training_counts(train, gtd.cat_ids)
+    elif gtd.is_lvis:
+        image_count = np.array([c.get("image_count", -1) for c in gtd.categories], np.int64)
+        instance_count = np.array([c.get("instance_count", -1) for c in gtd.categories], np.int64)
+    else:
+        image_count = instance_count = None
+    if gtd.is_lvis:
+        freq = [c.get("frequency") for c in gtd.categories]
+        bad = [c["id"] for c, f in zip(gtd.categories, freq) if f not in FREQ_GROUPS]
+        if bad:
+            if image_count is None or (image_count < 0).any():
+                raise GroundTruthFormatError(
+                    f"{gtd.source}: categories {bad[:5]} have no 'frequency' in {FREQ_GROUPS}; "
+                    f"add it or pass train= to derive it from training image counts"
+                )
+            freq = frequency_from_counts(image_count)
+    elif image_count is not None:
+        freq = frequency_from_counts(image_count)
+    else:
+        freq = [None] * K
+        logger.warning("COCO-format gt without train=: APr/APc/APf are undefined (-1)")
+
+    t75 = int(np.flatnonzero(np.isclose(IOU_THRS, 0.75))[0])
+    res = {
+        "AP": _mean_valid(prec[:, 0]),
+        "AP50": _mean_valid(prec[0, 0]),
+        "AP75": _mean_valid(prec[t75, 0]),
+        "APs": _mean_valid(prec[:, 1]),
+        "APm": _mean_valid(prec[:, 2]),
+        "APl": _mean_valid(prec[:, 3]),
+    }
+    freq_arr = np.array([f or "" for f in freq])
+    for g in FREQ_GROUPS:
+        res[f"AP{g}"] = _mean_valid(prec[:, 0, freq_arr == g])
+    res[f"AR@{max_dets}"] = _mean_valid(recall[:, 0])
+    for a, name in enumerate(AREA_NAMES[1:], start=1):
+        res[f"AR{name[0]}@{max_dets}"] = _mean_valid(recall[:, a])
+    if not gtd.is_lvis and instance_count is not None:
+        for b in range(4):
+            in_bin = (instance_count >= COCO_LT_BINS[b]) & (instance_count < COCO_LT_BINS[b + 1])
+            res[f"AP{b + 1}"] = _mean_valid(prec[:, 0, in_bin])
+
+    per_class_ap = [
+        _mean_valid(prec[:, 0, k]) if recall[0, 0, k] > -1 else None for k in range(K)
+    ]
+    res["per_class"] = [
+        {
+            "id": int(c["id"]),
+            "name": c.get("name", str(c["id"])),
+            "frequency": freq[k],
+            "image_count": None if image_count is None or image_count[k] < 0
+            else int(image_count[k]),
+            "instance_count": None if instance_count is None or instance_count[k] < 0
+            else int(instance_count[k]),
+            "AP": per_class_ap[k],
+        }
+        for k, c in enumerate(gtd.categories)
+    ]
+    logger.info(
+        "evaluated %d detections on %d images, %d classes: AP %.4f", len(cols), len(gtd.img_ids),
+        K, res["AP"],
+    )
+    return res

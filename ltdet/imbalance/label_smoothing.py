@@ -1,0 +1,61 @@
+"""Label-aware smoothing (MiSLAS: Zhong et al., "Improving Calibration for Long-Tailed
+Recognition", CVPR 2021, Sec. 3.2, eqs. 4-5).
+
+A class's smoothing factor grows with its training count, because head classes are the
+over-confident ones:
+
+    eps_y = eps_K + (eps_1 - eps_K) * h((n_y - n_K) / (n_1 - n_K)),   n_1 >= ... >= n_K
+
+with `h(x) = sin(pi x / 2)` (concave), `x` (linear) or `1 - cos(pi x / 2)` (convex), and the
+soft target of a sample of class y over K classes is `1 - eps_y` on y and `eps_y / (K - 1)` on
+every other class (eq. 5; the paper's formula, the released code spreads `eps_y / K` over all K).
+"""
+import math
+
+import torch
+
+LAS_SHAPES = ("concave", "linear", "convex")
+
+
+def label_aware_smoothing(counts, eps_head=0.4, eps_tail=0.1, shape="concave"):
+    """Per-class smoothing factors `[C]` from per-class training counts `[C]`.
+
+    The most frequent class gets `eps_head` (eps_1), the rarest `eps_tail` (eps_K). When all
+    counts are equal every class is a head class and gets `eps_head`.
+    """
+    if shape not in LAS_SHAPES:
+        raise ValueError(f"label-aware smoothing shape must be one of {LAS_SHAPES}, got {shape!r}")
+    for name, eps in (("eps_head", eps_head), ("eps_tail", eps_tail)):
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"label-aware smoothing {name} must be in [0, 1), got {eps}")
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"class counts must be a non-empty 1-D tensor [C], got shape {list(counts.shape)}")
+    n = counts.to(torch.float64)
+    n_head, n_tail = n.max(), n.min()
+    if n_head > n_tail:
+        x = (n - n_tail) / (n_head - n_tail)
+    else:
+        x = torch.ones_like(n)
+    if shape == "concave":
+        h = torch.sin(x * (math.pi / 2))
+    elif shape == "linear":
+        h = x
+    else:
+        h = 1.0 - torch.cos(x * (math.pi / 2))
+    eps = eps_tail + (eps_head - eps_tail) * h
+    return eps.to(counts.dtype if counts.is_floating_point() else torch.float32)
+
+
+def smoothing_targets(labels, eps, num_columns):
+    """Soft targets `[N, K]` for integer labels `[N]`, given each label's smoothing factor.
+
+    Args:
+        labels: int64 `[N]` in `[0, K)`.
+        eps: smoothing factor per label value `[K]`.
+        num_columns: K, the number of classes of the softmax (K >= 2).
+    """
+    eps_i = eps[labels].unsqueeze(1)
+    target = (eps_i / (num_columns - 1)).expand(labels.shape[0], num_columns).clone()
+    target.scatter_(1, labels.view(-1, 1), 1.0 - eps_i)
+    return target

@@ -1,0 +1,41 @@
+"""Balanced L1 loss (Pang et al., "Libra R-CNN", CVPR 2019, eqs. 7-9).
+
+With `x = |pred - target|` and `b` such that `alpha ln(b + 1) = gamma` (gradient continuity at
+x = beta, i.e. `b = e^{gamma / alpha} - 1`):
+
+    L(x) = alpha / b (b x + 1) ln(b x / beta + 1) - alpha x     if x < beta
+    L(x) = gamma x + gamma / b - alpha beta                     otherwise
+
+so `dL/dx = alpha ln(b x / beta + 1)` inside and `gamma` outside; `alpha = 0.5, gamma = 1.5,
+beta = 1`. Shapes: pred, target `[P, 4]` box deltas; per-element loss `[P, 4]`.
+"""
+import math
+
+import torch
+
+from .base import RegressionLoss
+from .reduction import reduce_loss
+
+
+def balanced_l1_loss(pred, target, alpha=0.5, gamma=1.5, beta=1.0):
+    """Per-coordinate balanced L1 `[P, 4]`."""
+    x = (pred - target).abs()
+    b = math.exp(gamma / alpha) - 1.0
+    inner = alpha / b * (b * x + 1.0) * torch.log1p(b * x / beta) - alpha * x
+    outer = gamma * x + gamma / b - alpha * beta
+    return torch.where(x < beta, inner, outer)
+
+
+class BalancedL1Loss(RegressionLoss):
+    """Balanced L1 on box deltas."""
+
+    def __init__(self, *, alpha=0.5, gamma=1.5, beta=1.0, loss_weight=1.0):
+        super().__init__(loss_weight=loss_weight)
+        if alpha <= 0 or gamma <= 0 or beta <= 0:
+            raise ValueError(f"balanced_l1: alpha, gamma, beta must be > 0, got {alpha}, {gamma}, {beta}")
+        self.alpha, self.gamma, self.beta = float(alpha), float(gamma), float(beta)
+
+    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
+        self.check_inputs(pred, target)
+        loss = balanced_l1_loss(pred, target, self.alpha, self.gamma, self.beta)
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

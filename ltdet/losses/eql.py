@@ -1,0 +1,54 @@
+"""Equalization loss, EQL (Tan et al., "Equalization Loss for Long-Tailed Object Recognition",
+CVPR 2020, eqs. 5-7).
+
+Sigmoid BCE over the C foreground columns (a background RoI has an all-zero target; column 0 is
+not a class and gets no gradient), with element weight
+
+    w_j = 1 - E(r) * T_lambda(f_j) * (1 - y_j)
+
+`E(r) = 1` for a foreground RoI and 0 for background; `T_lambda(f) = 1 if f < lambda`; `f_j` is
+the frequency of class j = (number of training images containing j) / (number of images)
+(Sec. 3.2). So rare classes are not suppressed by the negative gradients of other classes'
+foreground RoIs; background RoIs still suppress every class. `lambda = 1.76e-3` on LVIS.
+Per-element loss `[N, C+1]`, normalised by N (the paper's `1/N`).
+"""
+import torch
+import torch.nn.functional as F
+
+from .base import SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .reduction import reduce_loss
+
+
+def eql_loss(logits, labels, tail_mask):
+    """Per-element EQL `[N, C+1]`; `tail_mask [C]` = `T_lambda(f_j)` as 0/1 floats."""
+    target = foreground_one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
+    is_fg_roi = (labels > 0).to(logits.dtype).unsqueeze(1)
+    weight = 1.0 - is_fg_roi * tail_mask.unsqueeze(0) * (1.0 - target)
+    bce = F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none")
+    return pad_background(bce * weight)
+
+
+class EQLLoss(SigmoidClassificationLoss):
+    """Equalization loss; scores `sigmoid(z_j)`.
+
+    Args:
+        stats: class statistics (ClassStats): `image_count / num_images` gives f_j.
+        lambda_: frequency threshold of the tail classes.
+    """
+
+    def __init__(self, *, stats, num_classes=None, lambda_=1.76e-3, loss_weight=1.0):
+        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        if stats.num_images <= 0:
+            raise ValueError(f"eql: class statistics report num_images={stats.num_images}; "
+                             f"the image frequency f_j needs at least one training image")
+        self.lambda_ = float(lambda_)
+        freq = torch.as_tensor(stats.image_count, dtype=torch.float32) / float(stats.num_images)
+        self.register_buffer("tail_mask", (freq < self.lambda_).float(), persistent=False)
+
+    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
+        self.check_inputs(logits, labels)
+        if logits.shape[1] != self.tail_mask.numel() + 1:
+            raise ValueError(f"eql: logits have {logits.shape[1]} columns but the class statistics "
+                             f"describe {self.tail_mask.numel()} classes (+1 background)")
+        loss = eql_loss(logits, labels, self.tail_mask.to(logits.dtype))
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -1,0 +1,87 @@
+"""Equalization loss v2, EQLv2 (Tan et al., "Equalization Loss v2: A New Gradient Balance Approach
+for Long-tailed Object Detection", CVPR 2021, eqs. 5-9).
+
+Sigmoid BCE over all C+1 columns. Column 0 is the objectness / background column: its target is
+1 for a background RoI and 0 for a foreground one (the one-hot of the label, as in the reference
+implementation whose background column is trained the same way), and its weights stay 1. For
+every foreground class j the loss keeps the accumulated absolute gradient w.r.t. the logit,
+`|p - y|` times the element weight, over positives (`G+_j`) and negatives (`G-_j`), summed over
+all ranks. With `g_j = G+_j / (G-_j + 1e-10)`:
+
+    q_j = 1 / (1 + exp(-gamma (g_j - mu)))      (weight of negatives, eq. 7)
+    r_j = 1 + alpha (1 - q_j)                   (weight of positives, eq. 8)
+    L = sum_ij w_ij BCE(z_ij, y_ij) / N,  w = r y + q (1 - y)
+
+`g` starts at 100 so the first step has all weights 1. The state (`pos_grad`, `neg_grad`,
+`pos_neg`) lives in buffers, is updated in training mode only, after the loss of the step is
+computed with the previous state, from detached values. Scores: `sigmoid(z_j) * (1 - sigmoid(z_0))`
+in columns 1..C and `sigmoid(z_0)` in column 0.
+
+Shapes: logits `[N, C+1]`, labels `[N]` in `[0, C]`; per-element loss `[N, C+1]`.
+"""
+import torch
+import torch.nn.functional as F
+
+from .base import ClassificationLoss, foreground_one_hot
+from .reduction import all_reduce_sum, reduce_loss
+
+# Initial gradient ratio: large, so that q = 1 and r = 1 before any statistics exist.
+_INITIAL_POS_NEG = 100.0
+
+
+def eqlv2_column_weights(pos_neg, gamma, mu, alpha):
+    """Positive and negative weights `[C+1]` (column 0 fixed at 1) from the ratios `g [C]`."""
+    neg_w = torch.sigmoid(gamma * (pos_neg - mu))
+    neg_w = torch.cat([neg_w.new_ones(1), neg_w])
+    pos_w = 1.0 + alpha * (1.0 - neg_w)
+    return pos_w, neg_w
+
+
+def eqlv2_loss(logits, target, pos_w, neg_w):
+    """Per-element EQLv2 `[N, C+1]` and the element weights `[N, C+1]` it used."""
+    weight = pos_w * target + neg_w * (1.0 - target)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return bce * weight, weight
+
+
+class EQLv2Loss(ClassificationLoss):
+    """EQLv2 with gradient statistics in buffers (`pos_grad`, `neg_grad`, `pos_neg`, all `[C]`)."""
+
+    use_sigmoid = True
+
+    def __init__(self, *, num_classes, gamma=12.0, mu=0.8, alpha=4.0, loss_weight=1.0):
+        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        self.gamma, self.mu, self.alpha = float(gamma), float(mu), float(alpha)
+        self.register_buffer("pos_grad", torch.zeros(num_classes))
+        self.register_buffer("neg_grad", torch.zeros(num_classes))
+        self.register_buffer("pos_neg", torch.full((num_classes,), _INITIAL_POS_NEG))
+
+    def activation(self, logits):
+        prob = logits.sigmoid()
+        bg = prob[:, :1]
+        return torch.cat([bg, prob[:, 1:] * (1.0 - bg)], dim=1)
+
+    @torch.no_grad()
+    def _collect_gradients(self, logits, target, weight):
+        """Add this step's |dL/dz| (per class, positives and negatives) to the state."""
+        grad = (logits.sigmoid() - target).abs() * weight
+        pos = (grad * target).sum(dim=0)[1:]
+        neg = (grad * (1.0 - target)).sum(dim=0)[1:]
+        increment = all_reduce_sum(torch.stack([pos, neg]).to(self.pos_grad.dtype))
+        self.pos_grad += increment[0]
+        self.neg_grad += increment[1]
+        self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
+
+    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
+        self.check_inputs(logits, labels)
+        target = foreground_one_hot(labels, logits.shape[1], logits.dtype)
+        pos_w, neg_w = eqlv2_column_weights(self.pos_neg.to(logits.dtype), self.gamma, self.mu,
+                                            self.alpha)
+        loss, element_weight = eqlv2_loss(logits, target, pos_w, neg_w)
+        if self.training:
+            applied = element_weight
+            if weight is not None:
+                # The gradient that actually flows includes the caller's weights (e.g. ignored RoIs).
+                applied = reduce_loss(element_weight, weight.detach(), "none")
+            self._collect_gradients(logits.detach(), target, applied)
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -1,0 +1,139 @@
+"""Gradient harmonizing mechanism, GHM-C and GHM-R (Li et al., "Gradient Harmonized Single-stage
+Detector", AAAI 2019, eqs. 7-12).
+
+Each element's gradient norm `g` in [0, 1] falls in one of `bins` equal bins; its weight is
+`beta = N_valid / GD(g)` with `GD = count_in_bin * n_nonempty_bins` (counts optionally an EMA with
+`momentum`, updated only for bins that are non-empty in the step), and the paper's loss is
+`sum_i beta_i L_i / N_valid = sum_i L_i / GD(g_i)`.
+
+ltdet's reducer divides "mean" by the number of samples N (RoIs / anchors / boxes), so the element
+weight used here is `N / GD(g)`: `reduction="mean"` then returns exactly the paper's loss, and
+"none" / "sum" stay the weighted per-element loss and its sum. Binning is `floor(g * bins)` +
+`torch.bincount` (no loop over bins, no host sync). Caller weights only mark valid elements
+(weight > 0) for the counts and multiply the loss as in every ltdet loss.
+
+* GHM-C: sigmoid BCE on the foreground columns 1..C of `[N, C+1]` logits, `g = |sigmoid(z) - y|`;
+  column 0 (background) gets no loss and no gradient; per-element loss `[N, C+1]`.
+* GHM-R: ASL1 `sqrt(d^2 + mu^2) - mu` on `[P, 4]` deltas, `g = |d| / sqrt(d^2 + mu^2)`.
+
+State: buffer `acc_sum [bins]` (the EMA of the counts; used when momentum > 0). In training mode
+the per-step bin counts and sample count are all-reduced, so every rank (and its EMA) sees the
+global batch; in eval mode nothing is reduced or stored.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import RegressionLoss, SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .reduction import all_reduce_sum, reduce_loss
+
+
+class GradientDensity(nn.Module):
+    """Bins gradient norms and returns GHM weights `N / GD(g)`; owns the EMA buffer."""
+
+    def __init__(self, bins=10, momentum=0.0):
+        super().__init__()
+        if bins < 1:
+            raise ValueError(f"GHM: bins must be >= 1, got {bins}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"GHM: momentum must be in [0, 1), got {momentum}")
+        self.bins, self.momentum = int(bins), float(momentum)
+        self.register_buffer("acc_sum", torch.zeros(bins))
+
+    @torch.no_grad()
+    def forward(self, g, valid, num_samples):
+        """Weights shaped like `g` (zero where not valid).
+
+        Args:
+            g: gradient norms in [0, 1].
+            valid: bool mask like `g`, or None (every element valid).
+            num_samples: N, the number of samples (rows) of the batch.
+        """
+        # Bin k holds [k / bins, (k + 1) / bins); g = 1 joins the last bin. floor(g * bins) is
+        # ~10x faster than torch.bucketize on 10^6 elements and defines the same equal bins.
+        bin_index = (g * self.bins).to(torch.int64).clamp_(max=self.bins - 1)
+        flat_index = bin_index.flatten()
+        if valid is None:
+            counts = torch.bincount(flat_index, minlength=self.bins).to(self.acc_sum.dtype)
+        else:
+            counts = torch.bincount(flat_index, weights=valid.flatten().to(self.acc_sum.dtype),
+                                    minlength=self.bins)
+        totals = torch.cat([counts, counts.new_tensor([float(num_samples)])])
+        if self.training:
+            totals = all_reduce_sum(totals)
+        counts, n_total = totals[:-1], totals[-1]
+        nonempty = counts > 0
+        density = counts
+        if self.momentum > 0:
+            density = torch.where(nonempty, self.momentum * self.acc_sum + (1 - self.momentum) * counts,
+                                  self.acc_sum)
+            if self.training:
+                self.acc_sum.copy_(density)
+        n_nonempty = nonempty.sum().clamp_min(1)
+        per_bin = (n_total / (density.clamp_min(1e-12) * n_nonempty)).to(g.dtype)
+        weight = torch.take(per_bin, bin_index)
+        return weight if valid is None else weight * valid
+
+
+def _valid_mask(weight, shape):
+    """Elements with a positive caller weight (None: all valid, no mask materialised)."""
+    if weight is None:
+        return None
+    if weight.dim() == 1:
+        return (weight > 0).unsqueeze(1).expand(shape)
+    return weight > 0
+
+
+class GHMCLoss(SigmoidClassificationLoss):
+    """GHM-C on the foreground sigmoid columns; scores `sigmoid(z_j)`.
+
+    Args:
+        bins: number of gradient-norm bins (10; 30 in the RetinaNet recipe).
+        momentum: EMA momentum of the bin counts (0 = per-batch counts; 0.75 in the recipe).
+    """
+
+    def __init__(self, *, num_classes=None, bins=10, momentum=0.0, loss_weight=1.0):
+        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        self.density = GradientDensity(bins, momentum)
+
+    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
+        self.check_inputs(logits, labels)
+        fg_logits = logits[:, 1:]
+        target = foreground_one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
+        valid = _valid_mask(None if weight is None else
+                            (weight if weight.dim() == 1 else weight[:, 1:]), fg_logits.shape)
+        g = (fg_logits.detach().sigmoid() - target).abs()
+        ghm_weight = self.density(g, valid, logits.shape[0])
+        bce = F.binary_cross_entropy_with_logits(fg_logits, target, reduction="none")
+        loss = pad_background(bce * ghm_weight)
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+
+
+def asl1_loss(pred, target, mu=0.02):
+    """Authentic smooth L1 `sqrt(d^2 + mu^2) - mu` per coordinate, and its gradient norm."""
+    diff = pred - target
+    root = torch.sqrt(diff * diff + mu * mu)
+    return root - mu, (diff.detach() / root.detach()).abs()
+
+
+class GHMRLoss(RegressionLoss):
+    """GHM-R on box deltas.
+
+    Args:
+        mu: ASL1 smoothness.
+        bins, momentum: as GHM-C (momentum 0.7 in the recipe).
+    """
+
+    def __init__(self, *, mu=0.02, bins=10, momentum=0.0, loss_weight=1.0):
+        super().__init__(loss_weight=loss_weight)
+        if mu <= 0:
+            raise ValueError(f"ghmr: mu must be > 0, got {mu}")
+        self.mu = float(mu)
+        self.density = GradientDensity(bins, momentum)
+
+    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
+        self.check_inputs(pred, target)
+        loss, g = asl1_loss(pred, target, self.mu)
+        valid = _valid_mask(weight, pred.shape)
+        loss = loss * self.density(g, valid, pred.shape[0])
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -1,0 +1,292 @@
+"""Box predictors for the RoI head: linear, cosine, LWS, and post-hoc tau-normalisation.
+
+Every predictor keeps torchvision's ``FastRCNNPredictor`` layout, so it drops into
+``model.roi_heads.box_predictor`` unchanged:
+
+- ``predictor.cls_score``: module mapping features ``[R, D]`` to logits ``[R, C+1]``;
+- ``predictor.bbox_pred``: ``nn.Linear`` mapping ``[R, D]`` to class-specific deltas ``[R, 4*(C+1)]``;
+- ``predictor(x) -> (scores [R, C+1], deltas [R, 4*(C+1)])``; a 4-D input ``[R, D, 1, 1]`` is
+  flattened as torchvision does.
+
+Label convention (torchvision's): column 0 is background, columns ``1..C`` are the foreground
+classes. Constructors take ``num_classes`` *including* background (``C + 1``), like
+``FastRCNNPredictor``; :func:`build_predictor` takes the foreground count ``C`` like
+``build_detector``.
+
+Stage-2 heads (decoupled classifier refinement, Kang et al., "Decoupling Representation and
+Classifier for Long-Tailed Recognition", ICLR 2020):
+
+- cRT: :func:`reset_classifier` re-initialises ``cls_score`` before re-training it on
+  class-balanced data;
+- LWS: :class:`LWSPredictor` learns one scale per class on the frozen stage-1 classifier;
+- tau-norm: :func:`tau_normalize` rescales the classifier rows by ``1 / ||w_c||^tau``, no training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+__all__ = [
+    "LinearPredictor",
+    "CosineClassifier",
+    "CosinePredictor",
+    "ScaledClassifier",
+    "LWSPredictor",
+    "tau_normalize",
+    "reset_classifier",
+    "build_predictor",
+]
+
+
+def _flatten_roi_features(x: Tensor) -> Tensor:
+    """``[R, D]`` or ``[R, D, 1, 1]`` -> ``[R, D]`` (torchvision's FastRCNNPredictor contract)."""
+    if x.dim() == 4 and list(x.shape[2:]) != [1, 1]:
+        raise ValueError(
+            f"box predictor input has shape {list(x.shape)}: a 4-D input must be [R, D, 1, 1]; "
+            "pool or flatten the RoI features in the box head first"
+        )
+    return x.flatten(start_dim=1)
+
+
+class LinearPredictor(FastRCNNPredictor):
+    """torchvision's ``FastRCNNPredictor`` (``cls_score`` and ``bbox_pred`` are ``nn.Linear``).
+
+    Args:
+        in_channels: feature dimension ``D``.
+        num_classes: number of classes including background (``C + 1``).
+    """
+
+
+class CosineClassifier(nn.Module):
+    """Cosine-similarity classifier: ``logits[r, c] = s * <x_r / ||x_r||, w_c / ||w_c||>``.
+
+    Gidaris & Komodakis, "Dynamic Few-Shot Visual Learning without Forgetting", CVPR 2018, eq. (2);
+    used for detection by Wang et al., "Frustratingly Simple Few-Shot Object Detection", ICML 2020
+    (scale 20). The scale ``s`` (inverse temperature) is a learnable scalar when ``learn_scale``.
+    The background row is a cosine prototype like the others; there is no bias.
+
+    Shapes: input ``[R, D]``, output ``[R, num_classes]``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, scale: float = 20.0,
+                 learn_scale: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"CosineClassifier: scale must be > 0, got {scale}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Only directions matter; a normal init gives uniformly spread prototypes.
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.normalize(x, dim=1, eps=self.eps)
+        w = nn.functional.normalize(self.weight, dim=1, eps=self.eps)
+        return self.scale * (x @ w.t())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+class CosinePredictor(nn.Module):
+    """Box predictor with a :class:`CosineClassifier` and a linear box regressor.
+
+    Usable in stage 1 (``model.classifier: {type: cosine}``) or as the stage-2 ``cosine`` head.
+
+    Args:
+        in_channels: feature dimension ``D``.
+        num_classes: number of classes including background (``C + 1``).
+        scale: initial scale (inverse temperature) of the cosine logits.
+        learn_scale: learn the scale jointly with the prototypes.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, scale: float = 20.0,
+                 learn_scale: bool = True):
+        super().__init__()
+        self.cls_score = CosineClassifier(in_channels, num_classes, scale=scale,
+                                          learn_scale=learn_scale)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = _flatten_roi_features(x)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class ScaledClassifier(nn.Module):
+    """Frozen classifier times a learnable per-class scale: ``logits = scales * base(x)``.
+
+    Kang et al., ICLR 2020, Sec. 4.2 (LWS, "learnable weight scaling"): ``w~_c = f_c * w_c``.
+    As in the authors' code the scale multiplies the whole logit, bias included, so
+    ``scales == 1`` reproduces the base classifier exactly. One scale per column, background
+    (column 0) included.
+
+    Shapes: input ``[R, D]``, output ``[R, num_classes]``.
+    """
+
+    def __init__(self, base: nn.Module, num_classes: int):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        ref = next(self.base.parameters(), None)
+        self.scales = nn.Parameter(torch.ones(num_classes, device=None if ref is None else ref.device,
+                                              dtype=None if ref is None else ref.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) * self.scales
+
+
+class LWSPredictor(nn.Module):
+    """LWS head: the stage-1 classifier frozen, one learnable scale per class (init 1).
+
+    ``cls_score`` is a :class:`ScaledClassifier` around the stage-1 ``cls_score`` (any module
+    producing ``[R, C+1]``: linear or cosine); ``bbox_pred`` is the stage-1 regressor, whose
+    trainability is the caller's choice (``refine.box``).
+
+    Args:
+        predictor: a stage-1 box predictor (``cls_score`` / ``bbox_pred`` layout).
+    """
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        cls_score = getattr(predictor, "cls_score", None)
+        bbox_pred = getattr(predictor, "bbox_pred", None)
+        if cls_score is None or bbox_pred is None:
+            raise TypeError(
+                f"LWSPredictor needs a predictor with `cls_score` and `bbox_pred` "
+                f"(torchvision FastRCNNPredictor layout), got {type(predictor).__name__}"
+            )
+        if isinstance(cls_score, ScaledClassifier):
+            raise TypeError("LWSPredictor: the predictor is already an LWS head")
+        self.cls_score = ScaledClassifier(cls_score, _num_outputs(cls_score))
+        self.bbox_pred = bbox_pred
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = _flatten_roi_features(x)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def _num_outputs(cls_score: nn.Module) -> int:
+    if isinstance(cls_score, nn.Linear):
+        return cls_score.out_features
+    if isinstance(cls_score, CosineClassifier):
+        return cls_score.num_classes
+    raise TypeError(
+        f"unsupported cls_score module {type(cls_score).__name__}: expected nn.Linear or "
+        "CosineClassifier"
+    )
+
+
+@torch.no_grad()
+def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool = False) -> nn.Module:
+    """Post-hoc tau-normalisation ``w_c <- w_c / ||w_c||^tau`` of a linear classifier, in place.
+
+    Kang et al., ICLR 2020, Sec. 4.2, eq. (3). ``tau = 0`` is the identity, ``tau = 1`` makes the
+    rows unit-norm; values in ``[0, 1]`` are the usual sweep (``tools/tau_sweep.py``).
+
+    Background: by default row 0 (background) is left untouched, because background is not a
+    long-tail class - its norm reflects the RoI sampler's foreground fraction, not class
+    frequency, and rescaling it alone shifts every foreground score against background.
+    ``normalize_background=True`` normalises it like the other rows. The bias is kept as is
+    (the paper's classifier has none; rescaling it would change the background/foreground
+    calibration the RoI sampler set).
+
+    Args:
+        predictor: box predictor whose ``cls_score`` is an ``nn.Linear`` with weight ``[C+1, D]``.
+        tau: exponent, ``>= 0``.
+        normalize_background: also normalise row 0.
+    Returns:
+        the same predictor.
+    """
+    cls_score = getattr(predictor, "cls_score", None)
+    if not isinstance(cls_score, nn.Linear):
+        raise TypeError(
+            "tau_normalize needs a predictor whose cls_score is nn.Linear (the stage-1 linear "
+            f"classifier), got {type(cls_score).__name__}; cosine and LWS heads are already "
+            "norm-balanced or scaled: use refine.head=crt|lws|cosine instead"
+        )
+    if tau < 0 or not math.isfinite(tau):
+        raise ValueError(f"tau_normalize: tau must be a finite number >= 0, got {tau}")
+    if tau == 0:
+        return predictor
+    weight = cls_score.weight
+    norms = weight.norm(dim=1, keepdim=True)
+    # A zero row stays zero; clamping only avoids 0/0.
+    factor = norms.clamp(min=torch.finfo(weight.dtype).tiny).pow(-tau)
+    if not normalize_background:
+        factor[0] = 1.0
+    weight.mul_(factor)
+    return predictor
+
+
+@torch.no_grad()
+def reset_classifier(predictor: nn.Module, *, std: float = 0.01) -> nn.Module:
+    """Re-initialise ``predictor.cls_score`` for cRT (classifier re-training), in place.
+
+    Kang et al., ICLR 2020, Sec. 4.2. Linear: weight ~ N(0, std^2), bias 0 (detectron2's Fast R-CNN
+    classifier init); cosine: prototypes ~ N(0, std^2), scale kept. The box regressor is untouched.
+    """
+    cls_score = getattr(predictor, "cls_score", None)
+    if isinstance(cls_score, nn.Linear):
+        nn.init.normal_(cls_score.weight, std=std)
+        if cls_score.bias is not None:
+            nn.init.zeros_(cls_score.bias)
+    elif isinstance(cls_score, CosineClassifier):
+        nn.init.normal_(cls_score.weight, std=std)
+    else:
+        raise TypeError(
+            f"reset_classifier supports nn.Linear and CosineClassifier cls_score, got "
+            f"{type(cls_score).__name__}; an LWS head is built on a stage-1 classifier and is "
+            "not re-initialised"
+        )
+    return predictor
+
+
+_PREDICTOR_KEYS = {
+    "linear": {"type"},
+    "cosine": {"type", "scale", "learn_scale"},
+    "lws": {"type"},
+}
+
+
+def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int) -> nn.Module:
+    """Box predictor from ``model.classifier``.
+
+    ``{type: linear}`` (default), ``{type: cosine, scale: 20.0, learn_scale: true}``, or
+    ``{type: lws}`` (a linear classifier wrapped in :class:`LWSPredictor`: the structure of an LWS
+    stage-2 checkpoint, for loading and evaluating one).
+
+    Args:
+        cfg: the ``model.classifier`` dict (``None`` = linear).
+        in_features: feature dimension ``D`` of the box head output.
+        num_classes: number of *foreground* classes ``C``; the predictor emits ``C + 1`` columns.
+    """
+    cfg = dict(cfg or {"type": "linear"})
+    kind = cfg.get("type", "linear")
+    if kind not in _PREDICTOR_KEYS:
+        raise ValueError(
+            f"model.classifier.type: unknown classifier {kind!r}; "
+            f"choose one of {sorted(_PREDICTOR_KEYS)}"
+        )
+    unknown = set(cfg) - _PREDICTOR_KEYS[kind]
+    if unknown:
+        raise ValueError(
+            f"model.classifier: unknown key(s) {sorted(unknown)} for type {kind!r}; "
+            f"valid keys: {sorted(_PREDICTOR_KEYS[kind])}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"build_predictor: num_classes (foreground) must be >= 1, got {num_classes}")
+    if kind == "cosine":
+        return CosinePredictor(in_features, num_classes + 1, scale=float(cfg.get("scale", 20.0)),
+                               learn_scale=bool(cfg.get("learn_scale", True)))
+    linear = LinearPredictor(in_features, num_classes + 1)
+    return LWSPredictor(linear) if kind == "lws" else linear

@@ -1,0 +1,64 @@
+"""`ltdet.patch`: swap the losses and RoI sampler of an existing torchvision detector, in place.
+
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn_v2(weights=None, num_classes=C + 1)
+    ltdet.patch(model, cls_loss={"type": "eqlv2"}, sampler={"type": "pisa"}, stats=stats)
+
+Two-stage models (`FasterRCNN` and its subclasses `MaskRCNN`, `KeypointRCNN`, from any builder)
+get an `LTRoIHeads` sharing all their submodules; `RetinaNet` models are handed to
+`ltdet.models.retinanet.patch_retinanet`. Parameters and buffers of the model are not touched; the
+only new state is the losses' own buffers (e.g. EQLv2's gradient statistics) under
+`roi_heads.cls_loss.*` / `roi_heads.box_loss.*`.
+"""
+from typing import Optional
+
+from torch import nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
+
+from .roi_heads import LTRoIHeads, predictor_num_classes
+
+SUPPORTED_MODELS = ("torchvision.models.detection.FasterRCNN (fasterrcnn_resnet50_fpn, _v2, "
+                    "fasterrcnn_mobilenet_v3_large_fpn, _320_fpn) and its subclasses MaskRCNN, "
+                    "KeypointRCNN; torchvision.models.detection.RetinaNet (retinanet_resnet50_fpn, _v2)")
+
+
+def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=None, *,
+          lds: Optional[nn.Module] = None, fds: Optional[nn.Module] = None) -> nn.Module:
+    """Installs ltdet losses (and, for two-stage models, a RoI sampler and LDS/FDS hooks) in
+    `model`, in place, and returns it.
+
+    cls_loss, box_loss: `build_loss` config dicts (`{"type": "eqlv2", "gamma": 12}`) or built loss
+    modules; None = torchvision's loss (cross entropy / smooth L1), or the current one of an already
+    patched model. sampler: `{"type": "random" | "ohem" | "pisa", ...}` or a built `RoISampler`
+    (two-stage models only). stats: `ClassStats` for losses that need class frequencies; its class
+    count must equal the model's C. lds / fds: built LDS / FDS modules (keyword-only extension, used
+    by `build_detector`).
+
+    Everything is validated before the first step: an unsupported model, inconsistent class counts
+    or unknown loss / sampler options raise here."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError("patch the model before wrapping it in DataParallel / DistributedDataParallel "
+                        "(patch(model) then DistributedDataParallel(model))")
+    if isinstance(model, FasterRCNN):
+        model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
+                                                    box_loss=box_loss, sampler=sampler, lds=lds,
+                                                    fds=fds, stats=stats)
+        return model
+    if isinstance(model, RetinaNet):
+        extra = [name for name, value in (("sampler", sampler), ("lds", lds), ("fds", fds))
+                 if value is not None and not (name == "sampler" and _is_random(value))]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} apply to two-stage RoI heads only; RetinaNet "
+                             "learns from all anchors (drop them or use a FasterRCNN model)")
+        # the dense head's class convention (and its check against stats) is patch_retinanet's
+        from .retinanet import patch_retinanet
+
+        return patch_retinanet(model, cls_loss=cls_loss, box_loss=box_loss, stats=stats)
+    raise TypeError(f"ltdet.patch does not support {type(model).__module__}.{type(model).__name__}; "
+                    f"supported: {SUPPORTED_MODELS}")
+
+
+def _is_random(sampler) -> bool:
+    return isinstance(sampler, dict) and sampler.get("type", "random") == "random" and len(sampler) <= 1
+
+
+__all__ = ["patch", "predictor_num_classes", "SUPPORTED_MODELS"]

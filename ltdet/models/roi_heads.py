@@ -1,0 +1,485 @@
+"""`LTRoIHeads`: torchvision's `RoIHeads` with pluggable losses, RoI sampler and imbalance hooks.
+
+Label convention (torchvision's): the box predictor emits `class_logits [N, C+1]` (column 0 =
+background) and `box_regression [N, (C+1)*4]` class-specific deltas; RoI labels are in `[0, C]`
+(0 = background, -1 = ignored before sampling).
+
+Training (per step, N = sampled RoIs over the batch, P = positives among them):
+- `loss_classifier = cls_loss(class_logits [N, C+1], labels [N], weight, avg_factor=N)` - the mean
+  over sampled RoIs, as torchvision's cross entropy;
+- `loss_box_reg = sum_i w_i * box_loss(pred_i, target_i) / N` over positives, torchvision's
+  normalisation; `pred`/`target` are box deltas, or decoded xyxy boxes when the box loss has
+  `needs_boxes` (GIoU).
+The weights are products of: per-gt mixup weights (`targets[i]["weights"]` float [K]: a positive
+takes its matched gt's weight in both losses, a negative 1), the sampler's weights (PISA ISR-N /
+ISR-P on classification, CARL on boxes) and LDS weights on positives' box loss.
+
+Inference: `postprocess_detections` scores with `cls_loss.activation(class_logits)` (a sigmoid-
+trained classifier is scored with its sigmoid, not a softmax) and otherwise keeps torchvision's
+`score_thresh` / class-wise NMS / `detections_per_img`. Mask and keypoint branches are torchvision's
+and run on the sampled positives as before.
+
+Hooks: `lds` (`weights(ious [P]) -> [P]`, `update(ious [P])`, Yang et al., ICML 2021) and `fds`
+(`forward(features [N, D], ious [N]) -> [N, D]`, applied in training to the box regressor's input
+only; its optional `update(features, ious)` is called each training step with the features before
+re-colouring). Every RoI's IoU with its matched ground truth and the matched index are carried in
+`RoICandidates` (before sampling) and `RoISamples` (after), for samplers and hooks.
+"""
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.roi_heads import (RoIHeads, keypointrcnn_inference,
+                                                    keypointrcnn_loss, maskrcnn_inference,
+                                                    maskrcnn_loss)
+from torchvision.ops import boxes as box_ops
+
+from .roi_samplers import RoICandidates, RoISampler, build_roi_sampler
+
+#: torchvision's Fast R-CNN box loss: smooth L1 with beta 1/9, sum over positives / sampled RoIs
+DEFAULT_BOX_LOSS = {"type": "smooth_l1", "beta": 1.0 / 9.0}
+DEFAULT_CLS_LOSS = {"type": "ce"}
+
+
+@dataclass
+class RoISamples:
+    """The sampled RoIs of a training batch, one tensor per image (S_i RoIs in image i).
+
+    proposals [S_i, 4]; labels int64 [S_i] in [0, C]; matched_idxs int64 [S_i] (index into the
+    image's gt, 0 for an image without gt); ious [S_i] IoU with the matched gt; regression_targets
+    [S_i, 4] encoded deltas; matched_gt_boxes [S_i, 4]; gt_boxes [K_i, 4]; gt_weights [S_i] per-RoI
+    mixup weights (None when no target has "weights"); cls_weights [S_i] sampler weights (None =
+    all 1)."""
+
+    proposals: list[Tensor]
+    labels: list[Tensor]
+    matched_idxs: list[Tensor]
+    ious: list[Tensor]
+    regression_targets: list[Tensor]
+    matched_gt_boxes: list[Tensor]
+    gt_boxes: list[Tensor]
+    gt_weights: Optional[list[Tensor]] = None
+    cls_weights: Optional[list[Tensor]] = None
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    """Stateful losses / FDS update their state only in training mode: the no-gradient scoring
+    passes of OHEM / PISA must not count as a training step."""
+    modes = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
+    for m, _ in modes:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+@contextlib.contextmanager
+def _keep_running_stats(*modules):
+    """Runs in training mode (batch statistics, as the real forward) but restores BatchNorm running
+    statistics afterwards, so a scoring pass over candidates leaves the model unchanged."""
+    saved = [(bn, {name: buf.clone() for name, buf in bn._buffers.items() if buf is not None})
+             for module in modules for bn in module.modules()
+             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats]
+    try:
+        yield
+    finally:
+        for bn, buffers in saved:
+            for name, value in buffers.items():
+                bn._buffers[name].copy_(value)
+
+
+def _matched_boxes(gt_boxes: Tensor, matched_idxs: Tensor) -> Tensor:
+    if gt_boxes.shape[0] == 0:
+        return gt_boxes.new_zeros((matched_idxs.shape[0], 4))
+    return gt_boxes[matched_idxs]
+
+
+class LTRoIHeads(RoIHeads):
+    """torchvision `RoIHeads` whose box losses, RoI sampler and scoring are pluggable.
+
+    Build it from an existing head with `LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=...,
+    box_loss=..., sampler=...)`: every submodule (box/mask/keypoint branches) and setting of the
+    original is kept, parameters are shared, not copied."""
+
+    cls_loss: nn.Module
+    box_loss: nn.Module
+    sampler: RoISampler
+
+    def __init__(self, *args, cls_loss: nn.Module, box_loss: nn.Module,
+                 sampler: Optional[RoISampler] = None, lds: Optional[nn.Module] = None,
+                 fds: Optional[nn.Module] = None, **kwargs):
+        """Same arguments as torchvision's `RoIHeads`, plus the built keyword-only parts."""
+        super().__init__(*args, **kwargs)
+        self._install(cls_loss, box_loss, build_roi_sampler(sampler), lds, fds)
+
+    @classmethod
+    def from_roi_heads(cls, roi_heads: RoIHeads, *, cls_loss=None, box_loss=None, sampler=None,
+                       lds=None, fds=None, stats=None) -> "LTRoIHeads":
+        """A new `LTRoIHeads` sharing every submodule and setting of `roi_heads`.
+
+        cls_loss / box_loss: built modules or `build_loss` configs (built with the predictor's C
+        and `stats`); sampler: a `RoISampler` or `build_roi_sampler` config. None keeps the part
+        of an `LTRoIHeads` given in, else torchvision's defaults (cross entropy, smooth L1 with
+        beta 1/9, random sampling). Raises ValueError / TypeError on inconsistent parts."""
+        if not isinstance(roi_heads, RoIHeads):
+            raise TypeError(f"from_roi_heads needs a torchvision RoIHeads, got {type(roi_heads).__name__}")
+        num_classes = predictor_num_classes(roi_heads.box_predictor)
+        check_stats(stats, num_classes)
+        previous = roi_heads if isinstance(roi_heads, LTRoIHeads) else None
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        # shallow copies of the module's tables: same submodules and parameters, own registries
+        head.__dict__.update({key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
+                              for key, value in vars(roi_heads).items()})
+        cls_loss = _resolve_loss(cls_loss, previous and previous.cls_loss, DEFAULT_CLS_LOSS,
+                                 num_classes, stats, "cls_loss")
+        box_loss = _resolve_loss(box_loss, previous and previous.box_loss, DEFAULT_BOX_LOSS,
+                                 num_classes, stats, "box_loss")
+        sampler = build_roi_sampler(sampler) if sampler is not None else (
+            previous.sampler if previous is not None else build_roi_sampler(None))
+        head._install(cls_loss, box_loss, sampler,
+                      lds if lds is not None else previous and previous.lds,
+                      fds if fds is not None else previous and previous.fds)
+        return head
+
+    def _install(self, cls_loss, box_loss, sampler, lds, fds) -> None:
+        for name, attrs in (("cls_loss", ("activation", "use_sigmoid")), ("box_loss", ("needs_boxes",))):
+            module = cls_loss if name == "cls_loss" else box_loss
+            missing = [a for a in attrs if not hasattr(module, a)]
+            if not isinstance(module, nn.Module) or missing:
+                raise TypeError(f"{name} must be an nn.Module from ltdet.losses.build_loss (with "
+                                f"{', '.join(attrs)}); {type(module).__name__} lacks {missing or 'nn.Module'}")
+        num_classes = predictor_num_classes(self.box_predictor)
+        loss_classes = getattr(cls_loss, "num_classes", None)
+        if loss_classes is not None and int(loss_classes) != num_classes:
+            raise ValueError(f"cls_loss was built for num_classes={loss_classes} but the box "
+                             f"predictor has {num_classes} classes (cls_score.out_features = C+1 = "
+                             f"{num_classes + 1}); build it with num_classes={num_classes}")
+        if lds is not None and not (callable(getattr(lds, "weights", None))
+                                    and callable(getattr(lds, "update", None))):
+            raise TypeError(f"lds must have weights(ious) and update(ious); got {type(lds).__name__}")
+        if fds is not None:
+            if not callable(fds):
+                raise TypeError(f"fds must be callable as fds(features, ious); got {type(fds).__name__}")
+            if not all(hasattr(self.box_predictor, a) for a in ("cls_score", "bbox_pred")):
+                raise TypeError("fds needs a box predictor with torchvision FastRCNNPredictor's layout "
+                                f"(cls_score, bbox_pred); got {type(self.box_predictor).__name__}")
+        self.cls_loss = cls_loss
+        self.box_loss = box_loss
+        self.sampler = sampler
+        self.lds = lds
+        self.fds = fds
+        sampler.validate(self)
+
+    # ---------------------------------------------------------------- assignment and sampling
+    def assign_candidates(self, proposals: list[Tensor], gt_boxes: list[Tensor],
+                          gt_labels: list[Tensor]) -> list[RoICandidates]:
+        """Matches every proposal to a ground truth (torchvision's matcher) and records its IoU."""
+        candidates = []
+        for boxes, gt, gt_cls in zip(proposals, gt_boxes, gt_labels):
+            if gt.shape[0] == 0:
+                zeros = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
+                candidates.append(RoICandidates(boxes, zeros, zeros.clone(),
+                                                boxes.new_zeros(boxes.shape[0]), gt))
+                continue
+            quality = box_ops.box_iou(gt, boxes)
+            matched = self.proposal_matcher(quality)
+            clamped = matched.clamp(min=0)
+            labels = gt_cls[clamped].to(torch.int64)
+            labels[matched == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0
+            labels[matched == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1
+            candidates.append(RoICandidates(boxes, labels, clamped, quality.max(0).values, gt))
+        return candidates
+
+    def select_training_samples(self, proposals, targets, features=None, image_shapes=None):
+        """Assigns, samples (with `self.sampler`) and encodes; returns a `RoISamples`.
+
+        Extends torchvision's signature: OHEM / PISA need `features` and `image_shapes` to score
+        the candidates."""
+        self.check_targets(targets)
+        dtype = proposals[0].dtype
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        gt_weights = _gt_weights(targets, dtype)
+        proposals = self.add_gt_proposals(proposals, gt_boxes)
+        candidates = self.assign_candidates(proposals, gt_boxes, gt_labels)
+        if self.sampler.needs_features and features is None:
+            raise ValueError(f"the {type(self.sampler).__name__} scores candidates with the box head: "
+                             "call select_training_samples(proposals, targets, features, image_shapes)")
+        selections = self.sampler(self, candidates, features, image_shapes)
+        fields = {k: [] for k in ("proposals", "labels", "matched_idxs", "ious", "matched_gt_boxes")}
+        for cand, sel in zip(candidates, selections):
+            idx = sel.indices
+            fields["proposals"].append(cand.boxes[idx])
+            fields["labels"].append(cand.labels[idx])
+            fields["matched_idxs"].append(cand.matched_idxs[idx])
+            fields["ious"].append(cand.ious[idx])
+            fields["matched_gt_boxes"].append(_matched_boxes(cand.gt_boxes, cand.matched_idxs[idx]))
+        roi_gt_weights = None
+        if gt_weights is not None:
+            roi_gt_weights = [torch.where(labels > 0, w[m] if w.numel() else labels.to(dtype), 1.0)
+                              for w, m, labels in zip(gt_weights, fields["matched_idxs"], fields["labels"])]
+        cls_weights = None
+        if any(sel.cls_weight is not None for sel in selections):
+            cls_weights = [sel.cls_weight if sel.cls_weight is not None
+                           else torch.ones(sel.indices.shape[0], dtype=dtype, device=sel.indices.device)
+                           for sel in selections]
+        regression_targets = self.box_coder.encode(fields["matched_gt_boxes"], fields["proposals"])
+        return RoISamples(regression_targets=regression_targets, gt_boxes=gt_boxes,
+                          gt_weights=roi_gt_weights, cls_weights=cls_weights, **fields)
+
+    # ---------------------------------------------------------------- box head
+    def predict_boxes(self, box_features: Tensor, ious: Optional[Tensor] = None):
+        """(class_logits [N, C+1], box_regression [N, (C+1)*4]); with FDS (training, `ious` given)
+        only the regressor's input is re-coloured."""
+        if self.fds is None or ious is None:
+            return self.box_predictor(box_features)
+        x = box_features.flatten(start_dim=1)
+        regressor_input = self.fds(x, ious)
+        if self.training and callable(getattr(self.fds, "update", None)):
+            # statistics from the features before re-colouring (FDS, Yang et al. 2021, Sec. 3.2)
+            self.fds.update(x.detach(), ious)
+        return self.box_predictor.cls_score(x), self.box_predictor.bbox_pred(regressor_input)
+
+    @torch.no_grad()
+    def score_rois(self, features, boxes: list[Tensor], image_shapes):
+        """Box head on candidate RoIs without gradient, leaving every state untouched (BatchNorm
+        running statistics, stateful losses). Returns (class_logits, box_regression)."""
+        with _keep_running_stats(self.box_head, self.box_predictor):
+            x = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
+            return self.box_predictor(x)
+
+    @torch.no_grad()
+    def cls_loss_per_roi(self, class_logits: Tensor, labels: Tensor) -> Tensor:
+        """Classification loss of each RoI [N] (summed over columns for sigmoid losses), without
+        updating the loss's state."""
+        with _eval_mode(self.cls_loss):
+            loss = self.cls_loss(class_logits, labels, reduction="none")
+        return loss.sum(1) if loss.dim() > 1 else loss
+
+    @torch.no_grad()
+    def roi_loss(self, class_logits: Tensor, box_regression: Tensor,
+                 candidates: list[RoICandidates]) -> Tensor:
+        """Per-RoI training loss [sum R] (classification + box, both on torchvision's scale) of
+        candidate RoIs, for OHEM's ranking. Ignored candidates count as background."""
+        labels = torch.cat([c.labels for c in candidates]).clamp(min=0)
+        loss = self.cls_loss_per_roi(class_logits, labels).clone()
+        positive = torch.where(labels > 0)[0]
+        if positive.numel():
+            proposals = torch.cat([c.boxes for c in candidates])[positive]
+            gt = torch.cat([_matched_boxes(c.gt_boxes, c.matched_idxs) for c in candidates])[positive]
+            with _eval_mode(self.box_loss):
+                box = self._box_loss(box_regression[positive], labels[positive], proposals, gt,
+                                     reduction="none")
+            loss[positive] += box.reshape(positive.numel(), -1).sum(1)
+        return loss
+
+    def _box_loss(self, box_regression: Tensor, labels: Tensor, proposals: Tensor, gt_boxes: Tensor,
+                  targets: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """Box loss of positives: box_regression [P, (C+1)*4], labels [P] in [1, C]."""
+        deltas = box_regression.reshape(labels.shape[0], -1, 4)
+        deltas = deltas[torch.arange(labels.shape[0], device=labels.device),
+                        labels if deltas.shape[1] > 1 else torch.zeros_like(labels)]
+        if self.box_loss.needs_boxes:
+            return self.box_loss(self.box_coder.decode_single(deltas, proposals), gt_boxes, **kwargs)
+        if targets is None:
+            targets = self.box_coder.encode_single(gt_boxes, proposals)
+        return self.box_loss(deltas, targets, **kwargs)
+
+    def box_losses(self, class_logits: Tensor, box_regression: Tensor, samples: RoISamples) -> dict:
+        """{"loss_classifier", "loss_box_reg"} of the sampled RoIs (see the module docstring)."""
+        labels = torch.cat(samples.labels)
+        num = labels.shape[0]
+        if num == 0:
+            zero = class_logits.sum() * 0 + box_regression.sum() * 0
+            return {"loss_classifier": zero, "loss_box_reg": zero.clone()}
+        sampler_cls_weight, sampler_box_weight = self.sampler.loss_weights(
+            self, class_logits, box_regression, samples)
+        base = torch.cat(samples.gt_weights) if samples.gt_weights is not None else None
+        cls_weight = _product(base, sampler_cls_weight)
+        loss_cls = self.cls_loss(class_logits, labels, weight=cls_weight, reduction="mean",
+                                 avg_factor=float(num))
+        positive = torch.where(labels > 0)[0]
+        if positive.numel() == 0:
+            return {"loss_classifier": loss_cls, "loss_box_reg": box_regression.sum() * 0}
+        lds_weight = None
+        if self.lds is not None:
+            ious = torch.cat(samples.ious)[positive].detach()
+            if self.training:
+                self.lds.update(ious)
+            lds_weight = self.lds.weights(ious)
+        box_weight = _product(base[positive] if base is not None else None, lds_weight,
+                              sampler_box_weight)
+        loss_box = self._box_loss(box_regression[positive], labels[positive],
+                                  torch.cat(samples.proposals)[positive],
+                                  torch.cat(samples.matched_gt_boxes)[positive],
+                                  torch.cat(samples.regression_targets)[positive],
+                                  weight=box_weight, reduction="mean", avg_factor=float(num))
+        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's post-processing, scored with `cls_loss.activation` instead of softmax."""
+        num_classes = class_logits.shape[-1]
+        boxes_per_image = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_scores = self.cls_loss.activation(class_logits)
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                              pred_scores.split(boxes_per_image, 0), image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=class_logits.device).view(1, -1).expand_as(scores)
+            # drop the background column, then every (RoI, class) pair is a candidate detection
+            boxes = boxes[:, 1:].reshape(-1, 4)
+            scores = scores[:, 1:].reshape(-1)
+            labels = labels[:, 1:].reshape(-1)
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, features, proposals, image_shapes, targets=None):
+        """Same inputs and outputs as torchvision's `RoIHeads.forward`."""
+        if targets is not None:
+            _check_target_types(targets, self.has_keypoint())
+        samples = None
+        if self.training:
+            samples = self.select_training_samples(proposals, targets, features, image_shapes)
+            proposals = samples.proposals
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        fds_ious = torch.cat(samples.ious) if samples is not None and self.fds is not None else None
+        class_logits, box_regression = self.predict_boxes(box_features, fds_ious)
+
+        result: list[dict[str, Tensor]] = []
+        losses = {}
+        if self.training:
+            losses = self.box_losses(class_logits, box_regression, samples)
+        else:
+            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
+                                                                proposals, image_shapes)
+            result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if self.has_mask():
+            losses.update(self._mask_forward(features, image_shapes, targets, samples, result))
+        if self.has_keypoint():
+            losses.update(self._keypoint_forward(features, image_shapes, targets, samples, result))
+        return result, losses
+
+    def _positive_rois(self, samples: RoISamples):
+        """Per image: (positive proposals, their matched gt index), torchvision's mask/keypoint
+        training inputs."""
+        positives = [torch.where(labels > 0)[0] for labels in samples.labels]
+        return ([p[i] for p, i in zip(samples.proposals, positives)],
+                [m[i] for m, i in zip(samples.matched_idxs, positives)])
+
+    def _mask_forward(self, features, image_shapes, targets, samples, result) -> dict:
+        if self.training:
+            mask_proposals, pos_matched_idxs = self._positive_rois(samples)
+        else:
+            mask_proposals = [r["boxes"] for r in result]
+        mask_logits = self.mask_predictor(self.mask_head(
+            self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        if self.training:
+            return {"loss_mask": maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                                               [t["labels"] for t in targets], pos_matched_idxs)}
+        for mask_prob, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
+            r["masks"] = mask_prob
+        return {}
+
+    def _keypoint_forward(self, features, image_shapes, targets, samples, result) -> dict:
+        if self.training:
+            keypoint_proposals, pos_matched_idxs = self._positive_rois(samples)
+        else:
+            keypoint_proposals = [r["boxes"] for r in result]
+        keypoint_logits = self.keypoint_predictor(self.keypoint_head(
+            self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)))
+        if self.training:
+            return {"loss_keypoint": keypointrcnn_loss(keypoint_logits, keypoint_proposals,
+                                                       [t["keypoints"] for t in targets], pos_matched_idxs)}
+        keypoints_probs, kp_scores = keypointrcnn_inference(keypoint_logits, keypoint_proposals)
+        for keypoint_prob, kps, r in zip(keypoints_probs, kp_scores, result):
+            r["keypoints"] = keypoint_prob
+            r["keypoints_scores"] = kps
+        return {}
+
+
+def predictor_num_classes(box_predictor: nn.Module) -> int:
+    """C, the number of foreground classes of a FastRCNNPredictor-layout box predictor."""
+    cls_score = getattr(box_predictor, "cls_score", None)
+    out = getattr(cls_score, "out_features", None)
+    if out is None:
+        raise TypeError(f"box predictor {type(box_predictor).__name__} does not follow torchvision "
+                        "FastRCNNPredictor's layout (a cls_score layer with out_features = C+1)")
+    return int(out) - 1
+
+
+def check_stats(stats, num_classes: int) -> None:
+    """Raises ValueError when class statistics describe a different number of classes."""
+    if stats is None:
+        return
+    stats_classes = getattr(stats, "num_classes", None)
+    if stats_classes is None:
+        stats_classes = len(stats.instance_count)
+    if int(stats_classes) != num_classes:
+        raise ValueError(f"stats describe {stats_classes} classes but the model's box predictor has "
+                         f"{num_classes} (cls_score.out_features = C+1 = {num_classes + 1}); build the "
+                         f"model with num_classes={int(stats_classes) + 1} or use matching stats")
+
+
+def _resolve_loss(spec, previous, default, num_classes, stats, name):
+    if spec is None:
+        spec = previous if previous is not None else default
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, dict):
+        raise TypeError(f"{name} must be a config dict like {{'type': ...}} or a loss module, "
+                        f"got {type(spec).__name__}")
+    from ltdet.losses import build_loss
+
+    return build_loss(spec, num_classes=num_classes, stats=stats)
+
+
+def _gt_weights(targets, dtype) -> Optional[list[Tensor]]:
+    if not any("weights" in t for t in targets):
+        return None
+    weights = []
+    for i, t in enumerate(targets):
+        num = t["boxes"].shape[0]
+        w = t.get("weights")
+        if w is None:
+            w = t["boxes"].new_ones(num)
+        if w.shape != (num,) or not w.is_floating_point():
+            raise ValueError(f"targets[{i}]['weights'] must be a float tensor of shape [{num}] (one "
+                             f"weight per box), got {tuple(w.shape)} {w.dtype}")
+        weights.append(w.to(dtype))
+    return weights
+
+
+def _product(*weights: Optional[Tensor]) -> Optional[Tensor]:
+    present = [w for w in weights if w is not None]
+    if not present:
+        return None
+    out = present[0]
+    for w in present[1:]:
+        out = out * w
+    return out
+
+
+def _check_target_types(targets, has_keypoint: bool) -> None:
+    for i, t in enumerate(targets):
+        if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
+            raise TypeError(f"targets[{i}]['boxes'] must be float, got {t['boxes'].dtype}")
+        if t["labels"].dtype != torch.int64:
+            raise TypeError(f"targets[{i}]['labels'] must be int64, got {t['labels'].dtype}")
+        if has_keypoint and t["keypoints"].dtype != torch.float32:
+            raise TypeError(f"targets[{i}]['keypoints'] must be float32, got {t['keypoints'].dtype}")

@@ -1,0 +1,96 @@
+"""Seeded LVIS-like / COCO-like ground truth + detections with the evaluator's edge cases.
+
+Edge cases built in: images without annotations, an image without detections, classes that only
+occur in neg lists, not-exhaustive classes, classes without any gt, score ties (2-decimal
+scores), more than 300 detections on one image, boxes whose area sits exactly on the 32^2 / 96^2
+boundaries, duplicate gt boxes (IoU ties), gt ``ignore`` flags (LVIS) / ``iscrowd`` regions (COCO).
+"""
+import numpy as np
+
+
+def _box(rng, size_scale=1.0):
+    w, h = rng.uniform(2, 120 * size_scale, 2)
+    x, y = rng.uniform(0, 200, 2)
+    return [round(float(x), 2), round(float(y), 2), round(float(w), 2), round(float(h), 2)]
+
+
+def _jitter(rng, b, s):
+    x, y, w, h = b
+    return [round(x + float(rng.normal(0, s * w)), 2), round(y + float(rng.normal(0, s * h)), 2),
+            round(max(w * float(rng.uniform(0.7, 1.3)), 0.5), 2),
+            round(max(h * float(rng.uniform(0.7, 1.3)), 0.5), 2)]
+
+
+def make_set(seed=0, n_images=40, n_cats=24, lvis=True, big_image_dets=350):
+    rng = np.random.default_rng(seed)
+    freqs = ["r", "c", "f"]
+    cats = [{"id": 3 * k + 1, "name": f"cls{k}", "frequency": freqs[k % 3],
+             "image_count": int(rng.integers(1, 300)), "instance_count": int(rng.integers(1, 900))}
+            for k in range(n_cats)]
+    cat_ids = [c["id"] for c in cats]
+    no_gt_cats = set(cat_ids[-3:])  # never annotated; the last one only appears in neg lists
+    images, anns, dets = [], [], []
+    aid = 1
+    for i in range(n_images):
+        img_id = 1000 + 7 * i
+        pos = [] if i % 9 == 4 else list(
+            rng.choice([c for c in cat_ids if c not in no_gt_cats], size=int(rng.integers(1, 5)),
+                       replace=False))
+        img_anns = []
+        for c in pos:
+            for _ in range(int(rng.integers(1, 6))):
+                b = _box(rng, size_scale=float(rng.choice([0.3, 1.0, 2.5])))
+                img_anns.append([b, c])
+            if rng.random() < 0.3:  # exact duplicate gt -> IoU ties
+                img_anns.append([list(img_anns[-1][0]), c])
+        if i % 5 == 0:  # areas exactly on the small/medium and medium/large boundaries
+            c = pos[0] if pos else cat_ids[0]
+            img_anns.append([[10.0, 10.0, 32.0, 32.0], c])
+            img_anns.append([[50.0, 40.0, 96.0, 96.0], c])
+            if not pos:
+                pos = [c]
+        for b, c in img_anns:
+            a = {"id": aid, "image_id": img_id, "category_id": int(c), "bbox": b,
+                 "area": round(b[2] * b[3], 4) if rng.random() < 0.8 else float(b[2] * b[3] * 0.9)}
+            if lvis and rng.random() < 0.05:
+                a["ignore"] = 1
+            if not lvis:
+                a["iscrowd"] = int(rng.random() < 0.07)
+            anns.append(a)
+            aid += 1
+        rest = [c for c in cat_ids if c not in pos]
+        neg = [int(c) for c in rng.choice(rest, size=min(len(rest), 4), replace=False)]
+        neg.append(cat_ids[-1])
+        nel = [int(c) for c in pos if rng.random() < 0.25]
+        img = {"id": img_id, "width": 320, "height": 320}
+        if lvis:
+            img["neg_category_ids"] = sorted(set(neg))
+            img["not_exhaustive_category_ids"] = nel
+        images.append(img)
+
+        if i == 3:
+            continue  # image without detections
+        n_rand = big_image_dets if i == 1 else int(rng.integers(0, 30))
+        for b, c in img_anns:
+            for _ in range(int(rng.integers(0, 3))):
+                dets.append({"image_id": img_id, "category_id": int(c), "bbox": _jitter(rng, b, 0.08),
+                             "score": round(float(rng.random()), 2)})
+            if rng.random() < 0.3:  # the exact gt box, or a box on the area boundary
+                dets.append({"image_id": img_id, "category_id": int(c), "bbox": list(b),
+                             "score": round(float(rng.random()), 2)})
+        if i % 5 == 0:
+            c = pos[0]
+            dets.append({"image_id": img_id, "category_id": int(c), "bbox": [12.0, 11.0, 32.0, 32.0],
+                         "score": 0.5})
+            dets.append({"image_id": img_id, "category_id": int(c), "bbox": [60.0, 30.0, 96.0, 96.0],
+                         "score": 0.5})
+        for _ in range(n_rand):
+            c = int(rng.choice(cat_ids))
+            dets.append({"image_id": img_id, "category_id": c, "bbox": _box(rng),
+                         "score": round(float(rng.random()), 2)})
+    gt = {"images": images, "annotations": anns, "categories": cats}
+    if not lvis:
+        for c in cats:
+            for k in ("frequency", "image_count", "instance_count"):
+                c.pop(k)
+    return gt, dets

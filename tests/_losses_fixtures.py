@@ -1,0 +1,55 @@
+"""Shared inputs for the loss tests: a duck-typed ClassStats and small seeded batches."""
+import types
+
+import torch
+
+NUM_CLASSES = 6
+
+CLASSIFICATION = ["ce", "focal", "cb", "balanced_softmax", "eql", "eqlv2", "seesaw", "federated",
+                  "ghmc", "las"]
+REGRESSION = ["smooth_l1", "l1", "giou", "ghmr", "focal_r", "balanced_l1"]
+SIGMOID_FOREGROUND = [{"type": "focal"}, {"type": "eql", "lambda_": 0.05}, {"type": "federated"},
+                      {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"}, {"type": "cb", "base": "focal"}]
+
+
+def make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=None, num_images=500):
+    """ClassStats stand-in (index i = label i+1); the library only reads these attributes."""
+    image_count = torch.tensor(image_count, dtype=torch.float32)
+    if instance_count is None:
+        instance_count = image_count * 3
+    return types.SimpleNamespace(image_count=image_count,
+                                 instance_count=torch.as_tensor(instance_count, dtype=torch.float32),
+                                 num_images=num_images, frequency=None)
+
+
+def make_batch(n=12, num_classes=NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5):
+    """Logits `[n, C+1]` (requires grad) and labels with ~bg_fraction background."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (2.0 * torch.randn(n, num_classes + 1, generator=g)).to(dtype).requires_grad_(True)
+    labels = torch.randint(1, num_classes + 1, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < bg_fraction] = 0
+    return logits, labels
+
+
+def make_boxes(p=9, seed=0, dtype=torch.float64):
+    """Valid xyxy boxes `[p, 4]` (pred requires grad) with overlapping and disjoint pairs."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(p, 2, generator=g) * 10
+    wh = torch.rand(p, 2, generator=g) * 5 + 0.5
+    target = torch.cat([xy, xy + wh], dim=1).to(dtype)
+    shift = torch.randn(p, 4, generator=g) * 1.5
+    pred = target + shift.to(dtype)
+    pred = torch.cat([torch.minimum(pred[:, :2], pred[:, 2:] - 0.1), pred[:, 2:]], dim=1)
+    return pred.detach().requires_grad_(True), target
+
+
+def make_deltas(p=9, seed=0, dtype=torch.float64):
+    """Box-delta predictions `[p, 4]` (requires grad) and targets, errors spanning 0.001 - 3."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(p, 4, generator=g).to(dtype)
+    err = torch.randn(p, 4, generator=g).to(dtype) * torch.logspace(-3, 0.5, 4, dtype=dtype)
+    return (target + err).detach().requires_grad_(True), target
+
+
+def one_hot(labels, num_columns, dtype=torch.float64):
+    return torch.nn.functional.one_hot(labels, num_columns).to(dtype)

@@ -1,0 +1,360 @@
+"""ltdet.engine: schedule, atomic checkpoints, exact resume, NaN stop, logs, evaluation, DDP."""
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltdet.config import load_config
+from ltdet.engine.checkpoint import Checkpointer, load_checkpoint
+from ltdet.engine.data import SeededSamples, epoch_batches
+from ltdet.engine.evaluate import label_lookup, to_lvis_results
+from ltdet.engine.solver import build_lr_scheduler, build_optimizer, lr_factor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from ltdet.data.synthetic import make_synthetic_lvis
+
+    root = tmp_path_factory.mktemp("tiny_lvis")
+    return make_synthetic_lvis(root, seed=0, num_train=8, num_val=4, num_classes=3, image_size=64,
+                               min_radius=6, max_radius=16, max_images_per_class=6,
+                               val_instances_per_class=2)
+
+
+def tiny_opts(data, out):
+    """A ResNet-18 FPN at 64 px with small RPN/RoI batches: ~1 s per iteration on one core."""
+    return [
+        f"data.train.json={data['train_json']}", f"data.train.images={data['image_root']}",
+        f"data.val.json={data['val_json']}", f"data.val.images={data['image_root']}",
+        f"output_dir={out}", "device=cpu", "data.num_workers=0", "data.batch_size=2",
+        "data.min_size=[56, 64]", "data.max_size=96", "data.test_min_size=64",
+        "model.backbone=resnet18", "model.norm=bn", "model.trainable_backbone_layers=5",
+        "model.rpn.batch_size_per_image=32", "model.roi_heads.batch_size_per_image=32",
+        "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50",
+        "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
+        "model.detections_per_img=20", "solver.lr=0.01", "solver.max_iter=4",
+        "solver.warmup_iters=2", "solver.steps=[3]", "solver.checkpoint_period=2",
+        "solver.log_period=1",
+    ]
+
+
+def tiny_cfg(data, out, *extra):
+    return load_config(None, tiny_opts(data, out) + list(extra))
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def test_lr_factor_warmup_step_cosine():
+    kw = dict(max_iter=100, warmup_iters=10, warmup_factor=0.001, gamma=0.1, steps=[50, 80])
+    # linear warm-up from 0.001 to 1 over 10 iterations
+    assert lr_factor(0, schedule="step", **kw) == pytest.approx(0.001)
+    assert lr_factor(5, schedule="step", **kw) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, schedule="step", **kw) == pytest.approx(1.0)
+    assert lr_factor(49, schedule="step", **kw) == pytest.approx(1.0)
+    assert lr_factor(50, schedule="step", **kw) == pytest.approx(0.1)
+    assert lr_factor(80, schedule="step", **kw) == pytest.approx(0.01)
+    assert lr_factor(30, schedule="cosine", **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert lr_factor(5, schedule="cosine", **kw) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.05)) * (0.001 * 0.5 + 0.5))
+    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_scheduler_drives_sgd_and_restores():
+    w = torch.nn.Parameter(torch.zeros(2))
+    solver = load_config(None, ["solver.lr=0.1", "solver.warmup_iters=4", "solver.steps=[6]",
+                                "solver.max_iter=10"])["solver"]
+    opt = build_optimizer([w], solver)
+    sched = build_lr_scheduler(opt, solver)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [0.1 * lr_factor(i, max_iter=10, warmup_iters=4, warmup_factor=0.001,
+                              schedule="step", steps=[6], gamma=0.1) for i in range(8)]
+    assert lrs == pytest.approx(expect)
+    opt2 = build_optimizer([w], solver)
+    sched2 = build_lr_scheduler(opt2, solver)
+    opt2.load_state_dict(opt.state_dict())  # as on resume: the lr lives in the optimizer state
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == pytest.approx(0.01)
+    for _ in range(2):
+        opt.step(), sched.step(), opt2.step(), sched2.step()
+        assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="no parameters to optimise"):
+        build_optimizer([], solver)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def test_checkpoint_crash_while_writing_keeps_previous(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path)
+    assert ck.last() is None
+    ck.save("model_0000002.pth", {"model": {"w": torch.arange(3.0)}, "iteration": 2})
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        ck.save("model_0000004.pth", {"model": {"w": torch.zeros(3)}, "iteration": 4})
+    monkeypatch.undo()
+    assert ck.last() == tmp_path / "model_0000002.pth"
+    ckpt = load_checkpoint(ck.last())
+    assert ckpt["iteration"] == 2 and torch.equal(ckpt["model"]["w"], torch.arange(3.0))
+    # neither a partial final file nor a temporary file is left behind
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000002.pth"]
+
+
+def test_checkpoint_pointer_and_damaged_file_errors(tmp_path):
+    ck = Checkpointer(tmp_path)
+    (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(FileNotFoundError, match="model_0000009.pth, which does not exist"):
+        ck.last()
+    (tmp_path / "bad.pth").write_bytes(b"not a zip")
+    with pytest.raises(RuntimeError, match="bad.pth.*damaged"):
+        load_checkpoint(tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pth")
+
+
+# -- data plumbing ----------------------------------------------------------------------------
+def test_epoch_batches_skip_and_seeded_samples(tiny_data):
+    from ltdet.data import build_dataset, build_train_sampler, build_transforms
+
+    cfg = tiny_cfg(tiny_data, "unused")
+    ds = build_dataset(tiny_data["train_json"], tiny_data["image_root"],
+                       transforms=build_transforms(cfg["data"], train=True))
+    sampler = build_train_sampler(cfg["data"], ds, 1, 0, 0)
+    full = epoch_batches(sampler, 1, 0, seed=0, rank=0)
+    assert sorted(i for b in full for i, _ in b) == list(range(8))  # one epoch = every image once
+    assert epoch_batches(sampler, 1, 2, seed=0, rank=0) == full[2:]
+    assert epoch_batches(sampler, 2, 0, seed=0, rank=0) != full  # a new epoch, a new order
+    assert epoch_batches(sampler, 1, len(full), seed=0, rank=0) == []
+
+    seeded = SeededSamples(ds)
+    index, seed = full[0][0]
+    before = torch.get_rng_state()
+    a_img, a_tgt = seeded[(index, seed)]
+    torch.rand(5)  # whatever happens in between ...
+    b_img, b_tgt = seeded[(index, seed)]
+    assert torch.equal(a_img, b_img) and torch.equal(a_tgt["boxes"], b_tgt["boxes"])
+    # ... and loading in the main process leaves the training RNG stream untouched
+    torch.set_rng_state(before)
+    seeded[(index, seed)]
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_detections_to_lvis_results():
+    lut = label_lookup({1: 7, 2: 3, 3: 11})
+    assert lut.tolist() == [-1, 7, 3, 11]
+    dets = [{"image_id": 5, "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 1.5, 2.5]]),
+             "scores": torch.tensor([0.9, 0.25]), "category_ids": lut[torch.tensor([3, 1])]},
+            {"image_id": 6, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "category_ids": torch.zeros(0, dtype=torch.long)}]
+    res = to_lvis_results(dets)
+    assert res == [{"image_id": 5, "category_id": 11, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.9},
+                   {"image_id": 5, "category_id": 7, "bbox": [0.0, 0.0, 1.5, 2.5], "score": 0.25}]
+    assert to_lvis_results([]) == []
+
+
+def test_missing_data_files_are_named(tmp_path):
+    from ltdet.engine.data import resolve_data_paths
+
+    cfg = load_config(None, [f"data.train.json={tmp_path}/nope.json", f"data.train.images={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match=r"data\.train\.json: .*nope\.json does not exist"):
+        resolve_data_paths(cfg)
+    (tmp_path / "t.json").write_text("{}")
+    cfg = load_config(None, [f"data.train.json={tmp_path}/t.json", "data.train.images=/no/such"])
+    with pytest.raises(FileNotFoundError, match=r"data\.train\.images: '/no/such' is not a folder"):
+        resolve_data_paths(cfg)
+
+
+# -- the training loop ------------------------------------------------------------------------
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_is_exact_and_log_jsonl(tiny_data, tmp_path, monkeypatch):
+    """4 iterations straight == 2 iterations, killed after the checkpoint, resumed for 2 more.
+
+    8 images at batch 2 make a 4-batch epoch, so the resume happens mid-epoch and exercises the
+    sample position, the random resize/flip of every later sample, and the RNG of the RoI sampler.
+    """
+    from ltdet.engine.trainer import Trainer
+
+    full = Trainer(tiny_cfg(tiny_data, tmp_path / "full"), evaluate=False, progress=False)
+    init = _state(full.model)
+    full.train()
+    ref = _state(full.model)
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "cut")
+    first = Trainer(cfg, evaluate=False, progress=False)
+    save = Checkpointer.save
+
+    def save_then_die(self, name, state):
+        path = save(self, name, state)
+        if state["iteration"] == 2:
+            raise KeyboardInterrupt("killed after the checkpoint of iteration 2")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    monkeypatch.undo()
+    mid = _state(first.model)
+    resumed = Trainer(cfg, resume=True, evaluate=False, progress=False)
+    resumed.train()
+    out = _state(resumed.model)
+
+    assert out.keys() == ref.keys()
+    for k in ref:
+        assert torch.allclose(out[k].float(), ref[k].float(), rtol=1e-5, atol=1e-6), k
+    changed = [k for k in ref if ref[k].is_floating_point() and not torch.equal(ref[k], mid[k])]
+    assert changed, "iterations 3-4 changed no weight: the test would not see a bad resume"
+    assert any(not torch.equal(ref[k], init[k]) for k in ref)
+
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "model_0000004.pth")
+    assert ckpt["iteration"] == 4 and len(ckpt["rank_states"]) == 1
+    assert ckpt["rank_states"][0]["epoch"] == 0 and ckpt["rank_states"][0]["position"] == 4
+    assert ckpt["meta"]["cat_ids"] == resumed.train_dataset.cat_ids
+    assert (tmp_path / "cut" / "checkpoints" / "last_checkpoint").read_text() == "model_0000004.pth"
+
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 2, 3, 4]
+    keys = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    for r in lines:
+        assert keys | {"iter", "epoch", "lr", "loss", "time", "data_time", "eta_seconds",
+                       "memory_mb"} <= set(r)
+        assert r["loss"] == pytest.approx(sum(r[k] for k in keys), rel=1e-5)
+        expect = 0.01 * lr_factor(r["iter"] - 1, max_iter=4, warmup_iters=2, warmup_factor=0.001,
+                                  schedule="step", steps=[3], gamma=0.1)
+        assert r["lr"] == pytest.approx(expect)
+    full_lines = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in full_lines] == pytest.approx([r["loss"] for r in lines], rel=1e-5)
+    saved_cfg = load_config(tmp_path / "cut" / "config.yaml")
+    assert saved_cfg == cfg
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "cut").iterdir())
+
+
+def test_nan_loss_stops_with_advice(tiny_data, tmp_path):
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "nan"), evaluate=False, progress=False)
+    with torch.no_grad():
+        trainer.model.roi_heads.box_predictor.cls_score.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "iteration 1 " in msg and "loss_classifier=nan" in msg
+    assert "solver.lr" in msg and "solver.clip_grad_norm" in msg
+    assert "loss_objectness" not in msg  # only the broken term is named
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+# -- DDP --------------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ltdet.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, evaluate=False, progress=False)
+    trainer.train()
+    torch.save({"params": dict(trainer.model.named_parameters()),
+                "state": trainer.model.state_dict()}, Path(out) / f"rank{rank}.pth")
+    dist.destroy_process_group()
+
+
+def initial_params(cfg):
+    from ltdet.engine.trainer import Trainer
+
+    return {k: v.detach().clone() for k, v in
+            Trainer(cfg, evaluate=False, progress=False).model.named_parameters()}
+
+
+def test_two_process_gloo_training(tiny_data, tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "ddp", "solver.max_iter=2", "solver.checkpoint_period=1")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    r0 = torch.load(tmp_path / "rank0.pth")
+    r1 = torch.load(tmp_path / "rank1.pth")
+    init = initial_params(cfg)
+    # DDP keeps the replicas' parameters identical (BatchNorm running statistics are each
+    # rank's own after the last forward; rank 0's are the ones saved)
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    assert any(not torch.equal(v, init[k]) for k, v in r0["params"].items())
+    w0 = r0["state"]
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "model_0000002.pth")
+    assert ckpt["iteration"] == 2 and len(ckpt["rank_states"]) == 2
+    assert [s["position"] for s in ckpt["rank_states"]] == [2, 2]
+    # each rank has its own RNG stream (seed + rank)
+    assert not torch.equal(ckpt["rank_states"][0]["rng"]["torch"], ckpt["rank_states"][1]["rng"]["torch"])
+    for k in w0:
+        assert torch.equal(ckpt["model"][k], w0[k])
+    lines = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iter"] for x in lines] == [1, 2]  # rank 0 alone writes the log
+    events = [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith("events.out")]
+    assert len(events) == 1
+
+
+# -- the CLI end to end: train, evaluate, report, evaluate_checkpoint -------------------------
+def _load_tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys):
+    from ltdet.engine.evaluate import evaluate_checkpoint
+
+    train = _load_tool("train")
+    out = tmp_path / "run"
+    argv = ["configs/base.yaml", "--no-progress", "--opts", *tiny_opts(tiny_data, out),
+            "solver.max_iter=2", "data.test_min_size=96", "data.max_size=128"]
+    assert train.main(argv) == 0
+    printed = capsys.readouterr().out
+    for f in ("config.yaml", "log.jsonl", "detections.json", "metrics.json", "per_class_ap.csv",
+              "ap_vs_frequency.png", "checkpoints/model_0000002.pth"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
+        assert k in metrics and k in printed
+    dets = json.loads((out / "detections.json").read_text())
+    gt = json.loads(Path(tiny_data["val_json"]).read_text())
+    assert dets, "a 2-iteration model at score_thresh 1e-4 still emits boxes"
+    assert {d["category_id"] for d in dets} <= {c["id"] for c in gt["categories"]}
+    assert {d["image_id"] for d in dets} <= {im["id"] for im in gt["images"]}
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+    for d in dets:  # inference ran at 96 px; boxes are mapped back to the 64-px originals
+        x, y, w, h = d["bbox"]
+        W, H = sizes[d["image_id"]]
+        assert w >= 0 and h >= 0 and x + w <= W + 0.01 and y + h <= H + 0.01
+    assert max(d["bbox"][0] + d["bbox"][2] for d in dets) > 40  # ... and not shrunk twice
+    evals = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals[-1]["iter"] == 2 and evals[-1]["eval"]["AP"] == pytest.approx(metrics["AP"])
+
+    cfg = load_config(out / "config.yaml")
+    res = evaluate_checkpoint(cfg, out / "checkpoints" / "model_0000002.pth", tmp_path / "again")
+    assert res["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    assert json.loads((tmp_path / "again" / "detections.json").read_text()) == dets
+

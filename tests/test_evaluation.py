@@ -1,0 +1,328 @@
+"""ltdet.evaluation against the official `lvis` package and pycocotools, plus input handling."""
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from _eval_fixtures import make_set
+from ltdet.evaluation import evaluate_lvis, format_table, write_report
+from ltdet.evaluation import results_io
+from ltdet.evaluation.lvis_eval import GroundTruthFormatError
+from ltdet.evaluation.results_io import DetectionFormatError, load_detections
+
+LVIS_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300",
+             "ARs@300", "ARm@300", "ARl@300"]
+
+
+def _lvis_reference(gt, dets, max_dets=300):
+    """Official LVISEval on in-memory data; per-class AP from its precision array."""
+    if not hasattr(np, "float"):
+        np.float = float  # the lvis package still calls np.float (removed in NumPy 1.24)
+    from lvis import LVIS, LVISEval, LVISResults
+
+    g = LVIS.__new__(LVIS)
+    g.logger = logging.getLogger("lvis-ref")
+    g.dataset = copy.deepcopy(gt)
+    g._create_index()
+    e = LVISEval(g, LVISResults(g, copy.deepcopy(dets), max_dets=max_dets), "bbox")
+    e.run()
+    res = dict(e.get_results())
+    p = e.eval["precision"][:, :, :, 0]
+    res["per_class"] = [float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any()
+                        else None for k in range(p.shape[2])]
+    return res
+
+
+def _coco_reference(gt, dets, max_dets):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        g = COCO()
+        g.dataset = copy.deepcopy(gt)
+        g.createIndex()
+        e = COCOeval(g, g.loadRes(copy.deepcopy(dets)), "bbox")
+        e.params.maxDets = [1, 10, max_dets]
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    s = e.stats
+    p = e.eval["precision"][:, :, :, 0, -1]
+    ref = {"AP": float(p[p > -1].mean()), "AP50": s[1], "AP75": s[2], "APs": s[3], "APm": s[4],
+           "APl": s[5], f"AR@{max_dets}": s[8], f"ARs@{max_dets}": s[9],
+           f"ARm@{max_dets}": s[10], f"ARl@{max_dets}": s[11]}
+    ref["per_class"] = [float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any()
+                        else None for k in range(p.shape[2])]
+    return ref
+
+
+def _assert_close(res, ref, keys):
+    for k in keys:
+        assert abs(res[k] - ref[k]) <= 1e-4, (k, res[k], ref[k])
+    ours = [c["AP"] for c in res["per_class"]]
+    assert [a is None for a in ours] == [a is None for a in ref["per_class"]]
+    diffs = [abs(a - b) for a, b in zip(ours, ref["per_class"]) if a is not None]
+    assert max(diffs) <= 1e-4
+
+
+def test_fixture_exercises_the_edge_cases():
+    gt, dets = make_set(0)
+    per_img = {}
+    for d in dets:
+        per_img[d["image_id"]] = per_img.get(d["image_id"], 0) + 1
+    ann_imgs = {a["image_id"] for a in gt["annotations"]}
+    img_ids = [im["id"] for im in gt["images"]]
+    assert max(per_img.values()) > 300  # the per-image cap matters
+    assert any(i not in per_img for i in img_ids)  # an image without detections
+    assert any(i not in ann_imgs for i in img_ids)  # an image without annotations
+    scores = [d["score"] for d in dets]
+    assert len(set(scores)) < len(scores) / 4  # many score ties
+    areas = [a["area"] for a in gt["annotations"]]
+    assert 32.0 ** 2 in areas and 96.0 ** 2 in areas
+    assert any(im["not_exhaustive_category_ids"] for im in gt["images"])
+    annotated = {a["category_id"] for a in gt["annotations"]}
+    neg_only = {c for im in gt["images"] for c in im["neg_category_ids"]} - annotated
+    assert neg_only and len(annotated) < len(gt["categories"])
+    assert any(a.get("ignore") for a in gt["annotations"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_lvis_package(seed):
+    gt, dets = make_set(seed)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets))
+    ref = _lvis_reference(gt, dets)
+    _assert_close(res, ref, LVIS_KEYS)
+    assert res["AP"] > 0.05  # a meaningful comparison, not -1 == -1
+
+
+def test_matches_lvis_package_small_max_dets():
+    gt, dets = make_set(3, n_images=20)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), max_dets=20)
+    ref = _lvis_reference(gt, dets, max_dets=20)
+    # LVISEval names its AR keys after params.max_dets (300) whatever LVISResults capped at.
+    _assert_close({**res, **{k: res[k.replace("300", "20")] for k in LVIS_KEYS}}, ref, LVIS_KEYS)
+
+
+@pytest.mark.parametrize("seed,max_dets", [(0, 300), (1, 300), (2, 3)])
+def test_matches_pycocotools(seed, max_dets):
+    gt, dets = make_set(seed, lvis=False)
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), max_dets=max_dets)
+    ref = _coco_reference(gt, dets, max_dets)
+    _assert_close(res, ref, [k for k in ref if k != "per_class"])
+    assert res["APr"] == res["APc"] == res["APf"] == -1  # no train= for a COCO gt
+
+
+def test_coco_train_bins_and_groups():
+    gt, dets = make_set(4, lvis=False)
+    rng = np.random.default_rng(0)
+    counts = {c["id"]: int(n) for c, n in
+              zip(gt["categories"], rng.choice([0, 3, 15, 30, 150, 500, 9000], len(gt["categories"])))}
+    train = {"images": [], "categories": gt["categories"], "annotations": []}
+    aid = 0
+    for cid, n in counts.items():
+        for j in range(n):  # instance j on image j: image count == instance count
+            train["annotations"].append({"id": aid, "image_id": j, "category_id": cid})
+            aid += 1
+    res = evaluate_lvis(gt, dets, train=train)
+    per = {c["id"]: c for c in res["per_class"]}
+    for lo, hi, key in [(1, 20, "AP1"), (20, 400, "AP2"), (400, 8000, "AP3"), (8000, 1e9, "AP4")]:
+        aps = [per[c]["AP"] for c, n in counts.items() if lo <= n < hi and per[c]["AP"] is not None]
+        assert res[key] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
+    for g, (lo, hi) in {"r": (0, 10), "c": (11, 100), "f": (101, 1e9)}.items():
+        aps = [per[c]["AP"] for c, n in counts.items() if lo <= n <= hi and per[c]["AP"] is not None]
+        assert res[f"AP{g}"] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
+    assert all(per[c]["image_count"] == n and per[c]["instance_count"] == n
+               for c, n in counts.items())
+
+
+def _single_image_gt(nel=()):
+    return {
+        "images": [{"id": 1, "neg_category_ids": [2], "not_exhaustive_category_ids": list(nel)}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40],
+                         "area": 1600.0}],
+        "categories": [{"id": 1, "name": "a", "frequency": "f"},
+                       {"id": 2, "name": "b", "frequency": "r"},
+                       {"id": 3, "name": "c", "frequency": "c"}],
+    }
+
+
+def test_hand_computed_federated_rules():
+    # FP (score 0.9, IoU 0) ranked above the TP (IoU 1): precision at any recall is 1/2.
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8},
+            # class 3 is neither positive nor negative on the image: dropped, never a FP
+            {"image_id": 1, "category_id": 3, "bbox": [0, 0, 40, 40], "score": 0.95}]
+    res = evaluate_lvis(_single_image_gt(), dets)
+    assert res["AP"] == pytest.approx(0.5) and res["AR@300"] == pytest.approx(1.0)
+    assert res["APm"] == pytest.approx(0.5) and res["APs"] == -1 and res["APl"] == -1
+    assert res["APr"] == -1 and res["APc"] == -1  # classes 2, 3 have no gt
+    # Not exhaustive: the unmatched class-1 box is ignored instead of counted as FP.
+    assert evaluate_lvis(_single_image_gt(nel=[1]), dets)["AP"] == pytest.approx(1.0)
+
+
+def test_empty_detections(tmp_path):
+    gt, _ = make_set(0, n_images=10)
+    path = tmp_path / "empty.json"
+    path.write_text("[ ]")
+    for dets in ([], str(path)):
+        res = evaluate_lvis(gt, dets)
+        assert res["AP"] == 0.0 and res["AR@300"] == 0.0
+        assert {c["AP"] for c in res["per_class"]} == {None, 0.0}
+
+
+def test_input_forms_agree(tmp_path):
+    gt, dets = make_set(5, n_images=15)
+    for d in dets:  # quarter-pixel boxes: xywh <-> xyxy round trips exactly
+        d["bbox"] = [round(v * 4) / 4 for v in d["bbox"]]
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    by_img = {}
+    for d in dets:
+        by_img.setdefault(d["image_id"], []).append(d)
+    tensors = []
+    for img_id, ds in by_img.items():
+        b = torch.tensor([d["bbox"] for d in ds], dtype=torch.float64)
+        b[:, 2:] += b[:, :2]
+        tensors.append({"image_id": img_id, "boxes": b,
+                        "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
+                        "category_ids": torch.tensor([d["category_id"] for d in ds])})
+    a = evaluate_lvis(gt, str(path))
+    b = evaluate_lvis(gt, dets)
+    c = evaluate_lvis(json.loads(json.dumps(gt)), tensors)
+    for k in LVIS_KEYS:
+        assert a[k] == b[k] == c[k], k
+
+
+def test_result_json_fast_path_is_exact(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    n = 3000
+    dets = [{"score": float(s), "bbox": [float(v) for v in b], "image_id": int(i),
+             "category_id": int(c)}
+            for s, b, i, c in zip(rng.random(n), rng.random((n, 4)) * 500,
+                                  rng.integers(1, 50, n), rng.integers(1, 9, n))]
+    dets[5]["score"] = 1e-7  # an exponent: that chunk takes the json path
+    text = json.dumps(dets, indent=1)  # 17-digit reprs, other key order, newlines
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 20000)  # many chunks, both paths
+    calls = {"uniform": 0}
+    orig = results_io._parse_uniform_chunk
+
+    def counting(*a):
+        out = orig(*a)
+        calls["uniform"] += out is not None
+        return out
+
+    monkeypatch.setattr(results_io, "_parse_uniform_chunk", counting)
+    cols = load_detections(str(path))
+    assert calls["uniform"] > 5
+    assert np.array_equal(cols.score, [d["score"] for d in dets])
+    assert np.array_equal(cols.bbox, [d["bbox"] for d in dets])
+    assert np.array_equal(cols.image_id, [d["image_id"] for d in dets])
+    assert np.array_equal(cols.category_id, [d["category_id"] for d in dets])
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    ({"image_id": 99999}, r"detection #7 .*image_id 99999 is not in the ground truth"),
+    ({"category_id": 2}, r"detection #7 .*category_id 2 is not in the ground truth"),
+    ({"score": float("nan")}, r"detection #7 .*score must be a finite number"),
+    ({"score": -0.5}, r"detection #7 .*score must be a finite number >= 0"),
+    ({"bbox": [1.0, 2.0, -3.0, 4.0]}, r"detection #7 .*negative width or height"),
+    ({"bbox": [1.0, 2.0, 3.0]}, r"detection #7 .*bbox must be \[x, y, w, h\]"),
+    ({"image_id": 1.5}, r"detection #7 .*image_id must be an integer"),
+])
+def test_bad_detection_named(bad, pattern, tmp_path):
+    gt, dets = make_set(0, n_images=10)
+    dets = dets[:10]
+    dets[7] = {**dets[7], **bad}
+    with pytest.raises(DetectionFormatError, match=pattern):
+        evaluate_lvis(gt, dets)
+    if "bbox" not in bad or len(bad["bbox"]) == 4:
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(dets))
+        with pytest.raises(DetectionFormatError, match=pattern):
+            evaluate_lvis(gt, str(path))
+
+
+def test_missing_key_and_malformed_json(tmp_path):
+    gt, dets = make_set(0, n_images=10)
+    dets = dets[:10]
+    del dets[4]["score"]
+    with pytest.raises(DetectionFormatError, match=r"detection #4 .*misses key\(s\) \['score'\]"):
+        evaluate_lvis(gt, dets)
+    path = tmp_path / "bad.json"
+    path.write_text('[{"image_id": 1000, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5},')
+    with pytest.raises(DetectionFormatError, match=r"bad.json: malformed json"):
+        evaluate_lvis(gt, str(path))
+    path.write_text('{"image_id": 1000}')
+    with pytest.raises(DetectionFormatError, match=r"must hold a json list"):
+        evaluate_lvis(gt, str(path))
+    bad_gt = copy.deepcopy(gt)
+    bad_gt["annotations"][3]["category_id"] = 777
+    with pytest.raises(GroundTruthFormatError, match=r"annotation #3 .*category_id 777"):
+        evaluate_lvis(bad_gt, [])
+    with pytest.raises(ValueError, match="iou_type"):
+        evaluate_lvis(gt, [], iou_type="segm")
+
+
+def test_report_files(tmp_path):
+    gt, dets = make_set(1, n_images=12)
+    res = evaluate_lvis(gt, dets)
+    table = format_table(res)
+    assert f"AP       {res['AP']:.4f}" in table and "classes with gt:" in table
+    paths = write_report(res, str(tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["AP"] == res["AP"] and set(LVIS_KEYS) <= set(metrics)
+    rows = (tmp_path / "per_class_ap.csv").read_text().strip().splitlines()
+    assert rows[0] == "id,class,frequency,training_images,training_instances,AP"
+    assert len(rows) == 1 + len(gt["categories"])
+    first = rows[1].split(",")
+    cat0 = gt["categories"][0]
+    assert first[:5] == [str(cat0["id"]), cat0["name"], cat0["frequency"],
+                         str(cat0["image_count"]), str(cat0["instance_count"])]
+    assert (tmp_path / "ap_vs_frequency.png").stat().st_size > 1000
+    assert set(paths) == {"metrics", "per_class", "plot"}
+
+
+def test_tools_test_cli(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "ltdet_tools_test", pathlib.Path(__file__).resolve().parent.parent / "tools" / "test.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    gt, dets = make_set(2, n_images=10)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    res = cli.main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "d.json"),
+                    "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert f"{res['AP']:.4f}" in out
+    assert (tmp_path / "rep" / "per_class_ap.csv").exists()
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--gt", "x.json"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    gt, dets = make_set(0)
+    a = evaluate_lvis(gt, dets)
+    b = evaluate_lvis(gt, dets, device="cuda")
+    for k in LVIS_KEYS:
+        assert a[k] == pytest.approx(b[k], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_matches_lvis_package_larger():
+    gt, dets = make_set(11, n_images=300, n_cats=120)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets))
+    _assert_close(res, _lvis_reference(gt, dets), LVIS_KEYS)
+    assert not math.isnan(res["AP"])
