@@ -311,7 +311,7 @@ def test_local_checkpoint_errors(tmp_path):
     path = tmp_path / "v2.pth"
     torch.save({"model": v2.state_dict()}, path)
     with pytest.raises(ValueError, match=r"does not fit this model \(\d+ missing, \d+ "
-                                         r"unexpected entries, e.g. missing \['roi_heads.box_head"):
+                                         r"unexpected entries"):
         build_detector(make_cfg("faster_rcnn", weights=str(path)), C)
     junk = tmp_path / "junk.pth"
     torch.save({"model": [1, 2, 3]}, junk)
@@ -353,26 +353,47 @@ def test_norm_choice_reaches_the_backbone(backbone):
                 assert m.num_channels % m.num_groups == 0 and m.num_groups <= 32
 
 
-def test_classifier_and_patch_are_installed():
-    from ltdet.models.classifiers import CosinePredictor
+def test_losses_are_installed_by_patch():
     from ltdet.models.retinanet import LTRetinaNet
     from ltdet.models.roi_heads import LTRoIHeads
 
-    model = build_detector(make_cfg(classifier={"type": "cosine", "scale": 16.0},
-                                    cls_loss={"type": "focal"}), C)
+    model = build_detector(make_cfg(cls_loss={"type": "focal"}), C)
     assert isinstance(model.roi_heads, LTRoIHeads)
-    assert isinstance(model.roi_heads.box_predictor, CosinePredictor)
     assert type(model.roi_heads.cls_loss).__name__ == "FocalLoss"
-    model.train()
-    images, targets = batch()
-    sum(model(images, targets).values()).backward()
-
     retina = build_detector(make_cfg("retinanet", cls_loss={"type": "eqlv2"}), C)
     assert isinstance(retina, LTRetinaNet)
     assert type(retina.head.classification_head.loss).__name__ == "EQLv2Loss"
-    with pytest.raises(ValueError, match="RetinaNet has none"):
-        build_detector(make_cfg("retinanet", classifier={"type": "cosine"}), C)
     with pytest.raises(ValueError, match="model.sampler.type='ohem'"):
         build_detector(make_cfg("retinanet", sampler={"type": "ohem"}), C)
     with pytest.raises(ValueError, match="model.lds.enabled"):
         build_detector(make_cfg("retinanet", lds={"enabled": True}), C)
+
+
+def test_cosine_classifier_replaces_the_box_predictor():
+    from ltdet.models.classifiers import CosinePredictor
+
+    model = build_detector(make_cfg(classifier={"type": "cosine", "scale": 16.0}), C)
+    assert isinstance(model.roi_heads.box_predictor, CosinePredictor)
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 4 * (C + 1)
+    model.train()
+    images, targets = batch()
+    sum(model(images, targets).values()).backward()
+    assert model.roi_heads.box_predictor.cls_score.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="RetinaNet has none"):
+        build_detector(make_cfg("retinanet", classifier={"type": "cosine"}), C)
+
+
+def test_lds_and_fds_hooks_reach_the_roi_head():
+    cfg = make_cfg(lds={"enabled": True, "bins": 10}, fds={"enabled": True, "bins": 10})
+    cfg["model"]["roi_heads"]["fg_iou_thresh"] = 0.6
+    cfg["model"]["roi_heads"]["bg_iou_thresh"] = 0.4
+    model = build_detector(cfg, C)
+    lds, fds = model.roi_heads.lds, model.roi_heads.fds
+    assert type(lds).__name__ == "RoILDS" and type(fds).__name__ == "RoIFDS"
+    assert lds.lo == 0.6 and lds.bins == 10  # IoU bins start at the foreground threshold
+    assert build_detector(make_cfg(), C).roi_heads.lds is None
+    model.train()
+    images, targets = batch()
+    total = sum(model(images, targets).values())
+    assert torch.isfinite(total)
+    total.backward()

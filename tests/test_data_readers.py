@@ -234,3 +234,14 @@ def test_empty_and_missing_json(tmp_path):
         build_dataset(missing, root)
     with pytest.raises(ValueError, match="'annotations'"):
         ClassStats.from_json({"images": data["images"], "categories": data["categories"]})
+
+
+def test_grayscale_jpeg_becomes_rgb(tmp_path):
+    import cv2
+
+    path, img_dir, data = make_coco(tmp_path)
+    gray = np.full((48, 64), 200, np.uint8)
+    assert cv2.imwrite(os.path.join(img_dir, "000000000001.jpg"), gray)
+    image, _ = COCODetection(path, img_dir)[0]
+    assert image.shape == (3, 48, 64)
+    assert torch.allclose(image, torch.full_like(image, 200 / 255), atol=2 / 255)

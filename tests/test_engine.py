@@ -330,7 +330,8 @@ def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys):
     train = _load_tool("train")
     out = tmp_path / "run"
     argv = ["configs/base.yaml", "--no-progress", "--opts", *tiny_opts(tiny_data, out),
-            "solver.max_iter=2", "data.test_min_size=96", "data.max_size=128"]
+            "solver.max_iter=2", "data.test_min_size=96", "data.max_size=128",
+            "data.mixup.enabled=true", "data.mixup.prob=1.0"]  # mixup: part of the pipeline run
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
     for f in ("config.yaml", "log.jsonl", "detections.json", "metrics.json", "per_class_ap.csv",

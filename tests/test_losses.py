@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ltdet.imbalance.class_balanced import class_balanced_weights
 from ltdet.imbalance.label_smoothing import label_aware_smoothing, smoothing_targets
@@ -370,7 +369,8 @@ def test_federated_class_mask_contents_and_sampling_distribution():
         assert draws[c].item() / runs == pytest.approx(p.item(), abs=0.025)
     # more present classes than the budget: all of them are kept, nothing else
     many = torch.tensor([1, 2, 3, 5, 7])
-    assert federated_class_mask(many, log_w, 2, torch.rand(7, generator=gen)).nonzero().flatten().tolist() == [0, 1, 2, 4, 6]
+    kept = federated_class_mask(many, log_w, 2, torch.rand(7, generator=gen))
+    assert kept.nonzero().flatten().tolist() == [0, 1, 2, 4, 6]
 
 
 def test_federated_loss_value_gradient_and_reproducibility():
@@ -530,7 +530,8 @@ def test_balanced_l1_value_gradient_and_continuity():
 
 
 def test_federated_power_zero_samples_uniformly_among_seen_classes():
-    loss = build_loss({"type": "federated", "power": 0.0, "num_classes_sampled": 5}, stats=make_stats())
+    # a budget of all C = 6 classes: the one without training images must still be left out
+    loss = build_loss({"type": "federated", "power": 0.0, "num_classes_sampled": 6}, stats=make_stats())
     assert torch.equal(loss.log_weight[:5], torch.zeros(5))
     assert loss.log_weight[5].item() == float("-inf")  # never seen: never a sampled negative
     logits, labels = make_batch(n=6, dtype=torch.float32)

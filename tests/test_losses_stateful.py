@@ -9,6 +9,7 @@ import torch
 from ltdet.losses import build_loss
 
 from _losses_fixtures import NUM_CLASSES, make_batch, make_deltas, one_hot
+from test_losses import _ghm_reference_weights
 
 C = NUM_CLASSES
 K = C + 1
@@ -50,7 +51,8 @@ class EQLv2Reference:
 
 def test_eqlv2_several_steps_match_the_paper():
     gamma, mu, alpha = 12.0, 0.8, 4.0
-    loss = build_loss({"type": "eqlv2", "gamma": gamma, "mu": mu, "alpha": alpha}, num_classes=C).double().train()
+    cfg = {"type": "eqlv2", "gamma": gamma, "mu": mu, "alpha": alpha}
+    loss = build_loss(cfg, num_classes=C).double().train()
     ref = EQLv2Reference(gamma, mu, alpha)
     first_weights_all_one = True
     for step in range(4):
@@ -62,7 +64,8 @@ def test_eqlv2_several_steps_match_the_paper():
         grad = _grad(value, logits)
         assert torch.allclose(grad, expected_grad), step
         if step == 0:
-            first_weights_all_one = torch.allclose(grad, (torch.sigmoid(logits.detach()) - one_hot(labels, K)) / 10)
+            plain_bce_grad = (torch.sigmoid(logits.detach()) - one_hot(labels, K)) / 10
+            first_weights_all_one = torch.allclose(grad, plain_bce_grad)
         assert torch.allclose(loss.pos_grad, torch.tensor(ref.pos, dtype=loss.pos_grad.dtype))
         assert torch.allclose(loss.neg_grad, torch.tensor(ref.neg, dtype=loss.neg_grad.dtype))
         assert torch.allclose(loss.pos_neg, torch.tensor(ref.ratio, dtype=loss.pos_neg.dtype))
@@ -160,7 +163,6 @@ def test_seesaw_background_rows_are_plain_cross_entropy():
 def test_ghm_momentum_state_evolution(kind):
     bins, momentum = 5, 0.75
     loss = build_loss({"type": kind, "bins": bins, "momentum": momentum}, num_classes=C).double().train()
-    from test_losses import _ghm_reference_weights
     acc = torch.zeros(bins, dtype=torch.float64)
     for step in range(4):
         if kind == "ghmc":

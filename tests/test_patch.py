@@ -59,7 +59,8 @@ def test_patched_builder_trains_and_scores_with_the_activation(name):
             assert det["masks"].shape == (det["scores"].numel(), 1, IMAGE, IMAGE)
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn"])
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn",
+                                  pytest.param("maskrcnn_resnet50_fpn", marks=pytest.mark.slow)])
 def test_default_patch_reproduces_torchvision(name):
     vanilla = tiny_detector(name)
     patched = ltdet.patch(copy.deepcopy(vanilla))

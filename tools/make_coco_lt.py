@@ -31,14 +31,17 @@ def main(argv=None):
     group.add_argument("--profile", help="imitate the sorted class instance counts of this json "
                                           "(e.g. lvis_v1_train.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop boxes with zero/negative width or height instead of failing")
     args = p.parse_args(argv)
 
     data, path = load_json_dict(args.json)
     profile = None
     if args.profile:
-        profile = ClassStats.from_json(args.profile).instance_count.numpy()
+        profile = ClassStats.from_json(args.profile,
+                                       skip_invalid=args.skip_invalid).instance_count.numpy()
     out, s = build_coco_lt(data, imbalance=args.imbalance, profile=profile, seed=args.seed,
-                           json_path=path)
+                           json_path=path, skip_invalid=args.skip_invalid)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -15,7 +15,6 @@ losses named in `model.ltdet_loss_keys` when prepare_stage2 sets it; an empty li
 parameters (tau-norm) skips training and evaluates.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         cfg = load_config(args.config, args.opts)
     except ConfigError as e:
@@ -55,7 +53,7 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from ltdet.engine.trainer import Trainer
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
     trainer = Trainer(cfg, resume=args.resume, evaluate=not args.no_eval,
                       progress=not args.no_progress, stage2=args.stage2)
@@ -66,7 +64,11 @@ def main(argv=None) -> int:
 
         stage1 = load_checkpoint(args.from_ckpt)["model"]
         param_groups = prepare_stage2(trainer.model, cfg, stage1)
-    results = trainer.train(param_groups=param_groups)
+    try:
+        results = trainer.train(param_groups=param_groups)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if results and trainer.info.is_main:
         from ltdet.evaluation.report import format_table
 

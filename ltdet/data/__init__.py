@@ -6,6 +6,7 @@ import importlib
 _EXPORTS = {
     "ClassStats": "class_stats",
     "frequency_from_counts": "class_stats",
+    "FlatAnnotations": "class_stats",
     "LVISDetection": "datasets",
     "COCODetection": "datasets",
     "build_dataset": "datasets",
@@ -20,6 +21,8 @@ _EXPORTS = {
     "InferenceSampler": "samplers",
     "GroupedBatchSampler": "samplers",
     "build_train_sampler": "samplers",
+    "aspect_ratio_group_ids": "samplers",
+    "build_coco_lt": "coco_lt",
     "collate_detection": "collate",
     "make_synthetic_lvis": "synthetic",
 }

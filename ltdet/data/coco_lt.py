@@ -7,11 +7,12 @@ training instance count: [1, 20), [20, 400), [400, 8000), [8000, inf).
 
 The target profile (instances per class, by class rank) is either a Zipf law
 ``n_k = n_0 / (k + 1)^s`` with ``s = ln(imbalance) / ln(C)`` (so ``n_0 / n_{C-1} = imbalance``,
-``n_0`` = the most frequent class's available count), or the sorted class counts of another json
+``n_0 = min_k available_k (k + 1)^s``: the largest such law the source can supply at every
+rank), or the sorted class counts of another json
 (e.g. LVIS v1 train) resampled to ``C`` classes by interpolating log counts over rank quantiles.
 Class ranks follow the source's own instance counts (the most frequent class stays the head).
 
-Images are selected greedily, rarest target first: for class c with deficit ``d_c`` the
+Images are selected greedily, classes needing the largest share of their supply first: for class c with deficit ``d_c`` the
 candidates (unselected images containing c) are ordered by how far they would overshoot the
 remaining targets of all classes (then a seeded random tie-break), and the shortest prefix whose
 c-instances cover ``d_c`` is taken. Costs are vectorised over (image, class) pairs; the loop is
@@ -82,15 +83,18 @@ def _pair_counts(flat: FlatAnnotations):
 
 
 def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[float] | None = None,
-                  seed: int = 0, json_path: str | None = None) -> tuple[dict, dict]:
+                  seed: int = 0, json_path: str | None = None,
+                  skip_invalid: bool = False) -> tuple[dict, dict]:
     """Select whole images of ``data`` (COCO format) to follow a long-tailed instance profile.
 
     Returns ``(subset json dict, summary)``; the summary holds ``target`` and ``achieved``
     instance counts per label (index = label - 1), ``num_images``, ``num_instances``,
     ``frequency_sizes`` ({r, c, f}) and ``bin_sizes`` ({AP1..AP4}).
     ``profile``: counts of another data set (any order) to imitate instead of the Zipf law.
+    ``skip_invalid``: drop boxes with zero/negative width or height (also from the output)
+    instead of raising.
     """
-    flat = FlatAnnotations.from_dict(data, json_path=json_path)
+    flat = FlatAnnotations.from_dict(data, json_path=json_path, skip_invalid=skip_invalid)
     num_classes, num_images = flat.num_classes, flat.num_images
     rng = np.random.default_rng(seed)
     pair_img, pair_lab, pair_cnt = _pair_counts(flat)
@@ -100,8 +104,12 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
 
     # Rank classes by the source's own counts (ties broken by the seeded generator).
     rank_order = np.lexsort((rng.random(num_classes), -available))
-    shape = (profile_from_counts(profile, num_classes) if profile is not None
-             else zipf_profile(num_classes, available[rank_order[0]], imbalance))
+    if profile is not None:
+        shape = profile_from_counts(profile, num_classes)
+    else:
+        # The largest Zipf profile the source can supply: n_0 = min_k available_k (k + 1)^s.
+        unit = zipf_profile(num_classes, 1.0, imbalance)
+        shape = unit * np.min(available[rank_order] / unit)
     target = np.zeros(num_classes + 1)
     target[rank_order + 1] = np.minimum(np.maximum(np.round(shape), 1), available[rank_order])
 
@@ -109,7 +117,11 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
     current = np.zeros(num_classes + 1)
     by_class = np.argsort(pair_lab, kind="stable")
     starts = np.searchsorted(pair_lab[by_class], np.arange(num_classes + 2))
-    for label in np.lexsort((np.arange(num_classes), target[1:])) + 1:
+    # Classes that need the largest share of their images go first (a class whose target is its
+    # whole supply must take every image it is on, co-occurring classes included); the rest then
+    # see those instances in their deficits. Ties: rarest target first.
+    need = target[1:] / np.maximum(available, 1)
+    for label in np.lexsort((target[1:], -need)) + 1:
         deficit = target[label] - current[label]
         if deficit <= 0:
             continue
@@ -138,7 +150,9 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
     keep_ids = set(flat.image_ids[selected].tolist())
     out = copy.copy(dict(data))
     out["images"] = [im for im in data["images"] if im["id"] in keep_ids]
-    out["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids]
+    valid = set(flat.ann_ids.tolist()) if skip_invalid else None
+    out["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids
+                          and (valid is None or a["id"] in valid or a.get("iscrowd", 0))]
     sub = FlatAnnotations.from_dict(out, json_path=json_path)
     achieved = np.bincount(sub.ann_labels, minlength=num_classes + 1)[1:]
     _, lab = sub.image_label_pairs()

@@ -15,7 +15,8 @@ not training targets and are dropped, as is done by torchvision's reference scri
 from __future__ import annotations
 
 import abc
-import logging
+import contextlib
+import io
 import os
 from typing import Callable, Mapping
 
@@ -27,8 +28,6 @@ from pycocotools.coco import COCO
 
 from .class_stats import ClassStats, FlatAnnotations, load_json_dict
 from .transforms import ToTensor
-
-logger = logging.getLogger(__name__)
 
 
 class _LVISFromDict(LVIS):
@@ -42,8 +41,6 @@ class _LVISFromDict(LVIS):
 
 class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
     """Shared reader: flat validated annotations + image decoding; subclasses pick the json API."""
-
-    format_name = ""
 
     def __init__(self, json, image_root, transforms: Callable | None = None,
                  filter_empty: bool = False, *, skip_invalid: bool = False,
@@ -126,17 +123,24 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                 f"image file {path!r} (image id {image_id}, json {self.json_path or '<dict>'}) "
                 f"does not exist; check that image_root {self.image_root!r} holds the images "
                 "(see docs/data.md for the layout)")
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        # Raw pixel order first, as torchvision's COCO reference (PIL without EXIF transpose)
+        # reads COCO; a file whose json size matches only its EXIF-rotated view is read rotated.
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None:
             raise OSError(f"could not decode image file {path!r} (image id {image_id}): the file "
                           "is corrupt or not an image; re-download it or remove the image from "
                           "the json")
-        h, w = bgr.shape[:2]
         jw, jh = self.annotations.widths[i], self.annotations.heights[i]
-        if (jw > 0 and jh > 0) and (w != jw or h != jh):
-            raise ValueError(f"image file {path!r} (image id {image_id}) decodes to {w}x{h} but "
-                             f"the json says {int(jw)}x{int(jh)}; the boxes would be misplaced - "
-                             "fix the json's width/height or the image file")
+        if jw > 0 and jh > 0 and bgr.shape[:2] != (jh, jw):
+            rotated = cv2.imread(path, cv2.IMREAD_COLOR)
+            if rotated is not None and rotated.shape[:2] == (jh, jw):
+                bgr = rotated
+            else:
+                h, w = bgr.shape[:2]
+                raise ValueError(
+                    f"image file {path!r} (image id {image_id}) decodes to {w}x{h} but the json "
+                    f"says {int(jw)}x{int(jh)}; the boxes would be misplaced - fix the json's "
+                    "width/height or the image file")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def __getitem__(self, i: int):
@@ -183,8 +187,6 @@ def _subset(flat: FlatAnnotations, keep: np.ndarray) -> FlatAnnotations:
 class LVISDetection(_JsonDetection):
     """LVIS v1 json (read through `lvis.LVIS`) + image root (the COCO image folder)."""
 
-    format_name = "lvis"
-
     def _make_api(self, data: dict):
         return _LVISFromDict(data)
 
@@ -192,12 +194,12 @@ class LVISDetection(_JsonDetection):
 class COCODetection(_JsonDetection):
     """COCO-format json (read through `pycocotools.coco.COCO`) + image root."""
 
-    format_name = "coco"
-
     def _make_api(self, data: dict):
         api = COCO()
         api.dataset = data
-        api.createIndex()
+        # createIndex prints progress to stdout; library code stays quiet (one line per rank).
+        with contextlib.redirect_stdout(io.StringIO()):
+            api.createIndex()
         return api
 
 

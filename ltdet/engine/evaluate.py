@@ -89,9 +89,11 @@ def evaluate_detections(dets: list, *, val_json, train_json=None, out_dir,
     atomic_write(out_dir / "detections.json", lambda f: f.write(json.dumps(results).encode()))
     res = evaluate_lvis(val_json, dets, max_dets=max_dets, train=train_json)
     write_report(res, out_dir)
-    table = format_table(res)
-    logger.info("evaluation (%d images, %d detections) -> %s\n%s", len(dets), len(results),
-                out_dir, table)
+    # The full table goes to log.txt; the CLIs print it on stdout.
+    logger.info("evaluation of %d images, %d detections -> %s", len(dets), len(results), out_dir)
+    logging.getLogger(__name__ + ".table").debug("\n%s", format_table(res))
+    logger.info("AP %.4f  AP50 %.4f  APr %.4f  APc %.4f  APf %.4f",
+                *(res.get(k, float("nan")) for k in ("AP", "AP50", "APr", "APc", "APf")))
     return res
 
 

@@ -4,7 +4,8 @@
     # optional seam (stage 2): freeze / swap parts of trainer.model, choose what to optimise
     metrics = trainer.train(param_groups=None, train_sampler=None)
 
-One iteration = one optimizer step on `data.batch_size` images per process. The loop runs
+One iteration = one optimizer step on `data.batch_size` images per process (blended in pairs
+by image-level mixup when `data.mixup.enabled`, see `ltdet.imbalance.mixup`). The loop runs
 `solver.max_iter` iterations, calling `set_epoch(epoch)` on the batch sampler at each epoch start.
 A checkpoint (see `checkpoint.py`) is written every `solver.checkpoint_period` iterations and at
 the end; with `resume=True` training continues from the last one exactly where it stopped: same
@@ -31,12 +32,15 @@ from ltdet.config import dump_config
 from . import distributed as du
 from .checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from .data import (build_datasets, epoch_batches, make_loader, resolve_data_paths,
-                   wrap_index_sampler)
+                   sample_seed, wrap_index_sampler)
 from .evaluate import evaluate_model
 from .logger import TrainLogger, setup_logging
 from .solver import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
+
+# `sample_seed` slot of a batch's mixup generator (sample slots are 0..batch_size-1).
+_MIXUP_SLOT = 1 << 20
 
 
 def seed_all(seed: int) -> None:
@@ -122,7 +126,8 @@ class Trainer:
             logger.warning("--resume: no checkpoint in %s; starting from scratch",
                            self.checkpointer.folder)
             return 0, 0, 0
-        ckpt = load_checkpoint(path, map_location=self.info.device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
+        ckpt = load_checkpoint(path, map_location="cpu")
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -199,6 +204,9 @@ class Trainer:
                           progress=self.progress)
         ckpt_kw = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         data = cfg["data"]
+        mixup = data["mixup"]
+        if mixup["enabled"]:
+            from ltdet.imbalance.mixup import mixup_detection
         # A model may restrict the summed losses (stage 2 drops the RPN losses).
         loss_keys = getattr(self.model, "ltdet_loss_keys", None)
         try:
@@ -213,6 +221,12 @@ class Trainer:
                 t_start = time.perf_counter()
                 for images, targets in loader:
                     t_data = time.perf_counter()
+                    if mixup["enabled"]:
+                        # one generator per (rank, epoch, batch): resume-exact like the samples
+                        g = torch.Generator().manual_seed(sample_seed(
+                            cfg["seed"], info.rank, epoch, position, _MIXUP_SLOT))
+                        images, targets = mixup_detection(images, targets, alpha=mixup["alpha"],
+                                                          prob=mixup["prob"], generator=g)
                     images, targets = _to_device(images, targets, device)
                     with torch.autocast(device_type=device.type, enabled=use_amp):
                         loss_dict = model(images, targets)

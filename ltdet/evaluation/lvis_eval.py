@@ -151,8 +151,16 @@ def load_ground_truth(gt) -> GroundTruth:
 def _index_of(sorted_ids, ids, field, describe, error_cls):
     """Positions of ``ids`` in ``sorted_ids``; an unknown id raises ``error_cls`` naming the first
     offending entry (``describe(i)``)."""
-    pos = np.searchsorted(sorted_ids, ids).clip(max=max(len(sorted_ids) - 1, 0))
-    ok = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+    if len(sorted_ids) and 0 <= sorted_ids[0] and sorted_ids[-1] < 64 * len(sorted_ids) + (1 << 20):
+        # Dense id -> position table: a gather instead of a binary search per entry.
+        table = np.full(int(sorted_ids[-1]) + 2, -1, dtype=np.int64)
+        table[sorted_ids] = np.arange(len(sorted_ids))
+        pos = table[np.clip(ids, -1, len(table) - 1)]
+        ok = pos >= 0
+        pos = np.where(ok, pos, 0)
+    else:
+        pos = np.searchsorted(sorted_ids, ids).clip(max=max(len(sorted_ids) - 1, 0))
+        ok = (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         raise error_cls(
@@ -235,6 +243,23 @@ def _box_iou_coco(d, g, crowd):
     return torch.where((w > 0) & (h > 0), iou, torch.zeros_like(iou))
 
 
+def _group_sizes(keys, num_keys):
+    """Occurrences of each key (only the maximum is used): bincount when the key space is small."""
+    if num_keys <= (1 << 27):
+        return torch.bincount(keys, minlength=1)
+    return torch.unique(keys, return_counts=True)[1]
+
+
+def _pair_lookup(pairs, num_pairs):
+    """Membership test for (image, class) pair keys: a dense table when it is small (one byte
+    per pair: 24M for LVIS v1 val), else ``torch.isin``."""
+    if num_pairs <= (1 << 27):
+        table = torch.zeros(num_pairs, dtype=torch.bool, device=pairs.device)
+        table[pairs] = True
+        return lambda keys: table[keys]
+    return lambda keys: torch.isin(keys, pairs)
+
+
 def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device):
     """Validate ids, apply the per-image (LVIS) or per-(image, class) (COCO) cap and the federated
     filter. Returns tensors on ``device`` for the kept detections, in input order."""
@@ -250,14 +275,18 @@ def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device)
     pair = t_img * K + t_cat
     # LVISResults caps per image (sorted by score, stable); COCOeval caps per (image, class).
     group = t_img if gt.is_lvis else pair
-    order = _stable_order(-score, group)
-    rank, _ = _rank_in_group(group[order])
-    keep = torch.sort(order[rank < max_dets]).values
+    keep = torch.arange(pair.shape[0], device=device)
+    if pair.numel() and int(_group_sizes(group, len(gt.img_ids) * K).max()) > max_dets:
+        order = _stable_order(-score, group)
+        rank, _ = _rank_in_group(group[order])
+        keep = torch.sort(order[rank < max_dets]).values
     if gt.is_lvis:
         pos_pairs = torch.from_numpy(gt.ann_img * K + gt.ann_cat).to(device)
-        allowed = torch.cat([pos_pairs, torch.from_numpy(gt.neg_pairs).to(device)])
-        keep = keep[torch.isin(pair[keep], allowed)]
-        nel = torch.isin(pair[keep], torch.from_numpy(gt.not_exhaustive_pairs).to(device))
+        allowed = _pair_lookup(torch.cat([pos_pairs, torch.from_numpy(gt.neg_pairs).to(device)]),
+                               len(gt.img_ids) * K)
+        keep = keep[allowed(pair[keep])]
+        nel = _pair_lookup(torch.from_numpy(gt.not_exhaustive_pairs).to(device),
+                           len(gt.img_ids) * K)(pair[keep])
     else:
         nel = torch.zeros(keep.shape[0], dtype=torch.bool, device=device)
     box = torch.from_numpy(cols.bbox).to(device)[keep]
@@ -340,7 +369,8 @@ def _match(det, gt_t, num_cats, device):
 
 
 def _accumulate(det, matched, matched_ig, num_gt, num_cats, device):
-    """Per-class precision [T, A, K, R] and recall [T, A, K] (-1 where a class has no gt)."""
+    """Per-class precision averaged over the R recall points [T, A, K] and recall [T, A, K]
+    (-1 where a class has no gt)."""
     T, A, R, K = len(IOU_THRS), len(AREA_RNGS), len(REC_THRS), num_cats
     lo = torch.tensor([r[0] for r in AREA_RNGS], dtype=torch.float64, device=device)
     hi = torch.tensor([r[1] for r in AREA_RNGS], dtype=torch.float64, device=device)
@@ -353,31 +383,41 @@ def _accumulate(det, matched, matched_ig, num_gt, num_cats, device):
     cat = det["cat"][order]
     tp, fp = tp[:, :, order], fp[:, :, order]
     _, seg_start = _rank_in_group(cat)
-    tp_cum = torch.cumsum(tp, 2, dtype=torch.int64)
-    fp_cum = torch.cumsum(fp, 2, dtype=torch.int64)
-    tp_cum = tp_cum - (tp_cum - tp.long())[:, :, seg_start]
-    fp_cum = fp_cum - (fp_cum - fp.long())[:, :, seg_start]
-    n_gt = num_gt[:, cat].clamp(min=1).to(torch.float64)[None]  # [1, A, N]
-    tpf, fpf = tp_cum.to(torch.float64), fp_cum.to(torch.float64)
-    rc = tpf / n_gt
+    tp_cum = torch.cumsum(tp, 2, dtype=torch.int32)
+    fp_cum = torch.cumsum(fp, 2, dtype=torch.int32)
+    # Interpolated precision at recall r = max precision over positions with recall >= r. Only
+    # true positives can attain it: after a FP or an ignored detection the recall is unchanged
+    # and the precision is not higher. So: precision / recall at the TP positions, scatter-max
+    # into the bucket of the highest recall point <= recall, then a suffix max over buckets.
+    t_i, a_i, n_i = tp.nonzero(as_tuple=True)
+    s0 = seg_start[n_i]
+    tp_at = tp_cum[t_i, a_i, n_i] - tp_cum[t_i, a_i, s0] + tp[t_i, a_i, s0]
+    fp_at = fp_cum[t_i, a_i, n_i] - fp_cum[t_i, a_i, s0] + fp[t_i, a_i, s0]
+    c_at = cat[n_i]
+    tpf, fpf = tp_at.to(torch.float64), fp_at.to(torch.float64)
+    rc = tpf / num_gt[a_i, c_at].clamp(min=1).to(torch.float64)
     pr = tpf / (fpf + tpf + _EPS)
-    # Interpolated precision at recall r = max precision over positions with recall >= r:
-    # scatter-max into the bucket of the highest recall point <= rc, then a suffix max.
     rec = torch.tensor(REC_THRS, dtype=torch.float64, device=device)
-    bucket = torch.searchsorted(rec, rc.contiguous(), right=True) - 1
-    prec = torch.zeros(T, A, K * R, dtype=torch.float64, device=device).scatter_reduce(
-        2, cat[None, None, :] * R + bucket, pr, "amax")
-    prec = prec.view(T, A, K, R).flip(-1).cummax(-1).values.flip(-1)
-    tp_total = torch.zeros(T, A, K, dtype=torch.float64, device=device).scatter_add(
-        2, cat.expand(T, A, -1), tp.to(torch.float64))
+    bucket = torch.searchsorted(rec, rc, right=True) - 1
+    tak = (t_i * A + a_i) * K + c_at
+    # Only (threshold, area, class) rows with a TP have non-zero precision: compact them.
+    rows, row_of = torch.unique(tak, return_inverse=True)
+    curve = torch.zeros(rows.shape[0] * R, dtype=torch.float64, device=device).scatter_reduce(
+        0, row_of * R + bucket, pr, "amax").view(-1, R)
+    curve = curve.flip(1).cummax(1).values.flip(1)
+    prec = torch.zeros(T * A * K, dtype=torch.float64, device=device)
+    prec[rows] = curve.mean(1)
+    prec = prec.view(T, A, K)
+    tp_total = torch.bincount(tak, minlength=T * A * K).view(T, A, K).to(torch.float64)
     valid = (num_gt > 0)[None]  # [1, A, K]
     recall = torch.where(valid, tp_total / num_gt.clamp(min=1)[None], torch.full_like(tp_total, -1))
-    prec = torch.where(valid[..., None], prec, torch.full_like(prec, -1))
+    prec = torch.where(valid, prec, torch.full_like(prec, -1))
     return prec, recall
 
 
 def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets=300, device=None):
-    """Core: returns (precision [T, A, K, R], recall [T, A, K]) as float64 numpy arrays."""
+    """Core: returns (precision [T, A, K] averaged over the 101 recall points, recall [T, A, K])
+    as float64 numpy arrays; -1 marks classes without gt in that area range."""
     device = torch.device(device or "cpu")
     K = len(gt.cat_ids)
     det = _select_detections(gt, cols, max_dets, device)
@@ -485,9 +525,9 @@ def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=No
             in_bin = (instance_count >= COCO_LT_BINS[b]) & (instance_count < COCO_LT_BINS[b + 1])
             res[f"AP{b + 1}"] = _mean_valid(prec[:, 0, in_bin])
 
-    per_class_ap = [
-        _mean_valid(prec[:, 0, k]) if recall[0, 0, k] > -1 else None for k in range(K)
-    ]
+    # A class is valid (has gt) at every threshold or at none.
+    per_class_ap = [a if ok else None for a, ok in
+                    zip(prec[:, 0].mean(0).tolist(), (recall[0, 0] > -1).tolist())]
     res["per_class"] = [
         {
             "id": int(c["id"]),

@@ -26,7 +26,7 @@ class ClassificationLoss(nn.Module):
         if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
             raise ValueError(f"{type(self).__name__}: labels must be [N] = [{logits.shape[0]}], "
                              f"got shape {list(labels.shape)}")
-        if labels.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"{type(self).__name__}: labels must be an integer tensor, got {labels.dtype}")
         num_columns = logits.shape[1]
         if self.num_classes is not None and num_columns != self.num_classes + 1:
@@ -34,10 +34,12 @@ class ClassificationLoss(nn.Module):
                 f"{type(self).__name__} was built for num_classes={self.num_classes} (C+1 = "
                 f"{self.num_classes + 1} logit columns, column 0 = background) but got {num_columns} "
                 f"columns; the box predictor and the loss must agree on num_classes")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_columns):
-            raise ValueError(
-                f"{type(self).__name__}: labels must lie in [0, {num_columns - 1}] (0 = background, "
-                f"1..C = classes) but range over [{int(labels.min())}, {int(labels.max())}]")
+        if labels.numel():
+            low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host sync per step
+            if low < 0 or high >= num_columns:
+                raise ValueError(
+                    f"{type(self).__name__}: labels must lie in [0, {num_columns - 1}] (0 = "
+                    f"background, 1..C = classes) but range over [{low}, {high}]")
 
     def activation(self, logits):
         """Scores `[N, C+1]` for postprocessing: softmax over background and classes."""
@@ -61,10 +63,19 @@ class SigmoidClassificationLoss(ClassificationLoss):
         return torch.cat([1.0 - fg.max(dim=1, keepdim=True).values, fg], dim=1)
 
 
-def foreground_one_hot(labels, num_columns, dtype):
-    """One-hot targets `[N, C+1]` of the labels; column 0 is 1 for background RoIs."""
+def one_hot_targets(labels, num_columns, dtype):
+    """One-hot targets `[N, C+1]` over all columns; column 0 is 1 for background RoIs."""
     target = torch.zeros(labels.shape[0], num_columns, dtype=dtype, device=labels.device)
     target.scatter_(1, labels.view(-1, 1), 1.0)
+    return target
+
+
+def foreground_targets(labels, num_classes, dtype):
+    """Sigmoid targets `[N, C]` of the foreground columns 1..C; all zero for background RoIs."""
+    target = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    is_fg = (labels > 0).to(dtype).unsqueeze(1)
+    # Background rows scatter a 0 into column 0, leaving them all-negative.
+    target.scatter_(1, (labels - 1).clamp_min(0).unsqueeze(1), is_fg)
     return target
 
 

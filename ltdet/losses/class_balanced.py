@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..imbalance.class_balanced import CB_MODES, class_balanced_weights
-from .base import ClassificationLoss, SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .base import ClassificationLoss, SigmoidClassificationLoss, foreground_targets, pad_background
 from .cross_entropy import cross_entropy
 from .focal import focal_loss
 from .reduction import reduce_loss
@@ -26,9 +26,8 @@ CB_COUNTS = ("instance", "image")
 
 def sigmoid_cross_entropy(logits, labels):
     """Per-element BCE `[N, C+1]` on the foreground columns; column 0 identically zero."""
-    target = foreground_one_hot(labels, logits.shape[1], logits.dtype)
-    return pad_background(
-        F.binary_cross_entropy_with_logits(logits[:, 1:], target[:, 1:], reduction="none"))
+    target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
+    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none"))
 
 
 def class_balanced_loss(logits, labels, column_weights, base="ce", alpha=0.25, gamma=2.0):

@@ -15,17 +15,20 @@ Per-element loss `[N, C+1]`, normalised by N (the paper's `1/N`).
 import torch
 import torch.nn.functional as F
 
-from .base import SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .base import SigmoidClassificationLoss, foreground_targets, pad_background
 from .reduction import reduce_loss
 
 
 def eql_loss(logits, labels, tail_mask):
     """Per-element EQL `[N, C+1]`; `tail_mask [C]` = `T_lambda(f_j)` as 0/1 floats."""
-    target = foreground_one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
-    is_fg_roi = (labels > 0).to(logits.dtype).unsqueeze(1)
-    weight = 1.0 - is_fg_roi * tail_mask.unsqueeze(0) * (1.0 - target)
-    bce = F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none")
-    return pad_background(bce * weight)
+    target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
+    is_fg_roi = (labels > 0).to(logits.dtype)
+    # 1 - E(r) T(f_j), then w = 1 on the RoI's own class (y_j = 1). Background rows are all 1,
+    # so writing 1 into their (clamped) column 0 changes nothing.
+    weight = 1.0 - torch.outer(is_fg_roi, tail_mask)
+    weight.scatter_(1, (labels - 1).clamp_min(0).unsqueeze(1), 1.0)
+    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target, weight=weight,
+                                                             reduction="none"))
 
 
 class EQLLoss(SigmoidClassificationLoss):

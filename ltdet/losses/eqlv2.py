@@ -22,7 +22,7 @@ Shapes: logits `[N, C+1]`, labels `[N]` in `[0, C]`; per-element loss `[N, C+1]`
 import torch
 import torch.nn.functional as F
 
-from .base import ClassificationLoss, foreground_one_hot
+from .base import ClassificationLoss, one_hot_targets
 from .reduction import all_reduce_sum, reduce_loss
 
 # Initial gradient ratio: large, so that q = 1 and r = 1 before any statistics exist.
@@ -37,11 +37,39 @@ def eqlv2_column_weights(pos_neg, gamma, mu, alpha):
     return pos_w, neg_w
 
 
-def eqlv2_loss(logits, target, pos_w, neg_w):
-    """Per-element EQLv2 `[N, C+1]` and the element weights `[N, C+1]` it used."""
-    weight = pos_w * target + neg_w * (1.0 - target)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return bce * weight, weight
+def eqlv2_loss(logits, labels, pos_w, neg_w):
+    """Per-element EQLv2 `[N, C+1]`, its targets and the element weights `[N, C+1]` it used."""
+    target = one_hot_targets(labels, logits.shape[1], logits.dtype)
+    # w = r y + q (1 - y): q everywhere, then r on the one positive column of each row.
+    weight = neg_w.expand_as(logits).clone()
+    weight.scatter_(1, labels.unsqueeze(1), pos_w[labels].unsqueeze(1))
+    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
+    return loss, target, weight
+
+
+@torch.no_grad()
+def eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight=None):
+    """Per-column sums `[C+1]` of `|dBCE/dz| * w` over positive and over negative elements.
+
+    `|p - y|` is `1 - p` on a positive and `p` on a negative, and each row has exactly one
+    positive, so the sums need one pass over the `[N, C+1]` probabilities plus O(N) work:
+    `neg_j = q_j (sum_i u_ij p_ij - sum_{i: y_i = j} u_ij p_ij)`,
+    `pos_j = r_j sum_{i: y_i = j} u_ij (1 - p_ij)`, with `u` the caller's weights (default 1).
+    """
+    prob = logits.sigmoid()
+    if weight is not None and weight.dim() == 2:
+        prob = prob * weight
+        u_true = weight.gather(1, labels.unsqueeze(1)).squeeze(1)
+    elif weight is not None:
+        prob = prob * weight.unsqueeze(1)
+        u_true = weight
+    else:
+        u_true = torch.ones_like(labels, dtype=prob.dtype)
+    column_prob = prob.sum(dim=0)
+    true_prob = prob.gather(1, labels.unsqueeze(1)).squeeze(1)
+    pos_prob = torch.zeros_like(column_prob).index_add_(0, labels, true_prob)
+    pos_count = torch.zeros_like(column_prob).index_add_(0, labels, u_true)
+    return pos_w * (pos_count - pos_prob), neg_w * (column_prob - pos_prob)
 
 
 class EQLv2Loss(ClassificationLoss):
@@ -62,26 +90,22 @@ class EQLv2Loss(ClassificationLoss):
         return torch.cat([bg, prob[:, 1:] * (1.0 - bg)], dim=1)
 
     @torch.no_grad()
-    def _collect_gradients(self, logits, target, weight):
+    def _collect_gradients(self, logits, labels, pos_w, neg_w, weight):
         """Add this step's |dL/dz| (per class, positives and negatives) to the state."""
-        grad = (logits.sigmoid() - target).abs() * weight
-        pos = (grad * target).sum(dim=0)[1:]
-        neg = (grad * (1.0 - target)).sum(dim=0)[1:]
-        increment = all_reduce_sum(torch.stack([pos, neg]).to(self.pos_grad.dtype))
+        pos, neg = eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight)
+        # Column 0 (objectness) keeps weight 1 and has no statistics.
+        increment = all_reduce_sum(torch.stack([pos[1:], neg[1:]]).to(self.pos_grad.dtype))
         self.pos_grad += increment[0]
         self.neg_grad += increment[1]
         self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        target = foreground_one_hot(labels, logits.shape[1], logits.dtype)
         pos_w, neg_w = eqlv2_column_weights(self.pos_neg.to(logits.dtype), self.gamma, self.mu,
                                             self.alpha)
-        loss, element_weight = eqlv2_loss(logits, target, pos_w, neg_w)
+        loss, _, _ = eqlv2_loss(logits, labels, pos_w, neg_w)
         if self.training:
-            applied = element_weight
-            if weight is not None:
-                # The gradient that actually flows includes the caller's weights (e.g. ignored RoIs).
-                applied = reduce_loss(element_weight, weight.detach(), "none")
-            self._collect_gradients(logits.detach(), target, applied)
+            # The gradient that actually flows includes the caller's weights (e.g. ignored RoIs).
+            self._collect_gradients(logits.detach(), labels, pos_w, neg_w,
+                                    None if weight is None else weight.detach().to(logits.dtype))
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .base import SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .base import SigmoidClassificationLoss, foreground_targets, pad_background
 from .reduction import reduce_loss
 
 
@@ -46,9 +46,10 @@ def federated_class_mask(labels, log_weight, num_sampled, uniform):
 
 def federated_loss(logits, labels, class_mask):
     """Per-element federated BCE `[N, C+1]`; `class_mask [C]` selects the trained classes."""
-    target = foreground_one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
-    bce = F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none")
-    return pad_background(bce * class_mask.to(logits.dtype).unsqueeze(0))
+    target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
+    column_weight = class_mask.to(logits.dtype).unsqueeze(0)
+    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target,
+                                                             weight=column_weight, reduction="none"))
 
 
 class FederatedLoss(SigmoidClassificationLoss):

@@ -8,14 +8,14 @@ Per-element loss `[N, C+1]`.
 """
 from torchvision.ops import sigmoid_focal_loss
 
-from .base import SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .base import SigmoidClassificationLoss, foreground_targets, pad_background
 from .reduction import reduce_loss
 
 
 def focal_loss(logits, labels, alpha=0.25, gamma=2.0):
     """Per-element focal loss `[N, C+1]` with column 0 identically zero."""
-    target = foreground_one_hot(labels, logits.shape[1], logits.dtype)
-    loss_fg = sigmoid_focal_loss(logits[:, 1:], target[:, 1:], alpha=alpha, gamma=gamma,
+    target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
+    loss_fg = sigmoid_focal_loss(logits[:, 1:], target, alpha=alpha, gamma=gamma,
                                  reduction="none")
     return pad_background(loss_fg)
 

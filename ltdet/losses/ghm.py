@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import RegressionLoss, SigmoidClassificationLoss, foreground_one_hot, pad_background
+from .base import RegressionLoss, SigmoidClassificationLoss, foreground_targets, pad_background
 from .reduction import all_reduce_sum, reduce_loss
 
 
@@ -99,13 +99,13 @@ class GHMCLoss(SigmoidClassificationLoss):
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
         fg_logits = logits[:, 1:]
-        target = foreground_one_hot(labels, logits.shape[1], logits.dtype)[:, 1:]
+        target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
         valid = _valid_mask(None if weight is None else
                             (weight if weight.dim() == 1 else weight[:, 1:]), fg_logits.shape)
         g = (fg_logits.detach().sigmoid() - target).abs()
         ghm_weight = self.density(g, valid, logits.shape[0])
-        bce = F.binary_cross_entropy_with_logits(fg_logits, target, reduction="none")
-        loss = pad_background(bce * ghm_weight)
+        loss = pad_background(F.binary_cross_entropy_with_logits(fg_logits, target, weight=ghm_weight,
+                                                                 reduction="none"))
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
 

@@ -38,13 +38,13 @@ def seesaw_log_factors(logits, labels, cum_samples, p=0.8, q=2.0, eps=1e-2):
     log_s = torch.zeros_like(logits)
     if p > 0:
         log_n = torch.cat([cum_samples.new_zeros(1), cum_samples.clamp_min(1.0).log()]).to(logits.dtype)
-        log_s += (p * (log_n.unsqueeze(0) - log_n[labels].unsqueeze(1))).clamp_max(0.0)
+        log_s += (log_n.unsqueeze(0) - log_n[labels].unsqueeze(1)).mul_(p).clamp_max_(0.0)
     if q > 0:
         log_scores = F.log_softmax(logits, dim=1)
-        log_self = log_scores.gather(1, labels.unsqueeze(1)).clamp_min(math.log(eps))
-        log_s += (q * (log_scores - log_self)).clamp_min(0.0)
+        log_self = log_scores.gather(1, labels.unsqueeze(1)).clamp_min_(math.log(eps))
+        log_s += log_scores.sub_(log_self).mul_(q).clamp_min_(0.0)
     log_s[:, 0] = 0.0
-    return log_s * (labels > 0).to(logits.dtype).unsqueeze(1)
+    return log_s.mul_((labels > 0).to(logits.dtype).unsqueeze(1))
 
 
 def seesaw_cross_entropy(logits, labels, cum_samples, p=0.8, q=2.0, eps=1e-2):

@@ -25,6 +25,7 @@ rpn.*, roi_heads.*, cls_loss, box_loss, sampler, classifier, lds, fds; and `cfg[
 import logging
 import math
 import os
+import pickle
 from functools import partial
 
 import torch
@@ -41,7 +42,9 @@ from torchvision.models.detection._utils import overwrite_eps
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
+from torchvision.models.detection.faster_rcnn import _default_anchorgen as _default_rpn_anchorgen
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.retinanet import _default_anchorgen as _default_retinanet_anchorgen
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -144,7 +147,7 @@ def load_checkpoint_state_dict(path, field="model.weights"):
                                 f"weights name or the path of a saved state_dict / ltdet checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # noqa: BLE001 - re-tried below, re-raised if that fails too
+    except pickle.UnpicklingError as safe_error:
         # ltdet checkpoints also carry optimizer and RNG state (NumPy arrays), which the
         # weights-only unpickler refuses; they are the user's own files, so load them fully.
         logger.info("%s: %s is not a weights-only file (%s); loading it fully", field, path,
@@ -286,6 +289,10 @@ def build_torchvision_detector(cfg, num_classes):
         raise ValueError(f"model.trainable_backbone_layers={trainable!r} must be in "
                          f"[0, {max_layers}] for {backbone}")
 
+    if norm == "frozen_bn" and weights is None and weights_backbone is None:
+        logger.warning("model.norm=frozen_bn without model.weights / model.weights_backbone: the "
+                       "backbone's normalisation layers stay fixed at their initial identity; set "
+                       "model.norm: bn or gn to train from scratch")
     body, anchor_generator = _build_backbone(arch, backbone, norm, weights_backbone, trainable)
     min_size = data.get("min_size", 800)
     max_size = data.get("max_size", 1333)
@@ -306,9 +313,7 @@ def build_torchvision_detector(cfg, num_classes):
             # 4-conv + 1-fc box head with BatchNorm (Li et al., 2021, "Benchmarking Detection
             # Transfer Learning with Vision Transformers").
             if anchor_generator is None:
-                anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
-                anchor_generator = AnchorGenerator(anchor_sizes,
-                                                   ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+                anchor_generator = _default_rpn_anchorgen()
             kwargs["rpn_head"] = RPNHead(body.out_channels,
                                          anchor_generator.num_anchors_per_location()[0],
                                          conv_depth=2)
@@ -323,11 +328,11 @@ def build_torchvision_detector(cfg, num_classes):
         if arch == "retinanet_v2":
             # torchvision's retinanet_resnet50_fpn_v2: GroupNorm heads and a GIoU box loss
             # (the box loss is replaced by model.box_loss when build_detector patches it).
-            num_anchors = 9
-            head = RetinaNetHead(body.out_channels, num_anchors, num_classes + 1,
-                                 norm_layer=partial(nn.GroupNorm, 32))
+            anchor_generator = _default_retinanet_anchorgen()
+            head = RetinaNetHead(body.out_channels, anchor_generator.num_anchors_per_location()[0],
+                                 num_classes + 1, norm_layer=partial(nn.GroupNorm, 32))
             head.regression_head._loss_type = "giou"
-            kwargs["head"] = head
+            kwargs.update(head=head, anchor_generator=anchor_generator)
         model = RetinaNet(body, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
 
     old = model.transform

@@ -157,12 +157,11 @@ def _anchor_labels(gt_labels, matched):
 def _check_labels(targets, num_columns):
     labels = torch.cat([t["labels"] for t in targets])
     if labels.numel():
-        low, high = torch.aminmax(labels)
-        if int(low) < 1 or int(high) >= num_columns:
+        low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host sync per step
+        if low < 1 or high >= num_columns:
             raise ValueError(f"RetinaNet target labels must lie in [1, {num_columns - 1}] (the "
                              f"head has {num_columns} columns, column 0 = background) but range "
-                             f"over [{int(low)}, {int(high)}]; build the model with "
-                             f"num_classes = C + 1")
+                             f"over [{low}, {high}]; build the model with num_classes = C + 1")
 
 
 class LTRetinaNet(RetinaNet):

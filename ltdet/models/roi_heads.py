@@ -223,7 +223,8 @@ class LTRoIHeads(RoIHeads):
             fields["matched_gt_boxes"].append(_matched_boxes(cand.gt_boxes, cand.matched_idxs[idx]))
         roi_gt_weights = None
         if gt_weights is not None:
-            roi_gt_weights = [torch.where(labels > 0, w[m] if w.numel() else labels.to(dtype), 1.0)
+            roi_gt_weights = [torch.where(labels > 0, w[m], 1.0) if w.numel()
+                              else torch.ones(labels.shape, dtype=dtype, device=labels.device)
                               for w, m, labels in zip(gt_weights, fields["matched_idxs"], fields["labels"])]
         cls_weights = None
         if any(sel.cls_weight is not None for sel in selections):

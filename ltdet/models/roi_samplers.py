@@ -303,7 +303,7 @@ class PISARoISampler(RoISampler):
             positive = torch.where(cand.labels >= 1)[0]
             positives.append(_random_subset(positive, min(positive.numel(), max_pos)))
             negatives.append(torch.where(cand.labels == 0)[0])
-        if not self.isr_n:
+        if not self.isr_n or sum(n.numel() for n in negatives) == 0:
             return [RoISelection(torch.cat([p, _random_subset(n, min(n.numel(), batch - p.numel()))])
                                  .sort().values) for p, n in zip(positives, negatives)]
         neg_boxes = [c.boxes[n] for c, n in zip(candidates, negatives)]
