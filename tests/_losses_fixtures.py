@@ -53,3 +53,23 @@ def make_deltas(p=9, seed=0, dtype=torch.float64):
 
 def one_hot(labels, num_columns, dtype=torch.float64):
     return torch.nn.functional.one_hot(labels, num_columns).to(dtype)
+
+
+def ghm_reference_weights(g, n_rows, bins, acc=None, momentum=0.0):
+    """Li et al.'s binning written as a loop over bins; returns element weights N / GD and new acc."""
+    edges = [i / bins for i in range(bins + 1)]
+    edges[-1] += 1e-6
+    weights = torch.zeros_like(g)
+    n_nonempty = 0
+    acc = None if acc is None else acc.clone()
+    for b in range(bins):
+        inside = (g >= edges[b]) & (g < edges[b + 1])
+        count = int(inside.sum())
+        if count:
+            n_nonempty += 1
+            if momentum > 0:
+                acc[b] = momentum * acc[b] + (1 - momentum) * count
+                weights[inside] = n_rows / acc[b]
+            else:
+                weights[inside] = n_rows / count
+    return weights / max(n_nonempty, 1), acc

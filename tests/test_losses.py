@@ -14,7 +14,8 @@ from ltdet.losses import LOSSES, build_loss, reduce_loss
 from ltdet.losses.federated import federated_class_mask
 
 from _losses_fixtures import (CLASSIFICATION, NUM_CLASSES, REGRESSION, SIGMOID_FOREGROUND,
-                              make_batch, make_boxes, make_deltas, make_stats, one_hot)
+                              ghm_reference_weights, make_batch, make_boxes, make_deltas, make_stats,
+                              one_hot)
 
 C = NUM_CLASSES
 K = C + 1
@@ -393,32 +394,12 @@ def test_federated_loss_value_gradient_and_reproducibility():
     assert torch.equal(_grad(again(logits, labels), logits)[:, 1:].abs().sum(0) > 0, trained)
 
 
-def _ghm_reference_weights(g, n_rows, bins, acc=None, momentum=0.0):
-    """Li et al.'s binning written as a loop over bins; returns element weights N / GD and new acc."""
-    edges = [i / bins for i in range(bins + 1)]
-    edges[-1] += 1e-6
-    weights = torch.zeros_like(g)
-    n_nonempty = 0
-    acc = None if acc is None else acc.clone()
-    for b in range(bins):
-        inside = (g >= edges[b]) & (g < edges[b + 1])
-        count = int(inside.sum())
-        if count:
-            n_nonempty += 1
-            if momentum > 0:
-                acc[b] = momentum * acc[b] + (1 - momentum) * count
-                weights[inside] = n_rows / acc[b]
-            else:
-                weights[inside] = n_rows / count
-    return weights / max(n_nonempty, 1), acc
-
-
 def test_ghmc_value_and_gradient():
     loss = _build({"type": "ghmc", "bins": 10})
     logits, labels = make_batch(n=16)
     z, y = logits.detach()[:, 1:], one_hot(labels, K)[:, 1:]
     p = torch.sigmoid(z)
-    w, _ = _ghm_reference_weights((p - y).abs(), 16, 10)
+    w, _ = ghm_reference_weights((p - y).abs(), 16, 10)
     bce = -(y * p.log() + (1 - y) * (1 - p).log())
     value = loss(logits, labels)
     # reduction "mean" equals the paper's sum_i beta_i L_i / N_valid with beta = N_valid / GD
@@ -484,7 +465,7 @@ def test_ghmr_value_and_gradient():
     pred, target = make_deltas(p=12)
     d = (pred - target).detach()
     root = (d ** 2 + mu ** 2).sqrt()
-    w, _ = _ghm_reference_weights(d.abs() / root, 12, 10)
+    w, _ = ghm_reference_weights(d.abs() / root, 12, 10)
     value = loss(pred, target)
     assert torch.allclose(value, (w * (root - mu)).sum() / 12)
     assert torch.allclose(_grad(value, pred), w * d / root / 12)

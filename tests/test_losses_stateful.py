@@ -8,8 +8,7 @@ import torch
 
 from ltdet.losses import build_loss
 
-from _losses_fixtures import NUM_CLASSES, make_batch, make_deltas, one_hot
-from test_losses import _ghm_reference_weights
+from _losses_fixtures import NUM_CLASSES, ghm_reference_weights, make_batch, make_deltas, one_hot
 
 C = NUM_CLASSES
 K = C + 1
@@ -175,7 +174,7 @@ def test_ghm_momentum_state_evolution(kind):
             d = (x - labels).detach()
             root = (d ** 2 + 0.02 ** 2).sqrt()
             g, elem, dloss = d.abs() / root, root - 0.02, d / root
-        w, acc = _ghm_reference_weights(g, 8, bins, acc, momentum)
+        w, acc = ghm_reference_weights(g, 8, bins, acc, momentum)
         value = loss(x, labels)
         assert torch.allclose(value, (w * elem).sum() / 8), step
         grad = _grad(value, x)
@@ -227,3 +226,16 @@ def test_eval_mode_does_not_update_state(cfg):
     _run_steps(loss)
     for k, v in loss.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_stateful_losses_accept_half_precision_logits():
+    logits, labels = make_batch(n=10, dtype=torch.float16)
+    for cfg in ({"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "momentum": 0.75}):
+        loss = build_loss(cfg, num_classes=C).train()
+        reference = build_loss(cfg, num_classes=C).train()
+        value = loss(logits, labels)
+        expected = reference(logits.detach().float(), labels)
+        assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=2e-2)
+        value.backward()
+        for name, buf in loss.state_dict().items():
+            assert torch.allclose(buf.double(), reference.state_dict()[name].double(), rtol=2e-2), name

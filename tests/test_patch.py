@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection import retinanet_resnet50_fpn
+from torchvision.models.detection import keypointrcnn_resnet50_fpn, retinanet_resnet50_fpn
 
 import ltdet
 from ltdet.data import ClassStats
@@ -133,3 +133,21 @@ def test_patch_dispatches_retinanet():
         ltdet.patch(model, sampler={"type": "ohem"})
     assert ltdet.patch(model, cls_loss={"type": "focal"}) is model
     assert type(model.head.classification_head).__module__ == "ltdet.models.retinanet"
+
+
+@pytest.mark.slow
+def test_keypoint_rcnn_keeps_its_branch():
+    model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2, min_size=IMAGE,
+                                      max_size=IMAGE, rpn_post_nms_top_n_train=50,
+                                      box_batch_size_per_image=16, box_detections_per_img=5)
+    model.backbone.requires_grad_(False)
+    ltdet.patch(model, cls_loss={"type": "focal"}, sampler={"type": "pisa"})
+    keypoints = torch.tensor([[[10.0, 10.0, 1.0]] * 17])
+    targets = [{"boxes": torch.tensor([[4.0, 4, 40, 50]]), "labels": torch.tensor([1]), "keypoints": keypoints}]
+    losses = model([torch.rand(3, IMAGE, IMAGE)], targets)
+    assert losses["loss_keypoint"] > 0
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        det = model([torch.rand(3, IMAGE, IMAGE)])[0]
+    assert det["keypoints"].shape == (det["scores"].numel(), 17, 3)

@@ -143,6 +143,19 @@ def test_fds_hook_only_touches_the_regressor_in_training():
     assert len(fds.seen) == 1
 
 
+def test_ltdet_lds_and_fds_modules_train_in_the_head():
+    from ltdet.imbalance import RoIFDS, RoILDS
+
+    lds, fds = RoILDS(), RoIFDS(32, start_smooth=0)
+    head = _lt(lds=lds, fds=fds)
+    features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 2))
+    for _ in range(2):
+        _, losses = head(features, proposals, shapes, targets)
+        (losses["loss_classifier"] + losses["loss_box_reg"]).backward()
+    assert int(fds.steps) == 2 and int(lds.counts.sum()) > 0
+    assert torch.isfinite(losses["loss_box_reg"]) and losses["loss_box_reg"] > 0
+
+
 def test_fds_requires_predictor_layout():
     rh = tiny_roi_heads()
     rh.box_predictor = nn.Sequential(nn.Linear(32, 6))

@@ -238,12 +238,18 @@ def _draw_image(rng, size, instances, classes, *, min_radius, max_radius, max_io
                    center[1] + half[1])
             if _ioa_ok(box, placed, max_ioa) or attempt == 39:
                 break
-        mask, outer = _render_mask(polys, center, radius, angle, stretch, (size, size))
+        # Rasterise in a window around the object only (cheap), then locate the tight box.
+        wx0, wy0 = (np.floor(center - half) - 2).astype(int).clip(0, size)
+        wx1, wy1 = (np.ceil(center + half) + 3).astype(int).clip(0, size)
+        mask, outer = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
+                                   (wy1 - wy0, wx1 - wx0))
         ys, xs = np.nonzero(mask > 127)
         if len(xs) == 0:
             continue
-        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-        alpha = (mask[y0:y1, x0:x1].astype(np.float32) / 255.0)[..., None]
+        mask = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        x0, x1, y0, y1 = wx0 + xs.min(), wx0 + xs.max() + 1, wy0 + ys.min(), wy0 + ys.max() + 1
+        outer = outer + (wx0, wy0)
+        alpha = (mask.astype(np.float32) / 255.0)[..., None]
         base = np.clip(np.asarray(COLORS[color], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
         patch = np.broadcast_to(base, (y1 - y0, x1 - x0, 3)).copy()
         dark = _texture(texture, y1 - y0, x1 - x0, rng)
@@ -344,7 +350,7 @@ def _layout_val(rng, num_images, num_classes, instances_per_class):
 def _params(seed, sizes):
     defaults = dict(num_train=1200, num_val=300, num_classes=30, image_size=224,
                     max_images_per_class=1000, zipf_exponent=1.6, val_instances_per_class=20,
-                    max_instances_per_pair=3, min_radius=11.0, max_radius=34.0, max_ioa=0.35,
+                    max_instances_per_pair=3, min_radius=None, max_radius=None, max_ioa=0.35,
                     num_distractors=3, neg_fraction=0.5, not_exhaustive_prob=0.02,
                     jpeg_quality=92)
     unknown = sorted(set(sizes) - set(defaults))
@@ -352,6 +358,14 @@ def _params(seed, sizes):
         raise TypeError(f"make_synthetic_lvis: unknown parameter(s) {unknown}; "
                         f"valid: {sorted(defaults)}")
     params = {**defaults, **sizes, "seed": int(seed), "format_version": FORMAT_VERSION}
+    # Object radii default to a fixed share of the image side, so any image size looks alike.
+    if params["min_radius"] is None:
+        params["min_radius"] = 0.05 * params["image_size"]
+    if params["max_radius"] is None:
+        params["max_radius"] = 0.15 * params["image_size"]
+    if not 2 <= params["min_radius"] <= params["max_radius"]:
+        raise ValueError(f"make_synthetic_lvis: need 2 <= min_radius <= max_radius, got "
+                         f"min_radius={params['min_radius']}, max_radius={params['max_radius']}")
     for key in ("num_train", "num_val", "num_classes", "image_size", "max_images_per_class",
                 "val_instances_per_class", "max_instances_per_pair"):
         if int(params[key]) < 1:

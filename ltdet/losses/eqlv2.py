@@ -56,7 +56,10 @@ def eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight=None):
     `neg_j = q_j (sum_i u_ij p_ij - sum_{i: y_i = j} u_ij p_ij)`,
     `pos_j = r_j sum_{i: y_i = j} u_ij (1 - p_ij)`, with `u` the caller's weights (default 1).
     """
-    prob = logits.sigmoid()
+    # Sums over every RoI (or anchor): at least float32 so float16 (AMP) logits cannot overflow.
+    prob = logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
+    if weight is not None:
+        weight = weight.to(prob.dtype)
     if weight is not None and weight.dim() == 2:
         prob = prob * weight
         u_true = weight.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -69,7 +72,7 @@ def eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight=None):
     true_prob = prob.gather(1, labels.unsqueeze(1)).squeeze(1)
     pos_prob = torch.zeros_like(column_prob).index_add_(0, labels, true_prob)
     pos_count = torch.zeros_like(column_prob).index_add_(0, labels, u_true)
-    return pos_w * (pos_count - pos_prob), neg_w * (column_prob - pos_prob)
+    return pos_w.to(prob.dtype) * (pos_count - pos_prob), neg_w.to(prob.dtype) * (column_prob - pos_prob)
 
 
 class EQLv2Loss(ClassificationLoss):

@@ -70,7 +70,9 @@ class GradientDensity(nn.Module):
             if self.training:
                 self.acc_sum.copy_(density)
         n_nonempty = nonempty.sum().clamp_min(1)
-        per_bin = (n_total / (density.clamp_min(1e-12) * n_nonempty)).to(g.dtype)
+        # At least float32: under AMP, N / count can exceed the float16 range on dense heads.
+        per_bin = (n_total / (density.clamp_min(1e-12) * n_nonempty)).to(
+            torch.promote_types(g.dtype, torch.float32))
         weight = torch.take(per_bin, bin_index)
         return weight if valid is None else weight * valid
 
@@ -102,10 +104,13 @@ class GHMCLoss(SigmoidClassificationLoss):
         target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
         valid = _valid_mask(None if weight is None else
                             (weight if weight.dim() == 1 else weight[:, 1:]), fg_logits.shape)
-        g = (fg_logits.detach().sigmoid() - target).abs()
+        # Gradient norms in at least float32, so float16 rounding cannot move elements across bins.
+        stat_dtype = torch.promote_types(logits.dtype, torch.float32)
+        g = (fg_logits.detach().to(stat_dtype).sigmoid() - target.to(stat_dtype)).abs()
         ghm_weight = self.density(g, valid, logits.shape[0])
-        loss = pad_background(F.binary_cross_entropy_with_logits(fg_logits, target, weight=ghm_weight,
-                                                                 reduction="none"))
+        loss = pad_background(F.binary_cross_entropy_with_logits(
+            fg_logits.to(ghm_weight.dtype), target.to(ghm_weight.dtype), weight=ghm_weight,
+            reduction="none"))
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
 
@@ -113,7 +118,9 @@ def asl1_loss(pred, target, mu=0.02):
     """Authentic smooth L1 `sqrt(d^2 + mu^2) - mu` per coordinate, and its gradient norm."""
     diff = pred - target
     root = torch.sqrt(diff * diff + mu * mu)
-    return root - mu, (diff.detach() / root.detach()).abs()
+    stat_dtype = torch.promote_types(diff.dtype, torch.float32)
+    d = diff.detach().to(stat_dtype)
+    return root - mu, d.abs() / torch.sqrt(d * d + mu * mu)
 
 
 class GHMRLoss(RegressionLoss):
