@@ -141,19 +141,25 @@ def _texture(texture, h, w, rng):
 
 
 def _render_mask(polys, center, radius, angle, stretch, size_hw):
-    """Rasterise a unit shape placed at ``center`` (x, y) into a uint8 mask of ``size_hw``
-    (anti-aliased edges, 0..255), and return the outer polygon in image coordinates."""
+    """Rasterise a unit shape placed at ``center`` (x, y, OpenCV pixel-centre coordinates).
+
+    Returns (alpha uint8 [h, w] anti-aliased 0..255 for blending, inside bool [h, w] = pixels
+    whose centre lies in the shape, outer polygon [P, 2] in the same coordinates). Box and area
+    come from ``inside``: OpenCV's anti-aliased edge spills about half a pixel outwards.
+    """
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[c, -s], [s, c]]) * np.array([stretch, 1.0 / stretch])[None, :]
-    mask = np.zeros(size_hw, dtype=np.uint8)
+    alpha = np.zeros(size_hw, dtype=np.uint8)
+    inside = np.zeros(size_hw, dtype=np.uint8)
     outer = None
     for unit, fill in polys:
         pts = unit @ rot.T * radius + np.asarray(center)
         if outer is None:
             outer = pts
-        fixed = np.rint(pts * (1 << _SHIFT)).astype(np.int32)
-        cv2.fillPoly(mask, [fixed], 255 * fill, lineType=cv2.LINE_AA, shift=_SHIFT)
-    return mask, outer
+        fixed = [np.rint(pts * (1 << _SHIFT)).astype(np.int32)]
+        cv2.fillPoly(alpha, fixed, 255 * fill, lineType=cv2.LINE_AA, shift=_SHIFT)
+        cv2.fillPoly(inside, fixed, fill, lineType=cv2.LINE_8, shift=_SHIFT)
+    return alpha, inside.astype(bool), outer
 
 
 def _extent(polys, radius, angle, stretch):
@@ -241,24 +247,29 @@ def _draw_image(rng, size, instances, classes, *, min_radius, max_radius, max_io
         # Rasterise in a window around the object only (cheap), then locate the tight box.
         wx0, wy0 = (np.floor(center - half) - 2).astype(int).clip(0, size)
         wx1, wy1 = (np.ceil(center + half) + 3).astype(int).clip(0, size)
-        mask, outer = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
-                                   (wy1 - wy0, wx1 - wx0))
-        ys, xs = np.nonzero(mask > 127)
+        alpha, inside, outer = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
+                                            (wy1 - wy0, wx1 - wx0))
+        ys, xs = np.nonzero(inside)
         if len(xs) == 0:
             continue
-        mask = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        # The tight box in xywh with pixel i spanning [i, i + 1) (COCO/LVIS convention); the
+        # blended region takes one more pixel around it for the anti-aliased edge.
         x0, x1, y0, y1 = wx0 + xs.min(), wx0 + xs.max() + 1, wy0 + ys.min(), wy0 + ys.max() + 1
-        outer = outer + (wx0, wy0)
-        alpha = (mask.astype(np.float32) / 255.0)[..., None]
+        bx0, by0 = max(x0 - 1, 0), max(y0 - 1, 0)
+        bx1, by1 = min(x1 + 1, size), min(y1 + 1, size)
+        alpha = (alpha[by0 - wy0:by1 - wy0, bx0 - wx0:bx1 - wx0].astype(np.float32) / 255.0)
+        alpha = alpha[..., None]
+        # OpenCV's pixel centres are integers; in the box convention they are at i + 0.5.
+        outer = outer + (wx0 + 0.5, wy0 + 0.5)
         base = np.clip(np.asarray(COLORS[color], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
-        patch = np.broadcast_to(base, (y1 - y0, x1 - x0, 3)).copy()
-        dark = _texture(texture, y1 - y0, x1 - x0, rng)
+        patch = np.broadcast_to(base, (by1 - by0, bx1 - bx0, 3)).copy()
+        dark = _texture(texture, by1 - by0, bx1 - bx0, rng)
         patch[dark] = base * 0.25
         # Mild shading so that an object is not a flat colour.
-        shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.15), x1 - x0)
+        shade = np.linspace(rng.uniform(0.8, 1.0), rng.uniform(1.0, 1.15), bx1 - bx0)
         patch *= shade[None, :, None].astype(np.float32)
-        region = canvas[y0:y1, x0:x1]
-        canvas[y0:y1, x0:x1] = region * (1 - alpha) + np.clip(patch, 0, 255) * alpha
+        region = canvas[by0:by1, bx0:bx1]
+        canvas[by0:by1, bx0:bx1] = region * (1 - alpha) + np.clip(patch, 0, 255) * alpha
         placed.append(box)
         objects.append({
             "label": label,
