@@ -106,10 +106,13 @@ def test_lvis_api_loads_and_boxes_are_valid(groups_set):
             assert x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
             assert 0 < a["area"] <= w * h
             assert a["iscrowd"] == 0
-            poly = np.asarray(a["segmentation"][0]).reshape(-1, 2)
-            assert len(poly) >= 3
-            # The polygon encloses the box (amodal shape outline, clipped to the image).
-            assert poly[:, 0].min() <= x + 1 and poly[:, 0].max() >= x + w - 1
+            polys = [np.asarray(p).reshape(-1, 2) for p in a["segmentation"]]
+            assert all(len(p) >= 3 for p in polys)
+            pts = np.concatenate(polys)
+            # The contour runs through the centres of the shape's boundary pixels: half a pixel
+            # inside the tight box on every side.
+            assert pts.min(0).tolist() == [x + 0.5, y + 0.5]
+            assert pts.max(0).tolist() == [x + w - 0.5, y + h - 0.5]
         for im in data["images"]:
             present = {a["category_id"] for a in data["annotations"] if a["image_id"] == im["id"]}
             assert not present & set(im["neg_category_ids"])

@@ -21,7 +21,7 @@ LVIS annotation fields. ``categories`` carry ``frequency``, ``image_count`` and
 Every image lists ``neg_category_ids`` (a random subset of the classes absent from it: verified
 absent) and ``not_exhaustive_category_ids``: with probability ``not_exhaustive_prob`` an
 (image, class) pair gets one more instance drawn but not annotated, and the class is listed there - exactly LVIS's meaning of the flag. Boxes are ``xywh`` tight boxes of
-the whole (amodal) shape; ``segmentation`` is the shape's outer polygon; ``area`` its pixel count.
+the whole (amodal) shape; ``segmentation`` the outer contour of the shape's pixels; ``area`` their count.
 
 Layout under ``root``::
 
@@ -143,23 +143,38 @@ def _texture(texture, h, w, rng):
 def _render_mask(polys, center, radius, angle, stretch, size_hw):
     """Rasterise a unit shape placed at ``center`` (x, y, OpenCV pixel-centre coordinates).
 
-    Returns (alpha uint8 [h, w] anti-aliased 0..255 for blending, inside bool [h, w] = pixels
-    whose centre lies in the shape, outer polygon [P, 2] in the same coordinates). Box and area
-    come from ``inside``: OpenCV's anti-aliased edge spills about half a pixel outwards.
+    Returns (alpha uint8 [h, w] anti-aliased 0..255 for blending, inside bool [h, w]: the
+    shape's pixels). Box, area and polygon come from ``inside``: OpenCV's anti-aliased edge
+    spills about half a pixel outwards.
     """
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[c, -s], [s, c]]) * np.array([stretch, 1.0 / stretch])[None, :]
     alpha = np.zeros(size_hw, dtype=np.uint8)
     inside = np.zeros(size_hw, dtype=np.uint8)
-    outer = None
     for unit, fill in polys:
         pts = unit @ rot.T * radius + np.asarray(center)
-        if outer is None:
-            outer = pts
         fixed = [np.rint(pts * (1 << _SHIFT)).astype(np.int32)]
         cv2.fillPoly(alpha, fixed, 255 * fill, lineType=cv2.LINE_AA, shift=_SHIFT)
         cv2.fillPoly(inside, fixed, fill, lineType=cv2.LINE_8, shift=_SHIFT)
-    return alpha, inside.astype(bool), outer
+    return alpha, inside.astype(bool)
+
+
+def _polygons(inside, x_off, y_off):
+    """LVIS segmentation of a binary shape mask: its outer contours, through the centres of the
+    boundary pixels, in image coordinates where pixel i spans [i, i + 1) (centre i + 0.5).
+
+    Contours of fewer than 3 points (a one-pixel sliver) are no polygon and are dropped; a mask
+    made only of such slivers gets its box as polygon."""
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    polys = [(c.reshape(-1, 2) + (x_off + 0.5, y_off + 0.5)).reshape(-1).tolist()
+             for c in contours if len(c) >= 3]
+    if not polys:
+        ys, xs = np.nonzero(inside)
+        x0, y0 = x_off + xs.min() + 0.5, y_off + ys.min() + 0.5
+        x1, y1 = x_off + xs.max() + 0.5, y_off + ys.max() + 0.5
+        polys = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    return [[float(v) for v in p] for p in polys]
 
 
 def _extent(polys, radius, angle, stretch):
@@ -247,7 +262,7 @@ def _draw_image(rng, size, instances, classes, *, min_radius, max_radius, max_io
         # Rasterise in a window around the object only (cheap), then locate the tight box.
         wx0, wy0 = (np.floor(center - half) - 2).astype(int).clip(0, size)
         wx1, wy1 = (np.ceil(center + half) + 3).astype(int).clip(0, size)
-        alpha, inside, outer = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
+        alpha, inside = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
                                             (wy1 - wy0, wx1 - wx0))
         ys, xs = np.nonzero(inside)
         if len(xs) == 0:
@@ -259,8 +274,7 @@ def _draw_image(rng, size, instances, classes, *, min_radius, max_radius, max_io
         bx1, by1 = min(x1 + 1, size), min(y1 + 1, size)
         alpha = (alpha[by0 - wy0:by1 - wy0, bx0 - wx0:bx1 - wx0].astype(np.float32) / 255.0)
         alpha = alpha[..., None]
-        # OpenCV's pixel centres are integers; in the box convention they are at i + 0.5.
-        outer = outer + (wx0 + 0.5, wy0 + 0.5)
+        segmentation = _polygons(inside, wx0, wy0)
         base = np.clip(np.asarray(COLORS[color], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
         patch = np.broadcast_to(base, (by1 - by0, bx1 - bx0, 3)).copy()
         dark = _texture(texture, by1 - by0, bx1 - bx0, rng)
@@ -276,8 +290,7 @@ def _draw_image(rng, size, instances, classes, *, min_radius, max_radius, max_io
             "annotated": annotated,
             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
             "area": float(len(xs)),
-            "segmentation": [[round(float(v), 2) for v in
-                              np.clip(outer, 0, size).reshape(-1)]],
+            "segmentation": segmentation,
         })
     img = np.clip(canvas, 0, 255).astype(np.uint8)
     # A distractor in front of the objects sometimes: it occludes and is not annotated.

@@ -174,6 +174,10 @@ class Trainer:
 
         cfg, solver, info = self.cfg, self.cfg["solver"], self.info
         device = info.device
+        for key, low in (("max_iter", 1), ("checkpoint_period", 1), ("log_period", 1),
+                         ("eval_period", 0)):
+            if solver[key] < low:
+                raise ValueError(f"solver.{key} must be >= {low}, got {solver[key]}")
         if param_groups is None:
             param_groups = [p for p in self.model.parameters() if p.requires_grad]
         elif len(param_groups) == 0:
@@ -198,7 +202,6 @@ class Trainer:
         if info.world_size > 1:
             model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        trained = [p for g in optimizer.param_groups for p in g["params"]]
         log = TrainLogger(self.output_dir, max_iter=max_iter, start_iter=it,
                           log_period=solver["log_period"], enabled=info.is_main,
                           progress=self.progress)
@@ -207,8 +210,6 @@ class Trainer:
         mixup = data["mixup"]
         if mixup["enabled"]:
             from ltdet.imbalance.mixup import mixup_detection
-        # A model may restrict the summed losses (stage 2 drops the RPN losses).
-        loss_keys = getattr(self.model, "ltdet_loss_keys", None)
         try:
             model.train()
             while it < max_iter:
@@ -227,29 +228,10 @@ class Trainer:
                             cfg["seed"], info.rank, epoch, position, _MIXUP_SLOT))
                         images, targets = mixup_detection(images, targets, alpha=mixup["alpha"],
                                                           prob=mixup["prob"], generator=g)
-                    images, targets = _to_device(images, targets, device)
-                    with torch.autocast(device_type=device.type, enabled=use_amp):
-                        loss_dict = model(images, targets)
-                    if loss_keys is not None:
-                        loss_dict = {k: v for k, v in loss_dict.items() if k in loss_keys}
-                    loss = sum(loss_dict.values())
-                    values = du.all_reduce_mean(
-                        torch.stack([v.detach().float() for v in loss_dict.values()]))
-                    if not bool(torch.isfinite(values).all()):
-                        self._raise_non_finite(it, epoch, loss_dict, values, optimizer)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if solver["clip_grad_norm"] is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(trained, solver["clip_grad_norm"])
-                    scaler.step(optimizer)
-                    scaler.update()
-                    lr = optimizer.param_groups[0]["lr"]
-                    scheduler.step()
+                    losses, lr = self._step(model, images, targets, optimizer, scheduler,
+                                            scaler, it=it, epoch=epoch)
                     it += 1
                     position += 1
-                    losses = dict(zip(loss_dict, values.tolist()))
-                    losses["loss"] = float(values.sum())
                     now = time.perf_counter()
                     log.update(it, epoch=epoch, lr=lr, losses=losses, time_s=now - t_start,
                                data_time_s=t_data - t_start, device=device)
@@ -273,6 +255,36 @@ class Trainer:
         finally:
             log.close()
         return results
+
+    def _step(self, model, images, targets, optimizer, scheduler, scaler, *, it, epoch):
+        """One optimizer step; returns (rank-averaged loss values incl. their sum "loss", lr)."""
+        device = self.info.device
+        solver = self.cfg["solver"]
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
+            loss_dict = model(images, targets)
+        # A model may restrict the summed losses (stage 2 drops the RPN losses).
+        keys = getattr(self.model, "ltdet_loss_keys", None)
+        if keys is not None:
+            loss_dict = {k: v for k, v in loss_dict.items() if k in keys}
+        loss = sum(loss_dict.values())
+        # Averaged over ranks before the check, so every rank stops together on a bad value.
+        values = du.all_reduce_mean(torch.stack([v.detach().float() for v in loss_dict.values()]))
+        if not bool(torch.isfinite(values).all()):
+            self._raise_non_finite(it, epoch, loss_dict, values, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if solver["clip_grad_norm"] is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], solver["clip_grad_norm"])
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        losses = dict(zip(loss_dict, values.tolist()))
+        losses["loss"] = float(values.sum())
+        return losses, lr
 
     def _evaluate_untrained(self) -> dict:
         logger.info("nothing to train (empty param_groups): saving and evaluating the model")

@@ -2,7 +2,7 @@
 Samples", CVPR 2019).
 
 `class_balanced_weights(counts)` turns per-class training counts `[C]` into per-class loss weights
-`[C]` normalised so that they sum to C (eq. 4 of the paper and its normalisation in Sec. 4):
+`[C]` normalised so that they sum to C (Sec. 3-4 of the paper):
 
 * `effective`:    `w_c = (1 - beta) / (1 - beta^{n_c})`  (inverse effective number of samples)
 * `inverse`:      `w_c = 1 / n_c`

@@ -1,5 +1,5 @@
 """Label-aware smoothing (MiSLAS: Zhong et al., "Improving Calibration for Long-Tailed
-Recognition", CVPR 2021, Sec. 3.2, eqs. 4-5).
+Recognition", CVPR 2021, Sec. 3, label-aware smoothing).
 
 A class's smoothing factor grows with its training count, because head classes are the
 over-confident ones:
@@ -8,7 +8,7 @@ over-confident ones:
 
 with `h(x) = sin(pi x / 2)` (concave), `x` (linear) or `1 - cos(pi x / 2)` (convex), and the
 soft target of a sample of class y over K classes is `1 - eps_y` on y and `eps_y / (K - 1)` on
-every other class (eq. 5; the paper's formula, the released code spreads `eps_y / K` over all K).
+every other class (the paper's formula; the released code spreads `eps_y / K` over all K).
 """
 import math
 

@@ -1,4 +1,4 @@
-"""Balanced L1 loss (Pang et al., "Libra R-CNN", CVPR 2019, eqs. 7-9).
+"""Balanced L1 loss (Pang et al., "Libra R-CNN", CVPR 2019, Sec. 3.3).
 
 With `x = |pred - target|` and `b` such that `alpha ln(b + 1) = gamma` (gradient continuity at
 x = beta, i.e. `b = e^{gamma / alpha} - 1`):

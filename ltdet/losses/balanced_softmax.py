@@ -1,5 +1,5 @@
 """Balanced softmax / logit adjustment (Ren et al., "Balanced Meta-Softmax", NeurIPS 2020;
-Menon et al., "Long-tail learning via logit adjustment", ICLR 2021, eq. 10).
+Menon et al., "Long-tail learning via logit adjustment", ICLR 2021, Sec. 4, the logit-adjusted loss).
 
 Training uses softmax CE on adjusted logits `z_c + tau * log(pi_c)`, with `pi` the class prior
 over the C+1 columns of a RoI classifier. `tau = 1` is balanced softmax. In a detector the

@@ -1,5 +1,5 @@
 """Class-balanced loss (Cui et al., "Class-Balanced Loss Based on Effective Number of Samples",
-CVPR 2019, eq. 5-7): the loss of a sample of class y is multiplied by `w_y`, the class-balanced
+CVPR 2019, Sec. 4): the loss of a sample of class y is multiplied by `w_y`, the class-balanced
 weight of its ground-truth class (`ltdet.imbalance.class_balanced_weights`, normalised to sum C).
 
 Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`. The paper has no

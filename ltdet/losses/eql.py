@@ -1,5 +1,5 @@
 """Equalization loss, EQL (Tan et al., "Equalization Loss for Long-Tailed Object Recognition",
-CVPR 2020, eqs. 5-7).
+CVPR 2020, Sec. 3.2).
 
 Sigmoid BCE over the C foreground columns (a background RoI has an all-zero target; column 0 is
 not a class and gets no gradient), with element weight

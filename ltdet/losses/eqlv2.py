@@ -1,5 +1,5 @@
 """Equalization loss v2, EQLv2 (Tan et al., "Equalization Loss v2: A New Gradient Balance Approach
-for Long-tailed Object Detection", CVPR 2021, eqs. 5-9).
+for Long-tailed Object Detection", CVPR 2021, Sec. 3).
 
 Sigmoid BCE over all C+1 columns. Column 0 is the objectness / background column: its target is
 1 for a background RoI and 0 for a foreground one (the one-hot of the label, as in the reference
@@ -8,8 +8,8 @@ every foreground class j the loss keeps the accumulated absolute gradient w.r.t.
 `|p - y|` times the element weight, over positives (`G+_j`) and negatives (`G-_j`), summed over
 all ranks. With `g_j = G+_j / (G-_j + 1e-10)`:
 
-    q_j = 1 / (1 + exp(-gamma (g_j - mu)))      (weight of negatives, eq. 7)
-    r_j = 1 + alpha (1 - q_j)                   (weight of positives, eq. 8)
+    q_j = 1 / (1 + exp(-gamma (g_j - mu)))      (weight of negatives)
+    r_j = 1 + alpha (1 - q_j)                   (weight of positives)
     L = sum_ij w_ij BCE(z_ij, y_ij) / N,  w = r y + q (1 - y)
 
 `g` starts at 100 so the first step has all weights 1. The state (`pos_grad`, `neg_grad`,

@@ -1,5 +1,5 @@
 """Gradient harmonizing mechanism, GHM-C and GHM-R (Li et al., "Gradient Harmonized Single-stage
-Detector", AAAI 2019, eqs. 7-12).
+Detector", AAAI 2019, Sec. 3-4).
 
 Each element's gradient norm `g` in [0, 1] falls in one of `bins` equal bins; its weight is
 `beta = N_valid / GD(g)` with `GD = count_in_bin * n_nonempty_bins` (counts optionally an EMA with

@@ -1,5 +1,5 @@
 """Label-aware smoothing loss, LAS (MiSLAS: Zhong et al., "Improving Calibration for Long-Tailed
-Recognition", CVPR 2021, eqs. 4-5): softmax CE against soft targets whose smoothing factor
+Recognition", CVPR 2021, Sec. 3): softmax CE against soft targets whose smoothing factor
 grows with the class's training count (`ltdet.imbalance.label_aware_smoothing`):
 `1 - eps_y` on the true class, `eps_y / (K - 1)` on each of the other K - 1 = C columns.
 

@@ -1,5 +1,5 @@
 """Seesaw loss (Wang et al., "Seesaw Loss for Long-Tailed Instance Segmentation", CVPR 2021,
-eqs. 2-5).
+Sec. 3).
 
 Softmax CE in which the logit of every negative class j of a sample of class i is shifted by
 `log S_ij`, so that
