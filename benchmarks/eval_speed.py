@@ -105,8 +105,9 @@ def generate(root, n_images, seed=0):
     with open(det_path, "w") as f:
         f.write("[")
         for n, (img_id, c, b, s) in enumerate(det_rows):
-            f.write((", " if n else "") + ", ".join(
-                fmt % (img_id, ci, *bi, si) for ci, bi, si in zip(c.tolist(), b.tolist(), s.tolist())))
+            rows = zip(c.tolist(), b.tolist(), s.tolist())
+            f.write((", " if n else "") + ", ".join(fmt % (img_id, ci, *bi, si)
+                                                     for ci, bi, si in rows))
         f.write("]")
     open(stamp, "w").close()
     return gt_path, det_path
@@ -141,7 +142,8 @@ def run_fce(gt, dets):
         by_img.setdefault(r["image_id"], []).append(r)
     results = [r for rs in by_img.values()
                for r in (sorted(rs, key=lambda r: r["score"], reverse=True)[:300])]
-    e = COCOeval_faster(g, g.loadRes(results), "bbox", lvis_style=True, print_function=lambda *a: None)
+    e = COCOeval_faster(g, g.loadRes(results), "bbox", lvis_style=True,
+                        print_function=lambda *a: None)
     e.params.maxDets = [300]
     e.evaluate()
     e.accumulate()
@@ -208,7 +210,8 @@ def main():
         if ref:
             common = [k for k in METRICS if k in r["metrics"] and k in ref["metrics"]]
             diff = f"{max(abs(r['metrics'][k] - ref['metrics'][k]) for k in common):.2e}"
-        print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['peak_mb']:.0f} | {sp} | {mem} | {diff} | "
+        print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['peak_mb']:.0f} | {sp} | {mem} | "
+              f"{diff} | "
               f"{r['metrics'].get('AP', float('nan')):.4f} |")
 
 

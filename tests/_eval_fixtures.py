@@ -73,17 +73,15 @@ def make_set(seed=0, n_images=40, n_cats=24, lvis=True, big_image_dets=350):
         n_rand = big_image_dets if i == 1 else int(rng.integers(0, 30))
         for b, c in img_anns:
             for _ in range(int(rng.integers(0, 3))):
-                dets.append({"image_id": img_id, "category_id": int(c), "bbox": _jitter(rng, b, 0.08),
-                             "score": round(float(rng.random()), 2)})
+                dets.append({"image_id": img_id, "category_id": int(c),
+                             "bbox": _jitter(rng, b, 0.08), "score": round(float(rng.random()), 2)})
             if rng.random() < 0.3:  # the exact gt box, or a box on the area boundary
                 dets.append({"image_id": img_id, "category_id": int(c), "bbox": list(b),
                              "score": round(float(rng.random()), 2)})
         if i % 5 == 0:
             c = pos[0]
-            dets.append({"image_id": img_id, "category_id": int(c), "bbox": [12.0, 11.0, 32.0, 32.0],
-                         "score": 0.5})
-            dets.append({"image_id": img_id, "category_id": int(c), "bbox": [60.0, 30.0, 96.0, 96.0],
-                         "score": 0.5})
+            for box in ([12.0, 11.0, 32.0, 32.0], [60.0, 30.0, 96.0, 96.0]):
+                dets.append({"image_id": img_id, "category_id": int(c), "bbox": box, "score": 0.5})
         for _ in range(n_rand):
             c = int(rng.choice(cat_ids))
             dets.append({"image_id": img_id, "category_id": c, "bbox": _box(rng),

@@ -327,14 +327,18 @@ def _load_tool(name):
     return mod
 
 
-def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys):
+def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
+    import ltdet.engine.logger
     from ltdet.engine.evaluate import evaluate_checkpoint
 
+    # the CLI's root-logger set-up would outlive this test inside pytest's process
+    monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
     train = _load_tool("train")
     out = tmp_path / "run"
     argv = ["configs/base.yaml", "--no-progress", "--opts", *tiny_opts(tiny_data, out),
             "solver.max_iter=2", "data.test_min_size=96", "data.max_size=128",
-            "data.mixup.enabled=true", "data.mixup.prob=1.0"]  # mixup: part of the pipeline run
+            "data.mixup.enabled=true", "data.mixup.prob=1.0",  # mixup: part of the pipeline run
+            "solver.eval_period=1"]
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
     for f in ("config.yaml", "log.jsonl", "detections.json", "metrics.json", "per_class_ap.csv",
@@ -355,7 +359,9 @@ def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys):
         assert w >= 0 and h >= 0 and x + w <= W + 0.01 and y + h <= H + 0.01
     assert max(d["bbox"][0] + d["bbox"][2] for d in dets) > 40  # ... and not shrunk twice
     evals = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if '"eval"' in x]
-    assert evals[-1]["iter"] == 2 and evals[-1]["eval"]["AP"] == pytest.approx(metrics["AP"])
+    assert [e["iter"] for e in evals] == [1, 2]  # eval_period=1, then the final evaluation
+    assert evals[-1]["eval"]["AP"] == pytest.approx(metrics["AP"])
+    assert (out / "eval" / "iter_0000001" / "metrics.json").is_file()
 
     cfg = load_config(out / "config.yaml")
     res = evaluate_checkpoint(cfg, out / "checkpoints" / "model_0000002.pth", tmp_path / "again")

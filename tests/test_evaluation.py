@@ -122,8 +122,8 @@ def test_matches_pycocotools(seed, max_dets):
 def test_coco_train_bins_and_groups():
     gt, dets = make_set(4, lvis=False)
     rng = np.random.default_rng(0)
-    counts = {c["id"]: int(n) for c, n in
-              zip(gt["categories"], rng.choice([0, 3, 15, 30, 150, 500, 9000], len(gt["categories"])))}
+    sizes = rng.choice([0, 3, 15, 30, 150, 500, 9000], len(gt["categories"]))
+    counts = {c["id"]: int(n) for c, n in zip(gt["categories"], sizes)}
     train = {"images": [], "categories": gt["categories"], "annotations": []}
     aid = 0
     for cid, n in counts.items():
@@ -136,7 +136,8 @@ def test_coco_train_bins_and_groups():
         aps = [per[c]["AP"] for c, n in counts.items() if lo <= n < hi and per[c]["AP"] is not None]
         assert res[key] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
     for g, (lo, hi) in {"r": (0, 10), "c": (11, 100), "f": (101, 1e9)}.items():
-        aps = [per[c]["AP"] for c, n in counts.items() if lo <= n <= hi and per[c]["AP"] is not None]
+        aps = [per[c]["AP"] for c, n in counts.items()
+               if lo <= n <= hi and per[c]["AP"] is not None]
         assert res[f"AP{g}"] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
     assert all(per[c]["image_count"] == n and per[c]["instance_count"] == n
                for c, n in counts.items())
@@ -193,6 +194,9 @@ def test_input_forms_agree(tmp_path):
         tensors.append({"image_id": img_id, "boxes": b,
                         "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
                         "category_ids": torch.tensor([d["category_id"] for d in ds])})
+    no_dets = next(im["id"] for im in gt["images"] if im["id"] not in by_img)
+    tensors.append({"image_id": torch.tensor(no_dets), "boxes": torch.zeros(0, 4),
+                    "scores": torch.zeros(0), "category_ids": torch.zeros(0, dtype=torch.int64)})
     a = evaluate_lvis(gt, str(path))
     b = evaluate_lvis(gt, dets)
     c = evaluate_lvis(json.loads(json.dumps(gt)), tensors)
@@ -200,33 +204,57 @@ def test_input_forms_agree(tmp_path):
         assert a[k] == b[k] == c[k], k
 
 
-def test_result_json_fast_path_is_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("digits", [None, 2])
+def test_result_json_fast_path_is_exact(digits, tmp_path, monkeypatch):
+    """Chunks read as numeric tables (short decimals vectorised, long ones by numpy's parser)
+    must give bit-identical floats to the json module; odd chunks fall back to json."""
     rng = np.random.default_rng(0)
     n = 3000
+    boxes = rng.random((n, 4)) * 500
+    boxes[:, :2] -= 20  # some negative coordinates
+    scores = rng.random(n)
+    if digits is not None:
+        boxes, scores = boxes.round(digits), scores.round(digits + 2)
     dets = [{"score": float(s), "bbox": [float(v) for v in b], "image_id": int(i),
              "category_id": int(c)}
-            for s, b, i, c in zip(rng.random(n), rng.random((n, 4)) * 500,
-                                  rng.integers(1, 50, n), rng.integers(1, 9, n))]
+            for s, b, i, c in zip(scores, boxes, rng.integers(1, 50, n), rng.integers(1, 9, n))]
     dets[5]["score"] = 1e-7  # an exponent: that chunk takes the json path
-    text = json.dumps(dets, indent=1)  # 17-digit reprs, other key order, newlines
+    text = json.dumps(dets, indent=1)  # other key order, newlines
     path = tmp_path / "d.json"
     path.write_text(text)
-    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 20000)  # many chunks, both paths
-    calls = {"uniform": 0}
-    orig = results_io._parse_uniform_chunk
+    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 20000)  # many chunks, all paths
+    calls = {"table": 0, "short": 0}
+    table, short = results_io._parse_uniform_chunk, results_io._parse_short_decimals
 
-    def counting(*a):
-        out = orig(*a)
-        calls["uniform"] += out is not None
+    def counting_table(*a):
+        out = table(*a)
+        calls["table"] += out is not None
         return out
 
-    monkeypatch.setattr(results_io, "_parse_uniform_chunk", counting)
+    def counting_short(*a):
+        out = short(*a)
+        calls["short"] += out is not None
+        return out
+
+    monkeypatch.setattr(results_io, "_parse_uniform_chunk", counting_table)
+    monkeypatch.setattr(results_io, "_parse_short_decimals", counting_short)
     cols = load_detections(str(path))
-    assert calls["uniform"] > 5
+    assert calls["table"] > 5
+    assert (calls["short"] > 5) == (digits is not None)
     assert np.array_equal(cols.score, [d["score"] for d in dets])
     assert np.array_equal(cols.bbox, [d["bbox"] for d in dets])
     assert np.array_equal(cols.image_id, [d["image_id"] for d in dets])
     assert np.array_equal(cols.category_id, [d["category_id"] for d in dets])
+
+
+def test_short_decimal_parser():
+    body = b"1,-2,3.5,-0.25,0.1,123456789012345,7.,-0"
+    out = results_io._parse_short_decimals(body, 8)
+    assert out.tolist() == [1.0, -2.0, 3.5, -0.25, 0.1, 123456789012345.0, 7.0, 0.0]
+    assert math.copysign(1, out[-1]) == -1
+    for bad in (b"1,2.3.4", b"1,--2", b"1,2-3", b"1,,2", b"1,1234567890123456", b"1,+2"):
+        assert results_io._parse_short_decimals(bad, bad.count(b",") + 1) is None
+    assert results_io._parse_short_decimals(b"1,2", 3) is None
 
 
 @pytest.mark.parametrize("bad,pattern", [

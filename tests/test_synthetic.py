@@ -174,7 +174,8 @@ def test_bad_parameters_raise(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_lvis(tmp_path, **{**TINY, "num_classes": 10_000})
     with pytest.raises(ValueError, match="image_size"):
-        make_synthetic_lvis(tmp_path, **{**TINY, "image_size": 16, "min_radius": 3, "max_radius": 10})
+        make_synthetic_lvis(tmp_path, **{**TINY, "image_size": 16, "min_radius": 3,
+                                          "max_radius": 10})
     assert not (tmp_path / MARKER_NAME).exists()
 
 

@@ -15,6 +15,7 @@ losses named in `model.ltdet_loss_keys` when prepare_stage2 sets it; an empty li
 parameters (tau-norm) skips training and evaluates.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ltdet.engine.logger import setup_console_logging
+
+    setup_console_logging(int(os.environ.get("RANK", "0")))
     try:
         cfg = load_config(args.config, args.opts)
     except ConfigError as e:

@@ -20,8 +20,9 @@ LVIS annotation fields. ``categories`` carry ``frequency``, ``image_count`` and
 ``instance_count`` counted on the *training* split (identical in both jsons, as in LVIS v1).
 Every image lists ``neg_category_ids`` (a random subset of the classes absent from it: verified
 absent) and ``not_exhaustive_category_ids``: with probability ``not_exhaustive_prob`` an
-(image, class) pair gets one more instance drawn but not annotated, and the class is listed there - exactly LVIS's meaning of the flag. Boxes are ``xywh`` tight boxes of
-the whole (amodal) shape; ``segmentation`` the outer contour of the shape's pixels; ``area`` their count.
+(image, class) pair gets one more instance drawn but not annotated, and the class is listed
+there - exactly LVIS's meaning of the flag. Boxes are ``xywh`` tight boxes of the whole (amodal)
+shape; ``segmentation`` the outer contour of the shape's pixels; ``area`` their count.
 
 Layout under ``root``::
 
@@ -308,7 +309,8 @@ def _class_table(rng, num_classes):
     total = len(SHAPES) * len(COLORS) * len(TEXTURES)
     if not 1 <= num_classes <= total:
         raise ValueError(f"num_classes={num_classes}: must be in [1, {total}] "
-                         f"({len(SHAPES)} shapes x {len(COLORS)} colours x {len(TEXTURES)} textures)")
+                         f"({len(SHAPES)} shapes x {len(COLORS)} colours x "
+                         f"{len(TEXTURES)} textures)")
     # Spread shapes evenly (every shape used before any is repeated) so classes differ in
     # shape as much as possible; colour/texture are drawn without repeating a triple.
     colors = list(COLORS)
@@ -372,7 +374,7 @@ def _layout_val(rng, num_images, num_classes, instances_per_class):
 
 
 def _params(seed, sizes):
-    defaults = dict(num_train=1200, num_val=300, num_classes=30, image_size=224,
+    defaults = dict(num_train=1200, num_val=300, num_classes=30, image_size=160,
                     max_images_per_class=1000, zipf_exponent=1.6, val_instances_per_class=20,
                     max_instances_per_pair=3, min_radius=None, max_radius=None, max_ioa=0.35,
                     num_distractors=3, neg_fraction=0.5, not_exhaustive_prob=0.02,
@@ -411,12 +413,12 @@ def make_synthetic_lvis(root, seed=0, **sizes):
     """Generate (or reuse) the synthetic long-tailed LVIS-format data set under ``root``.
 
     Parameters (keyword ``sizes``, defaults in brackets): ``num_train`` [1200], ``num_val`` [300]
-    images; ``num_classes`` [30]; ``image_size`` [224] (square images); ``max_images_per_class``
+    images; ``num_classes`` [30]; ``image_size`` [160] (square images); ``max_images_per_class``
     [1000] and ``zipf_exponent`` [1.6]: training images of class rank k =
     ``max(1, round(1000 * k ** -1.6))``, i.e. 4 frequent, 13 common and 13 rare classes;
     ``val_instances_per_class`` [20]; ``max_instances_per_pair`` [3] instances of one class on
-    one training image; ``min_radius`` / ``max_radius`` [11, 34] object radius in pixels;
-    ``max_ioa`` [0.35] the largest fraction of a box another object may cover;
+    one training image; ``min_radius`` / ``max_radius`` [5% / 15% of ``image_size``] object
+    radius in pixels; ``max_ioa`` [0.35] the largest fraction of a box another object may cover;
     ``num_distractors`` [3] most non-class blobs per image; ``neg_fraction`` [0.5] of the absent
     classes listed in ``neg_category_ids``; ``not_exhaustive_prob`` [0.02]; ``jpeg_quality`` [92].
 
@@ -471,7 +473,8 @@ def _generate(root, p):
             flags = img_rng.uniform(size=len(present)) < p["not_exhaustive_prob"]
             not_exhaustive = [int(c) for c in present[flags]]
             instances = [(c, True) for c in labels] + [(c, False) for c in not_exhaustive]
-            instances = [instances[i] for i in img_rng.permutation(len(instances))]  # = occlusion order
+            # Drawing order = occlusion order.
+            instances = [instances[i] for i in img_rng.permutation(len(instances))]
             bgr, objects = _draw_image(img_rng, size, instances, classes, **draw_kw)
             file_name = f"{split}/{image_id:06d}.jpg"
             if not cv2.imwrite(str(root / "images" / file_name), bgr,

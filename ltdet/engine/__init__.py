@@ -15,6 +15,7 @@ _EXPORTS = {
     "lr_factor": "solver",
     "TrainLogger": "logger",
     "setup_logging": "logger",
+    "setup_console_logging": "logger",
     "inference": "evaluate",
     "evaluate_model": "evaluate",
     "evaluate_checkpoint": "evaluate",

@@ -22,23 +22,32 @@ import torch
 _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 
 
+def setup_console_logging(rank: int = 0) -> None:
+    """For command-line tools: one stderr handler on the root logger (INFO on rank 0, WARNING on
+    the others). Installed before anything else configures logging (the `lvis` package calls
+    `logging.basicConfig` when imported; this pre-empts it), so every line prints once."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=_FORMAT,
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    # lvis logs every json load at INFO ("Loading annotations", "Creating index", ...)
+    logging.getLogger("lvis").setLevel(logging.WARNING)
+
+
 def setup_logging(output_dir=None, rank: int = 0) -> None:
-    """Log INFO from `ltdet` to stderr and to `output_dir/log.txt` on rank 0; WARNING elsewhere."""
+    """Send ltdet's records to `output_dir/log.txt` on rank 0; ltdet logs INFO on rank 0 and
+    WARNING elsewhere. Console output is the application's choice (`setup_console_logging`);
+    records propagate to the root logger as usual."""
     root = logging.getLogger("ltdet")
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_ltdet", False):
             root.removeHandler(h)
             h.close()
-    handlers = [logging.StreamHandler(sys.stderr)]
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
-    for h in handlers:
+        h = logging.FileHandler(Path(output_dir) / "log.txt")
         h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         h._ltdet = True
         root.addHandler(h)
-    root.propagate = False
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -143,9 +152,13 @@ class TrainLogger:
         for k, v in scalars.items():
             self._writer.add_scalar(f"eval/{k}", v, it)
 
-    def close(self) -> None:
+    def close_progress(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_progress()
         if self._writer is not None:
             self._writer.close()
         if self._jsonl is not None:

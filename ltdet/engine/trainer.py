@@ -248,6 +248,7 @@ class Trainer:
                     t_start = time.perf_counter()
                 else:
                     epoch, position = epoch + 1, 0
+            log.close_progress()
             results = {}
             if self.evaluate:
                 results = self.run_evaluation(self.output_dir)

@@ -5,6 +5,9 @@ import importlib
 # importing its siblings.
 _EXPORTS = {
     "evaluate_lvis": "lvis_eval",
+    "GroundTruthFormatError": "lvis_eval",
+    "DetectionFormatError": "results_io",
+    "load_detections": "results_io",
     "format_table": "report",
     "write_report": "report",
 }

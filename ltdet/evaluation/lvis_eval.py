@@ -53,7 +53,8 @@ AREA_NAMES = ("all", "small", "medium", "large")
 FREQ_GROUPS = ("r", "c", "f")
 # LVIS frequency thresholds on training image counts: r <= 10 < c <= 100 < f.
 FREQ_THRESHOLDS = (10, 100)
-# COCO-LT bins on training instance counts: AP1 [1, 20), AP2 [20, 400), AP3 [400, 8000), AP4 >= 8000.
+# COCO-LT bins on training instance counts:
+# AP1 [1, 20), AP2 [20, 400), AP3 [400, 8000), AP4 >= 8000.
 COCO_LT_BINS = (1, 20, 400, 8000, float("inf"))
 _EPS = np.spacing(1)
 
@@ -245,7 +246,7 @@ def _box_iou_coco(d, g, crowd):
 
 def _group_sizes(keys, num_keys):
     """Occurrences of each key (only the maximum is used): bincount when the key space is small."""
-    if num_keys <= (1 << 27):
+    if num_keys <= (1 << 24):
         return torch.bincount(keys, minlength=1)
     return torch.unique(keys, return_counts=True)[1]
 
@@ -264,6 +265,7 @@ def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device)
     """Validate ids, apply the per-image (LVIS) or per-(image, class) (COCO) cap and the federated
     filter. Returns tensors on ``device`` for the kept detections, in input order."""
     K = len(gt.cat_ids)
+
     def describe(i):
         return f"{cols.source}: detection #{i} {cols.entry(i)}"
 
@@ -296,7 +298,7 @@ def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device)
     )
 
 
-def _match(det, gt_t, num_cats, device):
+def _match(det, gt_t, device):
     """Greedy COCO/LVIS matching for all (image, class) groups at once.
 
     ``det`` tensors are sorted by (pair, -score, input order); ``gt_t`` by (pair, json order).
@@ -438,7 +440,7 @@ def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets=300, device=None
     g_cat = torch.from_numpy(gt.ann_cat).to(device)[g_order]
     num_gt = torch.zeros(len(AREA_RNGS), K, dtype=torch.int64, device=device).scatter_add(
         1, g_cat.expand(len(AREA_RNGS), -1), (~gt_t["ignore_area"]).long())
-    matched, matched_ig = _match(det, gt_t, K, device)
+    matched, matched_ig = _match(det, gt_t, device)
     prec, recall = _accumulate(det, matched, matched_ig, num_gt, K, device)
     return prec.cpu().numpy(), recall.cpu().numpy()
 

@@ -176,24 +176,71 @@ def _uniform_layout(text, pos):
 
 def _parse_uniform_chunk(piece, layout, offset, source):
     """Chunk of ``{...},{...}`` -> columns when every object matches the layout's skeleton (same
-    keys, same order, plain numbers); else None. Numbers are read by numpy's text parser, which
-    rounds decimal strings to float64 exactly as json (Python's float) does."""
+    keys, same order, plain numbers); else None (the caller then uses the json module)."""
     template, columns, width = layout
     n = piece.count(b"{")
     skeleton = piece.translate(None, _NUMBER_BYTES + _SPACE_BYTES)
     if n == 0 or skeleton != b",".join([template] * n):
         return None
-    body = piece.translate(None, _KEY_BYTES + _SPACE_BYTES).replace(b"},{", b"\n")[1:-1]
-    try:
-        table = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.float64, ndmin=2,
-                           comments=None)
-    except ValueError:
+    body = piece.translate(None, _KEY_BYTES + _SPACE_BYTES + b"{}")
+    table = _parse_short_decimals(body, n * width)
+    if table is None:
+        try:
+            table = np.loadtxt(io.BytesIO(body.replace(b",", b"\n")), dtype=np.float64,
+                               comments=None)
+        except ValueError:
+            return None
+    if table.size != n * width:
         return None
-    if table.shape != (n, width):
-        return None
+    table = table.reshape(n, width)
     return _make_columns(table[:, columns["image_id"]], table[:, columns["category_id"]],
                          np.ascontiguousarray(table[:, columns["bbox"]]),
                          np.ascontiguousarray(table[:, columns["score"]]), offset, source)
+
+
+_POW10 = 10.0 ** np.arange(23)  # exact in float64 up to 1e22
+
+
+def _parse_short_decimals(body: bytes, count: int):
+    """Comma-separated plain decimals (``-?digits[.digits]``) -> float64 [count], vectorised.
+
+    Exact (identical to ``float(token)``) because a token of at most 15 digits is an integer
+    mantissa m < 2^53 and a power of ten 10^f <= 1e22, both exact in float64, and ``m / 10^f`` is
+    one correctly rounded IEEE division (Clinger's fast path). Returns None when a token is not of
+    that form (more digits, exponent, '+', empty), leaving it to numpy's general text parser.
+    """
+    u = np.frombuffer(body, dtype=np.uint8)
+    sep = u == ord(",")
+    n_tok = int(np.count_nonzero(sep)) + 1
+    if n_tok != count or np.count_nonzero(u == ord("+")):
+        return None
+    tid = np.cumsum(sep, dtype=np.int32)  # token of each byte (separators: the next token)
+    digit = (u >= ord("0")) & (u <= ord("9"))
+    cd = np.cumsum(digit, dtype=np.int32)
+    ends = np.append(np.flatnonzero(sep), u.size)  # one past each token
+    cd_end = cd[ends - 1]
+    n_digits = np.diff(cd_end, prepend=0)
+    if n_digits.min(initial=1) < 1 or n_digits.max(initial=0) > 15:
+        return None
+    d_pos = np.flatnonzero(digit)
+    d_tid = tid[d_pos]
+    place = cd_end[d_tid] - cd[d_pos]  # digits to the right of this one in its token
+    mantissa = np.bincount(d_tid, weights=(u[d_pos] - ord("0")) * _POW10[place],
+                           minlength=n_tok)
+    dot_pos = np.flatnonzero(u == ord("."))
+    dot_tid = tid[dot_pos]
+    minus_pos = np.flatnonzero(u == ord("-"))
+    minus_tid = tid[minus_pos]
+    starts = np.append(0, ends[:-1] + 1)
+    if dot_tid.size and np.any(np.diff(dot_tid) == 0) \
+            or minus_tid.size and (np.any(np.diff(minus_tid) == 0)
+                                   or np.any(minus_pos != starts[minus_tid])):
+        return None  # two dots / two minus signs in a token, or a minus not at its start
+    frac = np.zeros(n_tok, dtype=np.int64)
+    frac[dot_tid] = cd_end[dot_tid] - cd[dot_pos]
+    value = mantissa / _POW10[frac]
+    value[minus_tid] = -value[minus_tid]
+    return value
 
 
 def _load_result_json_whole(path, text) -> DetColumns:
@@ -278,10 +325,13 @@ def _columns_from_tensors(items) -> DetColumns:
         b = torch.as_tensor(d["boxes"]).detach().to("cpu", torch.float64)
         s = torch.as_tensor(d["scores"]).detach().to("cpu", torch.float64).reshape(-1)
         c = torch.as_tensor(d["category_ids"]).detach().to("cpu").reshape(-1)
+        if b.numel() == 0:  # an image without detections may come as an empty [0] tensor
+            b = b.reshape(0, 4)
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] != s.shape[0] or c.shape[0] != s.shape[0]:
             raise DetectionFormatError(
-                f"detections[{n}] (image_id {int(d['image_id'])}): boxes must be [K, 4] and scores /"
-                f" category_ids [K]; got {tuple(b.shape)}, {tuple(s.shape)}, {tuple(c.shape)}"
+                f"detections[{n}] (image_id {int(d['image_id'])}): boxes must be [K, 4] and "
+                f"scores / category_ids [K]; got {tuple(b.shape)}, {tuple(s.shape)}, "
+                f"{tuple(c.shape)}"
             )
         if c.is_floating_point() and bool((c != c.round()).any()):
             raise DetectionFormatError(f"detections[{n}]: category_ids must be integers")
