@@ -337,6 +337,10 @@ def test_tools_test_cli(tmp_path, capsys):
     assert (tmp_path / "rep" / "per_class_ap.csv").exists()
     with pytest.raises(SystemExit):
         cli.parse_args(["--gt", "x.json"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["cfg.yaml", "--gt", "x.json", "--dets", "d.json"])
+    args = cli.parse_args(["cfg.yaml", "--ckpt", "m.pth", "--opts", "test.max_dets=100"])
+    assert (args.config, args.ckpt, args.opts) == ("cfg.yaml", "m.pth", ["test.max_dets=100"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -137,15 +137,15 @@ class LTRoIHeads(RoIHeads):
         # shallow copies of the module's tables: same submodules and parameters, own registries
         head.__dict__.update({key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
                               for key, value in vars(roi_heads).items()})
-        cls_loss = _resolve_loss(cls_loss, previous and previous.cls_loss, DEFAULT_CLS_LOSS,
+        cls_loss = _resolve_loss(cls_loss, getattr(previous, "cls_loss", None), DEFAULT_CLS_LOSS,
                                  num_classes, stats, "cls_loss")
-        box_loss = _resolve_loss(box_loss, previous and previous.box_loss, DEFAULT_BOX_LOSS,
+        box_loss = _resolve_loss(box_loss, getattr(previous, "box_loss", None), DEFAULT_BOX_LOSS,
                                  num_classes, stats, "box_loss")
-        sampler = build_roi_sampler(sampler) if sampler is not None else (
-            previous.sampler if previous is not None else build_roi_sampler(None))
+        sampler = build_roi_sampler(sampler if sampler is not None
+                                    else getattr(previous, "sampler", None))
         head._install(cls_loss, box_loss, sampler,
-                      lds if lds is not None else previous and previous.lds,
-                      fds if fds is not None else previous and previous.fds)
+                      lds if lds is not None else getattr(previous, "lds", None),
+                      fds if fds is not None else getattr(previous, "fds", None))
         return head
 
     def _install(self, cls_loss, box_loss, sampler, lds, fds) -> None:
