@@ -257,3 +257,46 @@ def test_build_fds():
         build_fds({"enabled": True, "smoothing": 1}, 8)
     with pytest.raises(ValueError, match="momentum"):
         build_fds({"enabled": True, "momentum": 1.0}, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two gloo ranks, each with half of the RoIs, must hold the full-data statistics.
+
+def _dist_worker(rank, world, port, feats, ious, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.set_num_threads(1)
+        fds = RoIFDS(D, bins=FDS_BINS, lo=LO, hi=HI, start_smooth=0).train()
+        lds = RoILDS(bins=FDS_BINS, lo=LO, hi=HI).train()
+        part = slice(rank, None, world)
+        fds.update(feats[part], ious[part])
+        lds.update(ious[part])
+        out[rank] = (fds.running_mean.clone(), fds.running_var.clone(), lds.counts.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (~10 s of CPU for the imports)
+def test_statistics_are_all_reduced_across_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rng = np.random.default_rng(3)
+    means, stds = _stats(rng)
+    feats, ious = _bin_features(rng, [40, 30, 20, 10, 6], means, stds)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_dist_worker, args=(2, port, feats, ious, out), nprocs=2, join=True)
+    single = RoIFDS(D, bins=FDS_BINS, lo=LO, hi=HI).train()
+    single.update(feats, ious)
+    for rank in range(2):
+        mean, var, counts = out[rank]
+        torch.testing.assert_close(mean, single.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var, single.running_var, rtol=1e-5, atol=1e-6)
+        assert counts.tolist() == [40, 30, 20, 10, 6]

@@ -227,3 +227,22 @@ def test_accepts_checkpoint_dict_with_ddp_prefix():
     model = tiny_detector(seed=2)
     prepare_stage2(model, cfg(head="lws"), ckpt)
     assert torch.equal(model.backbone.body.conv1.weight, sd1["backbone.body.conv1.weight"])
+
+
+def test_tau_sweep_table_marks_best():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "tau_sweep.py"
+    spec = importlib.util.spec_from_file_location("tau_sweep", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [{"tau": 0.0, "AP": 0.20, "APr": 0.01, "APc": 0.15, "APf": 0.30},
+            {"tau": 0.5, "AP": 0.22, "APr": 0.05, "APc": 0.18, "APf": 0.29},
+            {"tau": 1.0, "AP": 0.21, "APr": 0.09, "APc": 0.17, "APf": 0.27}]
+    table = tool.format_sweep(rows, "AP")
+    assert "* 0.50" in table and table.endswith("best tau by AP: 0.5 (AP 22.00)")
+    assert tool.format_sweep(rows, "APr").endswith("best tau by APr: 1 (APr 9.00)")
+    assert tool.parse_taus("0, 0.25,1") == [0.0, 0.25, 1.0]
+    with pytest.raises(Exception, match="taus"):
+        tool.parse_taus("0,-1")

@@ -114,15 +114,14 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
             roi_heads.box_predictor = LWSPredictor(predictor)
     elif head == "cosine":
         if not isinstance(getattr(predictor, "cls_score", None), CosineClassifier) or initialise:
-            cls_score = predictor.cls_score
-            in_features = (cls_score.in_features if isinstance(cls_score, (nn.Linear, CosineClassifier))
-                           else predictor.bbox_pred.in_features)
             cosine = dict(refine.get("cosine") or {})
             unknown = set(cosine) - {"scale", "learn_scale"}
             if unknown:
                 raise ValueError(f"refine.cosine: unknown key(s) {sorted(unknown)}; valid keys: "
                                  "['learn_scale', 'scale']")
-            new = CosinePredictor(in_features, predictor.bbox_pred.out_features // 4,
+            # The regressor and the classifier read the same features: its shape gives D and C+1.
+            new = CosinePredictor(predictor.bbox_pred.in_features,
+                                  predictor.bbox_pred.out_features // 4,
                                   scale=float(cosine.get("scale", 20.0)),
                                   learn_scale=bool(cosine.get("learn_scale", True)))
             new.bbox_pred = predictor.bbox_pred

@@ -69,7 +69,8 @@ class CosineClassifier(nn.Module):
     (scale 20). The scale ``s`` (inverse temperature) is a learnable scalar when ``learn_scale``.
     The background row is a cosine prototype like the others; there is no bias.
 
-    Shapes: input ``[R, D]``, output ``[R, num_classes]``.
+    Shapes: input ``[R, D]``, output ``[R, out_features]``. ``in_features`` / ``out_features``
+    mirror ``nn.Linear`` so every ``cls_score`` exposes its width the same way.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, scale: float = 20.0,
@@ -78,7 +79,7 @@ class CosineClassifier(nn.Module):
         if scale <= 0:
             raise ValueError(f"CosineClassifier: scale must be > 0, got {scale}")
         self.in_features = in_features
-        self.num_classes = num_classes
+        self.out_features = num_classes
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
@@ -94,7 +95,7 @@ class CosineClassifier(nn.Module):
         return self.scale * (x @ w.t())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class CosinePredictor(nn.Module):
@@ -129,12 +130,13 @@ class ScaledClassifier(nn.Module):
     ``scales == 1`` reproduces the base classifier exactly. One scale per column, background
     (column 0) included.
 
-    Shapes: input ``[R, D]``, output ``[R, num_classes]``.
+    Shapes: input ``[R, D]``, output ``[R, out_features]`` (``out_features`` as in ``nn.Linear``).
     """
 
     def __init__(self, base: nn.Module, num_classes: int):
         super().__init__()
         self.base = base
+        self.out_features = num_classes
         for p in self.base.parameters():
             p.requires_grad_(False)
         ref = next(self.base.parameters(), None)
@@ -176,10 +178,8 @@ class LWSPredictor(nn.Module):
 
 
 def _num_outputs(cls_score: nn.Module) -> int:
-    if isinstance(cls_score, nn.Linear):
+    if isinstance(cls_score, (nn.Linear, CosineClassifier)):
         return cls_score.out_features
-    if isinstance(cls_score, CosineClassifier):
-        return cls_score.num_classes
     raise TypeError(
         f"unsupported cls_score module {type(cls_score).__name__}: expected nn.Linear or "
         "CosineClassifier"
