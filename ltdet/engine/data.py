@@ -60,14 +60,16 @@ def build_datasets(cfg: dict, paths: dict, *, train: bool = True, val: bool = Tr
     train_ds = val_ds = None
     if train:
         train_ds = build_dataset(paths["train_json"], paths["train_images"], format=fmt,
-                                 transforms=build_transforms(cfg["data"], train=True))
+                                 transforms=build_transforms(cfg["data"], train=True),
+                                 skip_invalid=cfg["data"]["skip_invalid"])
         if len(train_ds) == 0:
             raise ValueError(f"the training set {paths['train_json']} has no images")
     if val:
         if paths["val_json"] is None:
             raise ValueError("data.val.json is null: set it (and data.val.images) to evaluate")
         val_ds = build_dataset(paths["val_json"], paths["val_images"], format=fmt,
-                               transforms=build_transforms(cfg["data"], train=False))
+                               transforms=build_transforms(cfg["data"], train=False),
+                               skip_invalid=cfg["data"]["skip_invalid"])
     return train_ds, val_ds
 
 
