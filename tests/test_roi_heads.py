@@ -105,6 +105,23 @@ def test_lds_hook_weights_positive_box_loss():
     assert torch.allclose(losses["loss_box_reg"], box) and torch.allclose(losses["loss_classifier"], cls)
 
 
+def test_lds_delta_target_bins_the_regression_target_norm():
+    lds = RecordingLDS()
+    lds.target = "delta"
+    head = _lt(lds=lds)
+    features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 2))
+    samples = head.select_training_samples(proposals, targets, features, shapes)
+    n = sum(map(len, samples.labels))
+    logits = torch.randn(n, NUM_CLASSES + 1)
+    deltas = torch.randn(n, (NUM_CLASSES + 1) * 4) * 0.1
+    head.box_losses(logits, deltas, samples)
+    labels = torch.cat(samples.labels)
+    pos = labels > 0
+    expected = head.box_coder.encode_single(torch.cat(samples.matched_gt_boxes)[pos],
+                                            torch.cat(samples.proposals)[pos]).norm(dim=1)
+    assert len(lds.updates) == 1 and torch.allclose(lds.updates[0], expected)
+
+
 class RecordingFDS(nn.Module):
     """Zeroes the regressor input and records what it saw."""
 

@@ -311,10 +311,16 @@ class LTRoIHeads(RoIHeads):
             return {"loss_classifier": loss_cls, "loss_box_reg": box_regression.sum() * 0}
         lds_weight = None
         if self.lds is not None:
-            ious = torch.cat(samples.ious)[positive].detach()
+            # LDS bins a continuous target of each positive: its IoU with its gt (default) or the
+            # L2 norm of its regression-target deltas (`model.lds.target: delta`).
+            if getattr(self.lds, "target", "iou") == "delta":
+                values = torch.cat(samples.regression_targets)[positive].norm(dim=1)
+            else:
+                values = torch.cat(samples.ious)[positive]
+            values = values.detach()
             if self.training:
-                self.lds.update(ious)
-            lds_weight = self.lds.weights(ious)
+                self.lds.update(values)
+            lds_weight = self.lds.weights(values)
         box_weight = _product(base[positive] if base is not None else None, lds_weight,
                               sampler_box_weight)
         loss_box = self._box_loss(box_regression[positive], labels[positive],
