@@ -229,7 +229,12 @@ def test_resume_is_exact_and_log_jsonl(tiny_data, tmp_path, monkeypatch, workers
     assert (tmp_path / "cut" / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
 
     lines = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    totals = [r for r in lines if "count_totals" in r]
+    lines = [r for r in lines if "count_totals" not in r]
     assert [r["iter"] for r in lines] == [1, 2]
+    # the resumed process totals only what it trained itself (iteration 2)
+    assert [(t["iter"], t["since_iter"]) for t in totals] == [(2, 1)]
+    assert totals[0]["count_totals"] == {k: lines[1][k] for k in ("samples_r", "samples_c", "samples_f")}
     keys = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     for r in lines:
         assert keys | {"iter", "epoch", "lr", "loss", "time", "data_time", "eta_seconds",
@@ -238,11 +243,31 @@ def test_resume_is_exact_and_log_jsonl(tiny_data, tmp_path, monkeypatch, workers
         expect = 0.01 * lr_factor(r["iter"] - 1, max_iter=2, warmup_iters=2, warmup_factor=0.001,
                                   schedule="step", steps=[3], gamma=0.1)
         assert r["lr"] == pytest.approx(expect)
-    full_lines = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    full_lines = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+                  if "count_totals" not in x]
     assert [r["loss"] for r in full_lines] == pytest.approx([r["loss"] for r in lines], rel=1e-5)
     saved_cfg = load_config(tmp_path / "cut" / "config.yaml")
     assert saved_cfg == cfg
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "cut").iterdir())
+
+
+def test_log_counts_sampled_instances_per_frequency_group(tiny_data, tmp_path):
+    """One epoch (8 images, batch 2, 4 iterations) samples every training instance exactly once,
+    so the logged per-group totals equal the data set's instance counts per group."""
+    from ltdet.engine.trainer import Trainer
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "groups", "solver.max_iter=4", "solver.log_period=2",
+                   "solver.checkpoint_period=4")
+    trainer = Trainer(cfg, evaluate=False, progress=False)
+    trainer.stats.frequency = ["r", "c", "f"]  # one class per group: each group is checked
+    trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "groups" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "count_totals" not in r]
+    assert [r["iter"] for r in steps] == [2, 4] and all(r["epoch"] == 0 for r in steps)
+    expected = {f"samples_{g}": int(n) for g, n in zip("rcf", trainer.stats.instance_count.tolist())}
+    assert records[-1]["count_totals"] == expected
+    assert {k: sum(r[k] for r in steps) for k in expected} == expected
+    assert min(expected.values()) > 0
 
 
 def test_nan_loss_stops_with_advice(tiny_data, tmp_path):
@@ -276,9 +301,17 @@ def _ddp_worker(rank, world, port, cfg, out):
     from ltdet.engine.trainer import Trainer
 
     trainer = Trainer(cfg, evaluate=False, progress=False)
+    step, seen = trainer._step, []
+
+    def counting_step(*args, group_counts, **kwargs):  # this rank's own instances, pre-reduce
+        seen.append(int(group_counts.sum()))
+        return step(*args, group_counts=group_counts, **kwargs)
+
+    trainer._step = counting_step
     trainer.train()
     torch.save({"params": dict(trainer.model.named_parameters()),
-                "state": trainer.model.state_dict()}, Path(out) / f"rank{rank}.pth")
+                "state": trainer.model.state_dict(), "batch_instances": sum(seen)},
+               Path(out) / f"rank{rank}.pth")
     dist.destroy_process_group()
 
 
@@ -311,8 +344,11 @@ def test_two_process_gloo_training(tiny_data, tmp_path):
     assert not torch.equal(ckpt["rank_states"][0]["rng"]["torch"], ckpt["rank_states"][1]["rng"]["torch"])
     for k in w0:
         assert torch.equal(ckpt["model"][k], w0[k])
-    lines = (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["iter"] for x in lines] == [1]  # rank 0 alone writes the log
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 1]  # rank 0 alone writes the log (+ its totals line)
+    # the sampled-instance counts are summed over both ranks' batches
+    per_rank = [r0["batch_instances"], r1["batch_instances"]]
+    assert sum(lines[0][f"samples_{g}"] for g in "rcf") == sum(per_rank) > 0
     events = [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith("events.out")]
     assert len(events) == 1
 

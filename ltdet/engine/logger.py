@@ -90,6 +90,8 @@ class TrainLogger:
         self.max_iter = max_iter
         self.log_period = max(int(log_period), 1)
         self._window = defaultdict(list)
+        self._counts = defaultdict(int)
+        self.count_totals = defaultdict(int)
         self._start_time = time.perf_counter()
         self._start_iter = start_iter
         self._bar = None
@@ -111,12 +113,19 @@ class TrainLogger:
                              file=sys.stderr)
 
     def update(self, it: int, *, epoch: int, lr: float, losses: dict, time_s: float,
-               data_time_s: float, device: torch.device) -> None:
-        """Record iteration `it` (steps done so far, 1-based); write a line every log_period."""
+               data_time_s: float, device: torch.device, counts: dict | None = None) -> None:
+        """Record iteration `it` (steps done so far, 1-based); write a line every log_period.
+
+        losses are averaged over the log window; `counts` (e.g. sampled instances per frequency
+        group) are summed over it, and totalled over the run for `summary()`.
+        """
         if not self.enabled:
             return
         for k, v in losses.items():
             self._window[k].append(v)
+        for k, v in (counts or {}).items():
+            self._counts[k] += v
+            self.count_totals[k] += v
         self._window["time"].append(time_s)
         self._window["data_time"].append(data_time_s)
         if self._bar is not None:
@@ -130,6 +139,8 @@ class TrainLogger:
         eta = per_iter * (self.max_iter - it)
         record = {"iter": it, "epoch": epoch, "lr": lr}
         record.update({k: avg[k] for k in losses})
+        record.update(self._counts)
+        self._counts.clear()
         record.update(time=avg["time"], data_time=avg["data_time"], eta_seconds=eta,
                       memory_mb=peak_memory_mb(device))
         self._jsonl.write(json.dumps(record) + "\n")
@@ -151,6 +162,19 @@ class TrainLogger:
         self._jsonl.flush()
         for k, v in scalars.items():
             self._writer.add_scalar(f"eval/{k}", v, it)
+
+    def log_count_totals(self, it: int) -> None:
+        """One log.jsonl line with the counts summed since this process started training (since
+        the resumed iteration after --resume), and the same on the console."""
+        if not self.enabled or not self.count_totals:
+            return
+        totals = dict(self.count_totals)
+        self._jsonl.write(json.dumps({"iter": it, "since_iter": self._start_iter,
+                                      "count_totals": totals}) + "\n")
+        self._jsonl.flush()
+        logging.getLogger("ltdet.engine").info(
+            "sampled instances per frequency group, iterations %d-%d: %s", self._start_iter + 1,
+            it, ", ".join(f"{k}={v}" for k, v in totals.items()))
 
     def close_progress(self) -> None:
         if self._bar is not None:

@@ -37,6 +37,9 @@ from .evaluate import evaluate_model
 from .logger import TrainLogger, setup_logging
 from .solver import build_lr_scheduler, build_optimizer
 
+# LVIS frequency groups (rare / common / frequent), in the order the training log reports them.
+FREQUENCY_GROUPS = ("r", "c", "f")
+
 logger = logging.getLogger(__name__)
 
 # `sample_seed` slot of a batch's mixup generator (sample slots are 0..batch_size-1).
@@ -207,6 +210,10 @@ class Trainer:
                           progress=self.progress)
         ckpt_kw = dict(optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         data = cfg["data"]
+        # label -> r/c/f group index, to log how often each frequency group is sampled (the point
+        # of repeat-factor / class-aware sampling is that rare classes are seen more often).
+        group_of_label = torch.tensor(
+            [0] + [FREQUENCY_GROUPS.index(f) for f in self.stats.frequency], dtype=torch.long)
         mixup = data["mixup"]
         if mixup["enabled"]:
             from ltdet.imbalance.mixup import mixup_detection
@@ -222,19 +229,25 @@ class Trainer:
                 t_start = time.perf_counter()
                 for images, targets in loader:
                     t_data = time.perf_counter()
+                    labels = torch.cat([t["labels"] for t in targets]).long()
+                    group_counts = torch.bincount(group_of_label[labels],
+                                                  minlength=len(FREQUENCY_GROUPS))
                     if mixup["enabled"]:
                         # one generator per (rank, epoch, batch): resume-exact like the samples
                         g = torch.Generator().manual_seed(sample_seed(
                             cfg["seed"], info.rank, epoch, position, _MIXUP_SLOT))
                         images, targets = mixup_detection(images, targets, alpha=mixup["alpha"],
                                                           prob=mixup["prob"], generator=g)
-                    losses, lr = self._step(model, images, targets, optimizer, scheduler,
-                                            scaler, it=it, epoch=epoch)
+                    losses, lr, group_counts = self._step(
+                        model, images, targets, optimizer, scheduler, scaler, it=it, epoch=epoch,
+                        group_counts=group_counts)
                     it += 1
                     position += 1
                     now = time.perf_counter()
                     log.update(it, epoch=epoch, lr=lr, losses=losses, time_s=now - t_start,
-                               data_time_s=t_data - t_start, device=device)
+                               data_time_s=t_data - t_start, device=device,
+                               counts={f"samples_{g}": n
+                                       for g, n in zip(FREQUENCY_GROUPS, group_counts)})
                     if it % solver["checkpoint_period"] == 0 or it == max_iter:
                         self._save(f"model_{it:07d}.pth", it=it, epoch=epoch,
                                    position=position, **ckpt_kw)
@@ -249,6 +262,7 @@ class Trainer:
                 else:
                     epoch, position = epoch + 1, 0
             log.close_progress()
+            log.log_count_totals(it)
             results = {}
             if self.evaluate:
                 results = self.run_evaluation(self.output_dir)
@@ -257,8 +271,10 @@ class Trainer:
             log.close()
         return results
 
-    def _step(self, model, images, targets, optimizer, scheduler, scaler, *, it, epoch):
-        """One optimizer step; returns (rank-averaged loss values incl. their sum "loss", lr)."""
+    def _step(self, model, images, targets, optimizer, scheduler, scaler, *, it, epoch,
+              group_counts):
+        """One optimizer step; returns (rank-averaged loss values incl. their sum "loss", lr,
+        per-frequency-group instance counts of the batch summed over ranks)."""
         device = self.info.device
         solver = self.cfg["solver"]
         images, targets = _to_device(images, targets, device)
@@ -270,7 +286,12 @@ class Trainer:
             loss_dict = {k: v for k, v in loss_dict.items() if k in keys}
         loss = sum(loss_dict.values())
         # Averaged over ranks before the check, so every rank stops together on a bad value.
-        values = du.all_reduce_mean(torch.stack([v.detach().float() for v in loss_dict.values()]))
+        # The batch's group counts ride along in the same collective (mean * world size = sum).
+        reduced = du.all_reduce_mean(torch.cat([
+            torch.stack([v.detach().float() for v in loss_dict.values()]),
+            group_counts.to(device=device, dtype=torch.float32)]))
+        values, counts = reduced[:len(loss_dict)], reduced[len(loss_dict):]
+        counts = [int(round(c)) for c in (counts * du.get_world_size()).tolist()]
         if not bool(torch.isfinite(values).all()):
             self._raise_non_finite(it, epoch, loss_dict, values, optimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -285,7 +306,7 @@ class Trainer:
         scheduler.step()
         losses = dict(zip(loss_dict, values.tolist()))
         losses["loss"] = float(values.sum())
-        return losses, lr
+        return losses, lr, counts
 
     def _evaluate_untrained(self) -> dict:
         logger.info("nothing to train (empty param_groups): saving and evaluating the model")
