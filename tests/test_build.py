@@ -56,7 +56,7 @@ _FAST = [("faster_rcnn", "resnet18"), ("faster_rcnn", "mobilenet_v3_large"),
 _SLOW = [(a, b) for a in ARCHS for b in BACKBONES if (a, b) not in _FAST]
 
 
-def _train_and_eval(arch, backbone):
+def check_train_step_and_eval(arch, backbone):
     model = build_detector(make_cfg(arch, backbone), C)
     model.train()
     images, targets = batch()
@@ -84,13 +84,13 @@ def _train_and_eval(arch, backbone):
 
 @pytest.mark.parametrize("arch,backbone", _FAST)
 def test_train_step_and_eval(arch, backbone):
-    _train_and_eval(arch, backbone)
+    check_train_step_and_eval(arch, backbone)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,backbone", _SLOW)
 def test_train_step_and_eval_large(arch, backbone):
-    _train_and_eval(arch, backbone)
+    check_train_step_and_eval(arch, backbone)
 
 
 def test_config_settings_reach_torchvision_modules():
