@@ -36,6 +36,14 @@ def _lvis_reference(gt, dets, max_dets=300):
     p = e.eval["precision"][:, :, :, 0]
     res["per_class"] = [float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any()
                         else None for k in range(p.shape[2])]
+    # AP50 per class and per frequency group, from the same official precision array
+    p50 = p[0]
+    res["per_class_ap50"] = [float(p50[:, k].mean()) if (p50[:, k] > -1).any() else None
+                             for k in range(p50.shape[1])]
+    freq = [g.cats[c]["frequency"] for c in e.params.cat_ids]
+    for grp in "rcf":
+        vals = [a for a, f in zip(res["per_class_ap50"], freq) if f == grp and a is not None]
+        res[f"AP50{grp}"] = float(np.mean(vals)) if vals else -1.0
     return res
 
 
@@ -97,8 +105,12 @@ def test_matches_lvis_package(seed):
     gt, dets = make_set(seed)
     res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets))
     ref = _lvis_reference(gt, dets)
-    _assert_close(res, ref, LVIS_KEYS)
+    _assert_close(res, ref, LVIS_KEYS + ["AP50r", "AP50c", "AP50f"])
     assert res["AP"] > 0.05  # a meaningful comparison, not -1 == -1
+    assert min(res[f"AP50{g}"] for g in "rcf") > 0  # every group is compared, not -1 == -1
+    ours = [c["AP50"] for c in res["per_class"]]
+    assert [a is None for a in ours] == [a is None for a in ref["per_class_ap50"]]
+    assert max(abs(a - b) for a, b in zip(ours, ref["per_class_ap50"]) if a is not None) <= 1e-4
 
 
 def test_matches_lvis_package_small_max_dets():

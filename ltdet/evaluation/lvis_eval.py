@@ -467,7 +467,7 @@ def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=No
             (training instances [1, 20), [20, 400), [400, 8000), [8000, inf)).
 
     Returns:
-        dict with AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AR@{max_dets}, ARs@, ARm@, ARl@
+        dict with AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AP50r, AP50c, AP50f, AR@{max_dets}, ARs@, ARm@, ARl@
         (floats; -1 where undefined, as in the reference), AP1-AP4 for COCO gt with ``train``, and
         ``per_class``: list of {id, name, frequency, image_count, instance_count, AP (None when
         the class has no gt)}.
@@ -519,6 +519,10 @@ def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=No
     freq_arr = np.array([f or "" for f in freq])
     for g in FREQ_GROUPS:
         res[f"AP{g}"] = _mean_valid(prec[:, 0, freq_arr == g])
+    # AP50 per frequency group: not in the official summary, but the easiest-to-read signal of
+    # whether a short run learned a group at all (same precision array, IoU 0.5 only).
+    for g in FREQ_GROUPS:
+        res[f"AP50{g}"] = _mean_valid(prec[0, 0, freq_arr == g])
     res[f"AR@{max_dets}"] = _mean_valid(recall[:, 0])
     for a, name in enumerate(AREA_NAMES[1:], start=1):
         res[f"AR{name[0]}@{max_dets}"] = _mean_valid(recall[:, a])
@@ -530,6 +534,8 @@ def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=No
     # A class is valid (has gt) at every threshold or at none.
     per_class_ap = [a if ok else None for a, ok in
                     zip(prec[:, 0].mean(0).tolist(), (recall[0, 0] > -1).tolist())]
+    per_class_ap50 = [a if ok else None for a, ok in
+                      zip(prec[0, 0].tolist(), (recall[0, 0] > -1).tolist())]
     res["per_class"] = [
         {
             "id": int(c["id"]),
@@ -540,6 +546,7 @@ def evaluate_lvis(gt, dets, iou_type="bbox", max_dets=300, device=None, train=No
             "instance_count": None if instance_count is None or instance_count[k] < 0
             else int(instance_count[k]),
             "AP": per_class_ap[k],
+            "AP50": per_class_ap50[k],
         }
         for k, c in enumerate(gtd.categories)
     ]

@@ -15,7 +15,7 @@ import math
 import os
 
 SUMMARY_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
-                 "AP1", "AP2", "AP3", "AP4")
+                 "AP50r", "AP50c", "AP50f", "AP1", "AP2", "AP3", "AP4")
 FREQ_COLOURS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue", None: "tab:gray"}
 
 
