@@ -171,6 +171,8 @@ def test_bad_parameters_raise(tmp_path):
         make_synthetic_lvis(tmp_path, num_images=3)
     with pytest.raises(ValueError, match="num_train"):
         make_synthetic_lvis(tmp_path, **{**TINY, "num_train": 5})  # class rank 1 needs 20
+    with pytest.raises(ValueError, match="num_val=0 must be >= 1"):
+        make_synthetic_lvis(tmp_path, **{**TINY, "num_val": 0})  # an empty split
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_lvis(tmp_path, **{**TINY, "num_classes": 10_000})
     with pytest.raises(ValueError, match="image_size"):
