@@ -2,7 +2,7 @@
 """Sweep the tau of post-hoc tau-normalisation on the validation set and report the best.
 
     python tools/tau_sweep.py configs/synthetic/faster_rcnn_r18_fpn_stage2_tau_norm.yaml \
-        --ckpt runs/synthetic/faster_rcnn_r18_fpn/checkpoints/model_0000800.pth \
+        --ckpt runs/synthetic/faster_rcnn_r18_fpn/checkpoints/model_0000350.pth \
         --taus 0,0.25,0.5,0.75,1
 
 For each tau the stage-1 classifier rows are rescaled, ``w_c <- w_c / ||w_c||^tau`` (Kang et al.,

@@ -52,6 +52,23 @@ def _foreground_weights(matched, num_images):
     return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
 
 
+def _adopt_head(cls, head, expected_type, *, loss, attributes):
+    """A `cls` instance that shares `head`'s submodules (not copied, not re-initialised) and the
+    named plain attributes, with `loss` as a submodule (its state joins the state_dict)."""
+    if not isinstance(head, expected_type):
+        raise TypeError(f"expected a torchvision {expected_type.__name__}, got "
+                        f"{type(head).__name__}")
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in head.named_children():
+        new.add_module(name, child)
+    for name in attributes:
+        setattr(new, name, getattr(head, name))
+    new.loss = loss
+    new.train(head.training)
+    return new
+
+
 class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
     """torchvision's classification head (same modules, same weights) trained with an ltdet
     classification loss and scored with that loss's activation.
@@ -63,19 +80,8 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
 
     @classmethod
     def from_head(cls, head, *, loss):
-        if not isinstance(head, RetinaNetClassificationHead):
-            raise TypeError(f"expected a torchvision RetinaNetClassificationHead, got "
-                            f"{type(head).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in head.named_children():
-            new.add_module(name, child)
-        new.num_classes = head.num_classes
-        new.num_anchors = head.num_anchors
-        new.BETWEEN_THRESHOLDS = head.BETWEEN_THRESHOLDS
-        new.loss = loss
-        new.train(head.training)
-        return new
+        return _adopt_head(cls, head, RetinaNetClassificationHead, loss=loss,
+                           attributes=("num_classes", "num_anchors", "BETWEEN_THRESHOLDS"))
 
     def compute_loss(self, targets, head_outputs, matched_idxs):
         """Classification loss of a batch: a scalar, normalised as torchvision does."""
@@ -102,18 +108,8 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
 
     @classmethod
     def from_head(cls, head, *, loss):
-        if not isinstance(head, RetinaNetRegressionHead):
-            raise TypeError(f"expected a torchvision RetinaNetRegressionHead, got "
-                            f"{type(head).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in head.named_children():
-            new.add_module(name, child)
-        new.box_coder = head.box_coder
-        new._loss_type = head._loss_type
-        new.loss = loss
-        new.train(head.training)
-        return new
+        return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss,
+                           attributes=("box_coder", "_loss_type"))
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         """Box loss of a batch over its foreground anchors: a scalar, normalised as torchvision
