@@ -59,6 +59,9 @@ def format_sweep(rows: list[dict], metric: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from ltdet.engine.logger import setup_console_logging
+
+    setup_console_logging()  # one console handler, installed before `lvis` configures its own
     try:
         cfg = load_config(args.config, args.opts)
     except ConfigError as e:
