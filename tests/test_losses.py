@@ -102,6 +102,18 @@ def test_num_classes_errors():
         loss(logits[:, :-1], labels.clamp(max=C - 1))
 
 
+@pytest.mark.parametrize("name", ["cb", "balanced_softmax", "eql", "federated", "las"])
+def test_stats_losses_reject_logits_of_another_width(name):
+    """Built from statistics alone, C comes from the statistics and the logits must have C+1."""
+    loss = LOSSES[name](stats=make_stats())
+    assert loss.num_classes == C
+    logits, labels = make_batch()
+    with pytest.raises(ValueError, match=f"num_classes={C} .* got {C} columns"):
+        loss(logits[:, :-1], labels.clamp(max=C - 1))
+    with pytest.raises(ValueError, match="num_classes=4 but the class statistics have 6"):
+        LOSSES[name](stats=make_stats(), num_classes=4)
+
+
 @pytest.mark.parametrize("name", CLASSIFICATION)
 def test_labels_out_of_range_are_rejected(name):
     loss = _build({"type": name})

@@ -15,7 +15,7 @@ Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`; los
 import torch
 import torch.nn.functional as F
 
-from .base import ClassificationLoss
+from .base import ClassificationLoss, classes_from_stats
 from .reduction import reduce_loss
 
 
@@ -41,7 +41,8 @@ class BalancedSoftmaxLoss(ClassificationLoss):
     """
 
     def __init__(self, *, stats, num_classes=None, tau=1.0, bg_prior=0.75, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        super().__init__(num_classes=classes_from_stats(stats, num_classes),
+                         loss_weight=loss_weight)
         if not 0.0 < bg_prior < 1.0:
             raise ValueError(f"balanced_softmax: bg_prior must be in (0, 1), got {bg_prior}")
         self.tau, self.bg_prior = float(tau), float(bg_prior)
@@ -50,8 +51,5 @@ class BalancedSoftmaxLoss(ClassificationLoss):
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        if logits.shape[1] != self.log_prior.numel():
-            raise ValueError(f"balanced_softmax: logits have {logits.shape[1]} columns but the class "
-                             f"statistics describe {self.log_prior.numel() - 1} classes (+1 background)")
         loss = logit_adjusted_cross_entropy(logits, labels, self.log_prior.to(logits.dtype), self.tau)
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -8,6 +8,17 @@ import torch
 import torch.nn as nn
 
 
+def classes_from_stats(stats, num_classes=None) -> int:
+    """C, the number of foreground classes, of losses built from class statistics; a given
+    `num_classes` must agree. The base class's `check_inputs` then checks the logits' width, so
+    stats-based losses need no check of their own."""
+    stats_c = int(stats.instance_count.numel())
+    if num_classes is not None and int(num_classes) != stats_c:
+        raise ValueError(f"num_classes={num_classes} but the class statistics have {stats_c} "
+                         f"classes; build both from the same training json")
+    return stats_c
+
+
 class ClassificationLoss(nn.Module):
     """Softmax-family base: `activation` is a softmax over all C+1 columns."""
 

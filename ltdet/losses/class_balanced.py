@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..imbalance.class_balanced import CB_MODES, class_balanced_weights
-from .base import ClassificationLoss, SigmoidClassificationLoss, foreground_targets, pad_background
+from .base import (
+    ClassificationLoss, SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+)
 from .cross_entropy import cross_entropy
 from .focal import focal_loss
 from .reduction import reduce_loss
@@ -56,7 +58,8 @@ class ClassBalancedLoss(ClassificationLoss):
 
     def __init__(self, *, stats, num_classes=None, base="ce", mode="effective", beta=0.999,
                  count="instance", alpha=0.25, gamma=2.0, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        super().__init__(num_classes=classes_from_stats(stats, num_classes),
+                         loss_weight=loss_weight)
         if base not in CB_BASES:
             raise ValueError(f"cb: base must be one of {CB_BASES}, got {base!r}")
         if mode not in CB_MODES:
@@ -79,9 +82,6 @@ class ClassBalancedLoss(ClassificationLoss):
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        if logits.shape[1] != self.column_weights.numel():
-            raise ValueError(f"cb: logits have {logits.shape[1]} columns but the class statistics "
-                             f"describe {self.column_weights.numel() - 1} classes (+1 background)")
         loss = class_balanced_loss(logits, labels, self.column_weights.to(logits.dtype), self.base,
                                    self.alpha, self.gamma)
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -15,7 +15,9 @@ Per-element loss `[N, C+1]`, normalised by N (the paper's `1/N`).
 import torch
 import torch.nn.functional as F
 
-from .base import SigmoidClassificationLoss, foreground_targets, pad_background
+from .base import (
+    SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+)
 from .reduction import reduce_loss
 
 
@@ -40,7 +42,8 @@ class EQLLoss(SigmoidClassificationLoss):
     """
 
     def __init__(self, *, stats, num_classes=None, lambda_=1.76e-3, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        super().__init__(num_classes=classes_from_stats(stats, num_classes),
+                         loss_weight=loss_weight)
         if stats.num_images <= 0:
             raise ValueError(f"eql: class statistics report num_images={stats.num_images}; "
                              f"the image frequency f_j needs at least one training image")
@@ -50,8 +53,5 @@ class EQLLoss(SigmoidClassificationLoss):
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        if logits.shape[1] != self.tail_mask.numel() + 1:
-            raise ValueError(f"eql: logits have {logits.shape[1]} columns but the class statistics "
-                             f"describe {self.tail_mask.numel()} classes (+1 background)")
         loss = eql_loss(logits, labels, self.tail_mask.to(logits.dtype))
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .base import SigmoidClassificationLoss, foreground_targets, pad_background
+from .base import (
+    SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+)
 from .reduction import reduce_loss
 
 
@@ -64,7 +66,8 @@ class FederatedLoss(SigmoidClassificationLoss):
 
     def __init__(self, *, stats, num_classes=None, num_classes_sampled=50, power=0.5, seed=0,
                  loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        super().__init__(num_classes=classes_from_stats(stats, num_classes),
+                         loss_weight=loss_weight)
         if num_classes_sampled < 1:
             raise ValueError(f"federated: num_classes_sampled must be >= 1, got {num_classes_sampled}")
         self.num_classes_sampled, self.power, self.seed = int(num_classes_sampled), float(power), int(seed)
@@ -85,9 +88,6 @@ class FederatedLoss(SigmoidClassificationLoss):
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        if logits.shape[1] != self.log_weight.numel() + 1:
-            raise ValueError(f"federated: logits have {logits.shape[1]} columns but the class "
-                             f"statistics describe {self.log_weight.numel()} classes (+1 background)")
         mask = federated_class_mask(labels, self.log_weight, self.num_classes_sampled,
                                     self._uniform(logits.device))
         loss = federated_loss(logits, labels, mask)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..imbalance.label_smoothing import LAS_SHAPES, label_aware_smoothing
-from .base import ClassificationLoss
+from .base import ClassificationLoss, classes_from_stats
 from .reduction import reduce_loss
 
 
@@ -45,7 +45,8 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
 
     def __init__(self, *, stats, num_classes=None, eps_head=0.4, eps_tail=0.1, shape="concave",
                  bg_eps=None, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
+        super().__init__(num_classes=classes_from_stats(stats, num_classes),
+                         loss_weight=loss_weight)
         if shape not in LAS_SHAPES:
             raise ValueError(f"las: shape must be one of {LAS_SHAPES}, got {shape!r}")
         self.eps_head, self.eps_tail, self.shape = float(eps_head), float(eps_tail), shape
@@ -59,8 +60,5 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)
-        if logits.shape[1] != self.eps.numel():
-            raise ValueError(f"las: logits have {logits.shape[1]} columns but the class statistics "
-                             f"describe {self.eps.numel() - 1} classes (+1 background)")
         loss = label_aware_smoothing_loss(logits, labels, self.eps.to(logits.dtype))
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
