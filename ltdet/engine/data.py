@@ -33,10 +33,11 @@ def resolve_data_paths(cfg: dict) -> dict:
         from ltdet.data.synthetic import make_synthetic_lvis
 
         syn = data["synthetic"]
-        if du.is_main_process():
-            make_synthetic_lvis(root=syn["root"], seed=syn["seed"])
+        out = (make_synthetic_lvis(root=syn["root"], seed=syn["seed"]) if du.is_main_process()
+               else None)
         du.barrier()
-        out = make_synthetic_lvis(root=syn["root"], seed=syn["seed"])
+        if out is None:  # other ranks: rank 0 has finished it, so this only reads the marker
+            out = make_synthetic_lvis(root=syn["root"], seed=syn["seed"])
         return dict(train_json=out["train_json"], train_images=out["image_root"],
                     val_json=out["val_json"], val_images=out["image_root"])
     paths = dict(train_json=data["train"]["json"], train_images=data["train"]["images"],
