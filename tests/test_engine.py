@@ -404,3 +404,249 @@ def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys, 
     assert res["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
     assert json.loads((tmp_path / "again" / "detections.json").read_text()) == dets
 
+
+
+# -- fail-safe training: non-finite steps, resume with a changed config -----------------------
+def _jsonl(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def _train_steps(path):
+    return [r for r in _jsonl(path) if "lr" in r]
+
+
+class _Sabotage:
+    """A forward hook on the box predictor: from the given (1-based) calls, scale the class
+    logits (a finite blow-up) or make them NaN."""
+
+    def __init__(self, by_call):
+        self.by_call, self.calls = by_call, 0
+
+    def __call__(self, module, args, out):
+        self.calls += 1
+        factor = self.by_call.get(self.calls)
+        if factor is None:
+            return out
+        scores, deltas = out
+        return scores * factor, deltas
+
+
+def _sabotage(trainer, **by_call):
+    hook = _Sabotage({int(k[1:]): v for k, v in by_call.items()})
+    trainer.model.roi_heads.box_predictor.register_forward_hook(hook)
+    return hook
+
+
+def test_log_has_gradient_norm_and_peaks(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    cfg = tiny_cfg(tiny_data, tmp_path / "gn", "solver.max_iter=2", "solver.log_period=2")
+    Trainer(cfg, evaluate=False, progress=False).train()
+    (rec,) = _train_steps(tmp_path / "gn" / "log.jsonl")
+    assert rec["grad_norm"] > 0 and rec["grad_norm_max"] >= rec["grad_norm"]
+    assert rec["loss_max"] >= rec["loss"] > 0
+
+
+def test_resume_with_changed_lr_trains_at_the_new_lr(tiny_data, tmp_path):
+    """A changed solver.lr on --resume takes effect from the resume iteration (it used to be
+    silently ignored: LambdaLR's state restored the old base lr)."""
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "lr"
+    sched = ("solver.max_iter=4", "solver.schedule=cosine", "solver.warmup_iters=1",
+             "solver.checkpoint_period=2")
+    Trainer(tiny_cfg(tiny_data, out, *sched), evaluate=False, progress=False).train(until=2)
+    assert (out / "checkpoints" / "model_0000002.pth").is_file()
+    cfg = tiny_cfg(tiny_data, out, *sched, "solver.lr=0.02", "solver.momentum=0.5")
+    resumed = Trainer(cfg, resume=True, evaluate=False, progress=False)
+    resumed.train()
+
+    def expect(base, it):
+        return base * lr_factor(it - 1, max_iter=4, warmup_iters=1, warmup_factor=0.001,
+                                schedule="cosine", steps=[3], gamma=0.1)
+
+    lrs = {r["iter"]: r["lr"] for r in _train_steps(out / "log.jsonl")}
+    assert lrs[1] == pytest.approx(expect(0.01, 1)) and lrs[2] == pytest.approx(expect(0.01, 2))
+    assert lrs[3] == pytest.approx(expect(0.02, 3)) and lrs[4] == pytest.approx(expect(0.02, 4))
+    ckpt = load_checkpoint(out / "checkpoints" / "model_0000004.pth")
+    assert ckpt["config"]["solver"]["lr"] == 0.02
+    assert all(g["momentum"] == 0.5 for g in ckpt["optimizer"]["param_groups"])
+    assert load_config(out / "config.yaml")["solver"]["lr"] == 0.02
+    log_txt = (out / "log.txt").read_text()
+    assert "solver.lr changed from 0.01 to 0.02; in effect from iteration 3" in log_txt
+
+
+def test_resume_with_unchanged_config_is_bit_exact_after_reapplying_the_solver(tiny_data,
+                                                                                tmp_path):
+    from ltdet.engine.resume import apply_solver
+    from ltdet.engine.solver import build_lr_scheduler, build_optimizer
+
+    solver = tiny_cfg(tiny_data, tmp_path)["solver"]
+    solver = dict(solver, schedule="cosine", max_iter=10, warmup_iters=3)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer([w], solver)
+    sch = build_lr_scheduler(opt, solver)
+    for _ in range(4):
+        opt.step()
+        sch.step()
+    before = [dict(g) for g in opt.param_groups], list(sch.base_lrs), sch.get_last_lr()
+    apply_solver(opt, sch, solver, solver)
+    assert [dict(g) for g in opt.param_groups] == before[0]
+    assert sch.base_lrs == before[1] and sch.get_last_lr() == before[2]
+
+
+def test_resume_with_changed_model_or_data_refuses_and_writes_nothing(tiny_data, tmp_path,
+                                                                      monkeypatch):
+    import ltdet.engine.logger
+    from ltdet.engine.resume import ResumeConfigError
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "bb"
+    Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
+            evaluate=False, progress=False).train()
+    files = {f: (out / f).read_bytes() for f in ("config.yaml", "log.jsonl",
+                                                 "checkpoints/last_checkpoint")}
+    changed = ("solver.max_iter=2", "model.backbone=resnet34", "data.batch_size=1")
+    with pytest.raises(ResumeConfigError) as e:
+        Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1", *changed), resume=True,
+                evaluate=False, progress=False)
+    msg = str(e.value)
+    assert "model.backbone: 'resnet18' in the checkpoint, 'resnet34' now" in msg
+    assert "data.batch_size: 2 in the checkpoint, 1 now" in msg
+    assert "solver.max_iter" not in msg  # may change
+    assert "model_0000001.pth" in msg
+    assert {f: (out / f).read_bytes() for f in files} == files
+    # the CLI: one line, exit code 2
+    monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
+    argv = ["configs/base.yaml", "--no-progress", "--resume", "--opts",
+            *tiny_opts(tiny_data, out), "solver.checkpoint_period=1", *changed]
+    assert _load_tool("train").main(argv) == 2
+    assert {f: (out / f).read_bytes() for f in files} == files
+
+
+def _all_finite(ckpt_path):
+    state = load_checkpoint(ckpt_path)["model"]
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_nonfinite_gradient_stops_before_the_step_and_is_never_checkpointed(tiny_data,
+                                                                           tmp_path):
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+
+    out = tmp_path / "nangrad"
+    trainer = Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False,
+                      progress=False)
+    calls = []
+
+    def nan_grad_at_3(grad):  # the loss stays finite; only the gradient of one tensor breaks
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 3 else grad
+
+    trainer.model.roi_heads.box_head.fc6.weight.register_hook(nan_grad_at_3)
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.train()
+    assert "iteration 3 " in str(e.value) and "grad_norm=nan" in str(e.value)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("model_*.pth"))
+    assert ckpts == ["model_0000001.pth", "model_0000002.pth"]
+    assert all(_all_finite(out / "checkpoints" / c) for c in ckpts)
+    # the stopped model holds iteration 2's weights: the NaN step was not applied
+    assert not any(trainer.model.state_dict()[k].isnan().any()
+                   for k in trainer.model.state_dict() if trainer.model.state_dict()[k].is_floating_point())
+    assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+def test_nonfinite_weights_are_never_written(tiny_data, tmp_path):
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+
+    out = tmp_path / "infw"
+    trainer = Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
+                      evaluate=False, progress=False)
+    step = torch.optim.SGD.step
+
+    def overflowing_step(self, *a, **k):  # a finite step whose update overflows a weight
+        res = step(self, *a, **k)
+        with torch.no_grad():
+            trainer.model.roi_heads.box_predictor.cls_score.bias[0] = float("inf")
+        return res
+
+    torch.optim.SGD.step = overflowing_step
+    try:
+        with pytest.raises(NonFiniteLossError, match="cls_score.bias"):
+            trainer.train()
+    finally:
+        torch.optim.SGD.step = step
+    assert not list((out / "checkpoints").glob("model_*.pth")) if (out / "checkpoints").exists() \
+        else True
+
+
+def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(tiny_data, tmp_path,
+                                                                         monkeypatch):
+    """Iteration 3 blows the loss up (finite, 1e6x logits) and is checkpointed; iteration 4 is
+    NaN. The advice must skip the ruined checkpoint 3, and following it literally must train on
+    finitely to max_iter."""
+    import shlex
+
+    import ltdet.engine.logger
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+
+    out = tmp_path / "advice"
+    opts = [*tiny_opts(tiny_data, out), "solver.max_iter=6", "solver.checkpoint_period=1"]
+    trainer = Trainer(load_config(None, opts), evaluate=False, progress=False)
+    _sabotage(trainer, c3=1e6, c4=float("nan"))
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.train()
+    msg = str(e.value)
+    assert "iteration 4 " in msg and "loss_classifier=nan" in msg
+    ckpt3 = out / "checkpoints" / "model_0000003.pth"
+    assert ckpt3.is_file() and str(ckpt3) not in msg
+    assert f"--resume-from {out / 'checkpoints' / 'model_0000002.pth'}" in msg
+    command = shlex.split(msg.split("tools/train.py CONFIG ", 1)[1].rstrip("."))
+    assert command[0] == "--resume-from" and command[2] == "--opts"
+    assert any(o.startswith("solver.clip_grad_norm=") for o in command[3:])
+    assert any(o.startswith("solver.lr=") for o in command[3:])
+
+    monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
+    argv = ["configs/base.yaml", "--no-progress", "--no-eval", command[0], command[1],
+            "--opts", *opts, *command[3:]]
+    assert _load_tool("train").main(argv) == 0
+    steps = _train_steps(out / "log.jsonl")
+    assert [r["iter"] for r in steps] == list(range(1, 7))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps[2:])
+    assert _all_finite(out / "checkpoints" / "model_0000006.pth")
+
+
+def test_skip_nonfinite_skips_up_to_n_in_a_row(tiny_data, tmp_path):
+    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+
+    out = tmp_path / "skip"
+    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=5", "solver.skip_nonfinite=2",
+                   "solver.checkpoint_period=5")
+    trainer = Trainer(cfg, evaluate=False, progress=False)
+    _sabotage(trainer, c2=float("nan"), c3=float("nan"), c5=float("inf"))
+    trainer.train()
+    records = _jsonl(out / "log.jsonl")
+    skipped = [(r["iter"], r["nonfinite"]) for r in records if r.get("skipped")]
+    assert [s[0] for s in skipped] == [2, 3, 5]
+    assert all(any(t.startswith("loss_classifier=") for t in s[1]) for s in skipped)
+    steps = _train_steps(out / "log.jsonl")
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5]  # every iteration logs its lr
+    assert all("loss" not in r for r in steps if r["iter"] in (2, 3, 5))
+    assert all(math.isfinite(r["loss"]) for r in steps if r["iter"] in (1, 4))
+    assert _all_finite(out / "checkpoints" / "model_0000005.pth")
+
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "skip1", "solver.skip_nonfinite=1"),
+                      evaluate=False, progress=False)
+    _sabotage(trainer, c2=float("nan"), c3=float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite steps in a row at iteration 3"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("opt,value", [("solver.lr", "-0.01"), ("solver.lr", ".nan"),
+                                       ("solver.clip_grad_norm", "0.0")])
+def test_invalid_solver_values_name_the_key(tiny_data, tmp_path, opt, value):
+    from ltdet.engine.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "bad", f"{opt}={value}"), evaluate=False,
+                      progress=False)
+    with pytest.raises(ValueError, match=opt.replace(".", r"\.")):
+        trainer.train()

@@ -4,6 +4,7 @@
     python tools/train.py configs/synthetic/faster_rcnn_r18_fpn.yaml
     python tools/train.py CONFIG --opts solver.lr=0.01 data.batch_size=2
     python tools/train.py CONFIG --resume            # continue from OUTPUT_DIR/checkpoints
+    python tools/train.py CONFIG --resume-from CKPT --opts solver.lr=0.005   # from a named one
     torchrun --nproc_per_node=8 tools/train.py CONFIG # DDP, one process per GPU
     python tools/train.py STAGE2_CONFIG --stage2 --from STAGE1_CKPT   # classifier refinement
 
@@ -30,7 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. solver.lr=0.01 model.backbone=resnet50")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in output_dir")
+                   help="continue from the last checkpoint in output_dir (schedule keys such "
+                        "as solver.lr may change and take effect from there; model and data "
+                        "keys may not)")
+    p.add_argument("--resume-from", metavar="CKPT",
+                   help="continue from this checkpoint instead of the last one (implies --resume)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--stage2", action="store_true",
                    help="decoupled classifier refinement on a stage-1 checkpoint (needs --from)")
@@ -59,8 +64,13 @@ def main(argv=None) -> int:
 
     from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
-    trainer = Trainer(cfg, resume=args.resume, evaluate=not args.no_eval,
-                      progress=not args.no_progress, stage2=args.stage2)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from,
+                          evaluate=not args.no_eval, progress=not args.no_progress,
+                          stage2=args.stage2)
+    except ConfigError as e:  # e.g. a --resume whose config changes the model or the data
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     param_groups = None
     if args.stage2:
         from ltdet.engine.checkpoint import load_checkpoint

@@ -5,12 +5,16 @@ nothing, so the training loop calls them unconditionally.
 
 log.jsonl: one JSON object per line. Training lines (every `log_period` iterations) hold
 `iter` (optimizer steps done), `epoch`, `lr`, each loss term and `loss` (their sum, averaged over
-the last `log_period` iterations and over ranks), `time` and `data_time` (seconds per iteration,
-same window), `eta_seconds`, `memory_mb` (peak CUDA memory, or peak process RSS on CPU).
-Evaluation lines hold `iter` and `eval` (the metrics dict).
+the last `log_period` iterations and over ranks), `loss_max` (the window's largest `loss`),
+`grad_norm` and `grad_norm_max` (mean and max of the global gradient norm before clipping),
+`time` and `data_time` (seconds per iteration, same window), `eta_seconds`, `memory_mb` (peak
+CUDA memory, or peak process RSS on CPU). A window whose steps were all skipped (non-finite, see
+`solver.skip_nonfinite`) has no loss keys. Evaluation lines hold `iter` and `eval` (the metrics
+dict); `{"iter", "skipped", "nonfinite"}` lines record each skipped step.
 """
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -112,17 +116,22 @@ class TrainLogger:
                              dynamic_ncols=True, mininterval=1.0 if tty else 30.0,
                              file=sys.stderr)
 
-    def update(self, it: int, *, epoch: int, lr: float, losses: dict, time_s: float,
-               data_time_s: float, device: torch.device, counts: dict | None = None) -> None:
+    def update(self, it: int, *, epoch: int, lr: float, losses: dict | None, time_s: float,
+               data_time_s: float, device: torch.device, counts: dict | None = None,
+               grad_norm: float | None = None) -> None:
         """Record iteration `it` (steps done so far, 1-based); write a line every log_period.
 
         losses are averaged over the log window; `counts` (e.g. sampled instances per frequency
-        group) are summed over it, and totalled over the run for `summary()`.
+        group) are summed over it, and totalled over the run for `summary()`. `losses=None`
+        marks a skipped step (it counts for time and counts, not for the loss averages);
+        `grad_norm` None (AMP's scaler found an overflow) is left out of the gradient averages.
         """
         if not self.enabled:
             return
-        for k, v in losses.items():
+        for k, v in (losses or {}).items():
             self._window[k].append(v)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self._window["grad_norm"].append(grad_norm)
         for k, v in (counts or {}).items():
             self._counts[k] += v
             self.count_totals[k] += v
@@ -133,12 +142,18 @@ class TrainLogger:
         if it % self.log_period and it != self.max_iter:
             return
         avg = {k: sum(v) / len(v) for k, v in self._window.items()}
+        peak = {f"{k}_max": max(self._window[k]) for k in ("loss", "grad_norm")
+                if self._window.get(k)}
+        loss_keys = [k for k in self._window if k not in ("time", "data_time", "grad_norm")]
         self._window.clear()
         done = it - self._start_iter
         per_iter = (time.perf_counter() - self._start_time) / max(done, 1)
         eta = per_iter * (self.max_iter - it)
         record = {"iter": it, "epoch": epoch, "lr": lr}
-        record.update({k: avg[k] for k in losses})
+        record.update({k: avg[k] for k in loss_keys})
+        if "grad_norm" in avg:
+            record["grad_norm"] = avg["grad_norm"]
+        record.update(peak)
         record.update(self._counts)
         self._counts.clear()
         record.update(time=avg["time"], data_time=avg["data_time"], eta_seconds=eta,
@@ -149,10 +164,17 @@ class TrainLogger:
             if k not in ("iter", "epoch"):
                 self._writer.add_scalar(f"train/{k}", v, it)
         if self._bar is not None:
-            shown = {k: f"{avg[k]:.3f}" for k in losses if k == "loss" or len(losses) <= 4}
+            shown = {k: f"{avg[k]:.3f}" for k in loss_keys if k == "loss" or len(loss_keys) <= 4}
             shown["lr"] = f"{lr:.2e}"
             self._bar.set_postfix(shown, refresh=False)
         logging.getLogger("ltdet.engine").debug("iter %d %s eta %s", it, record, format_eta(eta))
+
+    def log_skipped(self, it: int, terms: list) -> None:
+        """One log.jsonl line for a step skipped because `terms` were non-finite."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"iter": it, "skipped": True, "nonfinite": list(terms)}) + "\n")
+        self._jsonl.flush()
 
     def log_eval(self, it: int, metrics: dict) -> None:
         if not self.enabled:

@@ -35,7 +35,12 @@ from .data import (build_datasets, epoch_batches, make_loader, resolve_data_path
                    sample_seed, wrap_index_sampler)
 from .evaluate import evaluate_model
 from .logger import TrainLogger, setup_logging
+from .nonfinite import (LossHistory, NonFiniteLossError, advice, global_grad_norm,
+                        nonfinite_state, stop_message)
+from .resume import apply_solver, compare_configs
 from .solver import build_lr_scheduler, build_optimizer
+
+__all__ = ["Trainer", "NonFiniteLossError", "seed_all"]
 
 # LVIS frequency groups (rare / common / frequent), in the order the training log reports them.
 FREQUENCY_GROUPS = ("r", "c", "f")
@@ -59,15 +64,15 @@ def _to_device(images, targets, device):
     return images, targets
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; the message names the iteration, the term and the fix."""
-
-
 class Trainer:
     """Builds the data sets and the detector for `cfg` (a config from `ltdet.config.load_config`).
 
     Keyword args:
         resume: continue from `output_dir/checkpoints/last_checkpoint` (from scratch if none).
+            The config is compared with the checkpoint's first (`ltdet.engine.resume`): schedule
+            keys may change and take effect from the resume iteration; a change of the model or
+            the data raises `ResumeConfigError` before anything in output_dir is written.
+        resume_from: continue from this checkpoint instead of the last one (implies resume).
         evaluate: evaluate on the validation set every `solver.eval_period` and at the end.
         progress: show the tqdm progress bar on rank 0.
         stage2: the model is a stage-2 (refined classifier) model; recorded in the checkpoints
@@ -78,17 +83,31 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict, *, resume: bool = False, evaluate: bool = True,
-                 progress: bool = True, stage2: bool = False):
+                 progress: bool = True, stage2: bool = False, resume_from=None):
         from ltdet.models import build_detector
 
         self.cfg = cfg
-        self.resume = resume
+        self.resume = resume or resume_from is not None
         self.evaluate = evaluate
         self.progress = progress
         self.stage2 = stage2
         self.info = du.init_distributed(cfg["device"])
         self.output_dir = Path(cfg["output_dir"])
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
+        # Read and compare before anything in output_dir is written: a refused resume must leave
+        # config.yaml and log.jsonl as the previous run left them.
+        self._resume_path, self._resume_ckpt, resume_changes = None, None, {}
+        if self.resume:
+            self._resume_path = (Path(resume_from) if resume_from is not None
+                                 else self.checkpointer.last())
+            if self._resume_path is not None:
+                self._resume_ckpt = load_checkpoint(self._resume_path, map_location="cpu")
+                resume_changes = compare_configs(self._resume_ckpt["config"], cfg,
+                                                 self._resume_path)
         setup_logging(self.output_dir, self.info.rank)
+        for key, (old, new) in resume_changes.items():
+            logger.info("--resume: %s changed from %r to %r; in effect from iteration %d", key,
+                        old, new, self._resume_ckpt["iteration"] + 1)
         if self.info.is_main:
             dump_config(cfg, self.output_dir / "config.yaml")
         self.paths = resolve_data_paths(cfg)
@@ -99,7 +118,9 @@ class Trainer:
         seed_all(cfg["seed"])
         self.model = build_detector(cfg, self.num_classes, self.stats).to(self.info.device)
         seed_all(cfg["seed"] + self.info.rank)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
+        self._history = LossHistory()
+        self._nonfinite_streak = 0
+        self._checkpoints = []  # [(path, health)] this run knows of, oldest first
         logger.info("training set %s: %d images, %d classes; %d processes on %s",
                     self.paths["train_json"], len(self.train_dataset), self.num_classes,
                     self.info.world_size, self.info.device)
@@ -111,29 +132,44 @@ class Trainer:
                           for f in dataclasses.fields(self.stats)}}
 
     def _save(self, name, *, it, epoch, position, optimizer, scheduler, scaler) -> None:
+        # Steps with a non-finite loss or gradient are never applied, but a finite step can
+        # still overflow a weight: such a model is never written.
+        bad = nonfinite_state(self.model)
+        if bad:
+            raise NonFiniteLossError(
+                f"the weights are non-finite after iteration {it} ({', '.join(bad)}); the "
+                f"checkpoint {name} was not written. " + self._advice_tail(optimizer))
         rank_states = du.all_gather_object(
             {"epoch": epoch, "position": position, "rng": rng_state()})
+        health = self._history.health()
         if self.info.is_main:
-            self.checkpointer.save(name, {
+            path = self.checkpointer.save(name, {
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "iteration": it, "rank_states": rank_states, "config": self.cfg,
-                "meta": self._meta()})
+                "meta": self._meta(), "health": health,
+                "nonfinite_streak": self._nonfinite_streak})
+            self._checkpoints.append((path, health))
         du.barrier()
 
     def _restore(self, optimizer, scheduler, scaler):
-        """(iteration, epoch, position) from the last checkpoint, or (0, 0, 0)."""
-        path = self.checkpointer.last()
+        """(iteration, epoch, position) from the resume checkpoint, or (0, 0, 0)."""
+        path, ckpt = self._resume_path, self._resume_ckpt
         if path is None:
             logger.warning("--resume: no checkpoint in %s; starting from scratch",
                            self.checkpointer.folder)
             return 0, 0, 0
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        ckpt = load_checkpoint(path, map_location="cpu")
+        self._resume_ckpt = None  # loaded once (on the CPU: RNG states must stay CPU tensors)
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # The saved optimizer / schedule carry the old lr, momentum and weight decay.
+        apply_solver(optimizer, scheduler, ckpt["config"]["solver"], self.cfg["solver"])
+        health = ckpt.get("health")
+        self._history = LossHistory(initial=(health or {}).get("initial_loss"))
+        self._nonfinite_streak = ckpt.get("nonfinite_streak", 0)
+        self._checkpoints = [(path, health)]
         if ckpt.get("scaler") is not None and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         states = ckpt["rank_states"]
@@ -163,7 +199,7 @@ class Trainer:
             amp=self.cfg["solver"]["amp"])
 
     # -- the loop ---------------------------------------------------------------------------
-    def train(self, *, param_groups=None, train_sampler=None) -> dict:
+    def train(self, *, param_groups=None, train_sampler=None, until=None) -> dict:
         """Train to `solver.max_iter`; returns the final metrics ({} without evaluation and on
         ranks other than 0).
 
@@ -172,15 +208,21 @@ class Trainer:
             tau-norm): the model is saved as iteration 0 and evaluated.
         train_sampler: an index sampler (`set_epoch`, `__len__`, sharded per rank) replacing
             `build_train_sampler`'s; batched the same way (aspect-ratio groups, batch size).
+        until: stop after this many iterations, without the final checkpoint and evaluation;
+            the schedule is still the one of `solver.max_iter` (benchmarks/demo_stability.py).
         """
         from ltdet.data import build_train_sampler
 
         cfg, solver, info = self.cfg, self.cfg["solver"], self.info
         device = info.device
         for key, low in (("max_iter", 1), ("checkpoint_period", 1), ("log_period", 1),
-                         ("eval_period", 0)):
+                         ("eval_period", 0), ("skip_nonfinite", 0)):
             if solver[key] < low:
                 raise ValueError(f"solver.{key} must be >= {low}, got {solver[key]}")
+        for key in ("lr", "clip_grad_norm"):
+            value = solver[key]
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"solver.{key} must be a finite number > 0, got {value}")
         if param_groups is None:
             param_groups = [p for p in self.model.parameters() if p.requires_grad]
         elif len(param_groups) == 0:
@@ -201,6 +243,7 @@ class Trainer:
         it, epoch, position = (self._restore(optimizer, scheduler, scaler) if self.resume
                                else (0, 0, 0))
         max_iter = solver["max_iter"]
+        stop_iter = max_iter if until is None else min(int(until), max_iter)
         model = self.model
         if info.world_size > 1:
             model = DistributedDataParallel(
@@ -219,7 +262,7 @@ class Trainer:
             from ltdet.imbalance.mixup import mixup_detection
         try:
             model.train()
-            while it < max_iter:
+            while it < stop_iter:
                 batches = epoch_batches(batch_sampler, epoch, position, seed=cfg["seed"],
                                         rank=info.rank)
                 loader = make_loader(self.train_dataset, batches,
@@ -238,14 +281,15 @@ class Trainer:
                             cfg["seed"], info.rank, epoch, position, _MIXUP_SLOT))
                         images, targets = mixup_detection(images, targets, alpha=mixup["alpha"],
                                                           prob=mixup["prob"], generator=g)
-                    losses, lr, group_counts = self._step(
+                    losses, lr, group_counts, grad_norm = self._step(
                         model, images, targets, optimizer, scheduler, scaler, it=it, epoch=epoch,
-                        group_counts=group_counts)
+                        group_counts=group_counts, log=log)
                     it += 1
                     position += 1
                     now = time.perf_counter()
                     log.update(it, epoch=epoch, lr=lr, losses=losses, time_s=now - t_start,
                                data_time_s=t_data - t_start, device=device,
+                               grad_norm=grad_norm,
                                counts={f"samples_{g}": n
                                        for g, n in zip(FREQUENCY_GROUPS, group_counts)})
                     if it % solver["checkpoint_period"] == 0 or it == max_iter:
@@ -256,7 +300,7 @@ class Trainer:
                         res = self.run_evaluation(self.output_dir / "eval" / f"iter_{it:07d}")
                         log.log_eval(it, res)
                         model.train()
-                    if it >= max_iter:
+                    if it >= stop_iter:
                         break
                     t_start = time.perf_counter()
                 else:
@@ -264,7 +308,7 @@ class Trainer:
             log.close_progress()
             log.log_count_totals(it)
             results = {}
-            if self.evaluate:
+            if self.evaluate and it >= max_iter:
                 results = self.run_evaluation(self.output_dir)
                 log.log_eval(it, results)
         finally:
@@ -272,9 +316,11 @@ class Trainer:
         return results
 
     def _step(self, model, images, targets, optimizer, scheduler, scaler, *, it, epoch,
-              group_counts):
+              group_counts, log=None):
         """One optimizer step; returns (rank-averaged loss values incl. their sum "loss", lr,
-        per-frequency-group instance counts of the batch summed over ranks)."""
+        per-frequency-group instance counts of the batch summed over ranks, global gradient norm
+        before clipping). A skipped non-finite step (`solver.skip_nonfinite`) returns None for
+        the losses; see `ltdet.engine.nonfinite`."""
         device = self.info.device
         solver = self.cfg["solver"]
         images, targets = _to_device(images, targets, device)
@@ -292,21 +338,48 @@ class Trainer:
             group_counts.to(device=device, dtype=torch.float32)]))
         values, counts = reduced[:len(loss_dict)], reduced[len(loss_dict):]
         counts = [int(round(c)) for c in (counts * du.get_world_size()).tolist()]
-        if not bool(torch.isfinite(values).all()):
-            self._raise_non_finite(it, epoch, loss_dict, values, optimizer)
+        bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if solver["clip_grad_norm"] is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], solver["clip_grad_norm"])
+        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = None
+        if not bad:
+            # The loss check above is on rank-averaged values, so every rank takes this branch
+            # together (DDP's backward is a collective).
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # no-op without AMP; clipping and the norm see true grads
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = global_grad_norm(params)
+            grad_norm = float(norm)
+            if not math.isfinite(grad_norm):
+                if not scaler.is_enabled():  # with AMP an overflow is GradScaler's to skip
+                    bad = [f"grad_norm={grad_norm}"]
+                grad_norm = None
+            elif solver["clip_grad_norm"] is not None:
+                torch.nn.utils.clip_grad_norm_(params, solver["clip_grad_norm"])
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_streak += 1
+            allowed = solver["skip_nonfinite"]
+            if self._nonfinite_streak > allowed:
+                raise NonFiniteLossError(stop_message(
+                    it=it + 1, epoch=epoch, terms=bad, lr=lr, base_lr=solver["lr"],
+                    clip=solver["clip_grad_norm"], streak=self._nonfinite_streak,
+                    allowed=allowed, checkpoints=self._checkpoints))
+            logger.warning("iteration %d: skipped a non-finite step (%s); %d in a row, "
+                           "solver.skip_nonfinite=%d", it + 1, ", ".join(bad),
+                           self._nonfinite_streak, allowed)
+            if log is not None:
+                log.log_skipped(it + 1, bad)
+            scheduler.step()  # as GradScaler: the schedule advances over a skipped step
+            return None, lr, counts, None
+        self._nonfinite_streak = 0
         scaler.step(optimizer)
         scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         losses = dict(zip(loss_dict, values.tolist()))
         losses["loss"] = float(values.sum())
-        return losses, lr, counts
+        self._history.add(losses["loss"])
+        return losses, lr, counts, grad_norm
 
     def _evaluate_untrained(self) -> dict:
         logger.info("nothing to train (empty param_groups): saving and evaluating the model")
@@ -317,13 +390,7 @@ class Trainer:
         du.barrier()
         return self.run_evaluation(self.output_dir) if self.evaluate else {}
 
-    def _raise_non_finite(self, it, epoch, loss_dict, values, optimizer):
-        bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]
-        last = self.checkpointer.last() if self.checkpointer.folder.is_dir() else None
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {it + 1} (epoch {epoch}): {', '.join(bad)}. "
-            f"Training stopped. Lower solver.lr (now {optimizer.param_groups[0]['lr']:.4g} after "
-            f"warm-up factor), lengthen solver.warmup_iters, or set solver.clip_grad_norm "
-            f"(e.g. 10.0); then restart"
-            + (f" or continue from {last} with --resume --opts solver.clip_grad_norm=10.0"
-               if last else "") + ".")
+    def _advice_tail(self, optimizer) -> str:
+        solver = self.cfg["solver"]
+        return advice(lr=optimizer.param_groups[0]["lr"], base_lr=solver["lr"],
+                      clip=solver["clip_grad_norm"], checkpoints=self._checkpoints) + "."

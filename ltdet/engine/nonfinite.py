@@ -1,0 +1,119 @@
+"""Non-finite training steps: what counts as one, what is never saved, and the stop message.
+
+A step is non-finite when a loss term (averaged over ranks, so every rank agrees) or, without
+AMP, the global gradient norm is NaN or infinite. Such a step is never applied: the optimizer
+does not step and no checkpoint holds its result. With AMP the gradient check is GradScaler's
+(it skips an overflowing step and lowers its scale), so only the loss is checked here.
+
+`solver.skip_nonfinite: N` skips up to N consecutive non-finite steps (the learning-rate schedule
+still advances, as with GradScaler) and stops at the (N + 1)-th in a row; 0 stops at the first.
+
+The stop message names a checkpoint to continue from and the options to continue with. It does
+not blindly name the last checkpoint: a run that diverges slowly writes finite but already ruined
+weights before the first NaN (a step with loss 3.8e19 leaves weights of 1e23), and resuming from
+those fails again whatever the options. A checkpoint is *healthy* when the mean loss of the
+`LOSS_WINDOW` steps before it is at most `HEALTHY_LOSS_RATIO` times the run's initial loss, the
+median of its first `LOSS_WINDOW` steps (a mean for the recent steps: one step of loss 1e19 ruins
+the weights it updates; a median for the reference, which a spike must not raise). The advice
+names the newest healthy checkpoint, or says to restart when there is none.
+"""
+import math
+import statistics
+
+import torch
+
+#: A checkpoint whose recent loss exceeds this multiple of the run's initial loss has diverged.
+HEALTHY_LOSS_RATIO = 2.0
+#: Steps whose losses define the run's initial loss and each checkpoint's recent loss.
+LOSS_WINDOW = 5
+#: Gradient-norm cap the advice proposes when the run had none.
+ADVISED_CLIP = 10.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term or the gradient became NaN or infinite; the message names the iteration, the
+    term and how to continue."""
+
+
+def global_grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients of `params` together (what `clip_grad_norm_` measures)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total_norm is not None:
+        return total_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def nonfinite_state(module: torch.nn.Module, limit: int = 3) -> list:
+    """Names of (at most `limit`) parameters / buffers of `module` holding NaN or inf."""
+    bad = []
+    for name, t in module.state_dict().items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+class LossHistory:
+    """The run's initial loss and its most recent losses, to rate checkpoints as healthy.
+
+    `initial` survives resume (it is stored in every checkpoint's `health`)."""
+
+    def __init__(self, initial=None):
+        self.initial = initial
+        self._first = []
+        self._recent = []
+
+    def add(self, loss: float) -> None:
+        if self.initial is None:
+            self._first.append(loss)
+            if len(self._first) == LOSS_WINDOW:
+                self.initial = statistics.median(self._first)
+        self._recent = (self._recent + [loss])[-LOSS_WINDOW:]
+
+    def health(self) -> dict:
+        initial = self.initial
+        if initial is None and self._first:
+            initial = statistics.median(self._first)
+        recent = sum(self._recent) / len(self._recent) if self._recent else None
+        return {"initial_loss": initial, "recent_loss": recent}
+
+
+def is_healthy(health) -> bool:
+    if not health or health.get("recent_loss") is None:
+        return False
+    recent, initial = health["recent_loss"], health["initial_loss"]
+    return (math.isfinite(recent) and initial is not None and math.isfinite(initial)
+            and recent <= HEALTHY_LOSS_RATIO * initial)
+
+
+def advice(*, lr: float, base_lr: float, clip, checkpoints: list) -> str:
+    """How to continue after a non-finite stop. checkpoints: [(path, health)], oldest first."""
+    healthy = [path for path, health in checkpoints if is_healthy(health)]
+    new_clip = ADVISED_CLIP if clip is None else clip / 2
+    opts = f"--opts solver.lr={base_lr / 2:g} solver.clip_grad_norm={new_clip:g}"
+    text = (f"Training stopped; no step with a non-finite loss or gradient was applied or "
+            f"checkpointed. The lr was {lr:.4g} (solver.lr {base_lr:g}).")
+    if healthy:
+        return text + (f" Continue from {healthy[-1]} (the newest checkpoint whose loss was "
+                       f"within {HEALTHY_LOSS_RATIO:g}x of the run's initial loss) with a lower "
+                       f"solver.lr and a gradient cap: tools/train.py CONFIG --resume-from "
+                       f"{healthy[-1]} {opts}")
+    return text + (f" No checkpoint of this run predates the divergence: restart with a lower "
+                   f"solver.lr, a longer solver.warmup_iters and a gradient cap, e.g. "
+                   f"tools/train.py CONFIG {opts} output_dir=NEW_DIR")
+
+
+def stop_message(*, it: int, epoch: int, terms: list, lr: float, base_lr: float, clip,
+                 streak: int, allowed: int, checkpoints: list) -> str:
+    """The message of the NonFiniteLossError raised at iteration `it` (1-based)."""
+    what = ", ".join(terms)
+    if allowed:
+        head = (f"{streak} non-finite steps in a row at iteration {it} (epoch {epoch}; "
+                f"solver.skip_nonfinite={allowed}): {what}.")
+    else:
+        head = f"non-finite loss at iteration {it} (epoch {epoch}): {what}."
+    return f"{head} {advice(lr=lr, base_lr=base_lr, clip=clip, checkpoints=checkpoints)}."
