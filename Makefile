@@ -5,6 +5,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: venv test test-all demo clean
 
@@ -24,7 +25,7 @@ test-all: venv
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(VPY) tools/demo.py
+	$(VPY) tools/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,10 +19,11 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from ltdet.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -235,13 +236,16 @@ def load_schema(schema_path=None) -> dict:
     return schema
 
 
-def load_config(path, opts=None, schema_path=None) -> dict:
+def load_config(path, opts=None, schema_path=None, validate_components: bool = True) -> dict:
     """Load a YAML config with its `_base_` chain, apply `opts`, validate, return plain dicts.
 
     Args:
         path: the YAML file (or None for the defaults alone).
         opts: overrides `["a.b.c=value", ...]`; values parsed as YAML.
         schema_path: the schema/defaults file; configs/base.yaml by default.
+        validate_components: also dry-build every loss / sampler / classifier / LDS / FDS spec
+            (`ltdet.component_check`), so that a misspelt type or hyper-parameter is a config
+            error naming the file.
     Raises:
         ConfigError naming the dotted key, the file it came from and the closest valid key.
     """
@@ -256,19 +260,16 @@ def load_config(path, opts=None, schema_path=None) -> dict:
         key, _, text = opt.partition("=")
         cfg = _set_dotted(cfg, key.strip(), parse_value(text), origins)
     _validate(cfg, schema, origins, _all_keys(schema))
+    if validate_components:
+        # the builders' own checks, here rather than after the data and the model are built
+        # (imported here: ltdet.component_check imports the losses and models, i.e. torch)
+        from ltdet.component_check import validate_components as check
+
+        check(cfg, origins)
     return cfg
 
 
 def dump_config(cfg: dict, path) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None),
+                 text=True)

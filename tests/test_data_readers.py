@@ -245,3 +245,103 @@ def test_grayscale_jpeg_becomes_rgb(tmp_path):
     image, _ = COCODetection(path, img_dir)[0]
     assert image.shape == (3, 48, 64)
     assert torch.allclose(image, torch.full_like(image, 200 / 255), atol=2 / 255)
+
+
+# -- bad input: nothing silently wrong, every message names the entry -------------------------
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def test_truncated_jpeg_is_an_error_naming_file_and_id(tmp_path):
+    """libjpeg decodes the first half of a truncated JPEG without an error (grey rows below)."""
+    import cv2
+
+    path, img_dir, data = make_coco(tmp_path)
+    jpg = os.path.join(img_dir, "000000000002.jpg")
+    _truncate(jpg)
+    assert cv2.imread(jpg) is not None  # what made it silent: OpenCV returns an image
+    ds = COCODetection(path, img_dir)
+    with pytest.raises(OSError, match=r"000000000002\.jpg.*image id 2.*truncated.*skip_invalid"):
+        ds[1]
+
+
+def test_truncated_png_is_an_error(tmp_path):
+    import cv2
+
+    path, img_dir, data = make_coco(tmp_path)
+    png = os.path.join(img_dir, "000000000002.png")
+    assert cv2.imwrite(png, np.zeros((SIZES[1][1], SIZES[1][0], 3), np.uint8))
+    data["images"][1]["file_name"] = "000000000002.png"
+    _rewrite(path, data)
+    assert COCODetection(path, img_dir)[1][0].shape[1:] == (SIZES[1][1], SIZES[1][0])
+    _truncate(png, keep=0.9)
+    with pytest.raises(OSError, match=r"000000000002\.png.*image id 2.*PNG.*truncated"):
+        COCODetection(path, img_dir)[1]
+
+
+def test_truncated_image_is_skipped_with_one_warning_under_skip_invalid(tmp_path, caplog):
+    path, img_dir, data = make_coco(tmp_path)
+    _truncate(os.path.join(img_dir, "000000000002.jpg"))
+    ds = COCODetection(path, img_dir, skip_invalid=True)
+    with caplog.at_level(logging.WARNING, logger="ltdet"):
+        first = ds[1]
+        second = ds[1]
+    assert first[1]["image_id"] == second[1]["image_id"] == 3  # the next image takes its place
+    warnings = [r for r in caplog.records if "000000000002.jpg" in r.getMessage()]
+    assert len(warnings) == 1 and "skip" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("where,key,value,expect", [
+    ("annotations", "category_id", 2.9, r"annotation id 100 \(image id 1\).*category_id 2\.9 "
+                                         r"\(float\).*integer"),
+    ("annotations", "category_id", 3.0, r"category_id 3\.0 \(float\)"),
+    ("annotations", "image_id", 1.7, r"annotation id 100.*image_id 1\.7"),
+    ("annotations", "image_id", "1", r"image_id '1' \(str\)"),
+    ("annotations", "id", True, r"id True \(bool\)"),
+    ("images", "id", "abc", r"'images'|images entry.*id 'abc' \(str\)"),
+    ("images", "id", 1.5, r"images entry.*id 1\.5"),
+    ("categories", "id", 3.5, r"categories entry.*id 3\.5"),
+    ("annotations", "category_id", None, r"annotation id 100.*category_id None"),
+    ("annotations", "bbox", None, r"annotation id 100.*bbox None.*\[x, y, width, height\]"),
+    ("annotations", "bbox", ["a", 1, 2, 3], r"annotation id 100.*bbox \['a', 1, 2, 3\]"),
+    ("images", "width", "64", r"images entry.*width '64'"),
+])
+def test_bad_json_fields_name_the_entry(tmp_path, where, key, value, expect):
+    path, img_dir, data = make_coco(tmp_path)
+    data[where][0][key] = value
+    _rewrite(path, data)
+    with pytest.raises(ValueError, match=expect) as e:
+        COCODetection(path, img_dir)
+    assert "coco_train.json" in str(e.value)
+
+
+def test_missing_field_and_wrong_container_name_the_file(tmp_path):
+    path, img_dir, data = make_coco(tmp_path)
+    del data["annotations"][2]["category_id"]
+    _rewrite(path, data)
+    with pytest.raises(ValueError, match=r"coco_train.json.*lacks 'category_id'.*annotation id 102"):
+        COCODetection(path, img_dir)
+    path, img_dir, data = make_coco(tmp_path / "b")
+    data["images"] = {str(im["id"]): im for im in data["images"]}
+    _rewrite(path, data)
+    with pytest.raises(ValueError, match=r"coco_train.json.*'images' is a dict, expected a list"):
+        COCODetection(path, img_dir)
+
+
+def test_box_outside_its_image_is_caught_at_load_time(tmp_path, caplog):
+    """A box entirely outside its image is clipped to zero size; torchvision would then fail
+    naming no annotation. The reader names it, and skip_invalid drops it."""
+    path, img_dir, data = make_coco(tmp_path)
+    data["annotations"][1]["bbox"] = [200.0, 200.0, 10.0, 10.0]  # image 1 is 64x48
+    _rewrite(path, data)
+    with pytest.raises(ValueError, match=r"annotation id 101 \(image id 1\).*64x48 px image.*"
+                                         r"no part inside its image.*skip_invalid"):
+        COCODetection(path, img_dir)
+    with caplog.at_level(logging.WARNING, logger="ltdet"):
+        ds = COCODetection(path, img_dir, skip_invalid=True)
+    assert 101 not in ds.annotations.ann_ids.tolist() and 100 in ds.annotations.ann_ids.tolist()
+    assert any("no part inside" in r.getMessage() for r in caplog.records)
+    boxes = ds[0][1]["boxes"]
+    assert len(boxes) == 1 and bool(((boxes[:, 2:] - boxes[:, :2]) > 0).all())

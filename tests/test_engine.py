@@ -1,5 +1,6 @@
 """ltdet.engine: schedule, atomic checkpoints, exact resume, NaN stop, logs, evaluation, DDP."""
 import json
+import logging
 import math
 import os
 import socket
@@ -316,10 +317,13 @@ def _ddp_worker(rank, world, port, cfg, out):
 
 
 def initial_params(cfg):
+    """The initial weights of `cfg`'s trainer (built in a scratch output_dir: the run's own
+    holds the finished run, which a fresh Trainer refuses to overwrite)."""
     from ltdet.engine.trainer import Trainer
 
+    scratch = dict(cfg, output_dir=str(Path(cfg["output_dir"]).parent / "initial_params"))
     return {k: v.detach().clone() for k, v in
-            Trainer(cfg, evaluate=False, progress=False).model.named_parameters()}
+            Trainer(scratch, evaluate=False, progress=False).model.named_parameters()}
 
 
 def test_two_process_gloo_training(tiny_data, tmp_path):
@@ -650,3 +654,166 @@ def test_invalid_solver_values_name_the_key(tiny_data, tmp_path, opt, value):
                       progress=False)
     with pytest.raises(ValueError, match=opt.replace(".", r"\.")):
         trainer.train()
+
+
+# -- faults: nothing lost, nothing damaged ----------------------------------------------------
+def test_fresh_run_into_a_finished_output_dir_is_refused(tiny_data, tmp_path, monkeypatch):
+    import ltdet.engine.logger
+    from ltdet.engine.trainer import OutputDirError, Trainer
+
+    out = tmp_path / "done"
+    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1")
+    Trainer(cfg, evaluate=False, progress=False).train()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "events" not in p.name}
+    with pytest.raises(OutputDirError, match=r"holds a previous run.*model_0000001\.pth.*"
+                                             r"--resume.*another output_dir.*--overwrite"):
+        Trainer(cfg, evaluate=False, progress=False)
+    monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
+    argv = ["configs/base.yaml", "--no-progress", "--no-eval", "--opts",
+            *tiny_opts(tiny_data, out), "solver.max_iter=1", "solver.checkpoint_period=1"]
+    assert _load_tool("train").main(argv) == 2
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "events" not in p.name}
+    assert {p: v for p, v in after.items() if p.name != "log.txt"} == \
+        {p: v for p, v in before.items() if p.name != "log.txt"}
+    # --overwrite: explicit consent; the old checkpoints and log are replaced
+    assert _load_tool("train").main(argv[:3] + ["--overwrite"] + argv[3:]) == 0
+    assert [r["iter"] for r in _train_steps(out / "log.jsonl")] == [1]
+
+
+def test_stale_tmp_files_are_removed_at_start(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "stale"
+    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1")
+    Trainer(cfg, evaluate=False, progress=False).train()
+    stale = out / "checkpoints" / ".model_0000002.pth.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)  # what a kill -9 during torch.save leaves
+    other = out / "checkpoints" / "notes.tmp"  # not ours: left alone
+    other.write_text("keep")
+    Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=2", "solver.checkpoint_period=1"),
+            resume=True, evaluate=False, progress=False).train()
+    assert not stale.exists() and other.exists()
+
+
+def test_keep_checkpoints_keeps_the_newest_n(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "keep"
+    cfg = tiny_cfg(tiny_data, out, "solver.checkpoint_period=1", "solver.keep_checkpoints=2")
+    Trainer(cfg, evaluate=False, progress=False).train()
+    names = sorted(p.name for p in (out / "checkpoints").glob("model_*.pth"))
+    assert names == ["model_0000003.pth", "model_0000004.pth"]
+    assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000004.pth"
+
+
+def test_output_files_get_the_umask_mode(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "mode"
+        cfg = tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1")
+        Trainer(cfg, evaluate=False, progress=False).train()
+    finally:
+        os.umask(old)
+    for f in ("config.yaml", "checkpoints/model_0000001.pth", "checkpoints/last_checkpoint"):
+        assert (out / f).stat().st_mode & 0o777 == 0o644, f
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_newest_that_loads(tiny_data, tmp_path,
+                                                                       caplog):
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "trunc"
+    Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=2", "solver.checkpoint_period=1"),
+            evaluate=False, progress=False).train()
+    last = out / "checkpoints" / "model_0000002.pth"
+    last.write_bytes(last.read_bytes()[:5000])
+    with caplog.at_level(logging.WARNING, logger="ltdet"):
+        resumed = Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=3",
+                                   "solver.checkpoint_period=1"),
+                          resume=True, evaluate=False, progress=False)
+    assert resumed._resume_path == out / "checkpoints" / "model_0000001.pth"
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "model_0000002.pth" in msg and "model_0000001.pth" in msg and "damaged" in msg
+    resumed.train()
+    assert [r["iter"] for r in _train_steps(out / "log.jsonl")] == [1, 2, 3]
+
+
+def test_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    ck = Checkpointer(tmp_path)
+
+    def enospc(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*model_0000001"):
+        ck.save("model_0000001.pth", {"model": {}})
+
+    def enforce_fail(obj, f, *args, **kwargs):  # torch's own report of a failed write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    import ltdet.fileio
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    monkeypatch.setattr(ltdet.fileio, "_free_bytes", lambda folder: 1024)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*model_0000002"):
+        ck.save("model_0000002.pth", {"model": {}})
+    assert os.listdir(tmp_path) == []
+
+
+def test_val_json_missing_a_training_category_is_found_before_training(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    val = json.loads(Path(tiny_data["val_json"]).read_text())
+    dropped = val["categories"].pop()["id"]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != dropped]
+    bad_val = tmp_path / "val_missing.json"
+    bad_val.write_text(json.dumps(val))
+    cfg = tiny_cfg(tiny_data, tmp_path / "val", f"data.val.json={bad_val}")
+    with pytest.raises(ValueError, match=rf"val_missing.json lacks 1 category.*ids {dropped}\)"):
+        Trainer(cfg, evaluate=True, progress=False)
+
+
+@pytest.mark.parametrize("opt,expect", [
+    ("model.cls_loss={type: focal, gama: 12}", r"model\.cls_loss.*'gama'.*did you mean 'gamma'"),
+    ("model.cls_loss.type=eqlv3", r"unknown loss type 'eqlv3'; did you mean 'eqlv2'"),
+    ("model.box_loss.type=smoth_l1", r"model\.box_loss.*did you mean 'smooth_l1'"),
+    ("model.sampler.type=ohm", r"model\.sampler.*did you mean 'ohem'"),
+    ("model.classifier.type=cosin", r"model\.classifier.*did you mean 'cosine'"),
+    ("model.lds={enabled: true, bins: 0}", r"model\.lds.*bins must be >= 1"),
+    ("model.fds={enabled: true, momentum: 2.0}", r"model\.fds.*momentum"),
+    ("data.sampler={type: repeat_factor, thresh: 0.1}", r"data\.sampler.*did you mean 'threshold'"),
+])
+def test_component_specs_are_validated_when_the_config_loads(tmp_path, opt, expect):
+    from ltdet.config import ConfigError
+
+    import yaml
+
+    from ltdet.config import parse_value
+
+    key, _, value = opt.partition("=")
+    tree = node = {"_base_": str(REPO / "configs" / "base.yaml")}
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = parse_value(value)
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=expect) as e:
+        load_config(yaml_file)
+    assert "exp.yaml" in str(e.value)
+
+
+def test_test_cli_reports_a_config_error_in_one_line(tmp_path, capsys):
+    test_tool = _load_tool("test")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("solver: {lr: fast}\n")
+    assert test_tool.main([str(bad), "--ckpt", str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "solver.lr" in err[0] and "Traceback" not in err[0]
+    assert test_tool.main(["configs/base.yaml", "--ckpt", str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.pth" in err[0]

@@ -37,6 +37,8 @@ def main(argv=None):
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. solver.max_iter=100")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous demo run in the output_dir (make demo DEMO_ARGS=--overwrite)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when a demo criterion is not met")
     args = p.parse_args(argv)
@@ -71,7 +73,12 @@ def main(argv=None):
     print(f"[2/3] training {args.config} for {cfg['solver']['max_iter']} iterations "
           f"(CPU threads: {os.environ.get('OMP_NUM_THREADS', 'default')})", flush=True)
     t = time.perf_counter()
-    trainer = Trainer(cfg, resume=False, evaluate=True, progress=not args.no_progress)
+    try:
+        trainer = Trainer(cfg, resume=False, evaluate=True, progress=not args.no_progress,
+                          overwrite=args.overwrite)
+    except ConfigError as e:  # e.g. a previous demo run in the output_dir
+        print(f"error: {e} (with make: make demo DEMO_ARGS=--overwrite)", file=sys.stderr)
+        return 2
     try:
         results = trainer.train()
     except NonFiniteLossError as e:

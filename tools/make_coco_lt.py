@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ltdet.fileio import atomic_write  # noqa: E402
 from ltdet.data.class_stats import ClassStats, load_json_dict  # noqa: E402
 from ltdet.data.coco_lt import build_coco_lt  # noqa: E402
 
@@ -42,11 +43,7 @@ def main(argv=None):
                                        skip_invalid=args.skip_invalid).instance_count.numpy()
     out, s = build_coco_lt(data, imbalance=args.imbalance, profile=profile, seed=args.seed,
                            json_path=path, skip_invalid=args.skip_invalid)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: json.dump(out, f), text=True)
 
     target, achieved = s["target"], s["achieved"]
     ok = target > 0

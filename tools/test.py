@@ -43,9 +43,20 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Exit code: 0, or 2 for a user error (config, data, checkpoint), reported in one line."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from ltdet.cli import USER_ERRORS, report
+
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        return report(e)
+    return 0
+
+
+def run(args) -> dict:
     from ltdet.evaluation import format_table, write_report
 
     if args.ckpt:
@@ -72,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

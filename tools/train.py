@@ -36,6 +36,9 @@ def parse_args(argv=None):
                         "keys may not)")
     p.add_argument("--resume-from", metavar="CKPT",
                    help="continue from this checkpoint instead of the last one (implies --resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir holding a previous run, deleting its "
+                        "checkpoints and log.jsonl (without it such a run is refused)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation")
     p.add_argument("--stage2", action="store_true",
                    help="decoupled classifier refinement on a stage-1 checkpoint (needs --from)")
@@ -50,6 +53,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Exit code: 0; 1 when training stopped on a non-finite loss; 2 for a user error (config,
+    data, checkpoint, a refused --resume or output_dir), reported in one line."""
     args = parse_args(argv)
     from ltdet.engine.logger import setup_console_logging
 
@@ -62,27 +67,18 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from ltdet.engine.trainer import NonFiniteLossError, Trainer
+    from ltdet.cli import USER_ERRORS, report
+    from ltdet.engine.trainer import NonFiniteLossError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from,
-                          evaluate=not args.no_eval, progress=not args.no_progress,
-                          stage2=args.stage2)
-    except ConfigError as e:  # e.g. a --resume whose config changes the model or the data
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    param_groups = None
-    if args.stage2:
-        from ltdet.engine.checkpoint import load_checkpoint
-        from ltdet.engine.refine import prepare_stage2
-
-        stage1 = load_checkpoint(args.from_ckpt)["model"]
-        param_groups = prepare_stage2(trainer.model, cfg, stage1)
-    try:
-        results = trainer.train(param_groups=param_groups)
+        results, trainer = run(args, cfg)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:  # a --resume changing the model or the data, a used output_dir
+        return report(e, "config error")
+    except USER_ERRORS as e:
+        return report(e)
     if results and trainer.info.is_main:
         from ltdet.evaluation.report import format_table
 
@@ -91,6 +87,23 @@ def main(argv=None) -> int:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def run(args, cfg):
+    """(final metrics, trainer): build, optionally prepare stage 2, train, evaluate."""
+    from ltdet.engine.trainer import Trainer
+
+    trainer = Trainer(cfg, resume=args.resume, resume_from=args.resume_from,
+                      evaluate=not args.no_eval, progress=not args.no_progress,
+                      stage2=args.stage2, overwrite=args.overwrite)
+    param_groups = None
+    if args.stage2:
+        from ltdet.engine.checkpoint import load_checkpoint
+        from ltdet.engine.refine import prepare_stage2
+
+        stage1 = load_checkpoint(args.from_ckpt)["model"]
+        param_groups = prepare_stage2(trainer.model, cfg, stage1)
+    return trainer.train(param_groups=param_groups), trainer
 
 
 if __name__ == "__main__":

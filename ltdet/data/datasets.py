@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import io
+import logging
 import os
 from typing import Callable, Mapping
 
@@ -28,6 +29,32 @@ from pycocotools.coco import COCO
 
 from .class_stats import ClassStats, FlatAnnotations, load_json_dict
 from .transforms import ToTensor
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(OSError):
+    """An image file that cannot be decoded completely (corrupt, truncated, not an image)."""
+
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def truncation(data: bytes) -> str | None:
+    """Why `data` (a whole image file) is cut short, or None.
+
+    libjpeg decodes the first part of a truncated JPEG without an error, filling the missing rows
+    with grey, and only prints "Premature end of JPEG file" to stderr; OpenCV returns the image.
+    So the end is checked: a JPEG ends with its EOI marker (allowing a few padding bytes after
+    it), a PNG with its IEND chunk."""
+    if data.startswith(_JPEG_SOI):
+        if _JPEG_EOI not in data[-32:]:
+            return "a JPEG without its end-of-image marker (the file is truncated)"
+    elif data.startswith(_PNG_SIGNATURE):
+        if b"IEND" not in data[-16:]:
+            return "a PNG without its IEND chunk (the file is truncated)"
+    return None
 
 
 class _LVISFromDict(LVIS):
@@ -49,6 +76,8 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         data, path = load_json_dict(json)
         path = path if path is not None else json_path
         self.json_path = path
+        self.skip_invalid = skip_invalid
+        self._corrupt_warned = set()
         self.image_root = os.fspath(image_root)
         self.transforms = transforms
         flat = FlatAnnotations.from_dict(data, json_path=path, skip_invalid=skip_invalid)
@@ -125,14 +154,22 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                 "(see docs/data.md for the layout)")
         # Raw pixel order first, as torchvision's COCO reference (PIL without EXIF transpose)
         # reads COCO; a file whose json size matches only its EXIF-rotated view is read rotated.
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        with open(path, "rb") as f:
+            data = f.read()
+        fix = ("re-download it, remove the image from the json, or set data.skip_invalid: true "
+               "to skip it")
+        cut = truncation(data)
+        if cut is not None:
+            raise CorruptImageError(f"image file {path!r} (image id {image_id}) is corrupt: {cut}; "
+                                    f"{fix}")
+        buffer = np.frombuffer(data, np.uint8)
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None:
-            raise OSError(f"could not decode image file {path!r} (image id {image_id}): the file "
-                          "is corrupt or not an image; re-download it or remove the image from "
-                          "the json")
+            raise CorruptImageError(f"could not decode image file {path!r} (image id "
+                                    f"{image_id}): the file is corrupt or not an image; {fix}")
         jw, jh = self.annotations.widths[i], self.annotations.heights[i]
         if jw > 0 and jh > 0 and bgr.shape[:2] != (jh, jw):
-            rotated = cv2.imread(path, cv2.IMREAD_COLOR)
+            rotated = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
             if rotated is not None and rotated.shape[:2] == (jh, jw):
                 bgr = rotated
             else:
@@ -143,8 +180,25 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                     "width/height or the image file")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
+    def _load_or_substitute(self, i: int):
+        """(index, image): image `i`, or under `skip_invalid` the next image that decodes, with
+        one warning per corrupt file (the batch keeps its size; the corrupt image is never
+        trained on)."""
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            try:
+                return j, self.load_image(j)
+            except CorruptImageError as e:
+                if not self.skip_invalid:
+                    raise
+                if j not in self._corrupt_warned:
+                    self._corrupt_warned.add(j)
+                    logger.warning("%s; skipped (data.skip_invalid): the next image that "
+                                   "decodes takes its place in the batch", e)
+        raise CorruptImageError(f"no image of {self.json_path or '<dict>'} decodes")
+
     def __getitem__(self, i: int):
-        image = self.load_image(i)
+        i, image = self._load_or_substitute(i)
         flat = self.annotations
         a, b = flat.ann_offsets[i], flat.ann_offsets[i + 1]
         xywh = flat.ann_boxes[a:b]

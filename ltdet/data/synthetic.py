@@ -39,6 +39,8 @@ import logging
 import os
 from pathlib import Path
 
+from ltdet.fileio import atomic_write
+
 import cv2
 import numpy as np
 
@@ -403,10 +405,7 @@ def _params(seed, sizes):
 
 
 def _atomic_write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, separators=(",", ":")), text=True)
 
 
 def make_synthetic_lvis(root, seed=0, **sizes):

@@ -11,46 +11,23 @@ Checkpoint contents (a dict saved with `torch.save`):
   (epoch, batches consumed in that epoch) and its python / numpy / torch (CPU and CUDA) RNG states.
 """
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ltdet.fileio import atomic_write, remove_stale_tmp
+
+__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "atomic_write", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
 POINTER = "last_checkpoint"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform can open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write_fn) -> None:
-    """Call `write_fn(file_object)` on a temporary file next to `path`, then move it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that does not fit the model or the run."""
 
 
 def rng_state() -> dict:
@@ -72,18 +49,38 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves `model_{iteration:07d}.pth` files in `folder` and keeps the `last_checkpoint` pointer.
 
-    Only call `save` on the main process; all ranks may `load`.
+    keep: keep only the newest `keep` model files (`solver.keep_checkpoints`; None keeps all);
+    older ones are deleted after each successful save, never the one just written.
+    Only call `save` and `remove_stale_tmp` on the main process; all ranks may load.
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, keep=None):
         self.folder = Path(folder)
+        if keep is not None and keep < 1:
+            raise ValueError(f"solver.keep_checkpoints must be >= 1 or null, got {keep}")
+        self.keep = keep
 
     def save(self, name: str, state: dict) -> Path:
         path = self.folder / name
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write(self.folder / POINTER, lambda f: f.write(name.encode()))
         logger.info("saved checkpoint %s", path)
+        if self.keep is not None:
+            for old in self.checkpoints()[:-self.keep]:
+                if old != path:
+                    old.unlink()
+                    logger.info("removed %s (solver.keep_checkpoints=%d)", old, self.keep)
         return path
+
+    def checkpoints(self) -> list:
+        """The model files in the folder, oldest (lowest iteration) first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob("model_*.pth") if p.is_file())
+
+    def remove_stale_tmp(self) -> list:
+        """Delete the temporary files of checkpoint writes a killed process left behind."""
+        return remove_stale_tmp(self.folder)
 
     def last(self):
         """Path of the last complete checkpoint, or None when there is none."""
@@ -98,6 +95,32 @@ class Checkpointer:
                 "pointer to start from scratch, or write the name of an existing checkpoint in it")
         return path
 
+    def load_last(self):
+        """(path, checkpoint) of the newest checkpoint that loads, or (None, None) when the
+        folder has none. A damaged or missing last checkpoint (a truncated file, a pointer to a
+        deleted file) falls back to the newest older one that loads, with a warning naming
+        both; when none loads, the error lists what was tried."""
+        pointer = self.folder / POINTER
+        if not pointer.is_file() and not self.checkpoints():
+            return None, None
+        named = self.folder / pointer.read_text().strip() if pointer.is_file() else None
+        candidates = [p for p in reversed(self.checkpoints()) if p != named]
+        if named is not None:
+            candidates.insert(0, named)
+        errors = []
+        for path in candidates:
+            try:
+                ckpt = load_checkpoint(path)
+            except (CheckpointError, FileNotFoundError) as e:
+                errors.append(f"{path.name}: {e}")
+                continue
+            if errors:
+                logger.warning("--resume: %s; resuming from %s, the newest checkpoint that "
+                               "loads", "; ".join(errors), path)
+            return path, ckpt
+        raise CheckpointError(f"--resume: no checkpoint in {self.folder} loads ({'; '.join(errors)})"
+                           f"; start a new run (another output_dir, or --overwrite)")
+
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint written by `Checkpointer` (or any dict with a `model` state dict)."""
@@ -108,8 +131,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         # Checkpoints hold RNG states and the config (numpy / python objects), hence not weights_only.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}; the file is damaged or not a "
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}; the file is damaged or not a "
                            "torch checkpoint") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise RuntimeError(f"{path} is not an ltdet checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{path} is not an ltdet checkpoint (no 'model' entry)")
     return ckpt

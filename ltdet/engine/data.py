@@ -71,7 +71,23 @@ def build_datasets(cfg: dict, paths: dict, *, train: bool = True, val: bool = Tr
         val_ds = build_dataset(paths["val_json"], paths["val_images"], format=fmt,
                                transforms=build_transforms(cfg["data"], train=False),
                                skip_invalid=cfg["data"]["skip_invalid"])
+        if train_ds is not None:
+            check_val_categories(train_ds.cat_ids, val_ds.cat_ids, paths["train_json"],
+                                 paths["val_json"])
     return train_ds, val_ds
+
+
+def check_val_categories(train_cat_ids, val_cat_ids, train_json, val_json) -> None:
+    """Every class the detector is trained on must be a category of the validation json: the
+    evaluator cannot score detections of a category the gt does not define. Checked before
+    training, not found after it."""
+    missing = sorted(set(train_cat_ids) - set(val_cat_ids))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"data.val.json {val_json} lacks {len(missing)} categor"
+                         f"{'y' if len(missing) == 1 else 'ies'} of the training set "
+                         f"{train_json} (category ids {shown}); evaluate on a json with the same "
+                         f"'categories' list (LVIS and COCO val files list every category)")
 
 
 def sample_seed(seed: int, rank: int, epoch: int, batch: int, slot: int) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as du
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def evaluate_checkpoint(cfg: dict, ckpt_path, out_dir) -> dict:
     from ltdet.data import ClassStats
     from ltdet.models import build_detector
 
-    from .data import build_datasets, resolve_data_paths
+    from .data import build_datasets, check_val_categories, resolve_data_paths
     from .distributed import init_distributed
 
     info = init_distributed(cfg["device"])
@@ -134,6 +134,8 @@ def evaluate_checkpoint(cfg: dict, ckpt_path, out_dir) -> dict:
         stats = ClassStats(**meta["stats"])
         label_to_cat_id = {i + 1: c for i, c in enumerate(meta["cat_ids"])}
     _, val_ds = build_datasets(cfg, paths, train=False)
+    check_val_categories(list(label_to_cat_id.values()), val_ds.cat_ids,
+                         f"{ckpt_path} (its training classes)", paths["val_json"])
     model = build_detector(cfg, len(label_to_cat_id), stats)
     if meta is not None and meta.get("stage2"):
         from .refine import install_refine_head
@@ -143,7 +145,7 @@ def evaluate_checkpoint(cfg: dict, ckpt_path, out_dir) -> dict:
     # Stage 2 locks frozen BatchNorm layers as FrozenBatchNorm2d, which has no batch counter.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {ckpt_path} does not fit the model built from the config: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}; evaluate it with the config it was "
             "trained with (its config.yaml)")

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ltdet.config import dump_config
+from ltdet.config import ConfigError, dump_config
 
 from . import distributed as du
+from ltdet.fileio import remove_stale_tmp
+
 from .checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
 from .data import (build_datasets, epoch_batches, make_loader, resolve_data_paths,
                    sample_seed, wrap_index_sampler)
@@ -40,7 +42,7 @@ from .nonfinite import (LossHistory, NonFiniteLossError, advice, global_grad_nor
 from .resume import apply_solver, compare_configs
 from .solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["Trainer", "NonFiniteLossError", "seed_all"]
+__all__ = ["Trainer", "NonFiniteLossError", "OutputDirError", "seed_all"]
 
 # LVIS frequency groups (rare / common / frequent), in the order the training log reports them.
 FREQUENCY_GROUPS = ("r", "c", "f")
@@ -49,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 # `sample_seed` slot of a batch's mixup generator (sample slots are 0..batch_size-1).
 _MIXUP_SLOT = 1 << 20
+
+
+class OutputDirError(ConfigError):
+    """A fresh run was pointed at an output_dir holding a previous run."""
 
 
 def seed_all(seed: int) -> None:
@@ -73,6 +79,9 @@ class Trainer:
             keys may change and take effect from the resume iteration; a change of the model or
             the data raises `ResumeConfigError` before anything in output_dir is written.
         resume_from: continue from this checkpoint instead of the last one (implies resume).
+        overwrite: a fresh run (no resume) into an output_dir that holds a previous run's
+            checkpoints or log.jsonl is refused (`OutputDirError`) unless this is set; then those
+            checkpoints, the pointer and log.jsonl are deleted first.
         evaluate: evaluate on the validation set every `solver.eval_period` and at the end.
         progress: show the tqdm progress bar on rank 0.
         stage2: the model is a stage-2 (refined classifier) model; recorded in the checkpoints
@@ -83,7 +92,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: dict, *, resume: bool = False, evaluate: bool = True,
-                 progress: bool = True, stage2: bool = False, resume_from=None):
+                 progress: bool = True, stage2: bool = False, resume_from=None,
+                 overwrite: bool = False):
         from ltdet.models import build_detector
 
         self.cfg = cfg
@@ -93,18 +103,34 @@ class Trainer:
         self.stage2 = stage2
         self.info = du.init_distributed(cfg["device"])
         self.output_dir = Path(cfg["output_dir"])
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints")
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints",
+                                         keep=cfg["solver"]["keep_checkpoints"])
         # Read and compare before anything in output_dir is written: a refused resume must leave
         # config.yaml and log.jsonl as the previous run left them.
         self._resume_path, self._resume_ckpt, resume_changes = None, None, {}
         if self.resume:
-            self._resume_path = (Path(resume_from) if resume_from is not None
-                                 else self.checkpointer.last())
-            if self._resume_path is not None:
+            if resume_from is not None:
+                self._resume_path = Path(resume_from)
                 self._resume_ckpt = load_checkpoint(self._resume_path, map_location="cpu")
+            else:
+                self._resume_path, self._resume_ckpt = self.checkpointer.load_last()
+            if self._resume_path is not None:
                 resume_changes = compare_configs(self._resume_ckpt["config"], cfg,
                                                  self._resume_path)
+        else:
+            previous = self._previous_run()
+            if previous and not overwrite:
+                raise OutputDirError(
+                    f"output_dir {self.output_dir} holds a previous run ({', '.join(previous)}); "
+                    f"continue it with --resume, choose another output_dir, or pass --overwrite "
+                    f"to delete its checkpoints and log.jsonl and start again")
         setup_logging(self.output_dir, self.info.rank)
+        if self.info.is_main:
+            remove_stale_tmp(self.output_dir)
+            self.checkpointer.remove_stale_tmp()
+            if not self.resume and overwrite:
+                self._delete_previous_run()
+        du.barrier()  # no rank looks at output_dir again before rank 0 has cleaned it
         for key, (old, new) in resume_changes.items():
             logger.info("--resume: %s changed from %r to %r; in effect from iteration %d", key,
                         old, new, self._resume_ckpt["iteration"] + 1)
@@ -124,6 +150,28 @@ class Trainer:
         logger.info("training set %s: %d images, %d classes; %d processes on %s",
                     self.paths["train_json"], len(self.train_dataset), self.num_classes,
                     self.info.world_size, self.info.device)
+
+    # -- output_dir -----------------------------------------------------------------------------
+    def _previous_run(self) -> list:
+        """What a previous run left in output_dir that a fresh run would overwrite."""
+        found = [p.name for p in self.checkpointer.checkpoints()]
+        if (self.checkpointer.folder / "last_checkpoint").is_file():
+            found.append("checkpoints/last_checkpoint")
+        log = self.output_dir / "log.jsonl"
+        if log.is_file() and log.stat().st_size > 0:
+            found.append("log.jsonl")
+        if len(found) > 4:
+            found = found[:3] + [f"... {len(found) - 3} more"]
+        return found
+
+    def _delete_previous_run(self) -> None:
+        removed = self.checkpointer.checkpoints()
+        for path in removed + [self.checkpointer.folder / "last_checkpoint",
+                               self.output_dir / "log.jsonl"]:
+            if path.is_file():
+                path.unlink()
+        logger.warning("--overwrite: deleted %d checkpoint(s), the pointer and log.jsonl of the "
+                       "previous run in %s", len(removed), self.output_dir)
 
     # -- checkpoint state -------------------------------------------------------------------
     def _meta(self) -> dict:
