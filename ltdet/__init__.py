@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
     "patch": "models.patch",
     "build_detector": "models.build",
+    "init_sigmoid_classifier": "models.init",
     "build_loss": "losses.registry",
     "evaluate_lvis": "evaluation.lvis_eval",
     "ClassStats": "data.class_stats",

@@ -67,7 +67,7 @@ def _check_fds(spec):
     return None
 
 
-_DATA_SAMPLERS = {"default": (), "repeat_factor": ("threshold",), "class_aware": ("num_samples",)}
+_DATA_SAMPLERS = {"default": (), "repeat_factor": ("threshold", "sqrt"), "class_aware": ("num_samples",)}
 
 
 def _check_data_sampler(spec):

@@ -92,3 +92,71 @@ def make_set(seed=0, n_images=40, n_cats=24, lvis=True, big_image_dets=350):
             for k in ("frequency", "image_count", "instance_count"):
                 c.pop(k)
     return gt, dets
+
+
+DEGENERATE_CASES = ("zero_width_det", "zero_height_det", "gt_area_0", "all_gt_area_0",
+                    "zero_size_gt_bbox", "gt_ann_id_0")
+
+
+def degenerate_set(case, seed=0, lvis=True):
+    """:func:`make_set` with one kind of degenerate box / id, placed where it changes the result:
+
+    - ``zero_width_det`` / ``zero_height_det``: the 3 highest-scoring detections that overlap a gt
+      of their class (a TP candidate, kept by the federated filter) and, on the image with more
+      than 300 detections, its 5 highest-scoring ones (they still count towards the cap) get a
+      zero width / height;
+    - ``gt_area_0``: the json ``area`` of a few gts (bbox unchanged) is 0, among them the only gt
+      of its (image, class), which has detections;
+    - ``all_gt_area_0``: every gt's ``area`` is 0;
+    - ``zero_size_gt_bbox``: gts with a zero-width bbox and ``area`` 0 (as a json writer computing
+      w * h produces), and gts with a zero-height bbox keeping their positive ``area``;
+    - ``gt_ann_id_0``: annotation ids start at 0, and the id-0 gt has an exact detection.
+    """
+    gt, dets = make_set(seed, n_images=20, lvis=lvis)
+    anns = gt["annotations"]
+    by_pair = {}
+    for a in anns:
+        by_pair.setdefault((a["image_id"], a["category_id"]), []).append(a)
+
+    def overlaps_gt(d):
+        for a in by_pair.get((d["image_id"], d["category_id"]), []):
+            x, y, w, h = a["bbox"]
+            dx, dy, dw, dh = d["bbox"]
+            if min(x + w, dx + dw) - max(x, dx) > 0 and min(y + h, dy + dh) - max(y, dy) > 0:
+                return True
+        return False
+
+    if case in ("zero_width_det", "zero_height_det"):
+        k = 2 if case == "zero_width_det" else 3
+        per_img = {}
+        for d in dets:
+            per_img.setdefault(d["image_id"], []).append(d)
+        big = max(per_img.values(), key=len)
+        chosen = sorted((d for d in dets if overlaps_gt(d)), key=lambda d: -d["score"])[:3]
+        chosen += sorted(big, key=lambda d: -d["score"])[:5]
+        for d in chosen:
+            d["bbox"][k] = 0.0
+    elif case == "gt_area_0":
+        alone = next(a for a in anns if len(by_pair[a["image_id"], a["category_id"]]) == 1
+                     and any((d["image_id"], d["category_id"]) == (a["image_id"], a["category_id"])
+                             for d in dets))
+        for a in [alone] + anns[2::17]:
+            a["area"] = 0
+    elif case == "all_gt_area_0":
+        for a in anns:
+            a["area"] = 0
+    elif case == "zero_size_gt_bbox":
+        for a in anns[1::9]:
+            a["bbox"][2] = 0.0
+            a["area"] = 0.0
+        for a in anns[5::9]:
+            a["bbox"][3] = 0.0
+    elif case == "gt_ann_id_0":
+        for a in anns:
+            a["id"] -= 1
+        a0 = anns[0]
+        dets.append({"image_id": a0["image_id"], "category_id": a0["category_id"],
+                     "bbox": list(a0["bbox"]), "score": 0.95})
+    else:
+        raise ValueError(case)
+    return gt, dets

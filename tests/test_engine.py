@@ -817,3 +817,15 @@ def test_test_cli_reports_a_config_error_in_one_line(tmp_path, capsys):
     assert test_tool.main(["configs/base.yaml", "--ckpt", str(tmp_path / "missing.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pth" in err[0]
+
+
+def test_check_demo_reads_the_bars_from_metrics_json(tmp_path, capsys):
+    check = _load_tool("check_demo")
+    good = {"AP50f": 0.62, "APr": 0.05, "APf": 0.40}
+    for metrics, code in ((good, 0), (dict(good, AP50f=0.49), 1), (dict(good, APr=0.21), 1),
+                          ({"AP": 0.1}, 1)):
+        path = tmp_path / "metrics.json"
+        path.write_text(json.dumps(metrics))
+        assert check.main([str(path)]) == code, metrics
+    assert check.main([str(tmp_path / "absent.json")]) == 1
+    assert "did `make demo` finish" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _eval_fixtures import make_set
+from _eval_fixtures import DEGENERATE_CASES, degenerate_set, make_set
 from ltdet.evaluation import evaluate_lvis, format_table, write_report
 from ltdet.evaluation import results_io
 from ltdet.evaluation.lvis_eval import GroundTruthFormatError
@@ -76,7 +76,24 @@ def _assert_close(res, ref, keys):
     ours = [c["AP"] for c in res["per_class"]]
     assert [a is None for a in ours] == [a is None for a in ref["per_class"]]
     diffs = [abs(a - b) for a, b in zip(ours, ref["per_class"]) if a is not None]
-    assert max(diffs) <= 1e-4
+    assert max(diffs, default=0.0) <= 1e-4  # (no class with gt: the None patterns agree above)
+
+
+def _assert_matches_reference(gt, dets, lvis, max_dets=300):
+    """Every metric and per-class AP (and, for LVIS gt, AP50 per class / per group) against the
+    official package: lvis.LVISEval for LVIS gt, pycocotools' COCOeval for COCO gt."""
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), max_dets=max_dets)
+    if lvis:
+        ref = _lvis_reference(gt, dets, max_dets=max_dets)
+        _assert_close(res, ref, LVIS_KEYS + ["AP50r", "AP50c", "AP50f"])
+        ours = [c["AP50"] for c in res["per_class"]]
+        assert [a is None for a in ours] == [a is None for a in ref["per_class_ap50"]]
+        assert max((abs(a - b) for a, b in zip(ours, ref["per_class_ap50"]) if a is not None),
+                   default=0.0) <= 1e-4
+    else:
+        ref = _coco_reference(gt, dets, max_dets)
+        _assert_close(res, ref, [k for k in ref if k != "per_class"])
+    return res, ref
 
 
 def test_fixture_exercises_the_edge_cases():
@@ -111,6 +128,45 @@ def test_matches_lvis_package(seed):
     ours = [c["AP50"] for c in res["per_class"]]
     assert [a is None for a in ours] == [a is None for a in ref["per_class_ap50"]]
     assert max(abs(a - b) for a, b in zip(ours, ref["per_class_ap50"]) if a is not None) <= 1e-4
+
+
+@pytest.mark.parametrize("lvis", [True, False], ids=["lvis", "coco"])
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
+def test_degenerate_boxes_match_references(case, lvis):
+    """Zero-width / zero-height detections, gts with json area 0, zero-size gt boxes and a gt with
+    annotation id 0 (see _eval_fixtures.degenerate_set), against lvis and pycocotools."""
+    gt, dets = degenerate_set(case, lvis=lvis)
+    res, ref = _assert_matches_reference(gt, dets, lvis)
+    if lvis and case == "all_gt_area_0":
+        # lvis evaluates no gt with area <= 0: every class is without gt, every metric -1.
+        assert ref["AP"] == res["AP"] == -1 and all(a is None for a in ref["per_class"])
+    else:
+        assert ref["AP"] > 0.05  # a meaningful comparison, not -1 == -1
+
+
+def test_zero_area_boxes_hand_computed():
+    """lvis drops detections and gts whose area is not in (0, inf) (LVIS.get_ann_ids, called by
+    LVISEval._prepare); COCOeval keeps them: a zero-area detection is a FP in 'all' / 'small'."""
+    fp_zero_width = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 40], "score": 0.9}
+    tp = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8}
+    lvis_gt = _single_image_gt()
+    coco_gt = copy.deepcopy(lvis_gt)
+    for im in coco_gt["images"]:
+        del im["neg_category_ids"], im["not_exhaustive_category_ids"]
+    assert evaluate_lvis(lvis_gt, [fp_zero_width, tp])["AP"] == pytest.approx(1.0)
+    res = evaluate_lvis(coco_gt, [fp_zero_width, tp])
+    assert res["AP"] == pytest.approx(0.5) and res["APm"] == pytest.approx(1.0)
+    # json area 0 (bbox intact): lvis has no gt left; COCOeval has a small gt the TP matches.
+    lvis_gt["annotations"][0]["area"] = coco_gt["annotations"][0]["area"] = 0
+    res = evaluate_lvis(lvis_gt, [tp])
+    assert res["AP"] == -1 and res["per_class"][0]["AP"] is None
+    res = evaluate_lvis(coco_gt, [tp])
+    assert res["AP"] == pytest.approx(1.0) and res["APs"] == pytest.approx(1.0)
+    # Annotation id 0: the references store a match as the gt's id and count "id != 0" as
+    # matched, so the detection consumes the gt yet is a FP (precision 0 at every recall).
+    for g in (_single_image_gt(), coco_gt):
+        g["annotations"][0].update(id=0, area=1600.0)
+        assert evaluate_lvis(g, [tp])["AP"] == 0.0
 
 
 def test_matches_lvis_package_small_max_dets():
@@ -289,6 +345,125 @@ def test_bad_detection_named(bad, pattern, tmp_path):
         path.write_text(json.dumps(dets))
         with pytest.raises(DetectionFormatError, match=pattern):
             evaluate_lvis(gt, str(path))
+
+
+@pytest.mark.parametrize("field,convert,typename", [
+    ("image_id", float, "float"),  # 1000.0: an integral float is not an id either
+    ("category_id", float, "float"),
+    ("image_id", lambda v: v + 0.5, "float"),
+    ("image_id", str, "str"),
+    ("category_id", str, "str"),
+    ("category_id", lambda v: True, "bool"),  # category 1 exists: True must not pass as 1
+])
+def test_non_integer_result_ids_named(field, convert, typename, tmp_path, monkeypatch):
+    gt, dets = make_set(0, n_images=10)
+    dets = dets[:400]
+    i = 337
+    dets[i][field] = convert(dets[i][field])
+    pattern = rf"detection #{i} .*{field} must be an integer, got .* \({typename}\); ids are"
+    with pytest.raises(DetectionFormatError, match=pattern):
+        evaluate_lvis(gt, dets)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(dets))
+    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 3000)  # the entry sits in a later chunk
+    with pytest.raises(DetectionFormatError, match=pattern):
+        evaluate_lvis(gt, str(path))
+
+
+def test_fast_result_parser_refuses_float_ids():
+    """The numeric-table path reads numbers as float64: a chunk with an id written with a '.'
+    must go to the json path (which names the entry) instead of being read as an integer."""
+    text = b'[{"image_id": 1, "category_id": 2, "bbox": [1.5, 2, 3, 4.25], "score": 0.5}]'
+    layout = results_io._uniform_layout(text, 1)
+
+    def chunk(image_id, category_id):
+        return (b'{"image_id": %s, "category_id": %s, "bbox": [1.5, 2, 3, 4.25], "score": 0.5},'
+                b'{"image_id": 7, "category_id": 2, "bbox": [1, 2, 3, 4], "score": 1}'
+                % (image_id, category_id))
+
+    cols = results_io._parse_uniform_chunk(chunk(b"12", b"-3"), layout, 0, "x")
+    assert cols.image_id.tolist() == [12, 7] and cols.category_id.tolist() == [-3, 2]
+    for image_id, category_id in ((b"12.0", b"2"), (b"2299.5", b"2"), (b"1", b"3.0"),
+                                  (b"1", b" -3.0"), (b"9007199254740993", b"2")):
+        assert results_io._parse_uniform_chunk(chunk(image_id, category_id), layout, 0, "x") is None
+
+
+def test_large_ids_are_exact(tmp_path):
+    """Ids above 2^53 are not exact in float64; they must neither be rounded nor mismatched."""
+    big = (1 << 60) + 1
+    gt = _single_image_gt()
+    gt["images"][0]["id"] = big
+    gt["images"].append({"id": big + 2, "neg_category_ids": [], "not_exhaustive_category_ids": []})
+    gt["annotations"][0]["image_id"] = big
+    dets = [{"image_id": big, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(dets))
+    for d in (dets, str(path)):
+        assert evaluate_lvis(gt, d)["AP"] == pytest.approx(1.0)
+        assert load_detections(d).image_id.tolist() == [big]
+
+
+def test_non_integer_ids_in_tensor_dicts():
+    good = {"image_id": 1, "boxes": torch.tensor([[0.0, 0.0, 40.0, 40.0]]),
+            "scores": torch.tensor([0.9]), "category_ids": torch.tensor([1])}
+    assert evaluate_lvis(_single_image_gt(), [good])["AP"] == pytest.approx(1.0)
+    assert evaluate_lvis(_single_image_gt(), [{**good, "image_id": torch.tensor(1)}])["AP"] == \
+        pytest.approx(1.0)
+    for bad in ({"image_id": 1.0}, {"image_id": 1.5}, {"image_id": torch.tensor(1.0)},
+                {"image_id": True}, {"image_id": "1"}, {"category_ids": torch.tensor([1.0])},
+                {"category_ids": torch.tensor([True])}):
+        with pytest.raises(DetectionFormatError, match=r"detections\[0\].*ids are integers"):
+            evaluate_lvis(_single_image_gt(), [{**good, **bad}])
+
+
+def _set_value(doc, path, value):
+    *head, last = path
+    for k in head:
+        doc = doc[k]
+    doc[last] = value(doc[last]) if callable(value) else value
+
+
+@pytest.mark.parametrize("path,value,pattern", [
+    # the issue's example: an image id 2299.5 read as 2299 matched detections of image 2299
+    (("annotations", 7, "image_id"), lambda v: v + 0.5,
+     r"annotation id 8 in gt has image_id 1000\.5 \(float\); ids are integers"),
+    (("annotations", 7, "category_id"), float,
+     r"annotation id 8 in gt has category_id \d+\.0 \(float\); ids are integers"),
+    (("annotations", 7, "category_id"), str, r"annotation id 8 in gt has category_id '\d+' \(str\)"),
+    (("annotations", 7, "category_id"), True, r"annotation id 8 in gt has category_id True \(bool\)"),
+    (("annotations", 7, "id"), float, r"annotation #7 in gt has id 8\.0 \(float\)"),
+    (("annotations", 7, "id"), None, r"annotation #7 in gt has id None \(NoneType\)"),
+    (("images", 3, "id"), lambda v: v + 0.5, r"image #3 in gt has id 1021\.5 \(float\)"),
+    (("images", 3, "id"), float, r"image #3 in gt has id 1021\.0 \(float\)"),
+    (("images", 3, "id"), str, r"image #3 in gt has id '1021' \(str\)"),
+    (("images", 3, "id"), False, r"image #3 in gt has id False \(bool\)"),
+    (("categories", 2, "id"), float, r"category #2 \('cls2'\) in gt has id 7\.0 \(float\)"),
+    (("images", 1, "neg_category_ids", 0), lambda v: v + 0.5,
+     r"image 1007 in gt has neg_category_ids entry \d+\.5 \(float\)"),
+    (("images", 2, "not_exhaustive_category_ids"), [4.0],
+     r"image 1014 in gt has not_exhaustive_category_ids entry 4\.0 \(float\)"),
+    (("annotations", 7, "id"), 3, r"annotation id 3 occurs 2 times"),
+])
+def test_non_integer_gt_ids_named(path, value, pattern):
+    gt, _ = make_set(0, n_images=10)
+    assert gt["annotations"][7]["id"] == 8 and gt["images"][3]["id"] == 1021
+    _set_value(gt, path, value)
+    with pytest.raises(GroundTruthFormatError, match=pattern):
+        evaluate_lvis(gt, [])
+
+
+def test_non_integer_ids_name_the_file(tmp_path):
+    gt, dets = make_set(0, n_images=10)
+    gt["annotations"][7]["image_id"] += 0.5
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    with pytest.raises(GroundTruthFormatError,
+                       match=r"annotation id 8 in .*val\.json has image_id 1000\.5 \(float\)"):
+        evaluate_lvis(str(tmp_path / "val.json"), dets)
+    gt, dets = make_set(0, n_images=10, lvis=False)
+    train = {"images": [], "categories": gt["categories"],
+             "annotations": [{"id": 1, "image_id": 1.5, "category_id": 1}]}
+    with pytest.raises(GroundTruthFormatError, match=r"annotation id 1 in train has image_id 1\.5"):
+        evaluate_lvis(gt, dets, train=train)
 
 
 def test_missing_key_and_malformed_json(tmp_path):

@@ -3,13 +3,16 @@
 
     python tools/tau_sweep.py configs/synthetic/faster_rcnn_r18_fpn_stage2_tau_norm.yaml \
         --ckpt runs/synthetic/faster_rcnn_r18_fpn/checkpoints/model_0000350.pth \
-        --taus 0,0.25,0.5,0.75,1
+        [--taus 0,0.25,0.5,0.75,1]
 
 For each tau the stage-1 classifier rows are rescaled, ``w_c <- w_c / ||w_c||^tau`` (Kang et al.,
-ICLR 2020; background row per ``refine.normalize_background``), the detector is run on the
-config's validation set and evaluated LVIS-style; each run's report goes to
-``OUTPUT_DIR/tau_sweep/tau_<tau>/``, the table to ``OUTPUT_DIR/tau_sweep/summary.json`` and stdout.
-``tau = 0`` is the stage-1 model itself. Runs under torchrun too (inference is sharded).
+ICLR 2020; background row per ``refine.normalize_background``) and, as in the authors'
+``tau_norm.py``, scored without their biases (``refine.tau_keep_bias: true`` keeps them); the
+detector is run on the config's validation set and evaluated LVIS-style; each run's report goes
+to ``OUTPUT_DIR/tau_sweep/tau_<tau>/``, the table to ``OUTPUT_DIR/tau_sweep/summary.json`` and
+stdout. The default taus are the authors' sweep, ``np.linspace(0, 2, 21)`` (0, 0.1, ..., 2).
+``tau = 0`` is the stage-1 model without the foreground biases (the stage-1 model itself with
+``tau_keep_bias: true``). Runs under torchrun too (inference is sharded).
 """
 import argparse
 import json
@@ -22,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 from ltdet.config import ConfigError, load_config  # noqa: E402
 
 METRICS = ("AP", "APr", "APc", "APf")
+#: the authors' sweep (classifier-balancing, tau_norm.py: np.linspace(0, 2, 21))
+DEFAULT_TAUS = [round(0.1 * i, 10) for i in range(21)]
 
 
 def parse_taus(text: str) -> list[float]:
@@ -38,8 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="stage-2 tau_norm config (its model section is stage 1's)")
     p.add_argument("--ckpt", required=True, help="stage-1 checkpoint")
-    p.add_argument("--taus", type=parse_taus, default=parse_taus("0,0.25,0.5,0.75,1"),
-                   help="comma-separated tau values (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--taus", type=parse_taus, default=list(DEFAULT_TAUS),
+                   help="comma-separated tau values (default: the authors' 0,0.1,...,2)")
     p.add_argument("--metric", choices=METRICS, default="AP", help="metric that picks the best tau")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     return p.parse_args(argv)
@@ -100,13 +105,18 @@ def main(argv=None) -> int:
     model.to(info.device)
     predictor = model.roi_heads.box_predictor
     stage1_weight = predictor.cls_score.weight.detach().clone()
+    stage1_bias = (predictor.cls_score.bias.detach().clone()
+                   if predictor.cls_score.bias is not None else None)
     background = bool(cfg["refine"].get("normalize_background", False))
+    keep_bias = bool(cfg["refine"].get("tau_keep_bias", False))
 
     rows = []
     for tau in args.taus:
         with torch.no_grad():
             predictor.cls_score.weight.copy_(stage1_weight)
-        tau_normalize(predictor, tau, normalize_background=background)
+            if stage1_bias is not None:
+                predictor.cls_score.bias.copy_(stage1_bias)
+        tau_normalize(predictor, tau, normalize_background=background, keep_bias=keep_bias)
         res = evaluate_model(model, val_ds, label_to_cat_id=label_to_cat_id,
                              val_json=paths["val_json"], train_json=paths["train_json"],
                              out_dir=out_root / f"tau_{tau:g}", device=info.device,
@@ -121,7 +131,7 @@ def main(argv=None) -> int:
         best = max(rows, key=lambda r: r[args.metric])
         (out_root / "summary.json").write_text(json.dumps(
             {"rows": rows, "metric": args.metric, "best_tau": best["tau"],
-             "normalize_background": background}, indent=2))
+             "normalize_background": background, "tau_keep_bias": keep_bias}, indent=2))
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

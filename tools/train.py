@@ -68,11 +68,12 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from ltdet.cli import USER_ERRORS, report
+    from ltdet.engine.distributed import CollectiveTimeout
     from ltdet.engine.trainer import NonFiniteLossError
 
     try:
         results, trainer = run(args, cfg)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CollectiveTimeout) as e:  # the run stopped; the message says why
         print(f"error: {e}", file=sys.stderr)
         return 1
     except ConfigError as e:  # a --resume changing the model or the data, a used output_dir

@@ -7,8 +7,9 @@ repeating from its start to a multiple of ``num_replicas`` and gives rank ``k`` 
 The list is computed in ``set_epoch``, which makes ``__len__`` exact.
 
 - `repeat_factors` / `RepeatFactorSampler`: repeat-factor sampling, LVIS paper (Gupta et al.,
-  CVPR 2019, Sec. 4): ``r_c = max(1, sqrt(t / f_c))``, ``r_img = max_{c in img} r_c``, with
-  stochastic rounding re-drawn each epoch.
+  CVPR 2019, Sec. 4): ``r_c = max(1, sqrt(t / f_c))`` (or detectron2's linear
+  ``max(1, t / f_c)``), ``f_c`` over the annotated images (detectron2), ``r_img = max_{c in img}
+  r_c``, with stochastic rounding re-drawn each epoch.
 - `ClassAwareSampler`: a class uniformly, then an image containing it uniformly (Shen et al.,
   ECCV 2016, "Relay backpropagation").
 - `GroupedBatchSampler`: batches of one aspect-ratio group (w >= h vs w < h), finite.
@@ -66,12 +67,16 @@ def _image_label_pairs(source) -> tuple[np.ndarray, np.ndarray, int, int]:
     return img, lab, flat.num_images, flat.num_classes
 
 
-def repeat_factors(json_or_dataset, threshold: float = 1e-3) -> torch.Tensor:
+def repeat_factors(json_or_dataset, threshold: float = 1e-3, sqrt: bool = True) -> torch.Tensor:
     """Per-image repeat factors, float64 ``[num_images]`` (dataset index order).
 
-    ``f_c`` = fraction of images containing class c (over the loaded annotations),
-    ``r_c = max(1, sqrt(t / f_c))``, ``r_img = max over classes on the image of r_c``, and 1 for
-    an image without annotations (LVIS paper, Gupta et al. 2019, Sec. 4 "Repeat factor sampling").
+    ``f_c`` = fraction of the *annotated* images (at least one loaded annotation) containing
+    class c, ``r_c = max(1, sqrt(t / f_c))`` (``sqrt=False``: ``max(1, t / f_c)``),
+    ``r_img = max over classes on the image of r_c``, and 1 for an image without annotations
+    (LVIS paper, Gupta et al. 2019, Sec. 4 "Repeat factor sampling"). As detectron2
+    (``RepeatFactorTrainingSampler.repeat_factors_from_category_frequency`` on the data set its
+    loader has already filtered of images without annotations, ``REPEAT_SQRT`` for ``sqrt``),
+    images without annotations do not enter ``f_c``'s denominator.
     """
     if threshold <= 0:
         raise ValueError(f"repeat_factors: threshold must be > 0, got {threshold}")
@@ -79,8 +84,11 @@ def repeat_factors(json_or_dataset, threshold: float = 1e-3) -> torch.Tensor:
     if num_images == 0:
         raise ValueError("repeat_factors: the data set has no images")
     img_t = torch.from_numpy(img)
-    freq = torch.bincount(torch.from_numpy(lab), minlength=num_classes + 1).double() / num_images
-    class_rf = torch.sqrt(threshold / freq.clamp(min=1e-12)).clamp(min=1.0)
+    # (image, class) pairs are unique, so the annotated images are the distinct image indices
+    num_annotated = max(int(np.unique(img).size), 1)
+    freq = torch.bincount(torch.from_numpy(lab), minlength=num_classes + 1).double() / num_annotated
+    ratio = threshold / freq.clamp(min=1e-12)
+    class_rf = (torch.sqrt(ratio) if sqrt else ratio).clamp(min=1.0)
     rf = torch.ones(num_images, dtype=torch.float64)
     return rf.scatter_reduce_(0, img_t, class_rf[torch.from_numpy(lab)], "amax", include_self=True)
 
@@ -253,14 +261,16 @@ def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = N
     """Batch sampler for ``cfg_data["sampler"]``:
 
     ``{type: default}`` (shuffled, seeded, sharded, finite: torch's `DistributedSampler`),
-    ``{type: repeat_factor, threshold: 0.001}``, ``{type: class_aware, num_samples: null}``;
+    ``{type: repeat_factor, threshold: 0.001, sqrt: true}`` (``sqrt: false``: detectron2's
+    linear ``max(1, t / f_c)``), ``{type: class_aware, num_samples: null}``;
     wrapped in `GroupedBatchSampler` (aspect-ratio groups when ``aspect_ratio_grouping``).
     Call ``.set_epoch(e)`` on the result at the start of every epoch.
     """
     num_replicas, rank = _resolve_world(num_replicas, rank)
     spec = dict(cfg_data.get("sampler") or {"type": "default"})
     kind = spec.pop("type", "default")
-    allowed = {"default": set(), "repeat_factor": {"threshold"}, "class_aware": {"num_samples"}}
+    allowed = {"default": set(), "repeat_factor": {"threshold", "sqrt"},
+               "class_aware": {"num_samples"}}
     if kind not in allowed:
         raise ValueError(f"data.sampler.type must be one of {sorted(allowed)}, got {kind!r}")
     unknown = set(spec) - allowed[kind]
@@ -270,7 +280,10 @@ def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = N
     if len(dataset) == 0:
         raise ValueError("build_train_sampler: the training data set is empty")
     if kind == "repeat_factor":
-        rf = repeat_factors(dataset, threshold=float(spec.get("threshold", 1e-3)))
+        use_sqrt = spec.get("sqrt", True)
+        if not isinstance(use_sqrt, bool):
+            raise ValueError(f"data.sampler.sqrt must be true or false, got {use_sqrt!r}")
+        rf = repeat_factors(dataset, threshold=float(spec.get("threshold", 1e-3)), sqrt=use_sqrt)
         sampler = RepeatFactorSampler(rf, seed=seed, num_replicas=num_replicas, rank=rank)
     elif kind == "class_aware":
         sampler = ClassAwareSampler(dataset, num_samples=spec.get("num_samples"), seed=seed,

@@ -54,7 +54,11 @@ def resolve_data_paths(cfg: dict) -> dict:
 
 
 def build_datasets(cfg: dict, paths: dict, *, train: bool = True, val: bool = True):
-    """(train_dataset or None, val_dataset or None) with the config's transforms."""
+    """(train_dataset or None, val_dataset or None) with the config's transforms.
+
+    ``data.filter_empty`` drops training images without annotations (detectron2's
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) before anything counts them, so the class statistics
+    and repeat factors are those of the annotated images; the validation set is never filtered."""
     from ltdet.data import build_dataset, build_transforms
 
     fmt = cfg["data"]["format"]
@@ -62,7 +66,8 @@ def build_datasets(cfg: dict, paths: dict, *, train: bool = True, val: bool = Tr
     if train:
         train_ds = build_dataset(paths["train_json"], paths["train_images"], format=fmt,
                                  transforms=build_transforms(cfg["data"], train=True),
-                                 skip_invalid=cfg["data"]["skip_invalid"])
+                                 skip_invalid=cfg["data"]["skip_invalid"],
+                                 filter_empty=bool(cfg["data"].get("filter_empty", False)))
         if len(train_ds) == 0:
             raise ValueError(f"the training set {paths['train_json']} has no images")
     if val:

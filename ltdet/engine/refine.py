@@ -15,7 +15,8 @@ The ``refine`` config section (docs/stage2.md):
   learnable scale per class) | ``tau_norm`` (post-hoc ``w_c / ||w_c||^tau``, nothing trained) |
   ``cosine`` (fresh cosine classifier with learnable scale, trained);
 - ``tau``: the tau_norm exponent; ``normalize_background`` (optional, default false): also
-  normalise the background row;
+  normalise the background row; ``tau_keep_bias`` (optional, default false): keep the biases of
+  the normalised rows (the authors' tau-norm scores without them, the default);
 - ``box``: also re-train ``bbox_pred``;
 - ``shifted_bn``: the box head's BatchNorm layers (``faster_rcnn_v2``) update their running
   statistics on the re-balanced data while their affine parameters stay frozen;
@@ -37,6 +38,7 @@ from torch import nn
 from ltdet.imbalance.shifted_bn import freeze_batchnorm, shift_batchnorm
 from ltdet.models.classifiers import (CosineClassifier, CosinePredictor, LWSPredictor,
                                       ScaledClassifier, reset_classifier, tau_normalize)
+from ltdet.models.init import init_classifier_for_loss, prior_prob_from_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ __all__ = ["HEADS", "freeze_module", "install_refine_head", "prepare_stage2", "s
            "trainable_parameter_names"]
 
 HEADS = ("crt", "lws", "tau_norm", "cosine")
-_REFINE_KEYS = {"head", "tau", "box", "shifted_bn", "normalize_background", "cosine"}
+_REFINE_KEYS = {"head", "tau", "box", "shifted_bn", "normalize_background", "tau_keep_bias",
+                "cosine"}
 # State-dict prefixes that make up the stage-1 detector proper; everything else under roi_heads
 # (loss state, LDS/FDS statistics) may legitimately differ between the two stages' configs.
 _DETECTOR_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.",
@@ -101,8 +104,9 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
     Structure (always): ``lws`` wraps the classifier in an :class:`LWSPredictor`; ``cosine``
     replaces it by a fresh :class:`CosinePredictor` that keeps the stage-1 ``bbox_pred``.
     Values (``initialise=True``, i.e. starting stage 2 from stage-1 weights): ``crt``
-    re-initialises the classifier; ``tau_norm`` applies :func:`tau_normalize`. With
-    ``initialise=False`` only the structure changes, so a saved stage-2 state dict loads
+    re-initialises the classifier (weight N(0, 0.01), bias 0; with a sigmoid stage-2 loss, bias
+    at the prior ``model.cls_prior_prob``, see ``ltdet.models.init``); ``tau_norm`` applies
+    :func:`tau_normalize`. With ``initialise=False`` only the structure changes, so a saved stage-2 state dict loads
     key for key. Returns the model.
     """
     refine = _refine_cfg(cfg)
@@ -128,9 +132,12 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
             roi_heads.box_predictor = new.to(predictor.bbox_pred.weight.device)
     elif initialise and head == "crt":
         reset_classifier(predictor)
+        # A stage-2 sigmoid loss needs the prior init, not bias 0 (model.cls_prior_prob).
+        init_classifier_for_loss(model, prior_prob_from_cfg(cfg.get("model")))
     elif initialise and head == "tau_norm":
         tau_normalize(predictor, float(refine.get("tau", 1.0)),
-                      normalize_background=bool(refine.get("normalize_background", False)))
+                      normalize_background=bool(refine.get("normalize_background", False)),
+                      keep_bias=bool(refine.get("tau_keep_bias", False)))
     return model
 
 

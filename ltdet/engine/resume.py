@@ -20,6 +20,7 @@ RESUMABLE = (
     "solver.eval_period", "solver.log_period", "solver.keep_checkpoints",
     # evaluation and loading only: nothing the weights or the training samples depend on
     "data.val.", "data.test_min_size", "data.num_workers", "test.", "device", "output_dir",
+    "dist_timeout",
 )
 
 

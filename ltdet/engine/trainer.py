@@ -101,7 +101,7 @@ class Trainer:
         self.evaluate = evaluate
         self.progress = progress
         self.stage2 = stage2
-        self.info = du.init_distributed(cfg["device"])
+        self.info = du.init_distributed(cfg["device"], timeout_s=cfg["dist_timeout"])
         self.output_dir = Path(cfg["output_dir"])
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints",
                                          keep=cfg["solver"]["keep_checkpoints"])
@@ -130,7 +130,7 @@ class Trainer:
             self.checkpointer.remove_stale_tmp()
             if not self.resume and overwrite:
                 self._delete_previous_run()
-        du.barrier()  # no rank looks at output_dir again before rank 0 has cleaned it
+        du.barrier("barrier after cleaning output_dir")  # no rank looks at output_dir again before rank 0 has cleaned it
         for key, (old, new) in resume_changes.items():
             logger.info("--resume: %s changed from %r to %r; in effect from iteration %d", key,
                         old, new, self._resume_ckpt["iteration"] + 1)
@@ -188,7 +188,8 @@ class Trainer:
                 f"the weights are non-finite after iteration {it} ({', '.join(bad)}); the "
                 f"checkpoint {name} was not written. " + self._advice_tail(optimizer))
         rank_states = du.all_gather_object(
-            {"epoch": epoch, "position": position, "rng": rng_state()})
+            {"epoch": epoch, "position": position, "rng": rng_state()},
+            op="all_gather_object of rank states")
         health = self._history.health()
         if self.info.is_main:
             path = self.checkpointer.save(name, {
@@ -199,7 +200,7 @@ class Trainer:
                 "meta": self._meta(), "health": health,
                 "nonfinite_streak": self._nonfinite_streak})
             self._checkpoints.append((path, health))
-        du.barrier()
+        du.barrier("barrier after checkpoint")
 
     def _restore(self, optimizer, scheduler, scaler):
         """(iteration, epoch, position) from the resume checkpoint, or (0, 0, 0)."""
@@ -383,7 +384,8 @@ class Trainer:
         # The batch's group counts ride along in the same collective (mean * world size = sum).
         reduced = du.all_reduce_mean(torch.cat([
             torch.stack([v.detach().float() for v in loss_dict.values()]),
-            group_counts.to(device=device, dtype=torch.float32)]))
+            group_counts.to(device=device, dtype=torch.float32)]),
+            op="all_reduce of the loss values and group counts")
         values, counts = reduced[:len(loss_dict)], reduced[len(loss_dict):]
         counts = [int(round(c)) for c in (counts * du.get_world_size()).tolist()]
         bad = [f"{k}={v:.4g}" for k, v in zip(loss_dict, values.tolist()) if not math.isfinite(v)]

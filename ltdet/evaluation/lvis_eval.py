@@ -65,7 +65,8 @@ class GroundTruthFormatError(ValueError):
 
 @dataclass
 class GroundTruth:
-    """Ground truth as columns. Annotation arrays are in json order."""
+    """Ground truth as columns. Annotation arrays are in json order; for LVIS gt they hold only
+    the annotations LVISEval evaluates (0 < area < inf)."""
     is_lvis: bool
     img_ids: np.ndarray  # int64 [I] sorted
     cat_ids: np.ndarray  # int64 [K] sorted
@@ -78,6 +79,7 @@ class GroundTruth:
     ann_crowd: np.ndarray  # bool [G] (COCO iscrowd; always False for LVIS)
     neg_pairs: np.ndarray  # int64 image_index * K + category_index
     not_exhaustive_pairs: np.ndarray  # int64, same encoding
+    ann_id: np.ndarray  # int64 [G] the json's annotation "id"
     source: str = "gt"
 
 
@@ -92,6 +94,41 @@ def _read_json(obj, what):
         raise GroundTruthFormatError(f"{path}: malformed json ({e})") from None
 
 
+def _id_array(values, describe, field, error_cls=None):
+    """json ids (a list) -> int64 [n]. Ids are integers: Python ``int`` (or a numpy integer, for
+    in-memory dicts); ``bool``, ``float`` (even ``3.0``), ``str``, ``None`` ... raise ``error_cls``
+    naming the first offending entry (``describe(i)``). The type test is one ``set(map(type, ...))``
+    over the list (C speed); entries are only scanned on the error path."""
+    error_cls = error_cls or GroundTruthFormatError
+    types = set(map(type, values))
+    if not types <= {int}:
+        bad = {t for t in types if not (t is int or issubclass(t, np.integer))}
+        if bad:
+            i = next(i for i, v in enumerate(values) if type(v) in bad)
+            v = values[i]
+            raise error_cls(f"{describe(i)} has {field} {v!r} ({type(v).__name__}); ids are integers")
+    try:
+        return np.array(values, dtype=np.int64).reshape(len(values))
+    except OverflowError:
+        i = next(i for i, v in enumerate(values) if not -(1 << 63) <= int(v) < (1 << 63))
+        raise error_cls(f"{describe(i)} has {field} {values[i]!r}, outside the int64 range") \
+            from None
+
+
+def _field_list(records, key, describe):
+    """``[r[key] for r in records]``; a record that is not a dict or lacks ``key`` raises naming it."""
+    try:
+        return [r[key] for r in records]
+    except (KeyError, TypeError, IndexError):
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                raise GroundTruthFormatError(f"{describe(i)} is a {type(r).__name__}, not a dict") \
+                    from None
+            if key not in r:
+                raise GroundTruthFormatError(f"{describe(i)} misses {key!r}") from None
+        raise
+
+
 def load_ground_truth(gt) -> GroundTruth:
     """LVIS v1 or COCO json (path or dict) -> :class:`GroundTruth`."""
     doc, src = _read_json(gt, "gt")
@@ -99,6 +136,10 @@ def load_ground_truth(gt) -> GroundTruth:
         if key not in doc:
             raise GroundTruthFormatError(f"{src}: missing top-level key {key!r}")
     images, anns, cats = doc["images"], doc["annotations"], doc["categories"]
+    raw_img_ids = _id_array(_field_list(images, "id", lambda i: f"image #{i} in {src}"),
+                            lambda i: f"image #{i} in {src}", "id")
+    raw_cat_ids = _id_array(_field_list(cats, "id", lambda i: f"category #{i} in {src}"),
+                            lambda i: f"category #{i} ({cats[i].get('name')!r}) in {src}", "id")
     lvis_fields = ("neg_category_ids", "not_exhaustive_category_ids")
     has = [all(k in im for k in lvis_fields) for im in images]
     is_lvis = bool(images) and all(has)
@@ -108,14 +149,23 @@ def load_ground_truth(gt) -> GroundTruth:
             f"{src}: image {bad.get('id')} lacks {lvis_fields} while other images have them; an "
             f"LVIS json needs both lists on every image (empty lists are fine)"
         )
-    img_ids = np.array(sorted(im["id"] for im in images), dtype=np.int64)
-    cats = sorted(cats, key=lambda c: c["id"])
-    cat_ids = np.array([c["id"] for c in cats], dtype=np.int64)
+    img_ids = np.sort(raw_img_ids)
+    order = np.argsort(raw_cat_ids, kind="stable")
+    cats = [cats[i] for i in order]
+    cat_ids = raw_cat_ids[order]
     if np.unique(img_ids).size != img_ids.size or np.unique(cat_ids).size != cat_ids.size:
         raise GroundTruthFormatError(f"{src}: duplicate image or category ids")
+
+    def ann_no(i):
+        return f"annotation #{i} in {src}"
+
+    def ann_named(i):
+        return f"annotation id {anns[i].get('id')!r} in {src}"
+
+    a_id = _id_array(_field_list(anns, "id", ann_no), ann_no, "id")
+    a_img = _id_array(_field_list(anns, "image_id", ann_named), ann_named, "image_id")
+    a_cat = _id_array(_field_list(anns, "category_id", ann_named), ann_named, "category_id")
     try:
-        a_img = np.array([a["image_id"] for a in anns], dtype=np.int64)
-        a_cat = np.array([a["category_id"] for a in anns], dtype=np.int64)
         a_box = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(len(anns), 4)
         a_area = np.array([a["area"] for a in anns], dtype=np.float64)
         if is_lvis:
@@ -127,12 +177,20 @@ def load_ground_truth(gt) -> GroundTruth:
             a_ign = a_crowd.copy()
     except (KeyError, TypeError, ValueError):
         for a in anns:
-            missing = [k for k in ("image_id", "category_id", "bbox", "area") if k not in a]
+            missing = [k for k in ("bbox", "area") if k not in a]
             if missing or len(a["bbox"]) != 4:
                 raise GroundTruthFormatError(
                     f"{src}: annotation id {a.get('id')} misses {missing or 'a 4-number bbox'}"
                 ) from None
         raise GroundTruthFormatError(f"{src}: annotations do not convert to numbers") from None
+    if np.unique(a_id).size != a_id.size:
+        ids, counts = np.unique(a_id, return_counts=True)
+        raise GroundTruthFormatError(
+            f"{src}: annotation id {int(ids[counts > 1][0])} occurs {int(counts.max())} times "
+            f"({int((counts > 1).sum())} such ids); annotation ids must be unique (lvis and "
+            f"pycocotools index annotations by id and would evaluate copies of the last one)"
+        )
+
     def describe(i):
         return f"{src}: annotation #{i} (id {anns[i].get('id')})"
 
@@ -141,11 +199,22 @@ def load_ground_truth(gt) -> GroundTruth:
 
     neg = nel = np.zeros(0, np.int64)
     if is_lvis:
-        neg = _image_category_pairs(images, "neg_category_ids", img_ids, cat_ids)
-        nel = _image_category_pairs(images, "not_exhaustive_category_ids", img_ids, cat_ids)
+        neg = _image_category_pairs(images, "neg_category_ids", img_ids, cat_ids, src)
+        nel = _image_category_pairs(images, "not_exhaustive_category_ids", img_ids, cat_ids, src)
+        # LVISEval._prepare loads the gt through LVIS.get_ann_ids(img_ids, cat_ids), which keeps
+        # only annotations with 0 < json "area" < inf (lvis/lvis.py:85-96; lvis/eval.py:64-66):
+        # any other gt is dropped outright - not a gt, not an ignored region, and it does not make
+        # its class "present" on the image for the federated filter. (COCOeval has no such
+        # filter: pycocotools/cocoeval.py:96 calls getAnnIds without areaRng.)
+        keep = (a_area > 0) & (a_area < np.inf)
+        if not keep.all():
+            logger.info("%s: %d gt annotations with area <= 0 (or not finite) are not evaluated "
+                        "(as in lvis)", src, int((~keep).sum()))
+            ann_img, ann_cat, a_box, a_area, a_ign, a_crowd, a_id = (
+                x[keep] for x in (ann_img, ann_cat, a_box, a_area, a_ign, a_crowd, a_id))
     return GroundTruth(
         is_lvis, img_ids, cat_ids, cats, ann_img, ann_cat, a_box, a_area, a_ign, a_crowd,
-        neg, nel, src,
+        neg, nel, a_id, src,
     )
 
 
@@ -171,12 +240,17 @@ def _index_of(sorted_ids, ids, field, describe, error_cls):
     return pos.astype(np.int64)
 
 
-def _image_category_pairs(images, key, img_ids, cat_ids):
+def _image_category_pairs(images, key, img_ids, cat_ids, src="gt"):
     """Flattened per-image category lists -> sorted unique pair keys; unknown category ids are
     dropped (no detection can carry them: those are rejected)."""
     K = len(cat_ids)
     lens = np.array([len(im[key]) for im in images], dtype=np.int64)
-    flat = np.fromiter((c for im in images for c in im[key]), dtype=np.int64, count=int(lens.sum()))
+    ends = np.cumsum(lens)
+
+    def describe(i):
+        return f"image {images[int(np.searchsorted(ends, i, side='right'))]['id']} in {src}"
+
+    flat = _id_array([c for im in images for c in im[key]], describe, f"{key} entry")
     img = np.repeat(np.searchsorted(img_ids, [im["id"] for im in images]), lens)
     pos = np.searchsorted(cat_ids, flat).clip(max=max(K - 1, 0))
     known = cat_ids[pos] == flat if K else np.zeros(flat.size, bool)
@@ -185,9 +259,14 @@ def _image_category_pairs(images, key, img_ids, cat_ids):
 
 def training_counts(train, cat_ids):
     """Per-category (image_count, instance_count) int64 [K] from a training json (path or dict)."""
-    doc, _ = _read_json(train, "train")
-    a_img = np.array([a["image_id"] for a in doc["annotations"]], dtype=np.int64)
-    a_cat = np.array([a["category_id"] for a in doc["annotations"]], dtype=np.int64)
+    doc, src = _read_json(train, "train")
+    anns = doc["annotations"]
+
+    def describe(i):
+        return f"annotation id {anns[i].get('id')!r} in {src}"
+
+    a_img = _id_array(_field_list(anns, "image_id", describe), describe, "image_id")
+    a_cat = _id_array(_field_list(anns, "category_id", describe), describe, "category_id")
     K = len(cat_ids)
     pos = np.searchsorted(cat_ids, a_cat).clip(max=max(K - 1, 0))
     known = cat_ids[pos] == a_cat if K else np.zeros(a_cat.size, bool)
@@ -241,7 +320,9 @@ def _box_iou_coco(d, g, crowd):
     da = d[:, 2] * d[:, 3]
     union = torch.where(crowd, da, da + g[:, 2] * g[:, 3] - inter)
     iou = inter / union
-    return torch.where((w > 0) & (h > 0), iou, torch.zeros_like(iou))
+    # maskApi.c: "if(w<=0) continue; ... if(h<=0) continue;" leaves o = 0: a zero-width or
+    # zero-height box (detection or gt) never overlaps anything.
+    return torch.where((w <= 0) | (h <= 0), torch.zeros_like(iou), iou)
 
 
 def _group_sizes(keys, num_keys):
@@ -292,9 +373,18 @@ def _select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, device)
     else:
         nel = torch.zeros(keep.shape[0], dtype=torch.bool, device=device)
     box = torch.from_numpy(cols.bbox).to(device)[keep]
+    area = box[:, 2] * box[:, 3]  # LVISResults / loadRes: area = w * h (lvis/results.py:51)
+    if gt.is_lvis:
+        # LVISEval._prepare loads the detections through get_ann_ids(img_ids, cat_ids) as well,
+        # which keeps only 0 < area < inf (lvis/lvis.py:85-96, lvis/eval.py:67-69): a zero-width
+        # or zero-height detection is dropped (not a false positive). It still counted towards
+        # the per-image cap above (LVISResults caps first, results.py:39-40). COCOeval keeps it.
+        ok = (area > 0) & (area < float("inf"))
+        if not bool(ok.all()):
+            keep, box, area, nel = keep[ok], box[ok], area[ok], nel[ok]
     return dict(
         orig=keep, img=t_img[keep], cat=t_cat[keep], pair=pair[keep], score=score[keep],
-        box=box, area=box[:, 2] * box[:, 3], nel=nel,
+        box=box, area=area, nel=nel,
     )
 
 
@@ -302,7 +392,8 @@ def _match(det, gt_t, device):
     """Greedy COCO/LVIS matching for all (image, class) groups at once.
 
     ``det`` tensors are sorted by (pair, -score, input order); ``gt_t`` by (pair, json order).
-    Returns ``matched`` and ``matched_ignored`` bool [T, A, N].
+    Returns ``matched`` (the references' ``dt_m != 0``) and ``matched_ignored`` (matched to an
+    ignored gt) bool [T, A, N].
     """
     T, A = len(IOU_THRS), len(AREA_RNGS)
     N, G = det["pair"].shape[0], gt_t["pair"].shape[0]
@@ -338,6 +429,10 @@ def _match(det, gt_t, device):
     gt_matched = torch.zeros(T, A, G, dtype=torch.bool, device=device)
     gt_ig = gt_t["ignore_area"]  # [A, G]
     crowd = gt_t["crowd"]
+    # The references record a match as dt_m = gt["id"] and count "dt_m != 0" as matched
+    # (lvis/eval.py:264, 358; pycocotools/cocoeval.py:295, 375): a detection that takes a gt
+    # whose annotation id is 0 consumes it but is not a true positive (a FP unless ignored).
+    counts_as_match = gt_t["id"] != 0
     a_ar = torch.arange(A, device=device)[None, :, None]
     t_ar = torch.arange(T, device=device)[:, None, None]
     lo = 0
@@ -365,7 +460,7 @@ def _match(det, gt_t, device):
         ok = bestg >= 0
         g_safe = bestg.clamp(min=0)
         gt_matched[t_ar.expand_as(g_safe)[ok], a_ar.expand_as(g_safe)[ok], g_safe[ok]] = True
-        matched[:, :, ldet] = ok
+        matched[:, :, ldet] = ok & counts_as_match[g_safe]
         matched_ig[:, :, ldet] = ok & gt_ig[a_ar, g_safe]
     return matched, matched_ig
 
@@ -378,8 +473,9 @@ def _accumulate(det, matched, matched_ig, num_gt, num_cats, device):
     hi = torch.tensor([r[1] for r in AREA_RNGS], dtype=torch.float64, device=device)
     area = det["area"][None, :]
     ignored_if_unmatched = (area < lo[:, None]) | (area > hi[:, None]) | det["nel"][None, :]
+    # The references' dt_ig = gt_ig[m] if matched, or (dt_m == 0) & out of range / not exhaustive.
     tp = matched & ~matched_ig  # [T, A, N]
-    fp = ~matched & ~ignored_if_unmatched[None]
+    fp = ~matched & ~matched_ig & ~ignored_if_unmatched[None]
     # Reference order: class, score descending, image order, input order.
     order = _stable_order(det["orig"], det["img"], -det["score"], det["cat"])
     cat = det["cat"][order]
@@ -435,6 +531,7 @@ def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets=300, device=None
         pair=g_pair[g_order],
         box=torch.from_numpy(gt.ann_bbox).to(device)[g_order],
         crowd=torch.from_numpy(gt.ann_crowd).to(device)[g_order],
+        id=torch.from_numpy(gt.ann_id).to(device)[g_order],
         ignore_area=g_ign[None] | (g_area[None] < lo) | (g_area[None] > hi),  # [A, G]
     )
     g_cat = torch.from_numpy(gt.ann_cat).to(device)[g_order]

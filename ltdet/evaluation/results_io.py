@@ -148,8 +148,15 @@ def _load_result_json(path: str) -> DetColumns:
 
 
 # Bytes that may occur in a plain json number (exponents excluded: an "e" outside the keys breaks
-# the skeleton comparison, so such chunks take the json path).
+# the skeleton comparison, so such chunks take the json path). The dot is removed in a second step:
+# the skeleton with dots shows whether an id value has a fraction part.
 _NUMBER_BYTES = b"0123456789.-+"
+_NUMBER_BYTES_BUT_DOT = b"0123456789-+"
+# An id written with a dot ("image_id": 12.0 / 2299.5) leaves this in the dotted skeleton.
+_ID_WITH_DOT = (b'"image_id":.', b'"category_id":.')
+# float64 holds every integer below 2^53 exactly (a larger token may round to 2^53 itself); larger
+# id tokens take the json path (exact Python ints).
+_EXACT_INT = float(1 << 53)
 _SPACE_BYTES = b" \t\n\r"
 _KEY_BYTES = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1)) + b'_":[]'
 
@@ -179,9 +186,11 @@ def _parse_uniform_chunk(piece, layout, offset, source):
     keys, same order, plain numbers); else None (the caller then uses the json module)."""
     template, columns, width = layout
     n = piece.count(b"{")
-    skeleton = piece.translate(None, _NUMBER_BYTES + _SPACE_BYTES)
-    if n == 0 or skeleton != b",".join([template] * n):
+    dotted = piece.translate(None, _NUMBER_BYTES_BUT_DOT + _SPACE_BYTES)
+    if n == 0 or dotted.translate(None, b".") != b",".join([template] * n):
         return None
+    if any(p in dotted for p in _ID_WITH_DOT):
+        return None  # a float id: the json path rejects it, naming the entry
     body = piece.translate(None, _KEY_BYTES + _SPACE_BYTES + b"{}")
     table = _parse_short_decimals(body, n * width)
     if table is None:
@@ -193,6 +202,9 @@ def _parse_uniform_chunk(piece, layout, offset, source):
     if table.size != n * width:
         return None
     table = table.reshape(n, width)
+    for k in ("image_id", "category_id"):
+        if not (np.abs(table[:, columns[k]]) < _EXACT_INT).all():
+            return None  # not exact in float64 (or not finite): the json path reads Python ints
     return _make_columns(table[:, columns["image_id"]], table[:, columns["category_id"]],
                          np.ascontiguousarray(table[:, columns["bbox"]]),
                          np.ascontiguousarray(table[:, columns["score"]]), offset, source)
@@ -268,18 +280,51 @@ def _concat(parts, source) -> DetColumns:
 def _columns_from_result_dicts(items, offset: int, source: str) -> DetColumns:
     """List of LVIS/COCO result dicts -> columns; ``offset`` numbers entries in error messages."""
     try:
-        image_id = np.array([d["image_id"] for d in items], dtype=np.float64)
-        category_id = np.array([d["category_id"] for d in items], dtype=np.float64)
+        image_id = [d["image_id"] for d in items]
+        category_id = [d["category_id"] for d in items]
         score = np.array([d["score"] for d in items], dtype=np.float64)
         bbox = np.array([d["bbox"] for d in items], dtype=np.float64).reshape(len(items), 4)
     except (KeyError, TypeError, ValueError):
         _raise_bad_result_dict(items, offset, source)
+    image_id = _int_ids(image_id, "image_id", items, offset, source)
+    category_id = _int_ids(category_id, "category_id", items, offset, source)
     return _make_columns(image_id, category_id, bbox, score, offset, source)
 
 
+def _is_int_type(t) -> bool:
+    """``int`` or a numpy integer; not ``bool`` (a subclass of int), float (even 3.0), str..."""
+    return t is int or issubclass(t, np.integer)
+
+
+def _int_ids(values, name, items, offset, source):
+    """A list of ids from result dicts -> int64 [n]; a non-integer id raises naming the entry.
+    One ``set(map(type, values))`` (C speed); entries are scanned only on the error path."""
+    types = set(map(type, values))
+    if not types <= {int}:
+        bad = {t for t in types if not _is_int_type(t)}
+        if bad:
+            i = next(i for i, v in enumerate(values) if type(v) in bad)
+            v = values[i]
+            raise DetectionFormatError(
+                f"{source}: detection #{offset + i} {items[i]!r}: {name} must be an integer, got "
+                f"{v!r} ({type(v).__name__}); ids are integers"
+            )
+    try:
+        return np.array(values, dtype=np.int64).reshape(len(values))
+    except OverflowError:
+        i = next(i for i, v in enumerate(values) if not -(1 << 63) <= int(v) < (1 << 63))
+        raise DetectionFormatError(
+            f"{source}: detection #{offset + i} {items[i]!r}: {name} {values[i]} is outside the "
+            f"int64 range"
+        ) from None
+
+
 def _make_columns(image_id, category_id, bbox, score, offset, source) -> DetColumns:
-    """Float id columns -> :class:`DetColumns`, rejecting non-integer ids by entry."""
+    """Id columns (int64, or float64 from the numeric-table path) -> :class:`DetColumns`,
+    rejecting non-integer ids by entry."""
     for name, ids in (("image_id", image_id), ("category_id", category_id)):
+        if ids.dtype.kind in "iu":
+            continue
         bad = np.flatnonzero(ids != np.round(ids))
         if bad.size:
             i = int(bad[0])
@@ -329,13 +374,16 @@ def _columns_from_tensors(items) -> DetColumns:
             b = b.reshape(0, 4)
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] != s.shape[0] or c.shape[0] != s.shape[0]:
             raise DetectionFormatError(
-                f"detections[{n}] (image_id {int(d['image_id'])}): boxes must be [K, 4] and "
+                f"detections[{n}] (image_id {d['image_id']!r}): boxes must be [K, 4] and "
                 f"scores / category_ids [K]; got {tuple(b.shape)}, {tuple(s.shape)}, "
                 f"{tuple(c.shape)}"
             )
-        if c.is_floating_point() and bool((c != c.round()).any()):
-            raise DetectionFormatError(f"detections[{n}]: category_ids must be integers")
-        ids.append(np.full(s.shape[0], int(d["image_id"]), np.int64))
+        if not _is_int_dtype(c.dtype):
+            raise DetectionFormatError(
+                f"detections[{n}] (image_id {d['image_id']!r}): category_ids must be an integer "
+                f"tensor, got {c.dtype}; ids are integers"
+            )
+        ids.append(np.full(s.shape[0], _tensor_dict_image_id(d["image_id"], n), np.int64))
         cats.append(c.to(torch.int64).numpy())
         xywh = b.clone()
         xywh[:, 2:] = b[:, 2:] - b[:, :2]
@@ -344,6 +392,23 @@ def _columns_from_tensors(items) -> DetColumns:
     return DetColumns(
         np.concatenate(ids), np.concatenate(cats), np.concatenate(boxes).reshape(-1, 4),
         np.concatenate(scores), "detections",
+    )
+
+
+def _is_int_dtype(dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _tensor_dict_image_id(v, n) -> int:
+    """A per-image dict's ``image_id``: an int, numpy integer or one-element integer tensor."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() == 1 and _is_int_dtype(v.dtype):
+            return int(v)
+    elif _is_int_type(type(v)):
+        return int(v)
+    raise DetectionFormatError(
+        f"detections[{n}] (per-image tensor dict): image_id must be an integer, got {v!r} "
+        f"({type(v).__name__}); ids are integers"
     )
 
 

@@ -6,25 +6,36 @@ over-confident ones:
 
     eps_y = eps_K + (eps_1 - eps_K) * h((n_y - n_K) / (n_1 - n_K)),   n_1 >= ... >= n_K
 
-with `h(x) = sin(pi x / 2)` (concave), `x` (linear) or `1 - cos(pi x / 2)` (convex), and the
-soft target of a sample of class y over K classes is `1 - eps_y` on y and `eps_y / (K - 1)` on
-every other class (the paper's formula; the released code spreads `eps_y / K` over all K).
+with `h(x) = sin(pi x / 2)` (concave), `x` (linear), `1 - cos(pi x / 2)` (convex) or `x^power`
+(`exp`, the released MiSLAS code's fourth shape, `LabelAwareSmoothing(..., shape='exp',
+power=p)`), and the soft target of a sample of class y over K classes is `1 - eps_y` on y and
+`eps_y / (K - 1)` on every other class (the paper's formula; the released code spreads
+`eps_y / K` over all K).
 """
 import math
 
 import torch
 
-LAS_SHAPES = ("concave", "linear", "convex")
+LAS_SHAPES = ("concave", "linear", "convex", "exp")
 
 
-def label_aware_smoothing(counts, eps_head=0.4, eps_tail=0.1, shape="concave"):
+def label_aware_smoothing(counts, eps_head=0.4, eps_tail=0.1, shape="concave", power=None):
     """Per-class smoothing factors `[C]` from per-class training counts `[C]`.
 
     The most frequent class gets `eps_head` (eps_1), the rarest `eps_tail` (eps_K). When all
-    counts are equal every class is a head class and gets `eps_head`.
+    counts are equal every class is a head class and gets `eps_head` (MiSLAS's code divides by
+    `n_1 - n_K = 0` there). `shape="exp"` needs `power > 0` (MiSLAS requires it too): `h(x) = x^power`;
+    `power` is ignored by the other shapes, as in MiSLAS.
     """
     if shape not in LAS_SHAPES:
         raise ValueError(f"label-aware smoothing shape must be one of {LAS_SHAPES}, got {shape!r}")
+    if shape == "exp":
+        try:
+            p = float(power)
+        except (TypeError, ValueError):
+            p = math.nan
+        if not (math.isfinite(p) and p > 0):
+            raise ValueError(f"label-aware smoothing shape 'exp' needs a finite power > 0, got {power!r}")
     for name, eps in (("eps_head", eps_head), ("eps_tail", eps_tail)):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"label-aware smoothing {name} must be in [0, 1), got {eps}")
@@ -41,6 +52,8 @@ def label_aware_smoothing(counts, eps_head=0.4, eps_tail=0.1, shape="concave"):
         h = torch.sin(x * (math.pi / 2))
     elif shape == "linear":
         h = x
+    elif shape == "exp":
+        h = x.pow(p)
     else:
         h = 1.0 - torch.cos(x * (math.pi / 2))
     eps = eps_tail + (eps_head - eps_tail) * h

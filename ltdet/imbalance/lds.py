@@ -3,7 +3,11 @@
 Yang et al., "Delving into Deep Imbalanced Regression", ICML 2021, Sec. 3.1, eq. (2): the
 effective label density is the empirical histogram of a continuous target convolved with a
 symmetric kernel, ``p~(y') = sum_y k(y, y') p(y)``; the loss of a sample is re-weighted by the
-inverse (or square-root inverse) of the effective density of its bin.
+inverse of the effective density of its bin. The square-root variant follows the authors' code
+(``_prepare_weights(reweight='sqrt_inv', lds=True)`` in YyzHarry/imbalanced-regression): square
+root of the bin counts first, then the smoothing, then the inverse, ``1 / smooth(sqrt(n))``
+(not ``1 / sqrt(smooth(n))``); the weights are scaled as theirs, to mean 1 over the training
+samples (here: over the accumulated histogram).
 
 At RoI level the continuous target of a positive RoI is its IoU with its matched ground truth
 (``target="iou"``, range ``[fg_iou_thresh, 1]``; most positives sit just above the threshold),
@@ -14,7 +18,15 @@ The histogram is accumulated over training (``update``, training mode only) in a
 so it survives checkpoint / resume; per-step counts are summed over ranks when
 ``torch.distributed`` is initialised, so every rank weights with the same density.
 
-Shapes: ``values [P]`` (one per positive RoI) -> ``weights [P]``, mean 1 over the P positives.
+Shapes: ``values [P]`` (one per positive RoI) -> ``weights [P]``; the weights average to 1 over
+the accumulated histogram (every positive seen in training), not over each batch.
+
+Deliberate difference: for ``reweight="inverse"`` the authors clip the per-value counts to
+``[5, 1000]`` before smoothing, a range tuned to their age data sets (a few thousand samples
+per label). The RoI histogram grows without bound over a detector's schedule (millions of
+positives on LVIS: ~2,000 per iteration at 16 images x 512 RoIs x 25%), so a fixed clip would
+put every populated bin at 1000 within the first hundred iterations and make the weights
+uniform; no clip is applied here.
 """
 from __future__ import annotations
 
@@ -85,7 +97,8 @@ class RoILDS(nn.Module):
         target: ``"iou"`` or ``"delta"`` - which value the RoI head passes (documentation and
             dispatch for the caller; the module only bins the values it receives).
         kernel, ks, sigma: smoothing window (:func:`smoothing_kernel`).
-        reweight: ``"sqrt_inv"`` (``1 / sqrt(density)``, the paper's default) or ``"inverse"``.
+        reweight: ``"sqrt_inv"`` (``1 / smooth(sqrt(counts))``, the authors' default) or
+            ``"inverse"`` (``1 / smooth(counts)``).
 
     Use: ``lds.update(values)`` then ``w = lds.weights(values)`` (``forward`` does both);
     multiply the per-RoI box loss of the positives by ``w``.
@@ -124,27 +137,43 @@ class RoILDS(nn.Module):
         self.counts += step
 
     def density(self) -> Tensor:
-        """Effective density per bin ``[bins]`` (smoothed counts, float)."""
-        return smooth_histogram(self.counts.float(), self.kernel)
+        """Effective density per bin ``[bins]`` (float64), the quantity that is inverted:
+        ``smooth(sqrt(counts))`` for ``sqrt_inv``, ``smooth(counts)`` for ``inverse``.
+
+        The order is the authors' (``_prepare_weights`` in YyzHarry/imbalanced-regression: the
+        square root is taken of the bin counts *before* the kernel smoothing, then inverted), not
+        ``sqrt(smooth(counts))``."""
+        counts = self.counts.to(torch.float64)
+        if self.reweight == "sqrt_inv":
+            counts = counts.sqrt()
+        return smooth_histogram(counts, self.kernel)
+
+    @torch.no_grad()
+    def per_bin_weights(self) -> Tensor:
+        """Weight of each bin ``[bins]`` (float64): ``1 / density``, scaled as the authors scale
+        their per-sample weights (``len(weights) / sum(weights)`` over the training samples): the
+        mean weight over the samples in the histogram is 1, ``sum_b n_b w_b = sum_b n_b``.
+
+        Empty histogram: all 1. A bin whose effective density is still 0 (queried before its
+        first count) gets the smallest positive density, i.e. it is treated as the rarest region
+        seen so far."""
+        dens = self.density()
+        positive = dens[dens > 0]
+        if positive.numel() == 0:
+            return torch.ones_like(dens)
+        per_bin = torch.maximum(dens, positive.min()).reciprocal()
+        counts = self.counts.to(torch.float64)
+        return per_bin * (counts.sum() / (counts * per_bin).sum())
 
     @torch.no_grad()
     def weights(self, values: Tensor) -> Tensor:
-        """Per-sample weights ``[P]``: inverse (sqrt) effective density, mean 1 over the P values.
-
-        Before any update (empty histogram) all weights are 1. A bin whose effective density is
-        still 0 (queried before its first count) gets the smallest positive density, i.e. it is
-        treated as the rarest region seen so far.
-        """
+        """Per-sample weights ``[P]`` (float32): the weight of each value's bin
+        (:meth:`per_bin_weights`: inverse effective density, mean 1 over the accumulated
+        histogram, so the weights of one batch need not average to 1)."""
         if values.numel() == 0:
             return values.new_zeros(0, dtype=torch.float32)
-        dens = self.density().to(values.device)
-        positive = dens[dens > 0]
-        if positive.numel() == 0:
-            return torch.ones(values.shape, dtype=torch.float32, device=values.device)
-        dens = torch.maximum(dens, positive.min())
-        per_bin = dens.rsqrt() if self.reweight == "sqrt_inv" else dens.reciprocal()
-        w = per_bin[self.bin_index(values.detach()).to(values.device)]
-        return w / w.mean()
+        per_bin = self.per_bin_weights().to(values.device)
+        return per_bin[self.bin_index(values.detach()).to(values.device)].float()
 
     def forward(self, values: Tensor) -> Tensor:
         self.update(values)

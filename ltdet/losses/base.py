@@ -3,9 +3,19 @@
 Classification losses take `logits [N, C+1]` (column 0 = background, torchvision's layout) and
 `labels int64 [N]` in `[0, C]` (0 = background). Regression losses take `pred [P, 4]` and
 `target [P, 4]` (box deltas, or decoded xyxy boxes when `needs_boxes` is True).
+
+`LossModule`, the base of both, makes every loss TorchScript-friendly (its training-only `forward`
+is `@torch.jit.unused`; a classification loss's `activation` is scriptable, it scores the detections
+of a scripted model) and treats its state as training state when loading checkpoints (absent
+entries keep their fresh values, so torchvision weights load with `strict=True`).
 """
+import logging
+
 import torch
 import torch.nn as nn
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 
 def classes_from_stats(stats, num_classes=None) -> int:
@@ -19,8 +29,65 @@ def classes_from_stats(stats, num_classes=None) -> int:
     return stats_c
 
 
-class ClassificationLoss(nn.Module):
-    """Softmax-family base: `activation` is a softmax over all C+1 columns."""
+class LossModule(nn.Module):
+    """Base of every ltdet loss (`ClassificationLoss`, `RegressionLoss`).
+
+    TorchScript: the `forward` of every subclass is marked `@torch.jit.unused` when the class is
+    defined (losses run in training only, where torchvision's detectors are not scriptable
+    either), so a scripted detector compiles only what inference calls: the classification
+    loss's `activation`.
+
+    Checkpoints: the loss's persistent state (buffers, parameters, extra state, including those of
+    its submodules such as GHM's `density.acc_sum`) is training state. An entry a state dict
+    lacks keeps its current value (fresh for a new model) instead of being reported missing, with
+    one INFO log record per loss, so a torchvision state dict loads into a patched model with
+    `strict=True`. Entries that are present load as usual (a checkpoint's loss state is
+    restored exactly)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None:
+            torch.jit.unused(forward)  # sets a marker on the function; eager calls are unchanged
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # nn.Module.load_state_dict calls this before loading the submodules, with the same
+        # `state_dict` object it then filters for each child: absent entries of the whole subtree
+        # are filled with their current values here, so neither this module nor a submodule
+        # records them as missing.
+        absent = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items()
+                  if key not in state_dict}
+        if absent:
+            state_dict.update(absent)
+            logger.info("%s (%s): the state dict has no %s; this loss state starts fresh (loss "
+                        "state is training state, e.g. loading torchvision weights)",
+                        prefix[:-1] or "loss", type(self).__name__,
+                        ", ".join(key[len(prefix):] for key in absent))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def softmax_scores(logits: Tensor) -> Tensor:
+    """Scores `[N, C+1]` of a softmax classifier: softmax over background and classes."""
+    return logits.softmax(dim=-1)
+
+
+def sigmoid_scores(logits: Tensor) -> Tensor:
+    """Scores `[N, C+1]` of a sigmoid classifier: `sigmoid(z_j)` in columns 1..C and
+    `1 - max_j sigmoid(z_j)` in column 0 (see `SigmoidClassificationLoss`)."""
+    fg = logits[:, 1:].sigmoid()
+    if fg.shape[1] == 0:
+        return torch.ones_like(logits)
+    return torch.cat([1.0 - fg.max(dim=1, keepdim=True).values, fg], dim=1)
+
+
+class ClassificationLoss(LossModule):
+    """Softmax-family base: `activation` is a softmax over all C+1 columns.
+
+    `activation(logits [N, C+1]) -> scores [N, C+1]` is how a detector trained with the loss
+    scores its detections; it must stay TorchScript-compatible (annotated, no Python-only calls),
+    because a scripted detector compiles it."""
 
     use_sigmoid = False
 
@@ -52,9 +119,9 @@ class ClassificationLoss(nn.Module):
                     f"{type(self).__name__}: labels must lie in [0, {num_columns - 1}] (0 = "
                     f"background, 1..C = classes) but range over [{low}, {high}]")
 
-    def activation(self, logits):
+    def activation(self, logits: Tensor) -> Tensor:
         """Scores `[N, C+1]` for postprocessing: softmax over background and classes."""
-        return logits.softmax(dim=-1)
+        return softmax_scores(logits)
 
 
 class SigmoidClassificationLoss(ClassificationLoss):
@@ -67,11 +134,8 @@ class SigmoidClassificationLoss(ClassificationLoss):
 
     use_sigmoid = True
 
-    def activation(self, logits):
-        fg = logits[:, 1:].sigmoid()
-        if fg.shape[1] == 0:
-            return torch.ones_like(logits)
-        return torch.cat([1.0 - fg.max(dim=1, keepdim=True).values, fg], dim=1)
+    def activation(self, logits: Tensor) -> Tensor:
+        return sigmoid_scores(logits)
 
 
 def one_hot_targets(labels, num_columns, dtype):
@@ -95,7 +159,7 @@ def pad_background(loss_fg):
     return torch.nn.functional.pad(loss_fg, (1, 0))
 
 
-class RegressionLoss(nn.Module):
+class RegressionLoss(LossModule):
     """Box regression base: `pred` and `target` are `[P, 4]`."""
 
     needs_boxes = False

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..imbalance.class_balanced import CB_MODES, class_balanced_weights
 from .base import (
-    ClassificationLoss, SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+    ClassificationLoss, classes_from_stats, foreground_targets, pad_background, sigmoid_scores,
+    softmax_scores,
 )
 from .cross_entropy import cross_entropy
 from .focal import focal_loss
@@ -75,10 +76,11 @@ class ClassBalancedLoss(ClassificationLoss):
         self.register_buffer("column_weights", torch.cat([weights.new_ones(1), weights]),
                              persistent=False)
 
-    def activation(self, logits):
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        # module-level score functions (not the other base class's method): TorchScript compiles this
         if self.use_sigmoid:
-            return SigmoidClassificationLoss.activation(self, logits)
-        return super().activation(logits)
+            return sigmoid_scores(logits)
+        return softmax_scores(logits)
 
     def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
         self.check_inputs(logits, labels)

@@ -87,7 +87,7 @@ class EQLv2Loss(ClassificationLoss):
         self.register_buffer("neg_grad", torch.zeros(num_classes))
         self.register_buffer("pos_neg", torch.full((num_classes,), _INITIAL_POS_NEG))
 
-    def activation(self, logits):
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
         prob = logits.sigmoid()
         bg = prob[:, :1]
         return torch.cat([bg, prob[:, 1:] * (1.0 - bg)], dim=1)

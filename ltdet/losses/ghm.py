@@ -40,6 +40,7 @@ class GradientDensity(nn.Module):
         self.bins, self.momentum = int(bins), float(momentum)
         self.register_buffer("acc_sum", torch.zeros(bins))
 
+    @torch.jit.unused  # training-time statistics only; never called by a scripted detector
     @torch.no_grad()
     def forward(self, g, valid, num_samples):
         """Weights shaped like `g` (zero where not valid).

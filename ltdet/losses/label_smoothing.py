@@ -39,22 +39,28 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
         stats: class statistics (ClassStats): `instance_count` orders the classes.
         eps_head: smoothing of the most frequent class (eps_1).
         eps_tail: smoothing of the rarest class (eps_K).
-        shape: "concave" | "linear" | "convex" interpolation h.
+        shape: "concave" | "linear" | "convex" | "exp" interpolation h (MiSLAS's four shapes).
+        power: exponent of the "exp" shape, `h(x) = x^power` (required there, > 0; ignored by
+            the other shapes, as in MiSLAS).
         bg_eps: smoothing of background; None = eps_head.
     """
 
     def __init__(self, *, stats, num_classes=None, eps_head=0.4, eps_tail=0.1, shape="concave",
-                 bg_eps=None, loss_weight=1.0):
+                 power=None, bg_eps=None, loss_weight=1.0):
         super().__init__(num_classes=classes_from_stats(stats, num_classes),
                          loss_weight=loss_weight)
         if shape not in LAS_SHAPES:
             raise ValueError(f"las: shape must be one of {LAS_SHAPES}, got {shape!r}")
+        if shape == "exp" and power is None:
+            raise ValueError("las: shape 'exp' needs a power (h(x) = x^power), e.g. "
+                             "{type: las, shape: exp, power: 2.0}")
         self.eps_head, self.eps_tail, self.shape = float(eps_head), float(eps_tail), shape
+        self.power = power  # validated by label_aware_smoothing
         self.bg_eps = self.eps_head if bg_eps is None else float(bg_eps)
         if not 0.0 <= self.bg_eps < 1.0:
             raise ValueError(f"las: bg_eps must be in [0, 1), got {self.bg_eps}")
         fg_eps = label_aware_smoothing(torch.as_tensor(stats.instance_count, dtype=torch.float32),
-                                       self.eps_head, self.eps_tail, shape)
+                                       self.eps_head, self.eps_tail, shape, power=self.power)
         self.register_buffer("eps", torch.cat([fg_eps.new_tensor([self.bg_eps]), fg_eps]),
                              persistent=False)
 

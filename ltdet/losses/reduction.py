@@ -8,7 +8,9 @@ Every loss computes a per-element loss (mmdetection's idiom) and hands it to `re
 
 `reduction="none"` returns the weighted per-element loss, `"sum"` its sum, and `"mean"` the sum
 divided by `avg_factor` when given, else by the number of samples `N` (RoIs / anchors / boxes,
-i.e. `loss.shape[0]`, never the number of elements).
+i.e. `loss.shape[0]`, never the number of elements). An `avg_factor` with `reduction="sum"` is an
+error (mmdetection's `weight_reduce_loss` raises the same): a sum has no divisor, and silently
+ignoring it hides a normalisation bug. With `"none"` it is ignored, as in mmdetection.
 """
 import torch
 import torch.distributed as dist
@@ -45,10 +47,14 @@ def reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
         weight: None, `[N]` (per sample) or the shape of `loss` (per element).
         reduction: "none" | "sum" | "mean".
         avg_factor: divisor for "mean" (number or 0-dim tensor); default `N = loss.shape[0]`.
-            An empty batch (N = 0, or avg_factor = 0) gives a finite zero, never NaN.
+            An empty batch (N = 0, or avg_factor = 0) gives a finite zero, never NaN. Passing
+            one with reduction "sum" raises ValueError (mmdetection's `weight_reduce_loss`).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if avg_factor is not None and reduction == "sum":
+        raise ValueError('avg_factor can not be used with reduction="sum": a sum has no divisor; '
+                         'use reduction="mean" to divide by avg_factor, or drop avg_factor')
     if weight is not None:
         loss = loss * _broadcast_weight(weight.to(loss.dtype), loss)
     if reduction == "none":

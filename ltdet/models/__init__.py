@@ -8,6 +8,7 @@ _EXPORTS = {
     "build_roi_sampler": "roi_samplers",
     "patch": "patch",
     "build_detector": "build",
+    "init_sigmoid_classifier": "init",
     "CosinePredictor": "classifiers",
     "LWSPredictor": "classifiers",
     "tau_normalize": "classifiers",

@@ -10,7 +10,11 @@ The detector is assembled from torchvision's own classes, exactly as torchvision
   torchvision's);
 * a non-linear box classifier (`model.classifier`, e.g. cosine) replaces the box predictor;
 * `ltdet.models.patch.patch` installs the configured losses, RoI sampler and (two-stage only)
-  the LDS / FDS hooks of `model.lds` / `model.fds`.
+  the LDS / FDS hooks of `model.lds` / `model.fds`;
+* a box classifier trained with a sigmoid loss (`cls_loss.use_sigmoid`: EQL, EQLv2, federated,
+  focal, GHM-C, sigmoid class-balanced) starts at the authors' prior `model.cls_prior_prob`
+  (0.001; `ltdet.models.init`): weight N(0, 0.01), bias `-log((1 - p) / p)` in every column.
+  Softmax losses keep torchvision's init, and so does RetinaNet (torchvision's prior 0.01).
 
 Label convention (torchvision's): `num_classes` is the number of foreground classes `C`; every
 detector is built with `C + 1` outputs, index 0 = background, labels in `[1, C]`. For RetinaNet
@@ -19,8 +23,8 @@ this means the dense head emits `C + 1` logits per anchor whose column `k` score
 
 Config keys read (`cfg["model"]`, schema in docs/internals.md): arch, backbone, norm, weights,
 weights_backbone, trainable_backbone_layers, detections_per_img, score_thresh, nms_thresh,
-rpn.*, roi_heads.*, cls_loss, box_loss, sampler, classifier, lds, fds; and `cfg["data"]` min_size / max_size
-(recorded on the transform only: it does not resize).
+rpn.*, roi_heads.*, cls_loss, box_loss, sampler, classifier, lds, fds, cls_prior_prob; and
+`cfg["data"]` min_size / max_size (recorded on the transform only: it does not resize).
 """
 import logging
 import math
@@ -369,9 +373,11 @@ def build_detector(cfg, num_classes, stats=None):
 
     Returns:
         a torchvision `FasterRCNN` / `RetinaNet` with a `NoResizeTransform`, the configured
-        box classifier, losses and RoI sampler installed by `ltdet.patch`, and `model.weights`
+        box classifier, losses and RoI sampler installed by `ltdet.patch`, a sigmoid-trained box
+        classifier started at `model.cls_prior_prob` (`ltdet.models.init`), and `model.weights`
         loaded (a local checkpoint is loaded last, so the losses' state in it is restored too).
     """
+    from ltdet.models.init import init_classifier_for_loss, prior_prob_from_cfg
     from ltdet.models.patch import patch
 
     m = cfg.get("model", cfg)
@@ -403,6 +409,8 @@ def build_detector(cfg, num_classes, stats=None):
                                  f"two-stage detector; {m.get('arch')} has none (set enabled: false)")
     patch(model, cls_loss=m.get("cls_loss"), box_loss=m.get("box_loss"), sampler=sampler,
           stats=stats, **hooks)
+    # A sigmoid-trained classifier starts at the authors' prior (before a checkpoint overrides it).
+    init_classifier_for_loss(model, prior_prob_from_cfg(m))
     weights = m.get("weights")
     if weights is not None and _is_path(weights):
         state = load_checkpoint_state_dict(weights, "model.weights")

@@ -187,23 +187,33 @@ def _num_outputs(cls_score: nn.Module) -> int:
 
 
 @torch.no_grad()
-def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool = False) -> nn.Module:
+def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool = False,
+                  keep_bias: bool = False) -> nn.Module:
     """Post-hoc tau-normalisation ``w_c <- w_c / ||w_c||^tau`` of a linear classifier, in place.
 
-    Kang et al., ICLR 2020, Sec. 4.2, eq. (3). ``tau = 0`` is the identity, ``tau = 1`` makes the
-    rows unit-norm; values in ``[0, 1]`` are the usual sweep (``tools/tau_sweep.py``).
+    Kang et al., ICLR 2020, Sec. 4.2, eq. (3). ``tau = 1`` makes the rows unit-norm; the authors
+    sweep ``tau`` over ``[0, 2]`` (``np.linspace(0, 2, 21)`` in classifier-balancing's
+    ``tau_norm.py``; ``tools/tau_sweep.py`` does the same).
 
-    Background: by default row 0 (background) is left untouched, because background is not a
+    Bias: the authors' classifier (``DotProduct_Classifier``, an ``nn.Linear``) has a bias, and
+    their tau-norm scores ``x . w_c / ||w_c||^tau`` *without* it (``forward`` in ``tau_norm.py``
+    never adds ``bias``). By default the bias of every normalised row is therefore set to 0, so
+    ``tau = 0`` is the stage-1 classifier without those biases, as in the authors' sweep.
+    ``keep_bias=True`` keeps the stage-1 biases (an ltdet option; ``tau = 0`` is then the
+    identity).
+
+    Background: by default row 0 (background, torchvision's column 0; the authors' classifier has
+    no background class) is left untouched, weight *and* bias, because background is not a
     long-tail class - its norm reflects the RoI sampler's foreground fraction, not class
     frequency, and rescaling it alone shifts every foreground score against background.
-    ``normalize_background=True`` normalises it like the other rows. The bias is kept as is
-    (the paper's classifier has none; rescaling it would change the background/foreground
-    calibration the RoI sampler set).
+    ``normalize_background=True`` treats it like the other rows (normalised, bias dropped unless
+    ``keep_bias``).
 
     Args:
         predictor: box predictor whose ``cls_score`` is an ``nn.Linear`` with weight ``[C+1, D]``.
         tau: exponent, ``>= 0``.
-        normalize_background: also normalise row 0.
+        normalize_background: also normalise row 0 (and drop its bias unless ``keep_bias``).
+        keep_bias: keep the biases of the normalised rows instead of the authors' zero.
     Returns:
         the same predictor.
     """
@@ -216,14 +226,16 @@ def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool =
         )
     if tau < 0 or not math.isfinite(tau):
         raise ValueError(f"tau_normalize: tau must be a finite number >= 0, got {tau}")
+    first = 0 if normalize_background else 1  # rows first.. are normalised
+    if not keep_bias and cls_score.bias is not None:
+        cls_score.bias[first:] = 0.0
     if tau == 0:
         return predictor
     weight = cls_score.weight
     norms = weight.norm(dim=1, keepdim=True)
     # A zero row stays zero; clamping only avoids 0/0.
     factor = norms.clamp(min=torch.finfo(weight.dtype).tiny).pow(-tau)
-    if not normalize_background:
-        factor[0] = 1.0
+    factor[:first] = 1.0
     weight.mul_(factor)
     return predictor
 

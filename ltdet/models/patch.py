@@ -14,6 +14,7 @@ from typing import Optional
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
+from .init import init_sigmoid_classifier
 from .roi_heads import LTRoIHeads, predictor_num_classes
 
 SUPPORTED_MODELS = ("torchvision.models.detection.FasterRCNN (fasterrcnn_resnet50_fpn, _v2, "
@@ -22,7 +23,8 @@ SUPPORTED_MODELS = ("torchvision.models.detection.FasterRCNN (fasterrcnn_resnet5
 
 
 def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=None, *,
-          lds: Optional[nn.Module] = None, fds: Optional[nn.Module] = None) -> nn.Module:
+          lds: Optional[nn.Module] = None, fds: Optional[nn.Module] = None,
+          cls_prior_prob: Optional[float] = None) -> nn.Module:
     """Installs ltdet losses (and, for two-stage models, a RoI sampler and LDS/FDS hooks) in
     `model`, in place, and returns it.
 
@@ -31,13 +33,17 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
     patched model. sampler: `{"type": "random" | "ohem" | "pisa", ...}` or a built `RoISampler`
     (two-stage models only). stats: `ClassStats` for losses that need class frequencies; its class
     count must equal the model's C. lds / fds: built LDS / FDS modules (keyword-only extension, used
-    by `build_detector`).
+    by `build_detector`). cls_prior_prob (keyword-only, default None = weights untouched): also
+    re-initialise the box classifier for a sigmoid loss at this prior, e.g. 0.001
+    (`ltdet.models.init.init_sigmoid_classifier`; a fresh classifier only, never trained weights).
 
     Everything is validated before the first step: an unsupported model, inconsistent class counts
     or unknown loss / sampler options raise here."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError("patch the model before wrapping it in DataParallel / DistributedDataParallel "
                         "(patch(model) then DistributedDataParallel(model))")
+    if cls_prior_prob is not None:
+        init_sigmoid_classifier(model, cls_prior_prob)
     if isinstance(model, FasterRCNN):
         model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
                                                     box_loss=box_loss, sampler=sampler, lds=lds,

@@ -12,7 +12,9 @@ Training (per step, N = sampled RoIs over the batch, P = positives among them):
   `needs_boxes` (GIoU).
 The weights are products of: per-gt mixup weights (`targets[i]["weights"]` float [K]: a positive
 takes its matched gt's weight in both losses, a negative 1), the sampler's weights (PISA ISR-N /
-ISR-P on classification, CARL on boxes) and LDS weights on positives' box loss.
+ISR-P on classification) and LDS weights on positives' box loss;
+- with PISA's CARL, `loss_carl = sum_i c_i w_i * box_loss_i / N` as a separate key, added to the
+  unweighted `loss_box_reg` (mmdetection's PISARoIHead), not multiplied into it.
 
 Inference: `postprocess_detections` scores with `cls_loss.activation(class_logits)` (a sigmoid-
 trained classifier is scored with its sigmoid, not a softmax) and otherwise keeps torchvision's
@@ -24,11 +26,17 @@ Hooks: `lds` (`weights(ious [P]) -> [P]`, `update(ious [P])`, Yang et al., ICML 
 only; its optional `update(features, ious)` is called each training step with the features before
 re-colouring). Every RoI's IoU with its matched ground truth and the matched index are carried in
 `RoICandidates` (before sampling) and `RoISamples` (after), for samplers and hooks.
+
+TorchScript: inference (eval mode) scripts as torchvision's `RoIHeads` does - `forward`,
+`postprocess_detections`, `cls_loss.activation` and the mask / keypoint inference. The training
+path (`_forward_train`: sampling, losses, hooks) is `@torch.jit.unused`, and the sampler and the
+LDS / FDS hooks (training-only modules) are left out of the scripted module
+(`__jit_ignored_attributes__`).
 """
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -105,11 +113,15 @@ class LTRoIHeads(RoIHeads):
 
     Build it from an existing head with `LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=...,
     box_loss=..., sampler=...)`: every submodule (box/mask/keypoint branches) and setting of the
-    original is kept, parameters are shared, not copied."""
+    original is kept, parameters are shared, not copied.
 
-    cls_loss: nn.Module
-    box_loss: nn.Module
-    sampler: RoISampler
+    Attributes: `cls_loss` (classification loss, also the scorer: `activation`), `box_loss`,
+    `sampler` (`RoISampler`), `lds` / `fds` (optional hooks). They are not class annotations:
+    TorchScript would read them as the module's attribute types (torchvision's `RoIHeads`
+    declares its own in `__annotations__`)."""
+
+    # training-only modules that inference never calls: not compiled by torch.jit.script
+    __jit_ignored_attributes__ = ["sampler", "lds", "fds"]
 
     def __init__(self, *args, cls_loss: nn.Module, box_loss: nn.Module,
                  sampler: Optional[RoISampler] = None, lds: Optional[nn.Module] = None,
@@ -294,21 +306,29 @@ class LTRoIHeads(RoIHeads):
         return self.box_loss(deltas, targets, **kwargs)
 
     def box_losses(self, class_logits: Tensor, box_regression: Tensor, samples: RoISamples) -> dict:
-        """{"loss_classifier", "loss_box_reg"} of the sampled RoIs (see the module docstring)."""
+        """{"loss_classifier", "loss_box_reg"} of the sampled RoIs (see the module docstring),
+        plus the sampler's `extra_box_loss_key` term (PISA's "loss_carl") when it has one."""
         labels = torch.cat(samples.labels)
         num = labels.shape[0]
+        # PISA's CARL: the sampler's box weights define an extra term (mmdetection's PISARoIHead
+        # adds `loss_carl` to the unweighted `loss_bbox`); the key is always present when enabled
+        extra_key = getattr(self.sampler, "extra_box_loss_key", None)
+        extra = {extra_key: box_regression.sum() * 0} if extra_key else {}
         if num == 0:
             zero = class_logits.sum() * 0 + box_regression.sum() * 0
-            return {"loss_classifier": zero, "loss_box_reg": zero.clone()}
+            return {"loss_classifier": zero, "loss_box_reg": zero.clone(), **extra}
         sampler_cls_weight, sampler_box_weight = self.sampler.loss_weights(
             self, class_logits, box_regression, samples)
+        extra_weight = None
+        if extra_key:
+            extra_weight, sampler_box_weight = sampler_box_weight, None
         base = torch.cat(samples.gt_weights) if samples.gt_weights is not None else None
         cls_weight = _product(base, sampler_cls_weight)
         loss_cls = self.cls_loss(class_logits, labels, weight=cls_weight, reduction="mean",
                                  avg_factor=float(num))
         positive = torch.where(labels > 0)[0]
         if positive.numel() == 0:
-            return {"loss_classifier": loss_cls, "loss_box_reg": box_regression.sum() * 0}
+            return {"loss_classifier": loss_cls, "loss_box_reg": box_regression.sum() * 0, **extra}
         lds_weight = None
         if self.lds is not None:
             # LDS bins a continuous target of each positive: its IoU with its gt (default) or the
@@ -323,20 +343,30 @@ class LTRoIHeads(RoIHeads):
             lds_weight = self.lds.weights(values)
         box_weight = _product(base[positive] if base is not None else None, lds_weight,
                               sampler_box_weight)
-        loss_box = self._box_loss(box_regression[positive], labels[positive],
-                                  torch.cat(samples.proposals)[positive],
-                                  torch.cat(samples.matched_gt_boxes)[positive],
-                                  torch.cat(samples.regression_targets)[positive],
-                                  weight=box_weight, reduction="mean", avg_factor=float(num))
-        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        box_args = (box_regression[positive], labels[positive], torch.cat(samples.proposals)[positive],
+                    torch.cat(samples.matched_gt_boxes)[positive],
+                    torch.cat(samples.regression_targets)[positive])
+        if extra_weight is None:
+            loss_box = self._box_loss(*box_args, weight=box_weight, reduction="mean",
+                                      avg_factor=float(num))
+            return {"loss_classifier": loss_cls, "loss_box_reg": loss_box, **extra}
+        # one box-loss call (stateful box losses update once), two reductions over the N RoIs
+        per_box = self._box_loss(*box_args, weight=box_weight, reduction="none")
+        per_box = per_box.reshape(positive.numel(), -1)
+        return {"loss_classifier": loss_cls, "loss_box_reg": per_box.sum() / num,
+                extra_key: (per_box * extra_weight[:, None].to(per_box.dtype)).sum() / num}
 
-    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
+                               proposals: List[Tensor], image_shapes: List[Tuple[int, int]]
+                               ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         """torchvision's post-processing, scored with `cls_loss.activation` instead of softmax."""
         num_classes = class_logits.shape[-1]
         boxes_per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals)
         pred_scores = self.cls_loss.activation(class_logits)
-        all_boxes, all_scores, all_labels = [], [], []
+        all_boxes: List[Tensor] = []
+        all_scores: List[Tensor] = []
+        all_labels: List[Tensor] = []
         for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
                                               pred_scores.split(boxes_per_image, 0), image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
@@ -356,31 +386,50 @@ class LTRoIHeads(RoIHeads):
         return all_boxes, all_scores, all_labels
 
     # ---------------------------------------------------------------- forward
-    def forward(self, features, proposals, image_shapes, targets=None):
-        """Same inputs and outputs as torchvision's `RoIHeads.forward`."""
+    def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                image_shapes: List[Tuple[int, int]],
+                targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        """Same inputs and outputs as torchvision's `RoIHeads.forward`: (detections, {}) in eval
+        mode, ([], losses) in training mode (training is not scriptable: `_forward_train`)."""
         if targets is not None:
             _check_target_types(targets, self.has_keypoint())
-        samples = None
         if self.training:
-            samples = self.select_training_samples(proposals, targets, features, image_shapes)
-            proposals = samples.proposals
+            return self._forward_train(features, proposals, image_shapes, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        fds_ious = torch.cat(samples.ious) if samples is not None and self.fds is not None else None
-        class_logits, box_regression = self.predict_boxes(box_features, fds_ious)
-
-        result: list[dict[str, Tensor]] = []
-        losses = {}
-        if self.training:
-            losses = self.box_losses(class_logits, box_regression, samples)
-        else:
-            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
-                                                                proposals, image_shapes)
-            result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if torch.jit.is_scripting():
+            class_logits, box_regression = self.box_predictor(box_features)
+        else:  # the same call (no FDS at inference), through the overridable method
+            class_logits, box_regression = self.predict_boxes(box_features)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
+                                                            proposals, image_shapes)
+        result: List[Dict[str, Tensor]] = []
+        for b, s, lab in zip(boxes, scores, labels):
+            result.append({"boxes": b, "labels": lab, "scores": s})
         if self.has_mask():
-            losses.update(self._mask_forward(features, image_shapes, targets, samples, result))
+            self._mask_inference(features, image_shapes, result)
         if self.has_keypoint():
-            losses.update(self._keypoint_forward(features, image_shapes, targets, samples, result))
+            self._keypoint_inference(features, image_shapes, result)
+        losses: Dict[str, Tensor] = {}
         return result, losses
+
+    @torch.jit.unused
+    def _forward_train(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                       image_shapes: List[Tuple[int, int]],
+                       targets: Optional[List[Dict[str, Tensor]]]
+                       ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        """Training step of `forward`: sample, run the box head (FDS on the sampled RoIs' IoUs),
+        compute the losses (and the mask / keypoint losses). Returns ([], losses)."""
+        samples = self.select_training_samples(proposals, targets, features, image_shapes)
+        box_features = self.box_head(self.box_roi_pool(features, samples.proposals, image_shapes))
+        fds_ious = torch.cat(samples.ious) if self.fds is not None else None
+        class_logits, box_regression = self.predict_boxes(box_features, fds_ious)
+        losses = self.box_losses(class_logits, box_regression, samples)
+        if self.has_mask():
+            losses.update(self._mask_forward(features, image_shapes, targets, samples))
+        if self.has_keypoint():
+            losses.update(self._keypoint_forward(features, image_shapes, targets, samples))
+        return [], losses
 
     def _positive_rois(self, samples: RoISamples):
         """Per image: (positive proposals, their matched gt index), torchvision's mask/keypoint
@@ -389,35 +438,47 @@ class LTRoIHeads(RoIHeads):
         return ([p[i] for p, i in zip(samples.proposals, positives)],
                 [m[i] for m, i in zip(samples.matched_idxs, positives)])
 
-    def _mask_forward(self, features, image_shapes, targets, samples, result) -> dict:
-        if self.training:
-            mask_proposals, pos_matched_idxs = self._positive_rois(samples)
-        else:
-            mask_proposals = [r["boxes"] for r in result]
+    def _mask_forward(self, features, image_shapes, targets, samples) -> dict:
+        """Mask loss of the sampled positives (training)."""
+        mask_proposals, pos_matched_idxs = self._positive_rois(samples)
         mask_logits = self.mask_predictor(self.mask_head(
             self.mask_roi_pool(features, mask_proposals, image_shapes)))
-        if self.training:
-            return {"loss_mask": maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
-                                               [t["labels"] for t in targets], pos_matched_idxs)}
-        for mask_prob, r in zip(maskrcnn_inference(mask_logits, [r["labels"] for r in result]), result):
-            r["masks"] = mask_prob
-        return {}
+        return {"loss_mask": maskrcnn_loss(mask_logits, mask_proposals, [t["masks"] for t in targets],
+                                           [t["labels"] for t in targets], pos_matched_idxs)}
 
-    def _keypoint_forward(self, features, image_shapes, targets, samples, result) -> dict:
-        if self.training:
-            keypoint_proposals, pos_matched_idxs = self._positive_rois(samples)
-        else:
-            keypoint_proposals = [r["boxes"] for r in result]
+    def _mask_inference(self, features: Dict[str, Tensor], image_shapes: List[Tuple[int, int]],
+                        result: List[Dict[str, Tensor]]) -> None:
+        """Adds "masks" to each image's detections (torchvision's Mask R-CNN inference)."""
+        mask_proposals = [r["boxes"] for r in result]
+        # explicit None checks: TorchScript refines the Optional submodules (as torchvision does)
+        if self.mask_roi_pool is not None and self.mask_head is not None \
+                and self.mask_predictor is not None:
+            mask_logits = self.mask_predictor(self.mask_head(
+                self.mask_roi_pool(features, mask_proposals, image_shapes)))
+            mask_probs = maskrcnn_inference(mask_logits, [r["labels"] for r in result])
+            for mask_prob, r in zip(mask_probs, result):
+                r["masks"] = mask_prob
+
+    def _keypoint_forward(self, features, image_shapes, targets, samples) -> dict:
+        """Keypoint loss of the sampled positives (training)."""
+        keypoint_proposals, pos_matched_idxs = self._positive_rois(samples)
         keypoint_logits = self.keypoint_predictor(self.keypoint_head(
             self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)))
-        if self.training:
-            return {"loss_keypoint": keypointrcnn_loss(keypoint_logits, keypoint_proposals,
-                                                       [t["keypoints"] for t in targets], pos_matched_idxs)}
-        keypoints_probs, kp_scores = keypointrcnn_inference(keypoint_logits, keypoint_proposals)
-        for keypoint_prob, kps, r in zip(keypoints_probs, kp_scores, result):
-            r["keypoints"] = keypoint_prob
-            r["keypoints_scores"] = kps
-        return {}
+        return {"loss_keypoint": keypointrcnn_loss(keypoint_logits, keypoint_proposals,
+                                                   [t["keypoints"] for t in targets], pos_matched_idxs)}
+
+    def _keypoint_inference(self, features: Dict[str, Tensor], image_shapes: List[Tuple[int, int]],
+                            result: List[Dict[str, Tensor]]) -> None:
+        """Adds "keypoints" / "keypoints_scores" to each image's detections (torchvision's)."""
+        keypoint_proposals = [r["boxes"] for r in result]
+        if self.keypoint_roi_pool is not None and self.keypoint_head is not None \
+                and self.keypoint_predictor is not None:
+            keypoint_logits = self.keypoint_predictor(self.keypoint_head(
+                self.keypoint_roi_pool(features, keypoint_proposals, image_shapes)))
+            keypoints_probs, kp_scores = keypointrcnn_inference(keypoint_logits, keypoint_proposals)
+            for keypoint_prob, kps, r in zip(keypoints_probs, kp_scores, result):
+                r["keypoints"] = keypoint_prob
+                r["keypoints_scores"] = kps
 
 
 def predictor_num_classes(box_predictor: nn.Module) -> int:
@@ -482,7 +543,7 @@ def _product(*weights: Optional[Tensor]) -> Optional[Tensor]:
     return out
 
 
-def _check_target_types(targets, has_keypoint: bool) -> None:
+def _check_target_types(targets: List[Dict[str, Tensor]], has_keypoint: bool) -> None:
     for i, t in enumerate(targets):
         if t["boxes"].dtype not in (torch.float, torch.double, torch.half):
             raise TypeError(f"targets[{i}]['boxes'] must be float, got {t['boxes'].dtype}")

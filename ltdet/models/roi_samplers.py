@@ -10,7 +10,10 @@ classification weights of the kept RoIs). After the box head has run with gradie
 RoIs, `loss_weights` may return per-RoI classification weights `[N]` and per-positive box-loss
 weights `[P]` (PISA's ISR-P and CARL); the head multiplies them with its own weights (mixup, LDS)
 and passes the products to the losses' `weight` argument, so every sampler combines with every
-classification loss.
+classification loss. A sampler whose `extra_box_loss_key` is set (PISA with CARL: `"loss_carl"`)
+asks for its box weights to define an *extra* loss term under that key instead: the head keeps
+the ordinary box loss unweighted by them and adds `sum_i c_i L_box(i) / N` (mmdetection's
+`PISARoIHead`: `loss_bbox` plus `carl_loss`).
 
 Samplers:
 - `random`: torchvision's `BalancedPositiveNegativeSampler` (same random draws), plus Fast
@@ -61,6 +64,9 @@ class RoISampler(nn.Module):
 
     #: whether `forward` runs the box head on candidates (needs the feature maps)
     needs_features = False
+    #: loss-dict key of an extra box-loss term weighted by `loss_weights`' box weights (added to
+    #: the unweighted box loss); None: the box weights multiply the box loss itself
+    extra_box_loss_key: Optional[str] = None
 
     def __init__(self, *, batch_size_per_image: Optional[int] = None,
                  positive_fraction: Optional[float] = None):
@@ -270,12 +276,19 @@ class PISARoISampler(RoISampler):
       ISR-N weights them with `neg_gamma` / `neg_beta` (`u = (n_max - r) / n_max`,
       `n_max = max(#kept negatives, #valid)`; random fill gets the smallest weight), rescaled so
       their summed classification loss is unchanged.
-    - CARL (Sec. 3.4, Eq. 6): box loss of positive i times `c_i = ((1 - bias) p_i + bias) ** k`,
-      `p_i` its score for its ground-truth class (the classification loss's activation, with
-      gradient, so the box loss also trains the classifier), rescaled to sum to #positives.
+    - CARL (Sec. 3.4, Eq. 6): an extra loss `loss_carl = sum_i c_i L_box(i) / N`,
+      `c_i = ((1 - bias) p_i + bias) ** k`, `p_i` the score of positive i for its ground-truth
+      class (the classification loss's activation, with gradient, so CARL also trains the
+      classifier), `c` rescaled to sum to #positives, `N` the sampled RoIs. As in mmdetection
+      (`carl_loss` in mmdet/models/losses/pisa_loss.py, added by `PISARoIHead` to the head's
+      losses), it is *added* to the ordinary, unweighted `loss_box_reg`, not a re-weighting of it.
     An image without ground truth contributes negatives only."""
 
     needs_features = True
+
+    @property
+    def extra_box_loss_key(self) -> Optional[str]:
+        return "loss_carl" if self.carl else None
 
     def __init__(self, *, gamma: float = 2.0, beta: float = 0.0, k: float = 1.0, bias: float = 0.2,
                  neg_gamma: float = 0.5, neg_beta: float = 0.0, score_thresh: float = 0.05,
