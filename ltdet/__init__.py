@@ -1,13 +1,15 @@
 """ltdet: long-tailed object detection on top of torchvision.
 
 `ltdet.patch(model, cls_loss=..., box_loss=..., sampler=..., stats=...)` swaps the losses and
-RoI sampler of an existing torchvision detector in place."""
+RoI sampler of an existing torchvision detector in place; `ltdet.torchvision_state_dict(model)` is
+its state dict without ltdet's loss / sampler state, loadable by the unpatched torchvision model."""
 import importlib
 
 # name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
 # importing its siblings.
 _EXPORTS = {
     "patch": "models.patch",
+    "torchvision_state_dict": "models.patch",
     "build_detector": "models.build",
     "init_sigmoid_classifier": "models.init",
     "build_loss": "losses.registry",

@@ -110,7 +110,8 @@ def degenerate_set(case, seed=0, lvis=True):
     - ``all_gt_area_0``: every gt's ``area`` is 0;
     - ``zero_size_gt_bbox``: gts with a zero-width bbox and ``area`` 0 (as a json writer computing
       w * h produces), and gts with a zero-height bbox keeping their positive ``area``;
-    - ``gt_ann_id_0``: annotation ids start at 0, and the id-0 gt has an exact detection.
+    - ``gt_ann_id_0``: annotation ids start at 0; the id-0 gt (neither ignored nor crowd) has an
+      exact, high-scoring detection.
     """
     gt, dets = make_set(seed, n_images=20, lvis=lvis)
     anns = gt["annotations"]
@@ -155,6 +156,9 @@ def degenerate_set(case, seed=0, lvis=True):
         for a in anns:
             a["id"] -= 1
         a0 = anns[0]
+        a0.pop("ignore", None)
+        if not lvis:
+            a0["iscrowd"] = 0  # a regular gt: an ignored / crowd one would hide the quirk
         dets.append({"image_id": a0["image_id"], "category_id": a0["category_id"],
                      "bbox": list(a0["bbox"]), "score": 0.95})
     else:

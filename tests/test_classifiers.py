@@ -90,7 +90,7 @@ def test_tau_norm_identity_at_zero():
     assert torch.equal(p.cls_score.weight, before)
 
 
-def test_tau_norm_unit_rows_at_one_background_untouched_bias_kept():
+def test_tau_norm_unit_rows_at_one_background_untouched_bias_dropped():
     p = _stage1_predictor()
     w0 = p.cls_score.weight.clone()
     b0 = p.cls_score.bias.clone()
@@ -98,7 +98,13 @@ def test_tau_norm_unit_rows_at_one_background_untouched_bias_kept():
     norms = p.cls_score.weight.norm(dim=1)
     torch.testing.assert_close(norms[1:], torch.ones(C1 - 1))
     assert torch.equal(p.cls_score.weight[0], w0[0])        # background row untouched by default
-    assert torch.equal(p.cls_score.bias, b0)
+    # the authors' tau-norm scores without the bias (classifier-balancing tau_norm.py)
+    assert torch.equal(p.cls_score.bias[1:], torch.zeros(C1 - 1))
+    assert p.cls_score.bias[0] == b0[0]                     # background bias untouched too
+    kept = _stage1_predictor()
+    b1 = kept.cls_score.bias.clone()
+    tau_normalize(kept, 1.0, keep_bias=True)
+    assert torch.equal(kept.cls_score.bias, b1)
 
 
 def test_tau_norm_intermediate_and_background_option():

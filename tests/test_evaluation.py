@@ -517,9 +517,11 @@ def test_tools_test_cli(tmp_path, capsys):
     gt, dets = make_set(2, n_images=10)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "d.json").write_text(json.dumps(dets))
-    res = cli.main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "d.json"),
-                    "--out", str(tmp_path / "rep")])
+    # main() returns the exit code (tools/test.py, one-line CLI errors); the metrics are on disk.
+    assert cli.main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "d.json"),
+                     "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
+    res = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert f"{res['AP']:.4f}" in out
     assert (tmp_path / "rep" / "per_class_ap.csv").exists()
     with pytest.raises(SystemExit):

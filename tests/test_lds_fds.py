@@ -51,14 +51,20 @@ def test_lds_weights_equal_independent_computation(kind, reweight):
     lds.update(_values_for_counts(counts - counts // 2))
     assert lds.counts.tolist() == counts.tolist()
 
-    density = np.convolve(counts.astype(np.float64), _np_kernel(kind, 5, 2.0), mode="same")
+    # The authors' order (imbalanced-regression `_prepare_weights`): sqrt of the counts first
+    # (sqrt_inv), then the smoothing, then the inverse; scaled to mean 1 over the samples seen.
+    base = np.sqrt(counts) if reweight == "sqrt_inv" else counts.astype(np.float64)
+    density = np.convolve(base, _np_kernel(kind, 5, 2.0), mode="same")
+    per_bin = 1.0 / np.maximum(density, density[density > 0].min())
+    per_bin = per_bin * counts.sum() / (counts * per_bin).sum()
     query_bins = np.array([0, 0, 1, 3, 5, 7, 8, 9, 9])
     query = torch.tensor(CENTERS[query_bins], dtype=torch.float32)
-    per = density[query_bins] ** (-0.5 if reweight == "sqrt_inv" else -1.0)
-    expected = per / per.mean()
+    expected = per_bin[query_bins]
     got = lds.weights(query)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
-    assert got.mean().item() == pytest.approx(1.0, rel=1e-6)
+    # mean 1 over the accumulated histogram (the training samples), as the authors' scaling
+    all_seen = lds.weights(_values_for_counts(counts))
+    assert all_seen.double().mean().item() == pytest.approx(1.0, rel=1e-6)
     # Rarer IoU regions get larger weights than the crowded low-IoU bins.
     assert got[-1] > got[0]
 
@@ -87,10 +93,12 @@ def test_lds_empty_and_before_update():
     assert lds.counts.sum().item() == 0
     # A bin that has no effective density yet counts as the rarest seen so far.
     lds.update(_values_for_counts([100, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
-    dens = np.convolve(np.array([100.0] + [0] * 9), _np_kernel("gaussian", 5, 2.0), mode="same")
+    # sqrt_inv: smooth(sqrt(counts)), inverted, scaled to mean 1 over the 100 samples seen
+    dens = np.convolve(np.sqrt(np.array([100.0] + [0] * 9)), _np_kernel("gaussian", 5, 2.0),
+                       mode="same")
     w = lds.weights(torch.tensor([CENTERS[0], CENTERS[9]], dtype=torch.float32))
-    per = np.array([dens[0], dens[2]]) ** -0.5  # bin 9 -> smallest positive density (bin 2)
-    np.testing.assert_allclose(w.numpy(), per / per.mean(), rtol=1e-5)
+    per = 1.0 / np.array([dens[0], dens[2]])  # bin 9 -> smallest positive density (bin 2)
+    np.testing.assert_allclose(w.numpy(), per * dens[0], rtol=1e-5)  # bin 0 holds every sample
 
 
 def test_build_lds():

@@ -137,7 +137,10 @@ def test_tau_norm_head_trains_nothing():
     w = model.roi_heads.box_predictor.cls_score.weight
     torch.testing.assert_close(w[1:].norm(dim=1), torch.ones(NUM_CLASSES))
     assert torch.equal(w[0], sd1[PRED + "cls_score.weight"][0])
-    assert changed_keys(sd1, model) == [PRED + "cls_score.weight"]
+    # the foreground biases are dropped (the authors' tau-norm scores without bias)
+    b = model.roi_heads.box_predictor.cls_score.bias
+    assert torch.equal(b[1:], torch.zeros(NUM_CLASSES)) and b[0] == sd1[PRED + "cls_score.bias"][0]
+    assert sorted(changed_keys(sd1, model)) == [PRED + "cls_score.bias", PRED + "cls_score.weight"]
     with pytest.raises(ValueError, match="trains nothing"):
         prepare_stage2(tiny_detector(), cfg(head="tau_norm", box=True), sd1)
 

@@ -280,7 +280,9 @@ def test_carl_gradient_reaches_the_classifier():
         features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 2))
         _, losses = head(features, proposals, shapes, targets)
         assert losses["loss_box_reg"] > 0
-        losses["loss_box_reg"].backward()
+        # CARL is its own term, added to the unweighted box loss (mmdetection's PISARoIHead)
+        assert ("loss_carl" in losses) == carl
+        (losses["loss_box_reg"] + losses.get("loss_carl", 0)).backward()
         grads[carl] = head.box_predictor.cls_score.weight.grad
     assert grads[True].abs().sum() > 0
     assert grads[False] is None or grads[False].abs().sum() == 0

@@ -34,7 +34,8 @@ def _random_json(n_images=300, n_classes=20, seed=0, empty_every=7):
 
 
 def _reference_repeat_factors(data, t):
-    """max over the image's classes of max(1, sqrt(t / f_c)); images sorted by id; loops."""
+    """max over the image's classes of max(1, sqrt(t / f_c)); images sorted by id; loops.
+    f_c's denominator counts the annotated images only (detectron2 filters empty images)."""
     image_ids = sorted(im["id"] for im in data["images"])
     classes_on = {i: set() for i in image_ids}
     for a in data["annotations"]:
@@ -44,11 +45,12 @@ def _reference_repeat_factors(data, t):
     for cats in classes_on.values():
         for c in cats:
             n_img_with[c] = n_img_with.get(c, 0) + 1
+    num_annotated = sum(1 for cats in classes_on.values() if cats)
     out = []
     for i in image_ids:
         r = 1.0
         for c in classes_on[i]:
-            r = max(r, max(1.0, math.sqrt(t / (n_img_with[c] / len(image_ids)))))
+            r = max(r, max(1.0, math.sqrt(t / (n_img_with[c] / num_annotated))))
         out.append(r)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -79,15 +81,16 @@ def test_repeat_factors_from_path_dataset_and_label_lists(tmp_path):
 
 def test_repeat_factors_use_loaded_annotations(tmp_path):
     # Image 1's only box of class 5 is degenerate: dropped with skip_invalid, so class 5 no
-    # longer exists and image 1 gets factor 1 (images 2-4 carry class 1 only).
+    # longer exists and image 1 gets factor 1 (images 2-4 carry class 1 only). Image 1 then has
+    # no annotation and leaves f_c's denominator (detectron2): f_1 = 3 / 3.
     data = {"images": [{"id": i, "width": 10, "height": 10, "file_name": "x"} for i in range(1, 5)],
             "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 0, 3]}]
             + [{"id": 1 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 3]}
                for i in range(2, 5)]}
     ds = LVISDetection(data, str(tmp_path), skip_invalid=True)
-    rf = repeat_factors(ds, threshold=1.0)
-    r = math.sqrt(1.0 / (3 / 4))  # class 1 is on 3 of the 4 images
+    rf = repeat_factors(ds, threshold=2.0)
+    r = math.sqrt(2.0 / (3 / 3))  # class 1 is on 3 of the 3 annotated images
     assert torch.allclose(rf, torch.tensor([1.0, r, r, r], dtype=torch.float64))
     with pytest.raises(ValueError, match="threshold"):
         repeat_factors(data, threshold=0.0)

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ltdet.data.class_stats import ClassStats, FlatAnnotations  # noqa: E402
 from ltdet.data.coco_lt import bin_sizes  # noqa: E402
-from ltdet.data.samplers import repeat_factors  # noqa: E402
+from ltdet.data.samplers import class_repeat_factors, repeat_factors  # noqa: E402
 
 
 def main(argv=None):
@@ -37,8 +37,7 @@ def main(argv=None):
     img_rf = repeat_factors(flat, threshold=args.threshold).numpy()
     n_img = stats.image_count.numpy()
     n_inst = stats.instance_count.numpy()
-    f_c = n_img / stats.num_images
-    class_rf = np.maximum(1.0, np.sqrt(args.threshold / np.maximum(f_c, 1e-12)))
+    class_rf = class_repeat_factors(flat, threshold=args.threshold).numpy()
 
     order = np.argsort(-n_inst, kind="stable")
     rows = order

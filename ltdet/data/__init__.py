@@ -16,6 +16,7 @@ _EXPORTS = {
     "Compose": "transforms",
     "build_transforms": "transforms",
     "repeat_factors": "samplers",
+    "class_repeat_factors": "samplers",
     "RepeatFactorSampler": "samplers",
     "ClassAwareSampler": "samplers",
     "InferenceSampler": "samplers",

@@ -67,6 +67,24 @@ def _image_label_pairs(source) -> tuple[np.ndarray, np.ndarray, int, int]:
     return img, lab, flat.num_images, flat.num_classes
 
 
+def _class_repeat_factors(img, lab, num_classes, threshold, sqrt) -> torch.Tensor:
+    # (image, class) pairs are unique, so the annotated images are the distinct image indices
+    num_annotated = max(int(np.unique(img).size), 1)
+    freq = torch.bincount(torch.from_numpy(lab), minlength=num_classes + 1).double() / num_annotated
+    ratio = threshold / freq.clamp(min=1e-12)
+    return (torch.sqrt(ratio) if sqrt else ratio).clamp(min=1.0)
+
+
+def class_repeat_factors(json_or_dataset, threshold: float = 1e-3,
+                         sqrt: bool = True) -> torch.Tensor:
+    """Per-class repeat factors ``r_c``, float64 ``[C]`` (index i = label i + 1); see
+    `repeat_factors` for the definition."""
+    if threshold <= 0:
+        raise ValueError(f"repeat_factors: threshold must be > 0, got {threshold}")
+    img, lab, _, num_classes = _image_label_pairs(json_or_dataset)
+    return _class_repeat_factors(img, lab, num_classes, threshold, sqrt)[1:]
+
+
 def repeat_factors(json_or_dataset, threshold: float = 1e-3, sqrt: bool = True) -> torch.Tensor:
     """Per-image repeat factors, float64 ``[num_images]`` (dataset index order).
 
@@ -84,11 +102,7 @@ def repeat_factors(json_or_dataset, threshold: float = 1e-3, sqrt: bool = True) 
     if num_images == 0:
         raise ValueError("repeat_factors: the data set has no images")
     img_t = torch.from_numpy(img)
-    # (image, class) pairs are unique, so the annotated images are the distinct image indices
-    num_annotated = max(int(np.unique(img).size), 1)
-    freq = torch.bincount(torch.from_numpy(lab), minlength=num_classes + 1).double() / num_annotated
-    ratio = threshold / freq.clamp(min=1e-12)
-    class_rf = (torch.sqrt(ratio) if sqrt else ratio).clamp(min=1.0)
+    class_rf = _class_repeat_factors(img, lab, num_classes, threshold, sqrt)
     rf = torch.ones(num_images, dtype=torch.float64)
     return rf.scatter_reduce_(0, img_t, class_rf[torch.from_numpy(lab)], "amax", include_self=True)
 

@@ -106,8 +106,8 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
     Values (``initialise=True``, i.e. starting stage 2 from stage-1 weights): ``crt``
     re-initialises the classifier (weight N(0, 0.01), bias 0; with a sigmoid stage-2 loss, bias
     at the prior ``model.cls_prior_prob``, see ``ltdet.models.init``); ``tau_norm`` applies
-    :func:`tau_normalize`. With ``initialise=False`` only the structure changes, so a saved stage-2 state dict loads
-    key for key. Returns the model.
+    :func:`tau_normalize`. With ``initialise=False`` only the structure changes, so a saved
+    stage-2 state dict loads key for key. Returns the model.
     """
     refine = _refine_cfg(cfg)
     roi_heads = _roi_heads(model)

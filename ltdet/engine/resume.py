@@ -8,7 +8,7 @@ listing each differing key and both values, before anything in output_dir is wri
 """
 import logging
 
-from ltdet.config import ConfigError
+from ltdet.config import ConfigError, load_schema
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,8 @@ RESUMABLE = (
     # evaluation and loading only: nothing the weights or the training samples depend on
     "data.val.", "data.test_min_size", "data.num_workers", "test.", "device", "output_dir",
     "dist_timeout",
+    # only the initial weights depend on it, and on resume they come from the checkpoint
+    "model.cls_prior_prob",
 )
 
 
@@ -51,7 +53,13 @@ def compare_configs(saved: dict, new: dict, checkpoint) -> dict:
     """{key: (saved value, new value)} of the resumable keys that changed.
 
     Raises ResumeConfigError listing every other changed key with both values."""
+    # A key the checkpoint's config lacks was added to the schema after it was written: it had
+    # the schema's default then (so an old checkpoint resumes under a newer ltdet).
+    defaults = flatten(load_schema())
     old_flat, new_flat = flatten(saved), flatten(new)
+    for key in set(new_flat) - set(old_flat):
+        if key in defaults:
+            old_flat[key] = defaults[key]
     changed = {k: (old_flat.get(k, _MISSING), new_flat.get(k, _MISSING))
                for k in sorted(set(old_flat) | set(new_flat))
                if old_flat.get(k, _MISSING) != new_flat.get(k, _MISSING)}

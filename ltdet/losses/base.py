@@ -1,7 +1,8 @@
 """Base modules shared by the loss families: input checks and the default score activations.
 
-Classification losses take `logits [N, C+1]` (column 0 = background, torchvision's layout) and
-`labels int64 [N]` in `[0, C]` (0 = background). Regression losses take `pred [P, 4]` and
+Classification losses take `logits [N, C+1]` (column 0 = background, torchvision's layout; a loss
+may declare another width, `cls_channels`: seesaw's `C+2`) and `labels int64 [N]` in `[0, C]`
+(0 = background); `activation` always returns `[N, C+1]` scores. Regression losses take `pred [P, 4]` and
 `target [P, 4]` (box deltas, or decoded xyxy boxes when `needs_boxes` is True).
 
 `LossModule`, the base of both, makes every loss TorchScript-friendly (its training-only `forward`
@@ -60,8 +61,9 @@ class LossModule(nn.Module):
                   if key not in state_dict}
         if absent:
             state_dict.update(absent)
-            logger.info("%s (%s): the state dict has no %s; this loss state starts fresh (loss "
-                        "state is training state, e.g. loading torchvision weights)",
+            logger.info("%s (%s): the state dict has no %s; this loss state keeps its current "
+                        "values (fresh in a new model: loss state is training state, e.g. when "
+                        "loading torchvision weights)",
                         prefix[:-1] or "loss", type(self).__name__,
                         ", ".join(key[len(prefix):] for key in absent))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -85,16 +87,38 @@ def sigmoid_scores(logits: Tensor) -> Tensor:
 class ClassificationLoss(LossModule):
     """Softmax-family base: `activation` is a softmax over all C+1 columns.
 
-    `activation(logits [N, C+1]) -> scores [N, C+1]` is how a detector trained with the loss
-    scores its detections; it must stay TorchScript-compatible (annotated, no Python-only calls),
-    because a scripted detector compiles it."""
+    `activation(logits [N, cls_channels]) -> scores [N, C+1]` is how a detector trained with the
+    loss scores its detections; it must stay TorchScript-compatible (annotated, no Python-only
+    calls), because a scripted detector compiles it.
+
+    Channels: the classifier a loss trains has `cls_channels = get_cls_channels(C)` outputs,
+    `C + 1` (torchvision's layout, column 0 = background) for every loss but one: seesaw's
+    `C + 2` (C classes and a 2-way objectness, `ltdet.losses.seesaw`), the way mmdetection's
+    losses declare `get_cls_channels` with `custom_cls_channels`. `build_detector` and
+    `ltdet.patch` size the box predictor's `cls_score` with it; scores are always `[N, C+1]`."""
 
     use_sigmoid = False
+    # a property: TorchScript would compile it with the module (it is never needed there)
+    __jit_unused_properties__ = ["cls_channels"]
 
     def __init__(self, *, num_classes=None, loss_weight=1.0):
         super().__init__()
         self.num_classes = num_classes
         self.loss_weight = float(loss_weight)
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        """Outputs of the classifier this loss trains for `num_classes` foreground classes:
+        `C + 1` (column 0 = background)."""
+        return int(num_classes) + 1
+
+    @property
+    def cls_channels(self):
+        """`get_cls_channels(num_classes)`; None when the loss was built without num_classes."""
+        return None if self.num_classes is None else self.get_cls_channels(self.num_classes)
+
+    def _layout(self) -> str:
+        """The logit columns, in words, for error messages."""
+        return f"C+1 = {self.cls_channels} logit columns, column 0 = background"
 
     def check_inputs(self, logits, labels):
         """Shape and label-range checks; one cheap min/max per step."""
@@ -107,16 +131,17 @@ class ClassificationLoss(LossModule):
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"{type(self).__name__}: labels must be an integer tensor, got {labels.dtype}")
         num_columns = logits.shape[1]
-        if self.num_classes is not None and num_columns != self.num_classes + 1:
+        if self.num_classes is not None and num_columns != self.cls_channels:
             raise ValueError(
-                f"{type(self).__name__} was built for num_classes={self.num_classes} (C+1 = "
-                f"{self.num_classes + 1} logit columns, column 0 = background) but got {num_columns} "
-                f"columns; the box predictor and the loss must agree on num_classes")
+                f"{type(self).__name__} was built for num_classes={self.num_classes} "
+                f"({self._layout()}) but got {num_columns} columns; the box predictor and the "
+                f"loss must agree on num_classes")
+        top = self.num_classes if self.num_classes is not None else num_columns - 1
         if labels.numel():
             low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host sync per step
-            if low < 0 or high >= num_columns:
+            if low < 0 or high > top:
                 raise ValueError(
-                    f"{type(self).__name__}: labels must lie in [0, {num_columns - 1}] (0 = "
+                    f"{type(self).__name__}: labels must lie in [0, {top}] (0 = "
                     f"background, 1..C = classes) but range over [{low}, {high}]")
 
     def activation(self, logits: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ _EXPORTS = {
     "LTRoIHeads": "roi_heads",
     "build_roi_sampler": "roi_samplers",
     "patch": "patch",
+    "torchvision_state_dict": "patch",
     "build_detector": "build",
     "init_sigmoid_classifier": "init",
     "CosinePredictor": "classifiers",

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import pickle
+from typing import Dict, Optional, Tuple
 from functools import partial
 
 import torch
@@ -98,7 +99,8 @@ class NoResizeTransform(GeneralizedRCNNTransform):
     is the identity here.
     """
 
-    def resize(self, image, target=None):
+    def resize(self, image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]] = None
+               ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:  # scriptable
         return image, target
 
 
@@ -172,8 +174,10 @@ def load_detector_state_dict(model, state_dict, source, reinit_predictor=False, 
 
     Predictor entries (box predictor / RetinaNet `cls_logits`) whose shapes or names differ are
     left at their fresh initialisation (all of them when `reinit_predictor`), with a log line.
-    `base_keys`: the model's keys before ltdet installed its losses; keys outside it (loss state
-    such as EQLv2's gradient sums) may be absent from or extra in the checkpoint.
+    `base_keys`: the model's keys before ltdet installed its losses; keys outside it (LDS / FDS
+    statistics) may be absent from or extra in the checkpoint. (Absent loss state, such as EQLv2's
+    gradient sums, is never reported missing: the losses keep their fresh state themselves,
+    `ltdet.losses.base.LossModule`; extra loss state of another loss is ignored here.)
     Raises ValueError naming `source` when backbone / neck / head entries are missing, extra or
     of another shape (a checkpoint of another arch, backbone or norm)."""
     own = model.state_dict()

@@ -8,7 +8,15 @@ get an `LTRoIHeads` sharing all their submodules; `RetinaNet` models are handed 
 `ltdet.models.retinanet.patch_retinanet`. Parameters and buffers of the model are not touched; the
 only new state is the losses' own buffers (e.g. EQLv2's gradient statistics) under
 `roi_heads.cls_loss.*` / `roi_heads.box_loss.*`.
+
+Checkpoints across patched and unpatched models: that state is training state. A torchvision
+state dict loads into a patched model with `strict=True` (absent loss state keeps its current
+values - a new model's fresh ones - logged once per loss: `ltdet.losses.base.LossModule`);
+`torchvision_state_dict(model)` is a patched
+model's state dict without ltdet's additions, which the unpatched torchvision model loads with
+`strict=True`.
 """
+from collections import OrderedDict
 from typing import Optional
 
 from torch import nn
@@ -67,4 +75,45 @@ def _is_random(sampler) -> bool:
     return isinstance(sampler, dict) and sampler.get("type", "random") == "random" and len(sampler) <= 1
 
 
-__all__ = ["patch", "predictor_num_classes", "SUPPORTED_MODELS"]
+#: state-dict prefixes of the modules `patch` adds (two-stage: losses, RoI sampler, LDS / FDS;
+#: RetinaNet: the heads' losses); torchvision's models have no such entries
+LTDET_STATE_PREFIXES = ("roi_heads.cls_loss.", "roi_heads.box_loss.", "roi_heads.sampler.",
+                        "roi_heads.lds.", "roi_heads.fds.", "head.classification_head.loss.",
+                        "head.regression_head.loss.")
+
+
+def torchvision_state_dict(model_or_state_dict) -> "OrderedDict":
+    """A patched model's state dict that the unpatched torchvision model loads with `strict=True`.
+
+    `model_or_state_dict`: a patched model (DataParallel / DistributedDataParallel unwrapped) or
+    its state dict (e.g. `torch.load(ckpt)["model"]` of an ltdet checkpoint; a DDP `module.`
+    prefix is recognised and kept). Drops ltdet's own entries (`LTDET_STATE_PREFIXES`: loss
+    state such as EQLv2's gradient sums, Seesaw's counts, GHM's `density.acc_sum`, LDS / FDS
+    statistics); every other entry is returned as is (same tensors, same order, torchvision's
+    version metadata kept). A non-linear box classifier (`CosinePredictor`, `LWSPredictor`) has no
+    torchvision equivalent: its entries are kept and a `FastRCNNPredictor` will not load them.
+
+        plain = fasterrcnn_resnet50_fpn(weights=None, num_classes=C + 1)
+        plain.load_state_dict(ltdet.torchvision_state_dict(patched_model))  # strict
+    """
+    source = model_or_state_dict
+    if isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        source = source.module
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    kept = OrderedDict((key, value) for key, value in state.items()
+                       if not _is_ltdet_key(key))
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        kept._metadata = OrderedDict((key, value) for key, value in metadata.items()
+                                     if not _is_ltdet_key(key + "."))
+    return kept
+
+
+def _is_ltdet_key(key: str) -> bool:
+    if key.startswith("module."):
+        key = key[len("module."):]
+    return key.startswith(LTDET_STATE_PREFIXES)
+
+
+__all__ = ["patch", "predictor_num_classes", "SUPPORTED_MODELS", "torchvision_state_dict",
+           "LTDET_STATE_PREFIXES"]

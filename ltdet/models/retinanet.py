@@ -30,9 +30,15 @@ classification head carries the activation (`scores`, the loss's `activation`), 
 class is switched to `LTRetinaNet`, whose `postprocess_detections` uses it and never emits the
 background column. `postprocess_detections` is a method of the model, not of a head, so a model
 subclass is the only way to change it without monkey-patching torchvision.
+
+TorchScript: a patched RetinaNet scripts like torchvision's (eval mode; `LTRetinaNet.
+postprocess_detections` and the classification head's `scores` compile). The heads'
+`compute_loss` (ltdet losses) is `@torch.jit.unused`: a scripted patched model does not train.
 """
+from typing import Dict, List, Tuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.retinanet import (RetinaNetClassificationHead,
@@ -83,7 +89,9 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
         return _adopt_head(cls, head, RetinaNetClassificationHead, loss=loss,
                            attributes=("num_classes", "num_anchors", "BETWEEN_THRESHOLDS"))
 
-    def compute_loss(self, targets, head_outputs, matched_idxs):
+    @torch.jit.unused
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                     matched_idxs: List[Tensor]) -> Tensor:
         """Classification loss of a batch: a scalar, normalised as torchvision does."""
         cls_logits = head_outputs["cls_logits"]  # [B, A, K]
         num_images, _, num_columns = cls_logits.shape
@@ -96,7 +104,7 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
         weight = _foreground_weights(matched, num_images)
         return self.loss(cls_logits[valid], labels[valid], weight=weight[valid], reduction="sum")
 
-    def scores(self, logits):
+    def scores(self, logits: Tensor) -> Tensor:
         """Scores `[..., K]` from logits `[..., K]` with the loss's activation (column 0 =
         background)."""
         return self.loss.activation(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
@@ -111,7 +119,9 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
         return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss,
                            attributes=("box_coder", "_loss_type"))
 
-    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
+    @torch.jit.unused
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Tensor:
         """Box loss of a batch over its foreground anchors: a scalar, normalised as torchvision
         does."""
         bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4]
@@ -169,17 +179,20 @@ class LTRetinaNet(RetinaNet):
     to this one in place (weights untouched), because torchvision offers no hook for it.
     """
 
-    def postprocess_detections(self, head_outputs, anchors, image_shapes):
+    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]],
+                               anchors: List[List[Tensor]], image_shapes: List[Tuple[int, int]]
+                               ) -> List[Dict[str, Tensor]]:
         class_logits = head_outputs["cls_logits"]
         box_regression = head_outputs["bbox_regression"]
-        score_fn = self.head.classification_head.scores
-        detections = []
+        detections: List[Dict[str, Tensor]] = []
         for index, image_shape in enumerate(image_shapes):
-            image_boxes, image_scores, image_labels = [], [], []
+            image_boxes: List[Tensor] = []
+            image_scores: List[Tensor] = []
+            image_labels: List[Tensor] = []
             for logits, deltas, level_anchors in zip(class_logits, box_regression,
                                                      anchors[index]):
                 # Foreground scores [A_l, C]; column j scores label j + 1.
-                scores = score_fn(logits[index])[:, 1:]
+                scores = self.head.classification_head.scores(logits[index])[:, 1:]
                 num_fg_classes = scores.shape[1]
                 scores = scores.flatten()
                 keep = torch.where(scores > self.score_thresh)[0]
