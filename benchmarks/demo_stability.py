@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     if args.cell_seed is not None:
         return run_cell(args)
 
+    os.chdir(ROOT)  # the cells run in the repository; relative paths mean the same here
     sys.path.insert(0, str(ROOT))
     from ltdet.config import load_config
     from ltdet.data.synthetic import make_synthetic_lvis

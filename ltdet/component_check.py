@@ -8,6 +8,7 @@ the builder's own checks - type, keys, values - without a data set. A failure be
 one-line `ConfigError` naming the key, the file that set it, and the closest valid name.
 """
 import difflib
+import math
 import re
 
 from ltdet.config import ConfigError
@@ -101,8 +102,42 @@ def _unknown(what: str, name, valid) -> str:
     return f"unknown {what} {name!r}{hint} (valid: {', '.join(valid) or 'none'})"
 
 
+def _positive(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _count(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+#: value checks of scalar keys whose schema type alone does not say enough
+#: (key, check, what it must be); a null is accepted where the schema default is null.
+VALUE_CHECKS = (
+    ("solver.lr", _positive, "a finite number > 0"),
+    ("solver.clip_grad_norm", _positive, "a finite number > 0, or null for no clipping"),
+    ("solver.keep_checkpoints", _count(1), "an integer >= 1, or null to keep all"),
+    ("solver.skip_nonfinite", _count(0), "an integer >= 0"),
+    ("solver.max_iter", _count(1), "an integer >= 1"),
+    ("dist_timeout", _positive, "a number of seconds > 0"),
+)
+
+
+def _check_values(cfg: dict, origins: dict) -> None:
+    for dotted, ok, what in VALUE_CHECKS:
+        node = cfg
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        nullable = dotted in ("solver.clip_grad_norm", "solver.keep_checkpoints")
+        if (node is None and nullable) or (node is not None and ok(node)):
+            continue
+        raise ConfigError(f"config key '{dotted}' (set in {origins.get(dotted, 'defaults')}) "
+                          f"must be {what}, got {node!r}")
+
+
 def validate_components(cfg: dict, origins: dict) -> None:
-    """Raise ConfigError for the first component spec of `cfg` its builder would reject."""
+    """Raise ConfigError for the first scalar value (`VALUE_CHECKS`) or component spec of `cfg`
+    its builder would reject."""
+    _check_values(cfg, origins)
     for dotted, check in CHECKS.items():
         section, key = dotted.split(".")
         spec = (cfg.get(section) or {}).get(key)

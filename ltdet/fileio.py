@@ -27,10 +27,13 @@ TMP_SUFFIX = ".tmp"
 FULL_DISK_BYTES = 64 * 2**20
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; restored at once
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide state
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,7 +71,7 @@ def atomic_write(path, write_fn, *, text: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         mode = "w" if text else "wb"
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if text else {})) as f:
             write_fn(f)
@@ -76,10 +79,11 @@ def atomic_write(path, write_fn, *, text: bool = False) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # measured before the partial file is removed: that file is what filled the disk
+        full, free = _is_disk_full(e, path.parent), _free_bytes(path.parent)
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if _is_disk_full(e, path.parent):
-            free = _free_bytes(path.parent)
+        if full:
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path} "
                                         f"({free / 2**20:.0f} MiB free in {path.parent}); free "
                                         f"space or choose another output_dir") from e

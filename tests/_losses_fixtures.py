@@ -5,8 +5,8 @@ import torch
 
 NUM_CLASSES = 6
 
-CLASSIFICATION = ["ce", "focal", "cb", "balanced_softmax", "eql", "eqlv2", "seesaw", "federated",
-                  "ghmc", "las"]
+CLASSIFICATION = ["ce", "focal", "cb", "balanced_softmax", "eql", "eqlv2", "seesaw",
+                  "seesaw_softmax", "federated", "ghmc", "las"]
 REGRESSION = ["smooth_l1", "l1", "giou", "ghmr", "focal_r", "balanced_l1"]
 SIGMOID_FOREGROUND = [{"type": "focal"}, {"type": "eql", "lambda_": 0.05}, {"type": "federated"},
                       {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"}, {"type": "cb", "base": "focal"}]
@@ -22,10 +22,13 @@ def make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=No
                                  num_images=num_images, frequency=None)
 
 
-def make_batch(n=12, num_classes=NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5):
-    """Logits `[n, C+1]` (requires grad) and labels with ~bg_fraction background."""
+def make_batch(n=12, num_classes=NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5,
+               num_columns=None):
+    """Logits `[n, C+1]` (`[n, num_columns]`, e.g. a loss's `cls_channels`: seesaw's C+2;
+    requires grad) and labels in [0, C] with ~bg_fraction background."""
     g = torch.Generator().manual_seed(seed)
-    logits = (2.0 * torch.randn(n, num_classes + 1, generator=g)).to(dtype).requires_grad_(True)
+    width = num_classes + 1 if num_columns is None else num_columns
+    logits = (2.0 * torch.randn(n, width, generator=g)).to(dtype).requires_grad_(True)
     labels = torch.randint(1, num_classes + 1, (n,), generator=g)
     labels[torch.rand(n, generator=g) < bg_fraction] = 0
     return logits, labels

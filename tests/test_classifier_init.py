@@ -180,16 +180,18 @@ SIGMOID_LOSSES = [{"type": "eql"}, {"type": "eqlv2"}, {"type": "federated"}, {"t
                   {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"},
                   {"type": "cb", "base": "focal"}]
 SOFTMAX_LOSSES = [{"type": "ce"}, {"type": "balanced_softmax"}, {"type": "las"},
-                  {"type": "cb", "base": "ce"}]
+                  {"type": "cb", "base": "ce"}, {"type": "seesaw_softmax"}]
 
 
 def test_the_loss_lists_cover_every_classification_loss():
-    covered = {c["type"] for c in SIGMOID_LOSSES + SOFTMAX_LOSSES} | {"seesaw"}
+    # seesaw (C + 2 classifier, mmdetection's fc_cls init, no prior) and seesaw_softmax are
+    # softmax losses too: tests/test_seesaw_objectness.py checks seesaw's classifier init
+    covered = {c["type"] for c in SIGMOID_LOSSES + SOFTMAX_LOSSES} | {"seesaw", "seesaw_softmax"}
     classification = {name for name, cls in LOSSES.items() if hasattr(cls, "activation")}
     assert classification == covered
     for cfg in SIGMOID_LOSSES:
         assert build_loss(cfg, num_classes=20, stats=stats_for(20)).use_sigmoid, cfg
-    for cfg in SOFTMAX_LOSSES + [{"type": "seesaw"}]:
+    for cfg in SOFTMAX_LOSSES + [{"type": "seesaw"}, {"type": "seesaw_softmax"}]:
         assert not build_loss(cfg, num_classes=20, stats=stats_for(20)).use_sigmoid, cfg
 
 

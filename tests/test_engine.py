@@ -201,8 +201,8 @@ def test_resume_is_exact_and_log_jsonl(tiny_data, tmp_path, monkeypatch, workers
     first = Trainer(cfg, evaluate=False, progress=False)
     save = Checkpointer.save
 
-    def save_then_die(self, name, state):
-        path = save(self, name, state)
+    def save_then_die(self, name, state, **kwargs):
+        path = save(self, name, state, **kwargs)
         if state["iteration"] == 1:
             raise KeyboardInterrupt("killed after the checkpoint of iteration 1")
         return path
@@ -559,7 +559,7 @@ def test_nonfinite_gradient_stops_before_the_step_and_is_never_checkpointed(tiny
     assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
 
 
-def test_nonfinite_weights_are_never_written(tiny_data, tmp_path):
+def test_nonfinite_weights_are_never_written(tiny_data, tmp_path, monkeypatch):
     from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
     out = tmp_path / "infw"
@@ -573,14 +573,10 @@ def test_nonfinite_weights_are_never_written(tiny_data, tmp_path):
             trainer.model.roi_heads.box_predictor.cls_score.bias[0] = float("inf")
         return res
 
-    torch.optim.SGD.step = overflowing_step
-    try:
-        with pytest.raises(NonFiniteLossError, match="cls_score.bias"):
-            trainer.train()
-    finally:
-        torch.optim.SGD.step = step
-    assert not list((out / "checkpoints").glob("model_*.pth")) if (out / "checkpoints").exists() \
-        else True
+    monkeypatch.setattr(torch.optim.SGD, "step", overflowing_step)
+    with pytest.raises(NonFiniteLossError, match="cls_score.bias"):
+        trainer.train()
+    assert not list((out / "checkpoints").glob("model_*.pth"))
 
 
 def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(tiny_data, tmp_path,
@@ -604,15 +600,15 @@ def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(tiny_dat
     ckpt3 = out / "checkpoints" / "model_0000003.pth"
     assert ckpt3.is_file() and str(ckpt3) not in msg
     assert f"--resume-from {out / 'checkpoints' / 'model_0000002.pth'}" in msg
-    command = shlex.split(msg.split("tools/train.py CONFIG ", 1)[1].rstrip("."))
-    assert command[0] == "--resume-from" and command[2] == "--opts"
-    assert any(o.startswith("solver.clip_grad_norm=") for o in command[3:])
-    assert any(o.startswith("solver.lr=") for o in command[3:])
+    command = shlex.split(msg.split("tools/train.py ", 1)[1].rstrip("."))
+    assert command[0] == str(out / "config.yaml")  # the run's own config: no opts to remember
+    assert command[1] == "--resume-from" and command[3] == "--opts"
+    assert any(o.startswith("solver.clip_grad_norm=") for o in command[4:])
+    assert any(o.startswith("solver.lr=") for o in command[4:])
 
     monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
-    argv = ["configs/base.yaml", "--no-progress", "--no-eval", command[0], command[1],
-            "--opts", *opts, *command[3:]]
-    assert _load_tool("train").main(argv) == 0
+    assert _load_tool("train").main(command[:1] + ["--no-progress", "--no-eval"]
+                                     + command[1:]) == 0  # verbatim
     steps = _train_steps(out / "log.jsonl")
     assert [r["iter"] for r in steps] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps[2:])
@@ -646,14 +642,25 @@ def test_skip_nonfinite_skips_up_to_n_in_a_row(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("opt,value", [("solver.lr", "-0.01"), ("solver.lr", ".nan"),
-                                       ("solver.clip_grad_norm", "0.0")])
+                                       ("solver.clip_grad_norm", "0.0"),
+                                       ("solver.keep_checkpoints", "2.5"),
+                                       ("solver.keep_checkpoints", "0"),
+                                       ("solver.skip_nonfinite", "-1")])
 def test_invalid_solver_values_name_the_key(tiny_data, tmp_path, opt, value):
+    """Rejected when the config loads, before --overwrite could delete anything."""
+    from ltdet.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"'{opt}' \(set in --opts\) must be"):
+        tiny_cfg(tiny_data, tmp_path / "bad", f"{opt}={value}")
+
+
+def test_invalid_solver_values_in_a_dict_config_are_caught_by_the_trainer(tiny_data, tmp_path):
     from ltdet.engine.trainer import Trainer
 
-    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "bad", f"{opt}={value}"), evaluate=False,
-                      progress=False)
-    with pytest.raises(ValueError, match=opt.replace(".", r"\.")):
-        trainer.train()
+    cfg = tiny_cfg(tiny_data, tmp_path / "bad")
+    cfg["solver"]["lr"] = -0.01  # built in code, not loaded: the trainer checks it too
+    with pytest.raises(ValueError, match=r"solver\.lr"):
+        Trainer(cfg, evaluate=False, progress=False).train()
 
 
 # -- faults: nothing lost, nothing damaged ----------------------------------------------------
@@ -706,18 +713,17 @@ def test_keep_checkpoints_keeps_the_newest_n(tiny_data, tmp_path):
     assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000004.pth"
 
 
-def test_output_files_get_the_umask_mode(tiny_data, tmp_path):
+def test_output_files_get_the_umask_mode(tiny_data, tmp_path, monkeypatch):
     from ltdet.engine.trainer import Trainer
 
-    old = os.umask(0o022)
-    try:
-        out = tmp_path / "mode"
-        cfg = tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1")
-        Trainer(cfg, evaluate=False, progress=False).train()
-    finally:
-        os.umask(old)
+    import ltdet.fileio
+
+    monkeypatch.setattr(ltdet.fileio, "_UMASK", 0o027)  # the umask read at import
+    out = tmp_path / "mode"
+    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1")
+    Trainer(cfg, evaluate=False, progress=False).train()
     for f in ("config.yaml", "checkpoints/model_0000001.pth", "checkpoints/last_checkpoint"):
-        assert (out / f).stat().st_mode & 0o777 == 0o644, f
+        assert (out / f).stat().st_mode & 0o777 == 0o640, f  # not mkstemp's 0600
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_newest_that_loads(tiny_data, tmp_path,
@@ -823,9 +829,83 @@ def test_check_demo_reads_the_bars_from_metrics_json(tmp_path, capsys):
     check = _load_tool("check_demo")
     good = {"AP50f": 0.62, "APr": 0.05, "APf": 0.40}
     for metrics, code in ((good, 0), (dict(good, AP50f=0.49), 1), (dict(good, APr=0.21), 1),
-                          ({"AP": 0.1}, 1)):
+                          ({"AP": 0.1}, 1), (dict(good, APr=-1), 1)):
         path = tmp_path / "metrics.json"
         path.write_text(json.dumps(metrics))
         assert check.main([str(path)]) == code, metrics
     assert check.main([str(tmp_path / "absent.json")]) == 1
     assert "did `make demo` finish" in capsys.readouterr().err
+
+
+def test_resume_keeps_per_group_weight_decay_and_applies_only_changed_keys():
+    from ltdet.engine.resume import apply_solver
+    from ltdet.engine.solver import build_lr_scheduler, build_optimizer
+
+    solver = load_config(None)["solver"]
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = build_optimizer([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], solver)
+    sch = build_lr_scheduler(opt, solver)
+    apply_solver(opt, sch, solver, solver)  # unchanged config: nothing moves
+    assert [g["weight_decay"] for g in opt.param_groups] == [solver["weight_decay"], 0.0]
+    apply_solver(opt, sch, solver, dict(solver, weight_decay=0.05, lr=solver["lr"] * 2))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # own value kept
+    assert sch.base_lrs == [solver["lr"] * 2] * 2
+
+
+def test_keep_checkpoints_never_deletes_a_protected_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path, keep=1)
+    ck.save("model_0000001.pth", {"model": {}})
+    ck.save("model_0000002.pth", {"model": {}}, protect=[tmp_path / "model_0000001.pth"])
+    ck.save("model_0000003.pth", {"model": {}}, protect=[tmp_path / "model_0000001.pth"])
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth",
+                                             "model_0000003.pth"]
+
+
+def test_resume_from_a_checkpoint_of_another_run_respects_the_output_dir(tiny_data, tmp_path):
+    from ltdet.engine.trainer import OutputDirError, Trainer
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    one = ("solver.max_iter=1", "solver.checkpoint_period=1")
+    Trainer(tiny_cfg(tiny_data, src, *one), evaluate=False, progress=False).train()
+    Trainer(tiny_cfg(tiny_data, dst, *one), evaluate=False, progress=False).train()
+    ckpt = src / "checkpoints" / "model_0000001.pth"
+    with pytest.raises(OutputDirError, match="holds a previous run"):
+        Trainer(tiny_cfg(tiny_data, dst, "solver.max_iter=2"), resume_from=ckpt,
+                evaluate=False, progress=False)
+    with pytest.raises(OutputDirError, match="give one of them"):
+        Trainer(tiny_cfg(tiny_data, dst), resume=True, overwrite=True, evaluate=False,
+                progress=False)
+
+
+def test_resume_from_an_earlier_checkpoint_moves_the_pointer_back(tiny_data, tmp_path):
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "back"
+    Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False,
+            progress=False).train()
+    Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"),
+            resume_from=out / "checkpoints" / "model_0000002.pth", evaluate=False,
+            progress=False)
+    # killed before its first save, a plain --resume must not pick up the newer model_4
+    assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_untouched(tiny_data, tmp_path):
+    """A NaN inside the backbone poisons BatchNorm's running statistics in the forward itself;
+    a skipped step must put them back, or the next checkpoint would be refused."""
+    from ltdet.engine.trainer import Trainer
+
+    out = tmp_path / "bn"
+    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=3", "solver.skip_nonfinite=1",
+                   "solver.checkpoint_period=3")
+    trainer = Trainer(cfg, evaluate=False, progress=False)
+    calls = []
+
+    def nan_at_2(module, args, out):
+        calls.append(1)
+        return out * float("nan") if len(calls) == 2 else out
+
+    trainer.model.backbone.body.conv1.register_forward_hook(nan_at_2)
+    trainer.train()
+    assert [r["iter"] for r in _jsonl(out / "log.jsonl") if r.get("skipped")] == [2]
+    assert _all_finite(out / "checkpoints" / "model_0000003.pth")

@@ -443,7 +443,7 @@ def test_avg_factor_with_sum_raises_for_every_loss(name):
     if name in REGRESSION:
         x, y = make_boxes() if loss.needs_boxes else make_deltas()
     else:
-        x, y = make_batch()
+        x, y = make_batch(num_columns=loss.cls_channels)  # seesaw: C+2 logits
     if name == "federated":
         loss._generator = None
     with pytest.raises(ValueError, match="avg_factor"):

@@ -117,7 +117,7 @@ def test_stats_losses_reject_logits_of_another_width(name):
 @pytest.mark.parametrize("name", CLASSIFICATION)
 def test_labels_out_of_range_are_rejected(name):
     loss = _build({"type": name})
-    logits, labels = make_batch()
+    logits, labels = make_batch(num_columns=loss.cls_channels)
     for bad in (C + 1, -1):
         labels_bad = labels.clone()
         labels_bad[3] = bad
@@ -137,7 +137,7 @@ def test_regression_shape_check():
 @pytest.mark.parametrize("name", CLASSIFICATION)
 def test_classification_empty_batch_and_all_background(name):
     loss = _build({"type": name}).train()
-    logits, labels = make_batch()
+    logits, labels = make_batch(num_columns=loss.cls_channels)
     empty = logits[:0]
     for reduction in ("mean", "sum"):
         value = loss(empty, labels[:0], reduction=reduction)
@@ -147,7 +147,7 @@ def test_classification_empty_batch_and_all_background(name):
     value = loss(logits, torch.zeros_like(labels))  # RoIs but no positives
     assert torch.isfinite(value) and value.item() > 0
     assert torch.isfinite(_grad(value, logits)).all()
-    assert loss.activation(logits).shape == logits.shape
+    assert loss.activation(logits).shape == (logits.shape[0], C + 1)  # scores: C+1 for every loss
 
 
 @pytest.mark.parametrize("name", REGRESSION)
@@ -178,7 +178,7 @@ def test_reductions_are_consistent(name):
     if name in REGRESSION:
         x, y = make_boxes() if loss.needs_boxes else make_deltas()
     else:
-        x, y = make_batch()
+        x, y = make_batch(num_columns=loss.cls_channels)
     n = x.shape[0]
     weight = torch.rand(n, dtype=torch.float64) + 0.5
 
@@ -198,7 +198,7 @@ def test_reductions_are_consistent(name):
 
 def test_softmax_and_sigmoid_activations():
     logits, _ = make_batch()
-    for name in ("ce", "balanced_softmax", "seesaw", "las", "cb"):
+    for name in ("ce", "balanced_softmax", "seesaw_softmax", "las", "cb"):
         assert torch.allclose(_build({"type": name}).activation(logits), logits.softmax(1))
     for cfg in SIGMOID_FOREGROUND:
         scores = _build(cfg).activation(logits)

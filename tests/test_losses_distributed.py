@@ -11,7 +11,8 @@ from ltdet.losses import build_loss
 
 from _losses_fixtures import NUM_CLASSES, make_batch, make_deltas
 
-CONFIGS = [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "bins": 6, "momentum": 0.75},
+CONFIGS = [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
+           {"type": "ghmc", "bins": 6, "momentum": 0.75},
            {"type": "ghmr", "bins": 6, "momentum": 0.7}]
 STEPS = 3
 ROWS = 12  # per step, split 7 / 5 between the ranks (unequal on purpose)
@@ -22,7 +23,8 @@ def _global_batch(cfg, step):
     if cfg["type"] == "ghmr":
         pred, target = make_deltas(p=ROWS, seed=100 + step)
         return pred.detach(), target
-    logits, labels = make_batch(n=ROWS, seed=100 + step, bg_fraction=0.4)
+    width = build_loss(cfg, num_classes=NUM_CLASSES).cls_channels  # seesaw: C+2 logits
+    logits, labels = make_batch(n=ROWS, seed=100 + step, bg_fraction=0.4, num_columns=width)
     return logits.detach(), labels
 
 

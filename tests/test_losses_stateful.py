@@ -1,5 +1,9 @@
 """Stateful losses (EQLv2, seesaw, GHM with momentum) over several training steps against naive
-re-implementations of their papers, plus train/eval behaviour and state_dict round trips."""
+re-implementations of their papers, plus train/eval behaviour and state_dict round trips.
+
+Seesaw here is `seesaw_softmax`, ltdet's single-softmax variant (background excluded from S);
+the authors' `seesaw` with its objectness branch is checked against mmdetection in
+tests/test_seesaw_objectness.py, and takes part in the generic state tests below."""
 import io
 import math
 
@@ -97,7 +101,8 @@ def test_eqlv2_weight_masks_gradient_statistics():
 
 
 class SeesawReference:
-    """Wang et al. 2021, eqs. 2-5, per RoI and per class, background excluded from S."""
+    """Wang et al. 2021, eqs. 2-5, per RoI and per class, background excluded from S (the
+    `seesaw_softmax` variant)."""
 
     def __init__(self, p, q, eps):
         self.p, self.q, self.eps = p, q, eps
@@ -130,9 +135,10 @@ class SeesawReference:
         return total / n, grad / n
 
 
-def test_seesaw_several_steps_match_the_paper():
+def test_seesaw_softmax_several_steps_match_the_paper():
     p, q, eps = 0.8, 2.0, 1e-2
-    loss = build_loss({"type": "seesaw", "p": p, "q": q, "eps": eps}, num_classes=C).double().train()
+    loss = build_loss({"type": "seesaw_softmax", "p": p, "q": q, "eps": eps},
+                      num_classes=C).double().train()
     ref = SeesawReference(p, q, eps)
     g = torch.Generator().manual_seed(3)
     for step in range(4):
@@ -149,8 +155,8 @@ def test_seesaw_several_steps_match_the_paper():
     assert not torch.allclose(loss(logits, labels), plain)
 
 
-def test_seesaw_background_rows_are_plain_cross_entropy():
-    loss = build_loss({"type": "seesaw"}, num_classes=C).double().train()
+def test_seesaw_softmax_background_rows_are_plain_cross_entropy():
+    loss = build_loss({"type": "seesaw_softmax"}, num_classes=C).double().train()
     loss.cum_samples.copy_(torch.tensor([1000.0, 1, 1, 1, 1, 1]))
     logits, _ = make_batch(n=6)
     labels = torch.zeros(6, dtype=torch.long)
@@ -193,10 +199,10 @@ def _run_steps(loss, steps=3):
         if loss.__class__.__name__ == "GHMRLoss":
             loss(*make_deltas(p=8, seed=step))
         else:
-            loss(*make_batch(n=10, seed=step))
+            loss(*make_batch(n=10, seed=step, num_columns=loss.cls_channels))
 
 
-@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"},
+@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
                                  {"type": "ghmc", "momentum": 0.75}, {"type": "ghmr", "momentum": 0.7}],
                          ids=lambda c: c["type"])
 def test_state_survives_state_dict_round_trip(cfg):
@@ -214,11 +220,12 @@ def test_state_survives_state_dict_round_trip(cfg):
     if cfg["type"] == "ghmr":
         batch = make_deltas(p=8, seed=11)
     else:
-        batch = make_batch(n=10, seed=11)
+        batch = make_batch(n=10, seed=11, num_columns=loss.cls_channels)
     assert torch.equal(loss(*batch), restored(*batch))
 
 
-@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "momentum": 0.75}],
+@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
+                                 {"type": "ghmc", "momentum": 0.75}],
                          ids=lambda c: c["type"])
 def test_eval_mode_does_not_update_state(cfg):
     loss = build_loss(cfg, num_classes=C).double().eval()
@@ -229,10 +236,11 @@ def test_eval_mode_does_not_update_state(cfg):
 
 
 def test_stateful_losses_accept_half_precision_logits():
-    logits, labels = make_batch(n=10, dtype=torch.float16)
-    for cfg in ({"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "momentum": 0.75}):
+    for cfg in ({"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
+                {"type": "ghmc", "momentum": 0.75}):
         loss = build_loss(cfg, num_classes=C).train()
         reference = build_loss(cfg, num_classes=C).train()
+        logits, labels = make_batch(n=10, dtype=torch.float16, num_columns=loss.cls_channels)
         value = loss(logits, labels)
         expected = reference(logits.detach().float(), labels)
         assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=2e-2)

@@ -5,11 +5,19 @@ training state: torchvision weights load into a patched model with `strict=True`
 starts fresh, one log record per loss), `ltdet.torchvision_state_dict` turns a patched model's
 state dict into one plain torchvision loads with `strict=True`, and a patched model's own state
 dict round-trips with its loss state.
+
+Seesaw is the one loss whose classifier has another width (`cls_channels = C + 2`: C classes and
+a 2-way objectness, the authors' design): `ltdet.patch` re-creates the `C + 1` torchvision
+`cls_score` with `C + 2` outputs, so a torchvision state dict loads into a seesaw model except
+those two entries (a size mismatch for `load_state_dict`; `load_detector_state_dict` skips them,
+tests/test_seesaw_objectness.py), and a seesaw model's state dict loads into the torchvision
+architecture with a `C + 2` `cls_score`. The seesaw cases below check exactly that.
 """
 import logging
 
 import pytest
 import torch
+from torch import nn
 
 import ltdet
 from ltdet.losses import build_loss
@@ -22,6 +30,16 @@ STATEFUL = [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "momentum": 
 LOSS_CFGS = STATEFUL + [{"type": "ce"}]
 IDS = ["eqlv2", "seesaw", "ghmc-momentum", "ce"]
 LOSS_LOGGER = "ltdet.losses.base"
+#: the entries whose shape differs between torchvision (C + 1) and a seesaw model (C + 2)
+CLS_SCORE = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias")
+
+
+def _fitting(cfg, state):
+    """torchvision's state dict as far as it fits a model patched with `cfg`: all of it, except
+    for seesaw, whose re-created C+2 `cls_score` cannot take torchvision's C+1 one."""
+    if cfg["type"] != "seesaw":
+        return state
+    return {k: v for k, v in state.items() if k not in CLS_SCORE}
 
 
 def _loss_records(caplog):
@@ -55,11 +73,18 @@ def test_torchvision_weights_load_strictly_into_a_patched_model(cfg, caplog):
     patched = ltdet.patch(tiny_detector(), cls_loss=cfg)
     _train_steps(patched, 1)  # the state to be kept is the loss's current (here: trained) one
     before = _loss_state(patched)
+    seesaw = cfg["type"] == "seesaw"
+    if seesaw:  # C+2 against torchvision's C+1: those two entries cannot load
+        with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"):
+            patched.load_state_dict(plain.state_dict(), strict=True)
+    state = _fitting(cfg, plain.state_dict())
     with caplog.at_level(logging.INFO, logger=LOSS_LOGGER):
-        result = patched.load_state_dict(plain.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+        # seesaw: strict except for the two re-created cls_score entries, reported missing
+        result = patched.load_state_dict(state, strict=not seesaw)
+    assert sorted(result.missing_keys) == (sorted(CLS_SCORE) if seesaw else [])
+    assert not result.unexpected_keys
     own = patched.state_dict()
-    for key, value in plain.state_dict().items():
+    for key, value in state.items():
         assert torch.equal(own[key], value), key
     state = _loss_state(patched)
     assert state.keys() == before.keys() == _fresh_state(cfg).keys()
@@ -76,7 +101,8 @@ def test_torchvision_weights_load_strictly_into_a_patched_model(cfg, caplog):
 @pytest.mark.parametrize("cfg", STATEFUL, ids=IDS[:3])
 def test_a_new_patched_model_starts_with_fresh_loss_state(cfg):
     patched = ltdet.patch(tiny_detector(), cls_loss=cfg)
-    patched.load_state_dict(tiny_detector().state_dict())
+    patched.load_state_dict(_fitting(cfg, tiny_detector().state_dict()),
+                            strict=cfg["type"] != "seesaw")
     fresh = _fresh_state(cfg)
     state = _loss_state(patched)
     assert all(torch.equal(state[k], fresh[k]) for k in fresh)
@@ -88,6 +114,14 @@ def test_patched_state_dict_loads_into_plain_torchvision(cfg):
     _train_steps(patched, 2)
     own = patched.state_dict()
     plain = tiny_detector()
+    if cfg["type"] == "seesaw":
+        # torchvision's C+1 classifier cannot take seesaw's C+2 one; the same torchvision
+        # architecture with a C+2 cls_score (plain nn.Linear, no ltdet code) takes the rest
+        with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"):
+            plain.load_state_dict(torchvision_state_dict(patched), strict=True)
+        cls_score = plain.roi_heads.box_predictor.cls_score
+        plain.roi_heads.box_predictor.cls_score = nn.Linear(cls_score.in_features,
+                                                            NUM_CLASSES + 2)
     if cfg in STATEFUL:
         with pytest.raises(RuntimeError, match="Unexpected key"):
             plain.load_state_dict(own, strict=True)  # why the public call exists

@@ -83,8 +83,10 @@ def test_scripted_faster_rcnn_detects_as_eager(name):
     images = _images()
     eager, scripted_detections, scripted = _eager_and_scripted(model, images)
     _assert_same_detections(eager, scripted_detections)
-    # the scripted model scores with the loss's own activation
-    logits = torch.randn(7, NUM_CLASSES + 1) * 4
+    # the scripted model scores with the loss's own activation (logits of the loss's width:
+    # seesaw's C+2, every other loss's C+1; scores C+1)
+    logits = torch.randn(7, model.roi_heads.cls_loss.cls_channels) * 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == logits.shape[1]
     torch.testing.assert_close(scripted.roi_heads.cls_loss.activation(logits),
                                model.roi_heads.cls_loss.activation(logits), **TOLERANCE)
 
@@ -107,9 +109,12 @@ def test_every_activation_scripts_and_equals_eager(cfg):
     loss = build_loss(cfg, num_classes=NUM_CLASSES, stats=STATS).eval()
     scorer = torch.jit.script(_Scorer(loss))
     g = torch.Generator().manual_seed(0)
-    for logits in (torch.randn(9, NUM_CLASSES + 1, generator=g) * 6,
-                   torch.randn(0, NUM_CLASSES + 1), torch.randn(4, NUM_CLASSES + 1).double()):
-        torch.testing.assert_close(scorer(logits), loss.activation(logits), rtol=0, atol=0)
+    width = loss.cls_channels  # seesaw: C+2 logits
+    for logits in (torch.randn(9, width, generator=g) * 6,
+                   torch.randn(0, width), torch.randn(4, width).double()):
+        scores = scorer(logits)
+        assert scores.shape == (logits.shape[0], NUM_CLASSES + 1)
+        torch.testing.assert_close(scores, loss.activation(logits), rtol=0, atol=0)
 
 
 def test_scripted_model_saves_loads_and_does_not_train():

@@ -22,8 +22,9 @@ def check(metrics: dict) -> list:
     """The failed bars, as sentences (empty when the demo passes)."""
     failed = []
     for key in ("AP50f", "APr", "APf"):
-        if not isinstance(metrics.get(key), (int, float)):
-            failed.append(f"metrics.json has no number for {key}")
+        if not isinstance(metrics.get(key), (int, float)) or metrics[key] < 0:
+            # -1 is lvis's "undefined": a bar must not pass on it
+            failed.append(f"metrics.json has no defined value for {key} ({metrics.get(key)!r})")
     if failed:
         return failed
     if not metrics["AP50f"] >= MIN_AP50_FREQUENT:

@@ -38,7 +38,8 @@ def main(argv=None):
                    help="config overrides, e.g. solver.max_iter=100")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous demo run in the output_dir (make demo DEMO_ARGS=--overwrite)")
+                   help="replace a previous demo run in the output_dir "
+                        "(make demo DEMO_ARGS=--overwrite)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when a demo criterion is not met")
     args = p.parse_args(argv)

@@ -49,12 +49,25 @@ def truncation(data: bytes) -> str | None:
     So the end is checked: a JPEG ends with its EOI marker (allowing a few padding bytes after
     it), a PNG with its IEND chunk."""
     if data.startswith(_JPEG_SOI):
-        if _JPEG_EOI not in data[-32:]:
+        # Valid JPEGs may carry data after their EOI (maker trailers, motion-photo videos):
+        # without an EOI near the end, the decoder has the last word (PIL raises on truncation).
+        if _JPEG_EOI not in data[-32:] and not _pil_decodes(data):
             return "a JPEG without its end-of-image marker (the file is truncated)"
     elif data.startswith(_PNG_SIGNATURE):
         if b"IEND" not in data[-16:]:
             return "a PNG without its IEND chunk (the file is truncated)"
     return None
+
+
+def _pil_decodes(data: bytes) -> bool:
+    from PIL import Image  # torchvision's dependency; only reached for unusual files
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except OSError:
+        return False
 
 
 class _LVISFromDict(LVIS):
@@ -160,8 +173,8 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                "to skip it")
         cut = truncation(data)
         if cut is not None:
-            raise CorruptImageError(f"image file {path!r} (image id {image_id}) is corrupt: {cut}; "
-                                    f"{fix}")
+            raise CorruptImageError(f"image file {path!r} (image id {image_id}) is corrupt: "
+                                    f"{cut}; {fix}")
         buffer = np.frombuffer(data, np.uint8)
         bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None:

@@ -36,7 +36,6 @@ parameters, and a second call with the same parameters returns at once.
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from ltdet.fileio import atomic_write

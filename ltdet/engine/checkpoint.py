@@ -19,7 +19,8 @@ import torch
 
 from ltdet.fileio import atomic_write, remove_stale_tmp
 
-__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "atomic_write", "rng_state", "set_rng_state"]
+__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "atomic_write", "rng_state",
+           "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +61,24 @@ class Checkpointer:
             raise ValueError(f"solver.keep_checkpoints must be >= 1 or null, got {keep}")
         self.keep = keep
 
-    def save(self, name: str, state: dict) -> Path:
+    def save(self, name: str, state: dict, protect=()) -> Path:
+        """Write `name` atomically and point `last_checkpoint` at it; with `keep`, delete the
+        oldest model files beyond it, except `name` and the paths in `protect`."""
         path = self.folder / name
         atomic_write(path, lambda f: torch.save(state, f))
-        atomic_write(self.folder / POINTER, lambda f: f.write(name.encode()))
+        self.point_to(path)
         logger.info("saved checkpoint %s", path)
         if self.keep is not None:
+            keep = {Path(p) for p in protect} | {path}
             for old in self.checkpoints()[:-self.keep]:
-                if old != path:
+                if old not in keep:
                     old.unlink()
                     logger.info("removed %s (solver.keep_checkpoints=%d)", old, self.keep)
         return path
+
+    def point_to(self, path) -> None:
+        """Make `last_checkpoint` name `path` (a file in this folder)."""
+        atomic_write(self.folder / POINTER, lambda f: f.write(Path(path).name.encode()))
 
     def checkpoints(self) -> list:
         """The model files in the folder, oldest (lowest iteration) first."""
@@ -104,7 +112,9 @@ class Checkpointer:
         if not pointer.is_file() and not self.checkpoints():
             return None, None
         named = self.folder / pointer.read_text().strip() if pointer.is_file() else None
-        candidates = [p for p in reversed(self.checkpoints()) if p != named]
+        # fall back to older checkpoints only: a newer file than the pointer's is a leftover of
+        # a run that was continued from an earlier checkpoint (e.g. after a divergence)
+        candidates = [p for p in reversed(self.checkpoints()) if named is None or p < named]
         if named is not None:
             candidates.insert(0, named)
         errors = []
@@ -118,8 +128,9 @@ class Checkpointer:
                 logger.warning("--resume: %s; resuming from %s, the newest checkpoint that "
                                "loads", "; ".join(errors), path)
             return path, ckpt
-        raise CheckpointError(f"--resume: no checkpoint in {self.folder} loads ({'; '.join(errors)})"
-                           f"; start a new run (another output_dir, or --overwrite)")
+        raise CheckpointError(f"--resume: no checkpoint in {self.folder} loads "
+                              f"({'; '.join(errors)}); start a new run (another output_dir, "
+                              f"or --overwrite)")
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

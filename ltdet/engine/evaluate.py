@@ -123,7 +123,7 @@ def evaluate_checkpoint(cfg: dict, ckpt_path, out_dir) -> dict:
     from .data import build_datasets, check_val_categories, resolve_data_paths
     from .distributed import init_distributed
 
-    info = init_distributed(cfg["device"])
+    info = init_distributed(cfg["device"], timeout_s=cfg["dist_timeout"])
     ckpt = load_checkpoint(ckpt_path)
     paths = resolve_data_paths(cfg)
     meta = ckpt.get("meta")

@@ -123,11 +123,13 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
             if unknown:
                 raise ValueError(f"refine.cosine: unknown key(s) {sorted(unknown)}; valid keys: "
                                  "['learn_scale', 'scale']")
-            # The regressor and the classifier read the same features: its shape gives D and C+1.
+            # The regressor and the classifier read the same features: its shape gives D and C+1;
+            # the classifier's width is the stage-2 loss's (seesaw: C + 2).
             new = CosinePredictor(predictor.bbox_pred.in_features,
                                   predictor.bbox_pred.out_features // 4,
                                   scale=float(cosine.get("scale", 20.0)),
-                                  learn_scale=bool(cosine.get("learn_scale", True)))
+                                  learn_scale=bool(cosine.get("learn_scale", True)),
+                                  cls_channels=_cls_channels(roi_heads))
             new.bbox_pred = predictor.bbox_pred
             roi_heads.box_predictor = new.to(predictor.bbox_pred.weight.device)
     elif initialise and head == "crt":
@@ -141,7 +143,19 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
     return model
 
 
-def _load_stage1(model: nn.Module, state_dict: Mapping) -> None:
+def _cls_channels(roi_heads):
+    """Width of the classifier the stage-2 loss trains (C + 1; seesaw's C + 2), or None."""
+    loss = getattr(roi_heads, "cls_loss", None)
+    get = getattr(loss, "get_cls_channels", None)
+    if not callable(get):
+        return None
+    return int(get(roi_heads.box_predictor.bbox_pred.out_features // 4 - 1))
+
+
+def _load_stage1(model: nn.Module, state_dict: Mapping, fresh_classifier: bool = False) -> None:
+    """Load the stage-1 weights; with ``fresh_classifier`` (cRT, cosine: stage 2 starts a new
+    classifier) a stage-1 ``cls_score`` of another width is not needed (a CE stage 1, C + 1
+    outputs, refined with seesaw, C + 2, or the reverse) and is skipped, logged."""
     state = state_dict
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
@@ -152,11 +166,27 @@ def _load_stage1(model: nn.Module, state_dict: Mapping) -> None:
     required = [k for k in own if k.startswith(_DETECTOR_PREFIXES)
                 and not k.endswith("num_batches_tracked")]
     missing = [k for k in required if k not in state]
+    classifier = _PREDICTOR_PREFIX + "cls_score."
+    # same classes (C from the regressor), the other loss layout: C + 1 against seesaw's C + 2
+    num_classes = own[_PREDICTOR_PREFIX + "bbox_pred.weight"].shape[0] // 4 - 1 \
+        if _PREDICTOR_PREFIX + "bbox_pred.weight" in own else None
+    other_width = [k for k in required if k.startswith(classifier) and k in state
+                   and state[k].shape != own[k].shape and num_classes is not None
+                   and state[k].shape[1:] == own[k].shape[1:]
+                   and {state[k].shape[0], own[k].shape[0]} == {num_classes + 1, num_classes + 2}]
+    if fresh_classifier and other_width:
+        logger.info("stage 2: the stage-1 classifier has another width (%s vs %s outputs: another "
+                    "loss's cls_channels); the stage-2 classifier starts fresh anyway",
+                    state[other_width[0]].shape[0], own[other_width[0]].shape[0])
+        state = {k: v for k, v in state.items() if k not in other_width}
+        required = [k for k in required if k not in other_width]
     wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in required
              if k in state and state[k].shape != own[k].shape]
     if missing or wrong:
         hint = ("the box predictor differs: give the stage-2 config the stage-1 model.classifier "
-                "and number of classes" if any(k.startswith(_PREDICTOR_PREFIX) for k in missing)
+                "and number of classes (and, for refine.head lws / tau_norm, which keep the "
+                "stage-1 classifier, a cls_loss of the same classifier width: seesaw's C + 2 or "
+                "C + 1 for every other loss)" if any(k.startswith(_PREDICTOR_PREFIX) for k in missing)
                 or any(w.startswith(_PREDICTOR_PREFIX) for w in wrong)
                 else "check model.arch / model.backbone / model.norm against stage 1")
         raise ValueError(
@@ -186,7 +216,7 @@ def prepare_stage2(model: nn.Module, cfg: Mapping, stage1_state_dict: Mapping) -
     """
     refine = _refine_cfg(cfg)
     roi_heads = _roi_heads(model)
-    _load_stage1(model, stage1_state_dict)
+    _load_stage1(model, stage1_state_dict, fresh_classifier=refine["head"] in ("crt", "cosine"))
     install_refine_head(model, cfg, initialise=True)
     predictor = roi_heads.box_predictor
 

@@ -79,16 +79,21 @@ def apply_solver(optimizer, scheduler, saved_solver: dict, solver: dict) -> None
 
     `optimizer.load_state_dict` restores the saved lr / momentum / weight decay of every param
     group and `LambdaLR.load_state_dict` the saved base lrs, so without this a changed
-    `solver.lr` would be silently ignored. Per-group lr ratios (if any) are kept. The lr of the
-    next step is recomputed with the new schedule (`scheduler.lr_lambdas` are built from the new
-    config); with an unchanged config every value is recomputed bit for bit."""
+    `solver.lr` would be silently ignored. Only changed keys are applied: a changed lr scales
+    every group's base lr (per-group ratios are kept); a changed momentum / weight decay is set
+    in the groups that had the old global value (a group with its own, e.g. stage 2's scales
+    without weight decay, keeps it). The lr of the next step is recomputed with the new schedule
+    (`scheduler.lr_lambdas` are built from the new config); with an unchanged config every value
+    is recomputed bit for bit."""
     old_lr, new_lr = float(saved_solver["lr"]), float(solver["lr"])
-    scale = new_lr / old_lr if old_lr != 0 else None
     for i, group in enumerate(optimizer.param_groups):
-        base = scheduler.base_lrs[i] * scale if scale is not None else new_lr
-        scheduler.base_lrs[i] = base
-        group["initial_lr"] = base
-        group["momentum"] = solver["momentum"]
-        group["weight_decay"] = solver["weight_decay"]
-        group["lr"] = base * scheduler.lr_lambdas[i](scheduler.last_epoch)
+        if new_lr != old_lr:
+            base = scheduler.base_lrs[i] * new_lr / old_lr if old_lr != 0 else new_lr
+            scheduler.base_lrs[i] = base
+            group["initial_lr"] = base
+        for key in ("momentum", "weight_decay"):
+            old, new = saved_solver.get(key, solver[key]), solver[key]
+            if new != old and group.get(key) == old:
+                group[key] = new
+        group["lr"] = scheduler.base_lrs[i] * scheduler.lr_lambdas[i](scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

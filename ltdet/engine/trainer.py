@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from .data import (build_datasets, epoch_batches, make_loader, resolve_data_path
                    sample_seed, wrap_index_sampler)
 from .evaluate import evaluate_model
 from .logger import TrainLogger, setup_logging
-from .nonfinite import (LossHistory, NonFiniteLossError, advice, global_grad_norm,
-                        nonfinite_state, stop_message)
+from .nonfinite import (LossHistory, NonFiniteLossError, advice, clip_with_norm,
+                        global_grad_norm, is_healthy, nonfinite_state, stop_message)
 from .resume import apply_solver, compare_configs
 from .solver import build_lr_scheduler, build_optimizer
 
@@ -101,36 +102,48 @@ class Trainer:
         self.evaluate = evaluate
         self.progress = progress
         self.stage2 = stage2
+        if self.resume and overwrite:
+            raise OutputDirError("--resume continues the run in output_dir and --overwrite deletes "
+                                 "it: give one of them")
         self.info = du.init_distributed(cfg["device"], timeout_s=cfg["dist_timeout"])
         self.output_dir = Path(cfg["output_dir"])
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints",
                                          keep=cfg["solver"]["keep_checkpoints"])
-        # Read and compare before anything in output_dir is written: a refused resume must leave
-        # config.yaml and log.jsonl as the previous run left them.
+        # log.txt only (appended): the refusals below must leave config.yaml, log.jsonl and the
+        # checkpoints as the previous run left them, but their warnings belong in the run's log.
+        setup_logging(self.output_dir, self.info.rank)
         self._resume_path, self._resume_ckpt, resume_changes = None, None, {}
+        outside = False
         if self.resume:
             if resume_from is not None:
                 self._resume_path = Path(resume_from)
                 self._resume_ckpt = load_checkpoint(self._resume_path, map_location="cpu")
+                outside = (self._resume_path.resolve().parent
+                           != self.checkpointer.folder.resolve())
             else:
                 self._resume_path, self._resume_ckpt = self.checkpointer.load_last()
             if self._resume_path is not None:
                 resume_changes = compare_configs(self._resume_ckpt["config"], cfg,
                                                  self._resume_path)
-        else:
+        if not self.resume or outside:
+            # a fresh run, or one continuing another run's checkpoint, writes into output_dir
             previous = self._previous_run()
             if previous and not overwrite:
                 raise OutputDirError(
                     f"output_dir {self.output_dir} holds a previous run ({', '.join(previous)}); "
                     f"continue it with --resume, choose another output_dir, or pass --overwrite "
                     f"to delete its checkpoints and log.jsonl and start again")
-        setup_logging(self.output_dir, self.info.rank)
         if self.info.is_main:
             remove_stale_tmp(self.output_dir)
             self.checkpointer.remove_stale_tmp()
-            if not self.resume and overwrite:
+            if overwrite:
                 self._delete_previous_run()
-        du.barrier("barrier after cleaning output_dir")  # no rank looks at output_dir again before rank 0 has cleaned it
+            if self._resume_path is not None and not outside:
+                # Continue from this checkpoint: the pointer moves back to it at once, so a kill
+                # before the next save does not resume from a newer (diverged) checkpoint.
+                self.checkpointer.point_to(self._resume_path)
+        # no rank looks at output_dir again before rank 0 has cleaned it
+        du.barrier("barrier after cleaning output_dir")
         for key, (old, new) in resume_changes.items():
             logger.info("--resume: %s changed from %r to %r; in effect from iteration %d", key,
                         old, new, self._resume_ckpt["iteration"] + 1)
@@ -164,14 +177,21 @@ class Trainer:
             found = found[:3] + [f"... {len(found) - 3} more"]
         return found
 
+    #: What --overwrite deletes besides the checkpoints: the previous run's log and results, so
+    #: that nothing stale (e.g. its metrics.json) is read as this run's.
+    _RUN_FILES = ("log.jsonl", "metrics.json", "detections.json", "per_class_ap.csv",
+                  "ap_vs_frequency.png", "demo_summary.json")
+
     def _delete_previous_run(self) -> None:
         removed = self.checkpointer.checkpoints()
-        for path in removed + [self.checkpointer.folder / "last_checkpoint",
-                               self.output_dir / "log.jsonl"]:
+        for path in removed + [self.checkpointer.folder / "last_checkpoint"] + [
+                self.output_dir / name for name in self._RUN_FILES]:
             if path.is_file():
                 path.unlink()
-        logger.warning("--overwrite: deleted %d checkpoint(s), the pointer and log.jsonl of the "
-                       "previous run in %s", len(removed), self.output_dir)
+        if (self.output_dir / "eval").is_dir():
+            shutil.rmtree(self.output_dir / "eval")
+        logger.warning("--overwrite: deleted %d checkpoint(s), the pointer, log.jsonl and the "
+                       "results of the previous run in %s", len(removed), self.output_dir)
 
     # -- checkpoint state -------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -182,24 +202,33 @@ class Trainer:
     def _save(self, name, *, it, epoch, position, optimizer, scheduler, scaler) -> None:
         # Steps with a non-finite loss or gradient are never applied, but a finite step can
         # still overflow a weight: such a model is never written.
-        bad = nonfinite_state(self.model)
+        # Every rank checks its own state (BatchNorm statistics differ between ranks) and they
+        # decide together: one rank raising alone would leave the others in the collective.
+        rank_states = du.all_gather_object(
+            {"epoch": epoch, "position": position, "rng": rng_state(),
+             "nonfinite": nonfinite_state(self.model)},
+            op="all_gather_object of rank states")
+        bad = [f"rank {r}: {', '.join(state['nonfinite'])}"
+               for r, state in enumerate(rank_states) if state["nonfinite"]]
+        for state in rank_states:
+            del state["nonfinite"]
         if bad:
             raise NonFiniteLossError(
-                f"the weights are non-finite after iteration {it} ({', '.join(bad)}); the "
+                f"the weights are non-finite after iteration {it} ({'; '.join(bad)}); the "
                 f"checkpoint {name} was not written. " + self._advice_tail(optimizer))
-        rank_states = du.all_gather_object(
-            {"epoch": epoch, "position": position, "rng": rng_state()},
-            op="all_gather_object of rank states")
         health = self._history.health()
+        path = self.checkpointer.folder / name
         if self.info.is_main:
-            path = self.checkpointer.save(name, {
+            # keep_checkpoints never deletes the checkpoint the stop advice would name
+            healthy = [p for p, h in self._checkpoints if is_healthy(h)]
+            self.checkpointer.save(name, {
                 "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "iteration": it, "rank_states": rank_states, "config": self.cfg,
                 "meta": self._meta(), "health": health,
-                "nonfinite_streak": self._nonfinite_streak})
-            self._checkpoints.append((path, health))
+                "nonfinite_streak": self._nonfinite_streak}, protect=healthy[-1:])
+        self._checkpoints.append((path, health))  # on every rank: every rank prints the advice
         du.barrier("barrier after checkpoint")
 
     def _restore(self, optimizer, scheduler, scaler):
@@ -216,7 +245,8 @@ class Trainer:
         # The saved optimizer / schedule carry the old lr, momentum and weight decay.
         apply_solver(optimizer, scheduler, ckpt["config"]["solver"], self.cfg["solver"])
         health = ckpt.get("health")
-        self._history = LossHistory(initial=(health or {}).get("initial_loss"))
+        health = health or {}
+        self._history = LossHistory(best=health.get("best_loss", health.get("initial_loss")))
         self._nonfinite_streak = ckpt.get("nonfinite_streak", 0)
         self._checkpoints = [(path, health)]
         if ckpt.get("scaler") is not None and scaler.is_enabled():
@@ -373,6 +403,10 @@ class Trainer:
         device = self.info.device
         solver = self.cfg["solver"]
         images, targets = _to_device(images, targets, device)
+        # A skipped step must leave no trace, but its forward already updated the BatchNorm
+        # running statistics (NaN if activations overflowed): keep a copy to put back.
+        buffers = ({k: b.detach().clone() for k, b in self.model.named_buffers()}
+                   if solver["skip_nonfinite"] > 0 else None)
         with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
             loss_dict = model(images, targets)
         # A model may restrict the summed losses (stage 2 drops the RPN losses).
@@ -405,7 +439,7 @@ class Trainer:
                     bad = [f"grad_norm={grad_norm}"]
                 grad_norm = None
             elif solver["clip_grad_norm"] is not None:
-                torch.nn.utils.clip_grad_norm_(params, solver["clip_grad_norm"])
+                clip_with_norm(params, solver["clip_grad_norm"], norm)
         if bad:
             optimizer.zero_grad(set_to_none=True)
             self._nonfinite_streak += 1
@@ -414,12 +448,16 @@ class Trainer:
                 raise NonFiniteLossError(stop_message(
                     it=it + 1, epoch=epoch, terms=bad, lr=lr, base_lr=solver["lr"],
                     clip=solver["clip_grad_norm"], streak=self._nonfinite_streak,
-                    allowed=allowed, checkpoints=self._checkpoints))
+                    allowed=allowed, checkpoints=self._checkpoints,
+                    config=self.output_dir / "config.yaml"))
             logger.warning("iteration %d: skipped a non-finite step (%s); %d in a row, "
                            "solver.skip_nonfinite=%d", it + 1, ", ".join(bad),
                            self._nonfinite_streak, allowed)
             if log is not None:
                 log.log_skipped(it + 1, bad)
+            with torch.no_grad():
+                for name, buffer in self.model.named_buffers():
+                    buffer.copy_(buffers[name])
             scheduler.step()  # as GradScaler: the schedule advances over a skipped step
             return None, lr, counts, None
         self._nonfinite_streak = 0
@@ -443,4 +481,5 @@ class Trainer:
     def _advice_tail(self, optimizer) -> str:
         solver = self.cfg["solver"]
         return advice(lr=optimizer.param_groups[0]["lr"], base_lr=solver["lr"],
-                      clip=solver["clip_grad_norm"], checkpoints=self._checkpoints) + "."
+                      clip=solver["clip_grad_norm"], checkpoints=self._checkpoints,
+                      config=self.output_dir / "config.yaml") + "."

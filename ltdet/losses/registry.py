@@ -1,7 +1,8 @@
 """`build_loss(cfg, num_classes=None, stats=None)`: every ltdet loss is one config line.
 
-`LOSSES` maps a config `type` to its module class. The remaining keys of the config are the
-class's keyword-only constructor arguments (read with `inspect`, so the error for a misspelt
+`LOSSES` maps a config `type` to its module class (a classification loss's `cls_channels` says
+how many logits its classifier has: C + 1, or C + 2 for `seesaw`). The remaining keys of the
+config are the class's keyword-only constructor arguments (read with `inspect`, so the error for a misspelt
 hyper-parameter lists exactly the valid ones). `num_classes` and `stats` are injected by the
 builder, never written in the config: `stats` is a `ltdet.data.ClassStats` (duck-typed:
 `.image_count`, `.instance_count` float tensors `[C]` with index i = label i+1, `.num_images`).
@@ -21,7 +22,7 @@ from .focal_r import FocalRLoss
 from .ghm import GHMCLoss, GHMRLoss
 from .giou import GIoULoss
 from .label_smoothing import LabelAwareSmoothingLoss
-from .seesaw import SeesawLoss
+from .seesaw import SeesawLoss, SeesawSoftmaxLoss
 from .smooth_l1 import L1Loss, SmoothL1Loss
 
 LOSSES = {
@@ -32,7 +33,8 @@ LOSSES = {
     "balanced_softmax": BalancedSoftmaxLoss,
     "eql": EQLLoss,
     "eqlv2": EQLv2Loss,
-    "seesaw": SeesawLoss,
+    "seesaw": SeesawLoss,  # logits [N, C+2] (C classes + 2-way objectness), scores [N, C+1]
+    "seesaw_softmax": SeesawSoftmaxLoss,
     "federated": FederatedLoss,
     "ghmc": GHMCLoss,
     "las": LabelAwareSmoothingLoss,

@@ -173,22 +173,32 @@ def load_detector_state_dict(model, state_dict, source, reinit_predictor=False, 
     """Load `state_dict` into `model`, strictly except for the class-specific predictor.
 
     Predictor entries (box predictor / RetinaNet `cls_logits`) whose shapes or names differ are
-    left at their fresh initialisation (all of them when `reinit_predictor`), with a log line.
+    left at their fresh initialisation (all of them when `reinit_predictor`), with a log line:
+    other classes, or another classifier width - a torchvision `C + 1` state dict (or a checkpoint
+    trained with any other loss) in a model trained with seesaw, whose `cls_score` has `C + 2`
+    outputs (`loss.cls_channels`): its `cls_score` starts fresh, the rest loads.
     `base_keys`: the model's keys before ltdet installed its losses; keys outside it (LDS / FDS
     statistics) may be absent from or extra in the checkpoint. (Absent loss state, such as EQLv2's
     gradient sums, is never reported missing: the losses keep their fresh state themselves,
-    `ltdet.losses.base.LossModule`; extra loss state of another loss is ignored here.)
+    `ltdet.losses.base.LossModule`; extra loss state of another loss is ignored here, and so is
+    loss state of another shape - e.g. `cum_samples [C]` of `seesaw_softmax` in a `seesaw` model,
+    `[C+1]`: the loss keeps its fresh state, logged.)
     Raises ValueError naming `source` when backbone / neck / head entries are missing, extra or
     of another shape (a checkpoint of another arch, backbone or norm)."""
     own = model.state_dict()
     base_keys = set(own) if base_keys is None else set(base_keys)
     state_dict = dict(state_dict)
-    skipped = []
+    from ltdet.models.patch import LTDET_STATE_PREFIXES
+
+    skipped, other_loss_state = [], []
     for key in list(state_dict):
         is_predictor = key.startswith(_PREDICTOR_PREFIXES)
         mismatched = key in own and own[key].shape != state_dict[key].shape
         if is_predictor and (reinit_predictor or mismatched or key not in own):
             skipped.append(key)
+            del state_dict[key]
+        elif mismatched and key.startswith(LTDET_STATE_PREFIXES):
+            other_loss_state.append(key)
             del state_dict[key]
         elif mismatched:
             raise ValueError(f"{source}: {key} has shape {list(state_dict[key].shape)} in the "
@@ -206,8 +216,11 @@ def load_detector_state_dict(model, state_dict, source, reinit_predictor=False, 
                          f"unexpected {unexpected[:3]}); check model.arch / model.backbone / "
                          f"model.norm")
     if skipped:
-        logger.info("%s: predictor re-initialised for this model's classes (%s)", source,
-                    ", ".join(skipped))
+        logger.info("%s: predictor entries left at this model's fresh initialisation (other "
+                    "classes or classifier width): %s", source, ", ".join(skipped))
+    if other_loss_state:
+        logger.info("%s: loss state of another shape (another loss) not loaded, fresh here: %s",
+                    source, ", ".join(other_loss_state))
 
 
 def _build_backbone(arch, backbone, norm, weights_backbone, trainable_layers):
@@ -354,17 +367,28 @@ def build_torchvision_detector(cfg, num_classes):
     return model
 
 
-def _install_classifier(model, cfg_classifier, num_classes):
-    if not cfg_classifier or cfg_classifier.get("type", "linear") == "linear":
-        return
-    if not hasattr(model, "roi_heads"):
-        raise ValueError(f"model.classifier.type={cfg_classifier.get('type')!r} replaces the box "
-                         f"predictor of a two-stage detector; RetinaNet has none (use "
-                         f"model.classifier.type=linear)")
-    from ltdet.models.classifiers import build_predictor
+def _install_classifier(model, cfg_classifier, num_classes, cls_channels=None):
+    """The `model.classifier` box predictor, its `cls_score` with the loss's `cls_channels`
+    outputs (None = C + 1; seesaw's C + 2: a linear one at mmdetection's `fc_cls` init)."""
+    from ltdet.models.classifiers import _normal_linear, build_predictor
 
-    in_features = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.box_predictor = build_predictor(cfg_classifier, in_features, num_classes)
+    linear = not cfg_classifier or cfg_classifier.get("type", "linear") == "linear"
+    if not hasattr(model, "roi_heads"):
+        if not linear:
+            raise ValueError(f"model.classifier.type={cfg_classifier.get('type')!r} replaces the "
+                             f"box predictor of a two-stage detector; RetinaNet has none (use "
+                             f"model.classifier.type=linear)")
+        return
+    predictor = model.roi_heads.box_predictor
+    in_features = predictor.cls_score.in_features
+    if not linear:
+        model.roi_heads.box_predictor = build_predictor(cfg_classifier, in_features, num_classes,
+                                                        cls_channels)
+    elif cls_channels is not None and cls_channels != predictor.cls_score.out_features:
+        # only the classifier; the regressor (and the random stream before it) stay torchvision's
+        predictor.cls_score = _normal_linear(in_features, cls_channels)
+        logger.info("box classifier with %d outputs (the loss's cls_channels, C = %d): weight "
+                    "N(0, 0.01^2), bias 0", cls_channels, num_classes)
 
 
 def build_detector(cfg, num_classes, stats=None):
@@ -386,7 +410,18 @@ def build_detector(cfg, num_classes, stats=None):
 
     m = cfg.get("model", cfg)
     model = build_torchvision_detector(cfg, num_classes)
-    _install_classifier(model, m.get("classifier"), num_classes)
+    cls_loss = m.get("cls_loss")
+    cls_channels = None
+    if isinstance(model, FasterRCNN):
+        # The loss first: its cls_channels sizes the box classifier (seesaw: C + 2).
+        from ltdet.losses import build_loss
+        from ltdet.models.roi_heads import DEFAULT_CLS_LOSS
+
+        if not isinstance(cls_loss, nn.Module):
+            cls_loss = build_loss(cls_loss or DEFAULT_CLS_LOSS, num_classes=num_classes,
+                                  stats=stats)
+        cls_channels = cls_loss.get_cls_channels(num_classes)
+    _install_classifier(model, m.get("classifier"), num_classes, cls_channels)
     base_keys = set(model.state_dict())
     sampler = m.get("sampler")
     if isinstance(model, RetinaNet):
@@ -411,7 +446,7 @@ def build_detector(cfg, num_classes, stats=None):
             if (m.get(key) or {}).get("enabled", False):
                 raise ValueError(f"model.{key}.enabled: {key.upper()} acts on the RoI box head of a "
                                  f"two-stage detector; {m.get('arch')} has none (set enabled: false)")
-    patch(model, cls_loss=m.get("cls_loss"), box_loss=m.get("box_loss"), sampler=sampler,
+    patch(model, cls_loss=cls_loss, box_loss=m.get("box_loss"), sampler=sampler,
           stats=stats, **hooks)
     # A sigmoid-trained classifier starts at the authors' prior (before a checkpoint overrides it).
     init_classifier_for_loss(model, prior_prob_from_cfg(m))

@@ -13,6 +13,16 @@ classes. Constructors take ``num_classes`` *including* background (``C + 1``), l
 ``FastRCNNPredictor``; :func:`build_predictor` takes the foreground count ``C`` like
 ``build_detector``.
 
+Classifier width: a loss may train a classifier of another width than ``C + 1``
+(``loss.cls_channels``: seesaw's ``C + 2``, C classes and a 2-way objectness, as mmdetection's
+``custom_cls_channels``). ``cls_score`` then has that many outputs and ``bbox_pred`` keeps
+``4 * (C + 1)`` (the regressor is indexed by label). :func:`build_predictor` takes it
+(``cls_channels=``); :func:`resize_cls_score` re-creates the ``cls_score`` of an existing
+predictor (``ltdet.patch`` does, when the loss needs another width). Linear and cosine classifiers
+support any width (the authors train seesaw with a cosine, "normed", classifier: mmdetection's
+``configs/seesaw_loss`` set ``cls_predictor_cfg=dict(type='NormedLinear', tempearture=20)``); an
+LWS head scales a trained classifier and keeps its width.
+
 Stage-2 heads (decoupled classifier refinement, Kang et al., "Decoupling Representation and
 Classifier for Long-Tailed Recognition", ICLR 2020):
 
@@ -23,12 +33,15 @@ Classifier for Long-Tailed Recognition", ICLR 2020):
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LinearPredictor",
@@ -38,6 +51,7 @@ __all__ = [
     "LWSPredictor",
     "tau_normalize",
     "reset_classifier",
+    "resize_cls_score",
     "build_predictor",
 ]
 
@@ -108,12 +122,15 @@ class CosinePredictor(nn.Module):
         num_classes: number of classes including background (``C + 1``).
         scale: initial scale (inverse temperature) of the cosine logits.
         learn_scale: learn the scale jointly with the prototypes.
+        cls_channels: outputs of the classifier when the loss needs another width than
+            ``num_classes`` (seesaw: ``C + 2``); the box regressor keeps ``4 * num_classes``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, scale: float = 20.0,
-                 learn_scale: bool = True):
+                 learn_scale: bool = True, cls_channels: Optional[int] = None):
         super().__init__()
-        self.cls_score = CosineClassifier(in_channels, num_classes, scale=scale,
+        self.cls_score = CosineClassifier(in_channels, num_classes if cls_channels is None
+                                          else int(cls_channels), scale=scale,
                                           learn_scale=learn_scale)
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
 
@@ -207,10 +224,15 @@ def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool =
     long-tail class - its norm reflects the RoI sampler's foreground fraction, not class
     frequency, and rescaling it alone shifts every foreground score against background.
     ``normalize_background=True`` treats it like the other rows (normalised, bias dropped unless
-    ``keep_bias``).
+    ``keep_bias``). A seesaw classifier (``C + 2`` rows for a ``4 * (C + 1)`` regressor: row 0
+    and row ``C + 1`` are its 2-way objectness, rows ``1..C`` the classes, ``ltdet.losses.seesaw``)
+    has two such rows: both are left untouched likewise (and normalised with
+    ``normalize_background``); tau-norm balances the class rows, which is what the authors' norm
+    reflects.
 
     Args:
-        predictor: box predictor whose ``cls_score`` is an ``nn.Linear`` with weight ``[C+1, D]``.
+        predictor: box predictor whose ``cls_score`` is an ``nn.Linear`` with weight ``[C+1, D]``
+            (or ``[C+2, D]``, seesaw's layout).
         tau: exponent, ``>= 0``.
         normalize_background: also normalise row 0 (and drop its bias unless ``keep_bias``).
         keep_bias: keep the biases of the normalised rows instead of the authors' zero.
@@ -226,16 +248,23 @@ def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool =
         )
     if tau < 0 or not math.isfinite(tau):
         raise ValueError(f"tau_normalize: tau must be a finite number >= 0, got {tau}")
-    first = 0 if normalize_background else 1  # rows first.. are normalised
+    # rows that are normalised: the classes, plus background / objectness rows on request
+    rows = torch.ones(cls_score.out_features, dtype=torch.bool, device=cls_score.weight.device)
+    if not normalize_background:
+        rows[0] = False
+        bbox_pred = getattr(predictor, "bbox_pred", None)
+        if (isinstance(bbox_pred, nn.Linear) and bbox_pred.out_features > 4
+                and cls_score.out_features == bbox_pred.out_features // 4 + 1):
+            rows[-1] = False  # seesaw's objectness "foreground" row
     if not keep_bias and cls_score.bias is not None:
-        cls_score.bias[first:] = 0.0
+        cls_score.bias[rows] = 0.0
     if tau == 0:
         return predictor
     weight = cls_score.weight
     norms = weight.norm(dim=1, keepdim=True)
     # A zero row stays zero; clamping only avoids 0/0.
     factor = norms.clamp(min=torch.finfo(weight.dtype).tiny).pow(-tau)
-    factor[:first] = 1.0
+    factor[~rows] = 1.0
     weight.mul_(factor)
     return predictor
 
@@ -263,6 +292,56 @@ def reset_classifier(predictor: nn.Module, *, std: float = 0.01) -> nn.Module:
     return predictor
 
 
+@torch.no_grad()
+def _normal_linear(in_features: int, out_features: int, std: float = 0.01, **kwargs) -> nn.Linear:
+    """A classifier layer initialised as mmdetection's ``fc_cls``: weight N(0, std^2), bias 0."""
+    layer = nn.Linear(in_features, out_features, **kwargs)
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+@torch.no_grad()
+def resize_cls_score(predictor: nn.Module, channels: int, *, std: float = 0.01,
+                     reason: str = "") -> bool:
+    """Give ``predictor.cls_score`` ``channels`` outputs, in place; returns whether it changed.
+
+    Nothing happens when it already has them. Otherwise only ``cls_score`` is re-created, fresh,
+    on the old layer's device and dtype, with the same input width (``bbox_pred`` and everything
+    else untouched; the old classifier's weights are dropped, with a warning in the log): a
+    linear layer with weight ~ N(0, std^2) and bias 0 (mmdetection's ``fc_cls`` init, ``Normal``
+    with ``std=0.01``; torchvision's ``FastRCNNPredictor`` keeps ``nn.Linear``'s default), a
+    cosine classifier with fresh prototypes and the old scale. An LWS head (``ScaledClassifier``)
+    scales a trained classifier of a fixed width: TypeError, as for any other module.
+    """
+    cls_score = getattr(predictor, "cls_score", None)
+    old = getattr(cls_score, "out_features", None)
+    channels = int(channels)
+    if old == channels:
+        return False
+    if isinstance(cls_score, nn.Linear):
+        new = _normal_linear(cls_score.in_features, channels, std, bias=cls_score.bias is not None,
+                             device=cls_score.weight.device, dtype=cls_score.weight.dtype)
+    elif isinstance(cls_score, CosineClassifier):
+        new = CosineClassifier(cls_score.in_features, channels, scale=float(cls_score.scale),
+                               learn_scale=cls_score.scale.requires_grad, eps=cls_score.eps)
+        new = new.to(device=cls_score.weight.device, dtype=cls_score.weight.dtype)
+    else:
+        raise TypeError(
+            f"the box classifier ({type(cls_score).__name__}) has {old} outputs but {reason or 'the loss'} "
+            f"needs {channels}; only a linear or cosine cls_score can be re-created (an LWS head "
+            f"scales a trained classifier of a fixed width: build it on a classifier of "
+            f"{channels} outputs)")
+    predictor.cls_score = new
+    logger.warning("box predictor: cls_score re-created with %d outputs instead of %d%s (a fresh "
+                   "%s: its old weights are not used)", channels, old,
+                   f" for {reason}" if reason else "",
+                   "linear layer, weight N(0, %g^2), bias 0" % std if isinstance(new, nn.Linear)
+                   else "cosine classifier")
+    return True
+
+
 _PREDICTOR_KEYS = {
     "linear": {"type"},
     "cosine": {"type", "scale", "learn_scale"},
@@ -270,7 +349,8 @@ _PREDICTOR_KEYS = {
 }
 
 
-def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int) -> nn.Module:
+def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int,
+                    cls_channels: Optional[int] = None) -> nn.Module:
     """Box predictor from ``model.classifier``.
 
     ``{type: linear}`` (default), ``{type: cosine, scale: 20.0, learn_scale: true}``, or
@@ -281,6 +361,10 @@ def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int) -> 
         cfg: the ``model.classifier`` dict (``None`` = linear).
         in_features: feature dimension ``D`` of the box head output.
         num_classes: number of *foreground* classes ``C``; the predictor emits ``C + 1`` columns.
+        cls_channels: the classifier's outputs when the loss needs another width
+            (``loss.cls_channels``, seesaw's ``C + 2``; None = ``C + 1``). A linear classifier of
+            another width starts at mmdetection's ``fc_cls`` init (N(0, 0.01^2), bias 0); the box
+            regressor always has ``4 * (C + 1)`` outputs.
     """
     cfg = dict(cfg or {"type": "linear"})
     kind = cfg.get("type", "linear")
@@ -299,6 +383,9 @@ def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int) -> 
         raise ValueError(f"build_predictor: num_classes (foreground) must be >= 1, got {num_classes}")
     if kind == "cosine":
         return CosinePredictor(in_features, num_classes + 1, scale=float(cfg.get("scale", 20.0)),
-                               learn_scale=bool(cfg.get("learn_scale", True)))
+                               learn_scale=bool(cfg.get("learn_scale", True)),
+                               cls_channels=cls_channels)
     linear = LinearPredictor(in_features, num_classes + 1)
+    if cls_channels is not None and int(cls_channels) != num_classes + 1:
+        linear.cls_score = _normal_linear(in_features, int(cls_channels))
     return LWSPredictor(linear) if kind == "lws" else linear

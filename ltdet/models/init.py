@@ -41,6 +41,11 @@ Classifier heads (``ltdet.models.classifiers``):
   ``build_detector`` leaves it as it is with a warning. Pair a cosine classifier with a softmax
   loss, or use a linear one with a sigmoid loss.
 
+Seesaw's ``C + 2`` classifier (classes + 2-way objectness, ``ltdet.losses.seesaw``) is trained
+with softmaxes: no prior. ``build_detector`` / ``ltdet.patch`` create it at mmdetection's
+``fc_cls`` init (weight N(0, 0.01^2), bias 0), and :func:`init_classifier_for_loss` leaves it so;
+:func:`init_sigmoid_classifier` itself works on a classifier of any width.
+
 RetinaNet needs nothing: torchvision's ``RetinaNetClassificationHead`` already initialises its
 ``cls_logits`` with ``N(0, 0.01)`` weights and the prior 0.01 (Lin et al., ICCV 2017), and ltdet
 leaves it as it is.

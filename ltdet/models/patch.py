@@ -7,14 +7,23 @@ Two-stage models (`FasterRCNN` and its subclasses `MaskRCNN`, `KeypointRCNN`, fr
 get an `LTRoIHeads` sharing all their submodules; `RetinaNet` models are handed to
 `ltdet.models.retinanet.patch_retinanet`. Parameters and buffers of the model are not touched; the
 only new state is the losses' own buffers (e.g. EQLv2's gradient statistics) under
-`roi_heads.cls_loss.*` / `roi_heads.box_loss.*`.
+`roi_heads.cls_loss.*` / `roi_heads.box_loss.*`. One exception: a loss that trains a classifier of
+another width (`loss.cls_channels`; seesaw's `C + 2`: C classes and a 2-way objectness, the
+authors' design) cannot use the model's `C + 1` box classifier, so `patch` re-creates only
+`roi_heads.box_predictor.cls_score` with that many outputs, fresh (linear: weight N(0, 0.01^2),
+bias 0, mmdetection's `fc_cls` init; cosine: fresh prototypes), and logs a warning; the regressor,
+the box head and everything else keep their weights. An LWS classifier cannot be re-created
+(TypeError). RetinaNet's dense head has no such classifier: a loss with `cls_channels != C + 1`
+is refused there (ValueError).
 
 Checkpoints across patched and unpatched models: that state is training state. A torchvision
 state dict loads into a patched model with `strict=True` (absent loss state keeps its current
 values - a new model's fresh ones - logged once per loss: `ltdet.losses.base.LossModule`);
 `torchvision_state_dict(model)` is a patched
 model's state dict without ltdet's additions, which the unpatched torchvision model loads with
-`strict=True`.
+`strict=True`. With seesaw the `cls_score` shapes differ (`C + 2` against torchvision's `C + 1`):
+`load_state_dict` raises on them, and `ltdet.models.build.load_detector_state_dict` loads
+everything else, leaving the fresh `cls_score` (logged).
 """
 from collections import OrderedDict
 from typing import Optional
@@ -44,6 +53,8 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
     by `build_detector`). cls_prior_prob (keyword-only, default None = weights untouched): also
     re-initialise the box classifier for a sigmoid loss at this prior, e.g. 0.001
     (`ltdet.models.init.init_sigmoid_classifier`; a fresh classifier only, never trained weights).
+    A classification loss whose `cls_channels` differs from the box classifier's width (seesaw:
+    `C + 2`) gets a fresh `cls_score` of that width (module docstring; logged).
 
     Everything is validated before the first step: an unsupported model, inconsistent class counts
     or unknown loss / sampler options raise here."""
@@ -53,9 +64,12 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
     if cls_prior_prob is not None:
         init_sigmoid_classifier(model, cls_prior_prob)
     if isinstance(model, FasterRCNN):
+        cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
         model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
                                                     box_loss=box_loss, sampler=sampler, lds=lds,
                                                     fds=fds, stats=stats)
+        if cls_prior_prob is not None and model.roi_heads.box_predictor.cls_score is not cls_score:
+            init_sigmoid_classifier(model, cls_prior_prob)  # re-created for the loss's width
         return model
     if isinstance(model, RetinaNet):
         extra = [name for name, value in (("sampler", sampler), ("lds", lds), ("fds", fds))

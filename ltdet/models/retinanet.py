@@ -230,7 +230,8 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
         model: `torchvision.models.detection.RetinaNet` (any builder, v1 or v2) whose head has
             `C + 1` classification columns, labels `1..C`.
         cls_loss: config dict (`{"type": "eqlv2"}`) or built classification loss module; None
-            keeps torchvision's focal loss and sigmoid scores.
+            keeps torchvision's focal loss and sigmoid scores. A loss whose classifier is not
+            `C + 1` wide (`cls_channels`: seesaw's `C + 2`, a RoI-head design) raises ValueError.
         box_loss: config dict or built regression loss module; None keeps torchvision's.
         stats: `ltdet.data.ClassStats` for losses that need class frequencies.
 
@@ -255,6 +256,16 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
             raise ValueError(f"cls_loss was built for num_classes={built_for} but the RetinaNet "
                              f"head has {num_classes + 1} columns (C = {num_classes}, column 0 = "
                              f"background)")
+        get_channels = getattr(cls_module, "get_cls_channels", None)
+        channels = get_channels(num_classes) if callable(get_channels) else num_classes + 1
+        if channels != num_classes + 1:
+            # seesaw's C + 2 (C classes + a 2-way objectness over the sampled RoIs) is the
+            # authors' design for a two-stage bbox head (mmdetection has no dense-head seesaw)
+            raise ValueError(f"{type(cls_module).__name__} trains a classifier of {channels} "
+                             f"outputs (cls_channels) but a RetinaNet head has C + 1 = "
+                             f"{num_classes + 1} per anchor; it is a RoI-head loss: use a "
+                             f"FasterRCNN model, or on RetinaNet a C + 1 loss (e.g. seesaw_softmax, "
+                             f"focal, eqlv2)")
         old = head.classification_head
         if isinstance(old, LTRetinaNetClassificationHead):
             old.loss = cls_module

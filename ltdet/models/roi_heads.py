@@ -1,8 +1,11 @@
 """`LTRoIHeads`: torchvision's `RoIHeads` with pluggable losses, RoI sampler and imbalance hooks.
 
 Label convention (torchvision's): the box predictor emits `class_logits [N, C+1]` (column 0 =
-background) and `box_regression [N, (C+1)*4]` class-specific deltas; RoI labels are in `[0, C]`
-(0 = background, -1 = ignored before sampling).
+background; `[N, cls_loss.cls_channels]` when the loss trains another width - seesaw's `C+2`, C
+classes and a 2-way objectness, `ltdet.losses.seesaw`) and `box_regression [N, (C+1)*4]`
+class-specific deltas; RoI labels are in `[0, C]` (0 = background, -1 = ignored before sampling).
+`from_roi_heads` (hence `ltdet.patch`) re-creates only a linear / cosine `cls_score` of another
+width than the loss's, fresh, with a warning in the log (`classifiers.resize_cls_score`).
 
 Training (per step, N = sampled RoIs over the batch, P = positives among them):
 - `loss_classifier = cls_loss(class_logits [N, C+1], labels [N], weight, avg_factor=N)` - the mean
@@ -155,9 +158,17 @@ class LTRoIHeads(RoIHeads):
                                  num_classes, stats, "box_loss")
         sampler = build_roi_sampler(sampler if sampler is not None
                                     else getattr(previous, "sampler", None))
-        head._install(cls_loss, box_loss, sampler,
-                      lds if lds is not None else getattr(previous, "lds", None),
-                      fds if fds is not None else getattr(previous, "fds", None))
+        # the classifier's width follows the loss (seesaw: C + 2); a failed install undoes it
+        old_cls_score = getattr(head.box_predictor, "cls_score", None)
+        _fit_classifier(head.box_predictor, cls_loss, num_classes)
+        try:
+            head._install(cls_loss, box_loss, sampler,
+                          lds if lds is not None else getattr(previous, "lds", None),
+                          fds if fds is not None else getattr(previous, "fds", None))
+        except Exception:
+            if old_cls_score is not None:
+                head.box_predictor.cls_score = old_cls_score
+            raise
         return head
 
     def _install(self, cls_loss, box_loss, sampler, lds, fds) -> None:
@@ -171,8 +182,16 @@ class LTRoIHeads(RoIHeads):
         loss_classes = getattr(cls_loss, "num_classes", None)
         if loss_classes is not None and int(loss_classes) != num_classes:
             raise ValueError(f"cls_loss was built for num_classes={loss_classes} but the box "
-                             f"predictor has {num_classes} classes (cls_score.out_features = C+1 = "
-                             f"{num_classes + 1}); build it with num_classes={num_classes}")
+                             f"predictor has {num_classes} classes (bbox_pred.out_features = "
+                             f"4 * (C+1) = {4 * (num_classes + 1)}); build it with "
+                             f"num_classes={num_classes}")
+        channels = _loss_channels(cls_loss, num_classes)
+        have = getattr(getattr(self.box_predictor, "cls_score", None), "out_features", None)
+        if have is not None and int(have) != channels:
+            raise ValueError(f"{type(cls_loss).__name__} trains a classifier of {channels} outputs "
+                             f"(cls_channels, C = {num_classes}) but the box predictor's "
+                             f"cls_score has {have}; ltdet.patch / LTRoIHeads.from_roi_heads "
+                             f"re-create a linear or cosine cls_score of the right width")
         if lds is not None and not (callable(getattr(lds, "weights", None))
                                     and callable(getattr(lds, "update", None))):
             raise TypeError(f"lds must have weights(ious) and update(ious); got {type(lds).__name__}")
@@ -359,11 +378,12 @@ class LTRoIHeads(RoIHeads):
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor,
                                proposals: List[Tensor], image_shapes: List[Tuple[int, int]]
                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """torchvision's post-processing, scored with `cls_loss.activation` instead of softmax."""
-        num_classes = class_logits.shape[-1]
+        """torchvision's post-processing, scored with `cls_loss.activation` instead of softmax
+        (scores `[N, C+1]`, column 0 = background, whatever the classifier's width)."""
         boxes_per_image = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals)
         pred_scores = self.cls_loss.activation(class_logits)
+        num_classes = pred_scores.shape[-1]
         all_boxes: List[Tensor] = []
         all_scores: List[Tensor] = []
         all_labels: List[Tensor] = []
@@ -482,7 +502,13 @@ class LTRoIHeads(RoIHeads):
 
 
 def predictor_num_classes(box_predictor: nn.Module) -> int:
-    """C, the number of foreground classes of a FastRCNNPredictor-layout box predictor."""
+    """C, the number of foreground classes of a FastRCNNPredictor-layout box predictor: from its
+    class-specific regressor (`bbox_pred`, `4 * (C + 1)` outputs, whatever the classifier's width:
+    seesaw's has `C + 2`), else from `cls_score` (`C + 1` outputs)."""
+    bbox_pred = getattr(box_predictor, "bbox_pred", None)
+    reg_out = getattr(bbox_pred, "out_features", None)
+    if reg_out is not None and reg_out > 4 and reg_out % 4 == 0:
+        return int(reg_out) // 4 - 1
     cls_score = getattr(box_predictor, "cls_score", None)
     out = getattr(cls_score, "out_features", None)
     if out is None:
@@ -502,6 +528,27 @@ def check_stats(stats, num_classes: int) -> None:
         raise ValueError(f"stats describe {stats_classes} classes but the model's box predictor has "
                          f"{num_classes} (cls_score.out_features = C+1 = {num_classes + 1}); build the "
                          f"model with num_classes={int(stats_classes) + 1} or use matching stats")
+
+
+def _loss_channels(cls_loss, num_classes: int) -> int:
+    """Classifier width the loss trains for C classes (`get_cls_channels`; C + 1 without it)."""
+    get = getattr(cls_loss, "get_cls_channels", None)
+    return int(get(num_classes)) if callable(get) else num_classes + 1
+
+
+def _fit_classifier(box_predictor, cls_loss, num_classes: int) -> None:
+    """Re-create only the predictor's `cls_score` when the loss trains another width (a
+    torchvision C+1 predictor patched with seesaw, C+2), logged; see `resize_cls_score`."""
+    loss_classes = getattr(cls_loss, "num_classes", None)
+    if loss_classes is not None and int(loss_classes) != num_classes:
+        return  # a loss built for other classes: `_install` says so
+    channels = _loss_channels(cls_loss, num_classes)
+    if getattr(getattr(box_predictor, "cls_score", None), "out_features", channels) == channels:
+        return
+    from .classifiers import resize_cls_score
+
+    resize_cls_score(box_predictor, channels, reason=f"{type(cls_loss).__name__} "
+                     f"(cls_channels = {channels} for C = {num_classes})")
 
 
 def _resolve_loss(spec, previous, default, num_classes, stats, name):
