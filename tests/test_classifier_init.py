@@ -357,3 +357,20 @@ def test_crt_reset_with_softmax_or_without_prior_keeps_bias_zero():
         cls_score = detector.roi_heads.box_predictor.cls_score
         assert torch.equal(cls_score.bias, torch.zeros(21))
         assert abs(float(cls_score.weight.detach().std()) / 0.01 - 1) < 0.05
+
+
+def test_patch_with_a_prior_leaves_the_model_unchanged_when_the_config_is_rejected():
+    """cls_prior_prob must not touch the classifier before the losses / sampler validate."""
+    import torchvision
+
+    import ltdet
+
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError):
+        ltdet.patch(model, cls_loss={"type": "eqlv2"}, sampler={"type": "bogus"},
+                    cls_prior_prob=1e-3)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert type(model.roi_heads).__name__ == "RoIHeads"

@@ -151,10 +151,10 @@ def test_carl_key_present_in_every_step_and_absent_when_disabled():
 # =============================================================================================
 
 def _authors_kernel(kind, ks, sigma):
-    """get_lds_kernel_window for the kernels whose scipy form has a closed form here:
-    triang = scipy.signal.windows.triang(ks); laplace = exp(-|x|/sigma)/(2 sigma) / its max.
-    (gaussian: the authors filter a delta with scipy's gaussian_filter1d; ltdet's documented
-    closed form is used for it, see docs/stage2.md.)"""
+    """get_lds_kernel_window: triang = scipy.signal.windows.triang(ks); laplace =
+    exp(-|x|/sigma)/(2 sigma) / its max; gaussian = scipy's gaussian_filter1d of a delta
+    (normalised taps of radius int(4 sigma + 0.5), reflect boundary = numpy 'symmetric' pad,
+    then correlation) / its max."""
     half = (ks - 1) // 2
     x = np.arange(-half, half + 1, dtype=np.float64)
     if kind == "triang":
@@ -164,8 +164,32 @@ def _authors_kernel(kind, ks, sigma):
     if kind == "laplace":
         lap = np.exp(-np.abs(x) / sigma) / (2.0 * sigma)
         return lap / lap.max()
-    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    r = int(4 * sigma + 0.5)
+    taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    delta = np.zeros(ks)
+    delta[half] = 1.0
+    g = np.correlate(np.pad(delta, r, mode="symmetric"), taps / taps.sum(), "valid")
     return g / g.max()
+
+
+@pytest.mark.parametrize("ks,sigma,golden", [
+    # scipy.ndimage.gaussian_filter1d(delta, sigma) / max, computed with scipy 1.x
+    (5, 2.0, [0.8583, 0.9458, 1.0, 0.9458, 0.8583]),
+    (5, 1.0, [0.1464, 0.6069, 1.0, 0.6069, 0.1464]),
+    (7, 3.0, [0.9039, 0.9382, 0.9809, 1.0, 0.9809, 0.9382, 0.9039]),
+    (3, 0.5, [0.1357, 1.0, 0.1357]),
+])
+def test_lds_gaussian_window_is_scipys(ks, sigma, golden):
+    from ltdet.imbalance.lds import smoothing_kernel
+
+    window = smoothing_kernel("gaussian", ks, sigma).double().numpy()
+    assert np.allclose(window, golden, atol=1e-4)
+    assert np.allclose(window, _authors_kernel("gaussian", ks, sigma), atol=1e-6)
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")  # exact check where scipy is installed
+    delta = np.zeros(ks)
+    delta[(ks - 1) // 2] = 1.0
+    ref = scipy_ndimage.gaussian_filter1d(delta, sigma)
+    assert np.allclose(window, ref / ref.max(), atol=1e-6)
 
 
 def _convolve1d_constant(values, window):

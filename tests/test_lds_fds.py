@@ -18,7 +18,12 @@ def _values_for_counts(counts):
 def _np_kernel(kind, ks, sigma):
     x = np.arange(ks) - (ks - 1) // 2
     if kind == "gaussian":
-        w = np.exp(-x ** 2 / (2 * sigma ** 2))
+        # the authors' window: scipy's gaussian_filter1d (radius int(4 sigma + 0.5), reflect
+        # boundary = numpy 'symmetric') of a delta of length ks
+        r = int(4 * sigma + 0.5)
+        taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+        delta = (x == 0).astype(np.float64)
+        w = np.correlate(np.pad(delta, r, mode="symmetric"), taps / taps.sum(), "valid")
     elif kind == "laplace":
         w = np.exp(-np.abs(x) / sigma)
     else:

@@ -48,9 +48,12 @@ def smoothing_kernel(kind: str = "gaussian", ks: int = 5, sigma: float = 2.0) ->
 
     ``x = -(ks-1)/2 .. (ks-1)/2`` (bin offsets):
 
-    - ``gaussian``: ``exp(-x^2 / (2 sigma^2))``. (The authors' code draws the window with scipy's
-      ``gaussian_filter1d`` on a length-``ks`` delta, whose reflect boundary folds the tails back;
-      the closed form is used here.)
+    - ``gaussian``: the authors' window (``get_lds_kernel_window``): scipy's
+      ``gaussian_filter1d(delta, sigma)`` of a length-``ks`` delta, i.e. a normalised gaussian of
+      radius ``int(4 sigma + 0.5)`` correlated with the delta under scipy's ``reflect`` boundary
+      (numpy's ``symmetric``), which folds the tails back when the radius exceeds the window:
+      at ks 5, sigma 2 it is [0.858, 0.946, 1, 0.946, 0.858], not the closed form's
+      [0.607, 0.882, 1, 0.882, 0.607]. Computed here without scipy (bit-equal to it, 1e-16).
     - ``triang``: ``1 - |x| / ((ks+1)/2)`` (``scipy.signal.windows.triang``);
     - ``laplace``: ``exp(-|x| / sigma)``.
     """
@@ -63,7 +66,17 @@ def smoothing_kernel(kind: str = "gaussian", ks: int = 5, sigma: float = 2.0) ->
     half = (ks - 1) // 2
     x = torch.arange(-half, half + 1, dtype=torch.float64)
     if kind == "gaussian":
-        window = torch.exp(-x.square() / (2.0 * sigma * sigma))
+        radius = int(4.0 * sigma + 0.5)  # scipy's truncate=4.0
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        weights = torch.exp(-taps.square() / (2.0 * sigma * sigma))
+        delta = torch.zeros(ks, dtype=torch.float64)
+        delta[half] = 1.0
+        # reflect (d c b a | a b c d | d c b a) repeated as often as the radius needs
+        index = torch.arange(-radius, ks + radius)
+        period = 2 * ks
+        index = index % period
+        index = torch.where(index >= ks, period - 1 - index, index)
+        window = (delta[index].unfold(0, 2 * radius + 1, 1) * (weights / weights.sum())).sum(1)
     elif kind == "triang":
         window = 1.0 - x.abs() / (half + 1)
     else:

@@ -25,6 +25,7 @@ model's state dict without ltdet's additions, which the unpatched torchvision mo
 `load_state_dict` raises on them, and `ltdet.models.build.load_detector_state_dict` loads
 everything else, leaving the fresh `cls_score` (logged).
 """
+import copy
 from collections import OrderedDict
 from typing import Optional
 
@@ -61,16 +62,17 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError("patch the model before wrapping it in DataParallel / DistributedDataParallel "
                         "(patch(model) then DistributedDataParallel(model))")
-    if cls_prior_prob is not None:
-        init_sigmoid_classifier(model, cls_prior_prob)
     if isinstance(model, FasterRCNN):
-        cls_score = getattr(model.roi_heads.box_predictor, "cls_score", None)
+        if cls_prior_prob is not None:  # refuse a classifier it cannot set before changing any
+            init_sigmoid_classifier(copy.deepcopy(model.roi_heads.box_predictor), cls_prior_prob)
         model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
                                                     box_loss=box_loss, sampler=sampler, lds=lds,
                                                     fds=fds, stats=stats)
-        if cls_prior_prob is not None and model.roi_heads.box_predictor.cls_score is not cls_score:
-            init_sigmoid_classifier(model, cls_prior_prob)  # re-created for the loss's width
+        if cls_prior_prob is not None:  # after validation, on the final (loss-width) cls_score
+            init_sigmoid_classifier(model, cls_prior_prob)
         return model
+    if cls_prior_prob is not None:
+        init_sigmoid_classifier(model, cls_prior_prob)  # RetinaNet: refused, nothing changed
     if isinstance(model, RetinaNet):
         extra = [name for name, value in (("sampler", sampler), ("lds", lds), ("fds", fds))
                  if value is not None and not (name == "sampler" and _is_random(value))]
