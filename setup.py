@@ -24,6 +24,8 @@ setup(
         "matplotlib>=3.5",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "faster-coco-eval>=1.6", "psutil>=5.8"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "faster-coco-eval>=1.6", "psutil>=5.8",
+                # reference implementations in tests (scipy's gaussian_filter1d for LDS / FDS)
+                "scipy>=1.7"],
     },
 )
