@@ -183,15 +183,17 @@ class Trainer:
                   "ap_vs_frequency.png", "demo_summary.json")
 
     def _delete_previous_run(self) -> None:
-        removed = self.checkpointer.checkpoints()
-        for path in removed + [self.checkpointer.folder / "last_checkpoint"] + [
-                self.output_dir / name for name in self._RUN_FILES]:
-            if path.is_file():
-                path.unlink()
+        files = [p for p in self.checkpointer.checkpoints()
+                 + [self.checkpointer.folder / "last_checkpoint"]
+                 + [self.output_dir / name for name in self._RUN_FILES] if p.is_file()]
+        for path in files:
+            path.unlink()
         if (self.output_dir / "eval").is_dir():
             shutil.rmtree(self.output_dir / "eval")
-        logger.warning("--overwrite: deleted %d checkpoint(s), the pointer, log.jsonl and the "
-                       "results of the previous run in %s", len(removed), self.output_dir)
+            files.append(self.output_dir / "eval")
+        if files:
+            logger.warning("--overwrite: deleted the previous run in %s: %s", self.output_dir,
+                           ", ".join(p.name for p in files))
 
     # -- checkpoint state -------------------------------------------------------------------
     def _meta(self) -> dict:
