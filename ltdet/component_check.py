@@ -68,16 +68,17 @@ def _check_fds(spec):
     return None
 
 
-_DATA_SAMPLERS = {"default": (), "repeat_factor": ("threshold", "sqrt"), "class_aware": ("num_samples",)}
 
 
 def _check_data_sampler(spec):
+    from ltdet.data.samplers import DATA_SAMPLER_KEYS
+
     kind = spec.get("type", "default")
-    if kind not in _DATA_SAMPLERS:
-        return _unknown("data sampler type", kind, _DATA_SAMPLERS)
-    unknown = sorted(set(spec) - {"type"} - set(_DATA_SAMPLERS[kind]))
+    if kind not in DATA_SAMPLER_KEYS:
+        return _unknown("data sampler type", kind, DATA_SAMPLER_KEYS)
+    unknown = sorted(set(spec) - {"type"} - set(DATA_SAMPLER_KEYS[kind]))
     if unknown:
-        return _unknown(f"key of data sampler {kind!r}", unknown[0], _DATA_SAMPLERS[kind])
+        return _unknown(f"key of data sampler {kind!r}", unknown[0], DATA_SAMPLER_KEYS[kind])
     if kind == "repeat_factor" and not float(spec.get("threshold", 1e-3)) > 0:
         return f"threshold must be > 0, got {spec['threshold']!r}"
     return None

@@ -270,6 +270,12 @@ class GroupedBatchSampler(Sampler[list]):
         return math.ceil(len(self.sampler) / self.batch_size)
 
 
+#: `data.sampler.type` -> the keys it accepts besides `type` (also checked at config load,
+#: `ltdet.component_check`)
+DATA_SAMPLER_KEYS = {"default": (), "repeat_factor": ("threshold", "sqrt"),
+                     "class_aware": ("num_samples",)}
+
+
 def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = None,
                         rank: int | None = None, seed: int = 0) -> GroupedBatchSampler:
     """Batch sampler for ``cfg_data["sampler"]``:
@@ -283,8 +289,7 @@ def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = N
     num_replicas, rank = _resolve_world(num_replicas, rank)
     spec = dict(cfg_data.get("sampler") or {"type": "default"})
     kind = spec.pop("type", "default")
-    allowed = {"default": set(), "repeat_factor": {"threshold", "sqrt"},
-               "class_aware": {"num_samples"}}
+    allowed = {k: set(v) for k, v in DATA_SAMPLER_KEYS.items()}
     if kind not in allowed:
         raise ValueError(f"data.sampler.type must be one of {sorted(allowed)}, got {kind!r}")
     unknown = set(spec) - allowed[kind]
