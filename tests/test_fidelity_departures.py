@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltdet.component_check import _DATA_SAMPLERS
+from ltdet.data.samplers import DATA_SAMPLER_KEYS
 from ltdet.data import LVISDetection, RepeatFactorSampler, build_train_sampler, repeat_factors
 from ltdet.imbalance.label_smoothing import label_aware_smoothing
 from ltdet.imbalance.lds import RoILDS
@@ -376,7 +376,7 @@ def test_repeat_factors_equal_detectron2(t, sqrt):
 
 
 def test_rfs_sqrt_option_through_the_config_and_the_checker(tmp_path):
-    assert "sqrt" in _DATA_SAMPLERS["repeat_factor"]
+    assert "sqrt" in DATA_SAMPLER_KEYS["repeat_factor"]
     data = _lvis_like(n_images=40)
     ds = LVISDetection(data, str(tmp_path))
     cfg = {"batch_size": 2, "aspect_ratio_grouping": False}
