@@ -6,7 +6,8 @@ on each seed's stage-1 baseline, and a table of mean +- std over seeds.
     python benchmarks/lt_methods.py --methods baseline rfs eqlv2 --table-only
 
 Each cell is `tools/train.py CONFIG --opts seed=S output_dir=runs/lt_methods/METHOD/seedS`
-(stage-2 cells: `--stage2 --from` the baseline cell's final checkpoint of the same seed) in its
+(stage-2 cells: `--stage2 --from` the final checkpoint of their stage-1 cell of the same seed:
+the baseline's, or baseline_v2's for MiSLAS, whose shifted BN needs the v2 box head) in its
 own process with `--threads` torch threads. A cell whose metrics are already in `--results`
 (`benchmarks/results/METHOD/seedS.json`, committed: json only, no checkpoints) is skipped, so
 the grid resumes across days. The table marks a method whose APr differs from the baseline's by
@@ -26,25 +27,30 @@ ROOT = Path(__file__).resolve().parent.parent
 SYN = "configs/synthetic"
 STAGE1 = f"{SYN}/faster_rcnn_r18_fpn.yaml"
 
-#: method -> (config, stage-2 of the baseline?)
+#: method -> (config, the stage-1 method it refines, or None)
 METHODS = {
-    "baseline": (STAGE1, False),
-    "rfs": (f"{SYN}/rfs.yaml", False),
-    "class_aware": (f"{SYN}/class_aware.yaml", False),
-    "cb": (f"{SYN}/cb.yaml", False),
-    "balanced_softmax": (f"{SYN}/balanced_softmax.yaml", False),
-    "eql": (f"{SYN}/eql.yaml", False),
-    "eqlv2": (f"{SYN}/eqlv2.yaml", False),
-    "seesaw": (f"{SYN}/seesaw.yaml", False),
-    "federated": (f"{SYN}/federated.yaml", False),
-    "focal": (f"{SYN}/focal.yaml", False),
-    "ghmc": (f"{SYN}/ghmc.yaml", False),
-    "las": (f"{SYN}/las.yaml", False),
-    "crt": (f"{SYN}/faster_rcnn_r18_fpn_stage2_crt.yaml", True),
-    "lws": (f"{SYN}/faster_rcnn_r18_fpn_stage2_lws.yaml", True),
-    "tau_norm": (f"{SYN}/faster_rcnn_r18_fpn_stage2_tau_norm.yaml", True),
-    "cosine": (f"{SYN}/faster_rcnn_r18_fpn_stage2_cosine.yaml", True),
-    "crt_las": (f"{SYN}/faster_rcnn_r18_fpn_stage2_las.yaml", True),
+    "baseline": (STAGE1, None),
+    "rfs": (f"{SYN}/rfs.yaml", None),
+    "class_aware": (f"{SYN}/class_aware.yaml", None),
+    "cb": (f"{SYN}/cb.yaml", None),
+    "balanced_softmax": (f"{SYN}/balanced_softmax.yaml", None),
+    "eql": (f"{SYN}/eql.yaml", None),
+    "eqlv2": (f"{SYN}/eqlv2.yaml", None),
+    "seesaw": (f"{SYN}/seesaw.yaml", None),
+    "federated": (f"{SYN}/federated.yaml", None),
+    "focal": (f"{SYN}/focal.yaml", None),
+    "ghmc": (f"{SYN}/ghmc.yaml", None),
+    "las": (f"{SYN}/las.yaml", None),
+    "rfs_eqlv2": (f"{SYN}/rfs_eqlv2.yaml", None),
+    "rfs_seesaw": (f"{SYN}/rfs_seesaw.yaml", None),
+    "baseline_v2": (f"{SYN}/faster_rcnn_v2_r18_fpn.yaml", None),
+    "retinanet_focal": (f"{SYN}/retinanet.yaml", None),
+    "crt": (f"{SYN}/faster_rcnn_r18_fpn_stage2_crt.yaml", "baseline"),
+    "lws": (f"{SYN}/faster_rcnn_r18_fpn_stage2_lws.yaml", "baseline"),
+    "tau_norm": (f"{SYN}/faster_rcnn_r18_fpn_stage2_tau_norm.yaml", "baseline"),
+    "cosine": (f"{SYN}/faster_rcnn_r18_fpn_stage2_cosine.yaml", "baseline"),
+    "crt_las": (f"{SYN}/faster_rcnn_r18_fpn_stage2_las.yaml", "baseline"),
+    "mislas": (f"{SYN}/faster_rcnn_v2_r18_fpn_stage2_mislas.yaml", "baseline_v2"),
 }
 KEYS = ("AP", "AP50", "APr", "APc", "APf", "AP50r", "AP50f")
 
@@ -54,11 +60,11 @@ def _cell_dir(runs: Path, method: str, seed: int) -> Path:
 
 
 def _command(method: str, seed: int, runs: Path) -> list:
-    config, stage2 = METHODS[method]
+    config, stage1 = METHODS[method]
     cmd = [sys.executable, "tools/train.py", config, "--no-progress", "--overwrite", "--opts",
            f"seed={seed}", f"output_dir={_cell_dir(runs, method, seed)}"]
-    if stage2:
-        base = _cell_dir(runs, "baseline", seed) / "checkpoints"
+    if stage1:
+        base = _cell_dir(runs, stage1, seed) / "checkpoints"
         last = (base / "last_checkpoint").read_text().strip()
         cmd[3:3] = ["--stage2", "--from", str(base / last)]
     return cmd
@@ -72,7 +78,7 @@ def run_grid(methods, seeds, *, runs: Path, results: Path, jobs: int, threads: i
     t0 = time.time()
     while todo or running:
         ready = [c for c in todo if not METHODS[c[0]][1]
-                 or (results / "baseline" / f"seed{c[1]}.json").is_file()]
+                 or (results / METHODS[c[0]][1] / f"seed{c[1]}.json").is_file()]
         while ready and len(running) < jobs:
             cell = ready.pop(0)
             todo.remove(cell)
@@ -144,8 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)
     methods = args.methods
-    if any(METHODS[m][1] for m in methods) and "baseline" not in methods:
-        methods = ["baseline"] + methods  # stage 2 starts from the baseline of its seed
+    for m in list(methods):  # stage 2 starts from its stage-1 method's run of the same seed
+        stage1 = METHODS[m][1]
+        if stage1 and stage1 not in methods:
+            methods.insert(0, stage1)
     results = Path(args.results)
     if not args.table_only:
         run_grid(methods, args.seeds, runs=Path(args.runs), results=results, jobs=args.jobs,
