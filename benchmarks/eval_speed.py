@@ -4,6 +4,7 @@ faster-coco-eval (LVIS mode), each in its own subprocess on the same generated f
     python benchmarks/eval_speed.py --images 500            # quick
     python benchmarks/eval_speed.py --images 5000           # the acceptance run (~13 GB for peers)
     python benchmarks/eval_speed.py --images 19809 --only ltdet
+    python benchmarks/eval_speed.py --images 5000 --iou-type segm    # mask AP
 
 The generated set is LVIS v1-like: 1203 classes (337 r / 461 c / 405 f), about 12 boxes per image
 (~58% small), `neg_category_ids` and `not_exhaustive_category_ids` on every image, a 8-number
@@ -11,6 +12,17 @@ polygon per box (real LVIS json carries polygons, which every evaluator has to p
 detections per image (boxes to 2 decimals, scores to 4). Wall time and peak RSS are for the whole
 child process: interpreter start, imports, json loading, evaluation; CPU time (user + sys of the
 child) is reported too, since wall time on a shared machine depends on the load.
+
+``--iou-type segm`` writes a separate set whose gt polygons are octagons inside the boxes and
+whose detections carry a compressed RLE ``segmentation`` (an octagon in the detection's box,
+rasterised by pycocotools; no ``bbox`` key, so every evaluator takes the mask area), and runs
+every evaluator with iou_type segm.
+
+    python benchmarks/eval_speed.py --images 5000 --readers   # result-json readers only
+
+times reading the detections file into columns, each reader in its own subprocess: ltdet's
+(msgspec, chunked), and orjson / the json module building dicts for ltdet's dict path. The
+measurement that chose msgspec is in docs/evaluation.md ("Reading result files").
 """
 import argparse
 import json
@@ -27,7 +39,13 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@3
 N_RCF = (337, 461, 405)
 
 
-def generate(root, n_images, seed=0):
+def _octagon(x, y, w, h, f=0.25):
+    cx, cy = w * f, h * f
+    return [x + cx, y, x + w - cx, y, x + w, y + cy, x + w, y + h - cy, x + w - cx, y + h,
+            x + cx, y + h, x, y + h - cy, x, y + cy]
+
+
+def generate(root, n_images, seed=0, segm=False):
     """Write gt.json and dets.json under ``root`` (skipped when both exist for these args)."""
     os.makedirs(root, exist_ok=True)
     gt_path, det_path = os.path.join(root, "gt.json"), os.path.join(root, "dets.json")
@@ -65,9 +83,12 @@ def generate(root, n_images, seed=0):
         boxes = sample_boxes(n_box)
         for b, c in zip(boxes.tolist(), box_cls.tolist()):
             x, y, w, h = b
+            poly = [round(v, 2) for v in _octagon(x, y, w, h)] if segm else \
+                [x, y, x + w, y, x + w, y + h, x, y + h]
+            # LVIS' area is the mask's: an octagon cutting a quarter of each side keeps 7/8.
             anns.append({"id": ann_id, "image_id": img_id, "category_id": c + 1, "bbox": b,
-                         "area": round(w * h, 2),
-                         "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+                         "area": round(w * h * (0.875 if segm else 1.0), 2),
+                         "segmentation": [poly]})
             ann_id += 1
         rest = np.setdiff1d(rng.choice(K, size=rng.poisson(9) + 1, p=p_cls), pos)
         nel = pos[rng.random(len(pos)) < 0.15]
@@ -106,8 +127,18 @@ def generate(root, n_images, seed=0):
         f.write("[")
         for n, (img_id, c, b, s) in enumerate(det_rows):
             rows = zip(c.tolist(), b.tolist(), s.tolist())
-            f.write((", " if n else "") + ", ".join(fmt % (img_id, ci, *bi, si)
-                                                     for ci, bi, si in rows))
+            if segm:
+                import pycocotools.mask as mask_utils
+
+                rles = mask_utils.frPyObjects([_octagon(*bi) for bi in b.tolist()], H, W)
+                part = ", ".join(json.dumps({"image_id": img_id, "category_id": ci,
+                                             "segmentation": {"size": [H, W],
+                                                              "counts": r["counts"].decode()},
+                                             "score": si})
+                                 for (ci, bi, si), r in zip(rows, rles))
+            else:
+                part = ", ".join(fmt % (img_id, ci, *bi, si) for ci, bi, si in rows)
+            f.write((", " if n else "") + part)
         f.write("]")
     open(stamp, "w").close()
     return gt_path, det_path
@@ -116,22 +147,22 @@ def generate(root, n_images, seed=0):
 # ------------------------------------------------------------------------------------------------
 # Children: one evaluator each; print one json line with the metrics and the peak RSS.
 
-def run_ltdet(gt, dets):
+def run_ltdet(gt, dets, iou_type="bbox"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ltdet.evaluation import evaluate_lvis
-    res = evaluate_lvis(gt, dets)
+    res = evaluate_lvis(gt, dets, iou_type=iou_type)
     return {k: res[k] for k in METRICS}
 
 
-def run_lvis(gt, dets):
+def run_lvis(gt, dets, iou_type="bbox"):
     np.float = float  # the lvis package still calls np.float (removed in NumPy 1.24)
     from lvis import LVISEval
-    e = LVISEval(gt, dets, "bbox")
+    e = LVISEval(gt, dets, iou_type)
     e.run()
     return {k: float(v) for k, v in e.get_results().items()}
 
 
-def run_fce(gt, dets):
+def run_fce(gt, dets, iou_type="bbox"):
     from faster_coco_eval import COCO, COCOeval_faster
     g = COCO(gt)
     with open(dets) as f:
@@ -142,7 +173,7 @@ def run_fce(gt, dets):
         by_img.setdefault(r["image_id"], []).append(r)
     results = [r for rs in by_img.values()
                for r in (sorted(rs, key=lambda r: r["score"], reverse=True)[:300])]
-    e = COCOeval_faster(g, g.loadRes(results), "bbox", lvis_style=True,
+    e = COCOeval_faster(g, g.loadRes(results), iou_type, lvis_style=True,
                         print_function=lambda *a: None)
     e.params.maxDets = [300]
     e.evaluate()
@@ -159,11 +190,62 @@ def run_fce(gt, dets):
 RUNNERS = {"ltdet": run_ltdet, "lvis": run_lvis, "faster-coco-eval": run_fce}
 
 
-def child(name, gt, dets):
-    metrics = RUNNERS[name](gt, dets)
+def read_whole(loads):
+    def read(dets):
+        from ltdet.evaluation.results_io import load_detections
+
+        with open(dets, "rb") as f:
+            return load_detections(loads(f.read()), source=dets)
+    return read
+
+
+def read_ltdet(dets):
+    from ltdet.evaluation.results_io import load_detections
+
+    return load_detections(dets)
+
+
+def read_orjson(dets):
+    import orjson
+
+    return read_whole(orjson.loads)(dets)
+
+
+READERS = {"ltdet": read_ltdet, "orjson": read_orjson, "json": read_whole(json.loads)}
+
+
+def child(name, gt, dets, iou_type="bbox"):
+    if name.startswith("read-"):
+        import ltdet.evaluation.results_io  # noqa: F401  (imports are not the reader's cost)
+
+        base = resource.getrusage(resource.RUSAGE_SELF)
+        t = time.perf_counter()
+        cols = READERS[name[5:]](dets)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print("RESULT " + json.dumps({
+            "read_s": time.perf_counter() - t, "n": len(cols), "peak_mb": usage.ru_maxrss / 1024,
+            "above_imports_mb": (usage.ru_maxrss - base.ru_maxrss) / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime - base.ru_utime - base.ru_stime}))
+        return
+    metrics = RUNNERS[name](gt, dets, iou_type)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print("RESULT " + json.dumps({"metrics": metrics, "peak_mb": usage.ru_maxrss / 1024,
                                   "cpu_s": usage.ru_utime + usage.ru_stime}))
+
+
+def compare_readers(gt, dets, env):
+    print("| reader | read wall s | read CPU s | peak RSS MB | above imports MB |")
+    print("|---|---|---|---|---|")
+    for name in READERS:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+                            f"read-{name}", gt, dets], capture_output=True, text=True, env=env)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not lines:
+            print(f"{name}: failed (rc {p.returncode}) {p.stderr[-2000:]}")
+            continue
+        o = json.loads(lines[-1][7:])
+        print(f"| {name} | {o['read_s']:.2f} | {o['cpu_s']:.2f} | {o['peak_mb']:.0f} | "
+              f"{o['above_imports_mb']:.0f} |", flush=True)
 
 
 def main():
@@ -172,24 +254,31 @@ def main():
     ap.add_argument("--root", default="data/generated/eval_speed")
     ap.add_argument("--only", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--readers", action="store_true",
+                    help="time the result-json readers instead of the evaluators")
+    ap.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
     ap.add_argument("--child", nargs=3, metavar=("NAME", "GT", "DETS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(*args.child)
+        return child(*args.child, iou_type=args.iou_type)
 
-    root = os.path.join(args.root, f"{args.images}")
+    segm = args.iou_type == "segm"
+    root = os.path.join(args.root, f"{args.images}" + ("_segm" if segm else ""))
     t0 = time.time()
-    gt, dets = generate(root, args.images, args.seed)
+    gt, dets = generate(root, args.images, args.seed, segm=segm)
     print(f"set: {args.images} images, {os.path.getsize(dets) / 1e6:.0f} MB of detections, "
           f"{os.path.getsize(gt) / 1e6:.0f} MB gt ({time.time() - t0:.0f} s to prepare)")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if args.readers:
+        return compare_readers(gt, dets, env)
     rows = {}
     for name in args.only:
         t = time.time()
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, gt, dets],
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--iou-type",
+                            args.iou_type, "--child", name, gt, dets],
                            capture_output=True, text=True, env=env)
         wall = time.time() - t
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{name}: failed (rc {p.returncode}) {p.stderr[-2000:]}")
             continue
@@ -200,8 +289,8 @@ def main():
               flush=True)
 
     ref = rows.get("lvis")
-    print(f"\n| evaluator | wall s | CPU s | peak RSS MB | speed-up vs lvis (wall / CPU) | "
-          f"memory vs lvis | max abs metric diff vs lvis | AP |")
+    print("\n| evaluator | wall s | CPU s | peak RSS MB | speed-up vs lvis (wall / CPU) | "
+          "memory vs lvis | max abs metric diff vs lvis | AP |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         sp = f"{ref['wall'] / r['wall']:.1f}x / {ref['cpu'] / r['cpu']:.1f}x" if ref else "-"

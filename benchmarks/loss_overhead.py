@@ -96,6 +96,15 @@ def set_clock(name, device):
     return name
 
 
+#: dense-head methods that are more than one loss: name -> `ltdet.patch` arguments. gfl's
+#: regression head is also wider (17 bins per side: 4 x 17 outputs per anchor instead of 4), so
+#: its ratio includes that head's extra convolution output, not only the losses.
+DENSE_COMBINATIONS = {
+    "gfl": {"cls_loss": {"type": "qfl"}, "box_loss": {"type": "giou", "loss_weight": 2.0},
+            "dfl": {"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}},
+}
+
+
 def loss_kinds(num_classes, stats):
     """(name, 'cls' | 'box') for every registered loss."""
     kinds = []
@@ -138,6 +147,9 @@ def main(argv=None):
                               max_size=args.size).to(device).train()
         variants = [("(patch, defaults)", {})] + [(name, {f"{kind}_loss": {"type": name}})
                                                    for name, kind in kinds]
+        if arch.startswith("retinanet"):
+            variants += [(name, kwargs) for name, kwargs in DENSE_COMBINATIONS.items()
+                         if args.losses is None or name in args.losses]
         for name, kwargs in variants:
             patched = copy.deepcopy(vanilla)
             try:
@@ -146,7 +158,7 @@ def main(argv=None):
                 print(f"{arch:<22} {name:<18} {'-':<4} {'n/a':>9} {'n/a':>9} {'n/a':>7}  ({e})")
                 continue
             patched.to(device).train()
-            kind = next(iter(kwargs))[:3] if kwargs else "-"
+            kind = ("all" if len(kwargs) > 1 else next(iter(kwargs))[:3]) if kwargs else "-"
             v, p, ratio = paired_ratio(vanilla, patched, images, targets, device, args.reps)
             if kwargs:
                 worst = max(worst, ratio)

@@ -3,29 +3,11 @@
 `ltdet.patch(model, cls_loss=..., box_loss=..., sampler=..., stats=...)` swaps the losses and
 RoI sampler of an existing torchvision detector in place; `ltdet.torchvision_state_dict(model)` is
 its state dict without ltdet's loss / sampler state, loadable by the unpatched torchvision model."""
-import importlib
+from .config import load_config
+from .data import ClassStats
+from .evaluation import evaluate_lvis
+from .losses import build_loss
+from .models import build_detector, init_sigmoid_classifier, patch, torchvision_state_dict
 
-# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
-# importing its siblings.
-_EXPORTS = {
-    "patch": "models.patch",
-    "torchvision_state_dict": "models.patch",
-    "build_detector": "models.build",
-    "init_sigmoid_classifier": "models.init",
-    "build_loss": "losses.registry",
-    "evaluate_lvis": "evaluation.lvis_eval",
-    "ClassStats": "data.class_stats",
-    "load_config": "config",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["ClassStats", "build_detector", "build_loss", "evaluate_lvis", "init_sigmoid_classifier",
+           "load_config", "patch", "torchvision_state_dict"]

@@ -1,9 +1,12 @@
 """YAML configuration: `_base_` inheritance, command-line overrides, validation against a schema.
 
-`configs/base.yaml` holds every key with its default and *is* the schema: a key absent from it is
+The schema, `ltdet/configs/base.yaml`, ships inside the package (package data, read through
+`importlib.resources`, so a wheel install finds it) and every config starts from it; `schema_path()`
+says where it is. It holds every key with its default and *is* the schema: a key absent from it is
 unknown, and a value whose type differs from the default's is wrong. A few "open maps" (loss,
 sampler, classifier and LDS/FDS specs, every sub-map of `refine`) accept any keys; the builder
-that consumes them validates them itself.
+that consumes them validates them itself (`ltdet.spec`), dry-run when the config loads
+(`ltdet.component_check`).
 
 Merge rules (mmdetection's, with one change for open maps):
 - `_base_: path` or `_base_: [path, ...]` (relative to the file) is loaded first, left to right,
@@ -14,27 +17,45 @@ Merge rules (mmdetection's, with one change for open maps):
 
 Float literals such as `1e-3` are read as floats (PyYAML follows YAML 1.1, which needs a dot).
 """
+
+from __future__ import annotations
+
 import copy
 import difflib
 import logging
 import os
 import re
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
 from ltdet.fileio import atomic_write
 
+if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11; only annotations need it
+    from importlib.resources.abc import Traversable
+
 logger = logging.getLogger(__name__)
 
-#: The schema: configs/base.yaml at the repository root.
-DEFAULT_SCHEMA = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The schema: package data of `ltdet` (setup.py's package_data lists it).
+SCHEMA_RESOURCE = ("ltdet", "configs/base.yaml")
 
 #: Dotted keys whose values are free-form maps, validated by the builder that consumes them.
-OPEN_MAPS = frozenset({
-    "model.cls_loss", "model.box_loss", "model.sampler", "model.classifier", "model.lds",
-    "model.fds", "data.sampler",
-})
+OPEN_MAPS = frozenset(
+    {
+        "model.cls_loss",
+        "model.box_loss",
+        "model.sampler",
+        "model.classifier",
+        "model.lds",
+        "model.fds",
+        "data.sampler",
+    }
+)
 #: Every sub-map of these sections is open as well, including sub-maps base.yaml does not list
 #: (e.g. `refine.cls_loss`); their scalar keys are validated as usual.
 OPEN_SUBMAP_SECTIONS = ("refine",)
@@ -61,17 +82,20 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
+                  |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
 
-def parse_value(text: str):
-    """Parse one override value with the config's YAML rules (`0.01`, `[1, 2]`, `null`, `{a: 1}`)."""
+def parse_value(text: str) -> Any:
+    """One override value, parsed with the config's YAML rules (`0.01`, `[1, 2]`, `null`)."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -80,11 +104,15 @@ def parse_value(text: str):
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}" + (
-            " (it is a directory)" if path.is_dir() else ""))
+        raise ConfigError(
+            f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
+        )
+    return _parse_yaml(path.read_text(encoding="utf-8"), path)
+
+
+def _parse_yaml(text: str, path: PathLike) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -108,12 +136,15 @@ def _merge(base: dict, child: dict, origins: dict, origin: str, prefix: str = ""
         if key == _DELETE_KEY:
             continue
         if not isinstance(key, str):
-            raise ConfigError(f"{origin}: key {key!r} under '{prefix or '<root>'}' must be a string")
+            raise ConfigError(
+                f"{origin}: key {key!r} under '{prefix or '<root>'}' must be a string"
+            )
         dotted = f"{prefix}{key}"
         old = out.get(key)
         if isinstance(value, dict) and isinstance(old, dict):
             replace = bool(value.get(_DELETE_KEY)) or (
-                _is_open(dotted) and "type" in value and value["type"] != old.get("type"))
+                _is_open(dotted) and "type" in value and value["type"] != old.get("type")
+            )
             if replace:
                 out[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != _DELETE_KEY}
                 _record(origins, dotted, out[key], origin)
@@ -150,7 +181,9 @@ def _load_chain(path: Path, origins: dict, stack: tuple) -> dict:
         base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {base} (resolved to {base_path})")
-        merged = _merge(merged, _load_chain(base_path, origins, stack + (path,)), {}, str(base_path))
+        merged = _merge(
+            merged, _load_chain(base_path, origins, stack + (path,)), {}, str(base_path)
+        )
     return _merge(merged, data, origins, str(path))
 
 
@@ -198,51 +231,89 @@ def _validate(cfg: dict, schema: dict, origins: dict, all_keys: list, prefix: st
         if key not in schema and isinstance(value, dict) and _is_open(dotted):
             continue  # a new sub-map of an open section (e.g. refine.cls_loss)
         if key not in schema:
-            match = difflib.get_close_matches(dotted, all_keys, n=1, cutoff=0.6) or \
-                difflib.get_close_matches(key, [prefix + k for k in schema], n=1, cutoff=0.0)
+            match = difflib.get_close_matches(
+                dotted, all_keys, n=1, cutoff=0.6
+            ) or difflib.get_close_matches(key, [prefix + k for k in schema], n=1, cutoff=0.0)
             hint = f"; did you mean '{match[0]}'?" if match else ""
             raise ConfigError(f"unknown config key '{dotted}' (set in {where}){hint}")
         default = schema[key]
         if not _type_ok(value, default):
             raise ConfigError(
                 f"config key '{dotted}' (set in {where}) expects {_type_name(default)} like "
-                f"{default!r}, got {_type_name(value)} {value!r}")
+                f"{default!r}, got {_type_name(value)} {value!r}"
+            )
         if isinstance(default, list) and default and value:
             proto = default[0]
             for i, item in enumerate(value):
                 if not _type_ok(item, proto):
                     raise ConfigError(
                         f"config key '{dotted}[{i}]' (set in {where}) expects {_type_name(proto)},"
-                        f" got {_type_name(item)} {item!r}")
+                        f" got {_type_name(item)} {item!r}"
+                    )
         if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(f"config key '{dotted}' (set in {where}) must be one of "
-                              f"{', '.join(CHOICES[dotted])}; got {value!r}")
+            raise ConfigError(
+                f"config key '{dotted}' (set in {where}) must be one of "
+                f"{', '.join(CHOICES[dotted])}; got {value!r}"
+            )
         if isinstance(value, dict) and not _is_open(dotted):
             _validate(value, default, origins, all_keys, dotted + ".")
-        elif isinstance(value, dict) and _is_open(dotted) and "type" in default and \
-                not isinstance(value.get("type"), str):
-            raise ConfigError(f"config key '{dotted}.type' (set in {where}) must be a string "
-                              f"naming the {key} to build, got {value.get('type')!r}")
+        elif (
+            isinstance(value, dict)
+            and _is_open(dotted)
+            and "type" in default
+            and not isinstance(value.get("type"), str)
+        ):
+            raise ConfigError(
+                f"config key '{dotted}.type' (set in {where}) must be a string "
+                f"naming the {key} to build, got {value.get('type')!r}"
+            )
 
 
-def load_schema(schema_path=None) -> dict:
-    """The defaults (configs/base.yaml, or `schema_path`) as a nested dict."""
-    path = Path(schema_path) if schema_path is not None else DEFAULT_SCHEMA
-    if not path.is_file():
-        raise ConfigError(f"config schema not found: {path} (ltdet expects configs/base.yaml "
-                          "next to the package; pass schema_path= when installed elsewhere)")
-    schema = _read_yaml(path)
+def _schema_resource() -> Traversable:
+    package, name = SCHEMA_RESOURCE
+    return resources.files(package).joinpath(name)
+
+
+def schema_path() -> Path:
+    """The schema file shipped in the package (`ltdet/configs/base.yaml` of the installed ltdet).
+
+    `load_config(schema_path())` gives the defaults; a config file may name it in `_base_`,
+    though every config starts from it anyway. (pip unpacks wheels, so the resource is a file.)"""
+    return Path(str(_schema_resource()))
+
+
+def load_schema(schema_path: PathLike | None = None) -> dict:
+    """The defaults (the package's `ltdet/configs/base.yaml`, or `schema_path`) as a nested dict."""
+    if schema_path is not None:
+        path = Path(schema_path)
+        if not path.is_file():
+            raise ConfigError(f"config schema not found: {path}")
+        schema = _read_yaml(path)
+    else:
+        resource = _schema_resource()
+        if not resource.is_file():
+            raise ConfigError(
+                f"the config schema {'/'.join(SCHEMA_RESOURCE)} is missing from "
+                f"the installed package ({resource}); reinstall ltdet"
+            )
+        schema = _parse_yaml(resource.read_text(encoding="utf-8"), str(resource))
     schema.pop(_BASE_KEY, None)
     return schema
 
 
-def load_config(path, opts=None, schema_path=None, validate_components: bool = True) -> dict:
+def load_config(
+    path: PathLike | None,
+    opts: Sequence[str] | None = None,
+    schema_path: PathLike | None = None,
+    validate_components: bool = True,
+) -> dict:
     """Load a YAML config with its `_base_` chain, apply `opts`, validate, return plain dicts.
 
     Args:
         path: the YAML file (or None for the defaults alone).
         opts: overrides `["a.b.c=value", ...]`; values parsed as YAML.
-        schema_path: the schema/defaults file; configs/base.yaml by default.
+        schema_path: the schema/defaults file; the package's `ltdet/configs/base.yaml` by
+            default.
         validate_components: also dry-build every loss / sampler / classifier / LDS / FDS spec
             (`ltdet.component_check`), so that a misspelt type or hyper-parameter is a config
             error naming the file.
@@ -261,15 +332,17 @@ def load_config(path, opts=None, schema_path=None, validate_components: bool = T
         cfg = _set_dotted(cfg, key.strip(), parse_value(text), origins)
     _validate(cfg, schema, origins, _all_keys(schema))
     if validate_components:
-        # the builders' own checks, here rather than after the data and the model are built
-        # (imported here: ltdet.component_check imports the losses and models, i.e. torch)
+        # the builders' own checks, here rather than after the data and the model are built.
+        # Imported here to break an import cycle: ltdet.component_check imports ConfigError from
+        # this module.
         from ltdet.component_check import validate_components as check
 
         check(cfg, origins)
     return cfg
 
 
-def dump_config(cfg: dict, path) -> None:
+def dump_config(cfg: dict, path: PathLike) -> None:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
-    atomic_write(path, lambda f: yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None),
-                 text=True)
+    atomic_write(
+        path, lambda f: yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None), text=True
+    )

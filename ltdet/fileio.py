@@ -13,14 +13,19 @@ file. Two things `tempfile.mkstemp` gets wrong for output files are fixed here:
 Temporary files are named `.NAME.XXXXXXXX.tmp`; `remove_stale_tmp(folder)` deletes those a killed
 process left behind.
 """
+from __future__ import annotations
+
 import errno
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import IO, Any, Callable
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["atomic_write", "remove_stale_tmp"]
 
 TMP_SUFFIX = ".tmp"
 #: Below this much free space a failed checkpoint write is reported as a full disk.
@@ -63,7 +68,8 @@ def _free_bytes(folder: Path) -> float:
         return float("inf")
 
 
-def atomic_write(path, write_fn, *, text: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], *,
+                 text: bool = False) -> None:
     """Call `write_fn(file_object)` on a temporary file next to `path`, then move it onto `path`.
 
     text: open the temporary file in text mode (utf-8) instead of binary."""
@@ -91,7 +97,7 @@ def atomic_write(path, write_fn, *, text: bool = False) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_stale_tmp(folder) -> list:
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files of interrupted `atomic_write`s in `folder`; returns them.
 
     Only call it where no other process is writing (rank 0, before training starts)."""

@@ -164,3 +164,79 @@ def degenerate_set(case, seed=0, lvis=True):
     else:
         raise ValueError(case)
     return gt, dets
+
+
+SEGM_HW = (560, 520)  # height != width: a transposed mask is caught
+
+
+def _octagon(b, rng, cut=0.3):
+    """An octagon inside box ``b`` (corners cut by a random fraction): IoUs that boxes lack."""
+    x, y, w, h = b
+    cx, cy = w * float(rng.uniform(0.05, cut)), h * float(rng.uniform(0.05, cut))
+    return [x + cx, y, x + w - cx, y, x + w, y + cy, x + w, y + h - cy, x + w - cx, y + h,
+            x + cx, y + h, x, y + h - cy, x, y + cy]
+
+
+def _rect(b):
+    x, y, w, h = b
+    return [x, y, x + w, y, x + w, y + h, x, y + h]
+
+
+def make_segm_set(seed=0, n_images=40, n_cats=24, lvis=True, big_image_dets=350):
+    """:func:`make_set` with masks. Ground truth: polygons (octagons; one in ten split in two
+    parts, merged as lvis does), compressed and uncompressed RLE, exact rectangles for the
+    32^2 / 96^2 boxes (mask area on the boundary); the json ``area`` is the mask area for most
+    gts. COCO ``iscrowd`` gts are uncompressed RLE. Detections: compressed RLE (str counts, some
+    with a backslash) of an octagon in their box, the exact gt mask for exact gt boxes, exact
+    rectangles for the boundary boxes (mask area 32^2 / 96^2), and some empty masks."""
+    import pycocotools.mask as mask_utils
+
+    gt, dets = make_set(seed, n_images=n_images, n_cats=n_cats, lvis=lvis,
+                        big_image_dets=big_image_dets)
+    rng = np.random.default_rng(seed + 1000)
+    H, W = SEGM_HW
+    for im in gt["images"]:
+        im["height"], im["width"] = H, W
+    gt_rle = {}
+    for n, a in enumerate(gt["annotations"]):
+        b = a["bbox"]
+        exact = b[2] * b[3] in (32.0 ** 2, 96.0 ** 2) and float(b[2]).is_integer()
+        poly = _rect(b) if exact else _octagon(b, rng)
+        kind = n % 10
+        if kind == 9 and not exact:  # two parts: left and right half with a gap
+            x, y, w, h = b
+            segm = [_rect([x, y, w * 0.4, h]), _octagon([x + w * 0.55, y, w * 0.45, h], rng)]
+        else:
+            segm = [poly]
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, H, W))
+        if a.get("iscrowd") or kind == 8:
+            m = mask_utils.decode(rle)
+            flat = m.flatten(order="F")
+            change = np.flatnonzero(np.diff(flat)) + 1
+            runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+            if flat[0]:
+                runs = [0] + runs
+            a["segmentation"] = {"size": [H, W], "counts": runs}
+        elif kind == 7:
+            a["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode()}
+        else:
+            a["segmentation"] = segm
+        mask_area = float(mask_utils.area(rle))
+        if exact or rng.random() < 0.8:
+            a["area"] = mask_area
+        gt_rle[a["image_id"], tuple(b)] = rle
+    for n, d in enumerate(dets):
+        b = d["bbox"]
+        key = (d["image_id"], tuple(b))
+        if key in gt_rle:  # an exact gt box: the exact gt mask
+            rle = gt_rle[key]
+        elif n % 23 == 5:  # an empty mask
+            rle = mask_utils.encode(np.zeros((H, W, 1), np.uint8, order="F"))[0]
+        else:
+            exact = b[2] * b[3] in (32.0 ** 2, 96.0 ** 2) and float(b[2]).is_integer()
+            poly = _rect(b) if exact else _octagon(b, rng)
+            rle = mask_utils.frPyObjects([poly], H, W)[0]
+        d["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode()}
+        if n % 2:
+            d.pop("bbox")  # segm results may carry a box or not; segm never reads it
+    return gt, dets

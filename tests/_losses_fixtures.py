@@ -3,11 +3,13 @@ import types
 
 import torch
 
+from ltdet.losses import LOSSES, ClassificationLoss, RegressionLoss
+
 NUM_CLASSES = 6
 
-CLASSIFICATION = ["ce", "focal", "cb", "balanced_softmax", "eql", "eqlv2", "seesaw",
-                  "seesaw_softmax", "federated", "ghmc", "las"]
-REGRESSION = ["smooth_l1", "l1", "giou", "ghmr", "focal_r", "balanced_l1"]
+#: The registry's losses by kind, read from `LOSSES` (a new loss joins them without a test edit).
+CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, ClassificationLoss))
+REGRESSION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, RegressionLoss))
 SIGMOID_FOREGROUND = [{"type": "focal"}, {"type": "eql", "lambda_": 0.05}, {"type": "federated"},
                       {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"}, {"type": "cb", "base": "focal"}]
 

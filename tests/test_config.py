@@ -1,13 +1,14 @@
 """ltdet.config: `_base_` chains, --opts overrides, validation errors, the shipped configs."""
+
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ltdet.config import ConfigError, dump_config, load_config, load_schema
+from ltdet.config import ConfigError, dump_config, load_config, load_schema, schema_path
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = REPO / "configs" / "base.yaml"
+BASE = schema_path()
 
 
 def write(path: Path, text: str) -> Path:
@@ -22,12 +23,27 @@ def test_defaults_equal_base_yaml():
     assert cfg["solver"]["lr"] == 0.02 and cfg["model"]["cls_loss"] == {"type": "ce"}
 
 
+def test_the_schema_ships_inside_the_package_once():
+    import ltdet
+
+    assert schema_path().is_file()
+    assert schema_path().parent.parent == Path(ltdet.__file__).resolve().parent
+    assert not (REPO / "configs" / "base.yaml").exists()  # one copy: the package's
+    assert load_schema() == load_schema(schema_path())
+    assert load_config(schema_path()) == load_config(None)
+
+
 def test_base_chain_relative_list_and_deep_merge(tmp_path):
-    write(tmp_path / "common" / "a.yaml", "solver: {lr: 0.5, max_iter: 10}\ndata: {batch_size: 3}\n")
+    write(
+        tmp_path / "common" / "a.yaml", "solver: {lr: 0.5, max_iter: 10}\ndata: {batch_size: 3}\n"
+    )
     write(tmp_path / "common" / "b.yaml", "solver: {lr: 0.25}\nmodel: {backbone: resnet18}\n")
-    mid = write(tmp_path / "common" / "mid.yaml", "_base_: [a.yaml, b.yaml]\nsolver: {gamma: 0.5}\n")
-    child = write(tmp_path / "exp" / "child.yaml",
-                  "_base_: ../common/mid.yaml\nsolver: {warmup_iters: 7}\n")
+    mid = write(
+        tmp_path / "common" / "mid.yaml", "_base_: [a.yaml, b.yaml]\nsolver: {gamma: 0.5}\n"
+    )
+    child = write(
+        tmp_path / "exp" / "child.yaml", "_base_: ../common/mid.yaml\nsolver: {warmup_iters: 7}\n"
+    )
     cfg = load_config(child)
     # b after a in the list: b's lr wins; a's max_iter survives; mid and child merge on top
     assert cfg["solver"]["lr"] == 0.25
@@ -42,8 +58,17 @@ def test_base_chain_relative_list_and_deep_merge(tmp_path):
 
 
 def test_opts_override_parsed_as_yaml(tmp_path):
-    cfg = load_config(None, ["solver.lr=1e-3", "data.min_size=[128, 160]", "solver.clip_grad_norm=10",
-                             "model.weights=null", "solver.amp=false", "output_dir=runs/x"])
+    cfg = load_config(
+        None,
+        [
+            "solver.lr=1e-3",
+            "data.min_size=[128, 160]",
+            "solver.clip_grad_norm=10",
+            "model.weights=null",
+            "solver.amp=false",
+            "output_dir=runs/x",
+        ],
+    )
     assert cfg["solver"]["lr"] == pytest.approx(1e-3) and isinstance(cfg["solver"]["lr"], float)
     assert cfg["data"]["min_size"] == [128, 160]
     assert cfg["solver"]["clip_grad_norm"] == 10
@@ -68,23 +93,28 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
 
 
 def test_unknown_key_from_opts_and_top_level():
-    with pytest.raises(ConfigError, match=r"'solver\.lrr' \(set in --opts\); did you mean 'solver\.lr'"):
+    with pytest.raises(
+        ConfigError, match=r"'solver\.lrr' \(set in --opts\); did you mean 'solver\.lr'"
+    ):
         load_config(None, ["solver.lrr=0.1"])
     with pytest.raises(ConfigError, match=r"unknown config key 'sovler'.*did you mean 'solver'"):
         load_config(None, ["sovler.lr=0.1"])
 
 
-@pytest.mark.parametrize("opt, fragment", [
-    ("solver.lr=abc", "'solver.lr' (set in --opts) expects float"),
-    ("solver.max_iter=1.5", "'solver.max_iter' (set in --opts) expects int"),
-    ("solver.amp=1", "'solver.amp' (set in --opts) expects bool"),
-    ("solver.max_iter=true", "'solver.max_iter' (set in --opts) expects int"),
-    ("solver.lr=null", "'solver.lr' (set in --opts) expects float like 0.02, got null"),
-    ("data.min_size=256", "'data.min_size' (set in --opts) expects list"),
-    ("data.min_size=[256, big]", "'data.min_size[1]'"),
-    ("data.train=3", "'data.train' (set in --opts) expects dict"),
-    ("solver.schedule=linear", "must be one of step, cosine"),
-])
+@pytest.mark.parametrize(
+    "opt, fragment",
+    [
+        ("solver.lr=abc", "'solver.lr' (set in --opts) expects float"),
+        ("solver.max_iter=1.5", "'solver.max_iter' (set in --opts) expects int"),
+        ("solver.amp=1", "'solver.amp' (set in --opts) expects bool"),
+        ("solver.max_iter=true", "'solver.max_iter' (set in --opts) expects int"),
+        ("solver.lr=null", "'solver.lr' (set in --opts) expects float like 0.02, got null"),
+        ("data.min_size=256", "'data.min_size' (set in --opts) expects list"),
+        ("data.min_size=[256, big]", "'data.min_size[1]'"),
+        ("data.train=3", "'data.train' (set in --opts) expects dict"),
+        ("solver.schedule=linear", "must be one of step, cosine"),
+    ],
+)
 def test_wrong_type_is_an_error(opt, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, [opt])
@@ -130,9 +160,11 @@ def test_malformed_inputs(tmp_path):
 
 
 def test_open_maps_accept_any_key_and_replace_on_type_change(tmp_path):
-    parent = write(tmp_path / "p.yaml",
-                   "model: {cls_loss: {type: eqlv2, gamma: 12, mu: 0.8}}\n"
-                   "data: {sampler: {type: repeat_factor, threshold: 0.001}}\n")
+    parent = write(
+        tmp_path / "p.yaml",
+        "model: {cls_loss: {type: eqlv2, gamma: 12, mu: 0.8}}\n"
+        "data: {sampler: {type: repeat_factor, threshold: 0.001}}\n",
+    )
     same = write(tmp_path / "same.yaml", "_base_: p.yaml\nmodel: {cls_loss: {gamma: 6}}\n")
     other = write(tmp_path / "other.yaml", "_base_: p.yaml\nmodel: {cls_loss: {type: ce}}\n")
     assert load_config(same)["model"]["cls_loss"] == {"type": "eqlv2", "gamma": 6, "mu": 0.8}
@@ -160,7 +192,7 @@ def test_dump_roundtrip(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
 
 
-ALL_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.name != "base.yaml")
+ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
@@ -197,9 +229,18 @@ def test_synthetic_method_configs_are_accepted_by_their_builders(tmp_path):
     from ltdet.losses import build_loss
     from ltdet.models import build_roi_sampler
 
-    data = make_synthetic_lvis(tmp_path, seed=0, num_train=8, num_val=4, num_classes=3,
-                               image_size=64, min_radius=6, max_radius=16,
-                               max_images_per_class=6, val_instances_per_class=2)
+    data = make_synthetic_lvis(
+        tmp_path,
+        seed=0,
+        num_train=8,
+        num_val=4,
+        num_classes=3,
+        image_size=64,
+        min_radius=6,
+        max_radius=16,
+        max_images_per_class=6,
+        val_instances_per_class=2,
+    )
     ds = build_dataset(data["train_json"], data["image_root"])
     assert len(SYNTHETIC) >= 20
     for path in SYNTHETIC:

@@ -20,8 +20,19 @@ LVIS_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR
              "ARs@300", "ARm@300", "ARl@300"]
 
 
-def _lvis_reference(gt, dets, max_dets=300):
-    """Official LVISEval on in-memory data; per-class AP from its precision array."""
+def _strip_boxes(dets, iou_type):
+    """Segm results without their boxes: with a ``bbox`` key, LVISResults / loadRes take the box
+    area as a segm result's area (their scripts and detectron2 strip it, as here)."""
+    dets = copy.deepcopy(dets)
+    if iou_type == "segm":
+        for d in dets:
+            d.pop("bbox", None)
+    return dets
+
+
+def _lvis_reference(gt, dets, max_dets=300, iou_type="bbox"):
+    """Official LVISEval on in-memory data; per-class AP from its precision array.
+    ``max_dets=-1``: no per-image limit (LVISResults and LVISEval's params, as Fixed AP)."""
     if not hasattr(np, "float"):
         np.float = float  # the lvis package still calls np.float (removed in NumPy 1.24)
     from lvis import LVIS, LVISEval, LVISResults
@@ -30,7 +41,9 @@ def _lvis_reference(gt, dets, max_dets=300):
     g.logger = logging.getLogger("lvis-ref")
     g.dataset = copy.deepcopy(gt)
     g._create_index()
-    e = LVISEval(g, LVISResults(g, copy.deepcopy(dets), max_dets=max_dets), "bbox")
+    e = LVISEval(g, LVISResults(g, _strip_boxes(dets, iou_type), max_dets=max_dets), iou_type)
+    if max_dets < 0:
+        e.params.max_dets = max_dets  # names the AR keys AR@-1 (it caps nothing in LVISEval)
     e.run()
     res = dict(e.get_results())
     p = e.eval["precision"][:, :, :, 0]
@@ -47,7 +60,7 @@ def _lvis_reference(gt, dets, max_dets=300):
     return res
 
 
-def _coco_reference(gt, dets, max_dets):
+def _coco_reference(gt, dets, max_dets, iou_type="bbox"):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -55,7 +68,7 @@ def _coco_reference(gt, dets, max_dets):
         g = COCO()
         g.dataset = copy.deepcopy(gt)
         g.createIndex()
-        e = COCOeval(g, g.loadRes(copy.deepcopy(dets)), "bbox")
+        e = COCOeval(g, g.loadRes(_strip_boxes(dets, iou_type)), iou_type)
         e.params.maxDets = [1, 2, max_dets]  # COCOeval sorts these and evaluates at the last
         e.evaluate()
         e.accumulate()
@@ -274,8 +287,8 @@ def test_input_forms_agree(tmp_path):
 
 @pytest.mark.parametrize("digits", [None, 2])
 def test_result_json_fast_path_is_exact(digits, tmp_path, monkeypatch):
-    """Chunks read as numeric tables (short decimals vectorised, long ones by numpy's parser)
-    must give bit-identical floats to the json module; odd chunks fall back to json."""
+    """Chunks decoded by msgspec must give bit-identical floats to the json module, full-precision
+    and short decimals alike, exponents included; a valid file never takes the fallback."""
     rng = np.random.default_rng(0)
     n = 3000
     boxes = rng.random((n, 4)) * 500
@@ -286,43 +299,58 @@ def test_result_json_fast_path_is_exact(digits, tmp_path, monkeypatch):
     dets = [{"score": float(s), "bbox": [float(v) for v in b], "image_id": int(i),
              "category_id": int(c)}
             for s, b, i, c in zip(scores, boxes, rng.integers(1, 50, n), rng.integers(1, 9, n))]
-    dets[5]["score"] = 1e-7  # an exponent: that chunk takes the json path
+    dets[5]["score"] = 1e-7  # an exponent
     text = json.dumps(dets, indent=1)  # other key order, newlines
     path = tmp_path / "d.json"
     path.write_text(text)
-    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 20000)  # many chunks, all paths
-    calls = {"table": 0, "short": 0}
-    table, short = results_io._parse_uniform_chunk, results_io._parse_short_decimals
+    monkeypatch.setattr(results_io, "_CHUNK_BYTES", 20000)  # many chunks
+    calls = {"chunks": 0, "whole": 0}
+    chunk, whole = results_io._columns_from_structs, results_io._load_result_json_whole
 
-    def counting_table(*a):
-        out = table(*a)
-        calls["table"] += out is not None
-        return out
+    def counting_chunk(*a):
+        calls["chunks"] += 1
+        return chunk(*a)
 
-    def counting_short(*a):
-        out = short(*a)
-        calls["short"] += out is not None
-        return out
+    def counting_whole(*a):
+        calls["whole"] += 1
+        return whole(*a)
 
-    monkeypatch.setattr(results_io, "_parse_uniform_chunk", counting_table)
-    monkeypatch.setattr(results_io, "_parse_short_decimals", counting_short)
+    monkeypatch.setattr(results_io, "_columns_from_structs", counting_chunk)
+    monkeypatch.setattr(results_io, "_load_result_json_whole", counting_whole)
     cols = load_detections(str(path))
-    assert calls["table"] > 5
-    assert (calls["short"] > 5) == (digits is not None)
+    assert calls["chunks"] > 5
+    assert calls["whole"] == 0
     assert np.array_equal(cols.score, [d["score"] for d in dets])
     assert np.array_equal(cols.bbox, [d["bbox"] for d in dets])
     assert np.array_equal(cols.image_id, [d["image_id"] for d in dets])
     assert np.array_equal(cols.category_id, [d["category_id"] for d in dets])
 
 
-def test_short_decimal_parser():
-    body = b"1,-2,3.5,-0.25,0.1,123456789012345,7.,-0"
-    out = results_io._parse_short_decimals(body, 8)
-    assert out.tolist() == [1.0, -2.0, 3.5, -0.25, 0.1, 123456789012345.0, 7.0, 0.0]
-    assert math.copysign(1, out[-1]) == -1
-    for bad in (b"1,2.3.4", b"1,--2", b"1,2-3", b"1,,2", b"1,1234567890123456", b"1,+2"):
-        assert results_io._parse_short_decimals(bad, bad.count(b",") + 1) is None
-    assert results_io._parse_short_decimals(b"1,2", 3) is None
+def _result_file(tmp_path, numbers, image_id=b"1", category_id=b"2"):
+    """A result json whose bbox / score tokens are written verbatim (four per bbox, then score)."""
+    rows = [b'{"image_id": %s, "category_id": %s, "bbox": [%s], "score": %s}'
+            % (image_id, category_id, b", ".join(numbers[i:i + 4]), numbers[i + 4])
+            for i in range(0, len(numbers), 5)]
+    path = tmp_path / "tokens.json"
+    path.write_bytes(b"[" + b", ".join(rows) + b"]")
+    return str(path)
+
+
+def test_result_number_tokens(tmp_path):
+    """Plain, negative, long and signed-zero number tokens read exactly as float(token); tokens
+    that are not json numbers are malformed json, named with the file."""
+    tokens = [b"-2", b"-0.25", b"3.5", b"1", b"0.1", b"123456789012345", b"-0.0", b"7.0", b"-0",
+              b"1234567890123456"]
+    cols = load_detections(_result_file(tmp_path, tokens))
+    assert cols.bbox.ravel().tolist() + cols.score.tolist() == \
+        [-2.0, -0.25, 3.5, 1.0, 123456789012345.0, -0.0, 7.0, 0.0, 0.1, 1234567890123456.0]
+    # As the json module: "-0.0" is a negative zero, "-0" the integer 0.
+    assert math.copysign(1, cols.bbox[1, 1]) == -1
+    assert math.copysign(1, cols.bbox[1, 3]) == math.copysign(1, float(json.loads("-0"))) == 1
+    for bad in (b"2.3.4", b"--2", b"2-3", b"", b"+2", b"7."):
+        path = _result_file(tmp_path, [b"1", bad, b"3", b"4", b"0.5"])
+        with pytest.raises(DetectionFormatError, match=r"tokens\.json: malformed json"):
+            load_detections(path)
 
 
 @pytest.mark.parametrize("bad,pattern", [
@@ -370,22 +398,25 @@ def test_non_integer_result_ids_named(field, convert, typename, tmp_path, monkey
         evaluate_lvis(gt, str(path))
 
 
-def test_fast_result_parser_refuses_float_ids():
-    """The numeric-table path reads numbers as float64: a chunk with an id written with a '.'
-    must go to the json path (which names the entry) instead of being read as an integer."""
-    text = b'[{"image_id": 1, "category_id": 2, "bbox": [1.5, 2, 3, 4.25], "score": 0.5}]'
-    layout = results_io._uniform_layout(text, 1)
+def test_result_reader_refuses_float_ids(tmp_path):
+    """The typed decoder reads ids as integers only: an id written with a '.' or an exponent must
+    take the json path (which names the entry) instead of being read as an integer, and an id
+    beyond 2^53 must not be rounded."""
+    def read(image_id, category_id):
+        return load_detections(_result_file(tmp_path, [b"1.5", b"2", b"3", b"4.25", b"0.5"],
+                                            image_id, category_id))
 
-    def chunk(image_id, category_id):
-        return (b'{"image_id": %s, "category_id": %s, "bbox": [1.5, 2, 3, 4.25], "score": 0.5},'
-                b'{"image_id": 7, "category_id": 2, "bbox": [1, 2, 3, 4], "score": 1}'
-                % (image_id, category_id))
-
-    cols = results_io._parse_uniform_chunk(chunk(b"12", b"-3"), layout, 0, "x")
-    assert cols.image_id.tolist() == [12, 7] and cols.category_id.tolist() == [-3, 2]
-    for image_id, category_id in ((b"12.0", b"2"), (b"2299.5", b"2"), (b"1", b"3.0"),
-                                  (b"1", b" -3.0"), (b"9007199254740993", b"2")):
-        assert results_io._parse_uniform_chunk(chunk(image_id, category_id), layout, 0, "x") is None
+    cols = read(b"12", b"-3")
+    assert cols.image_id.tolist() == [12] and cols.category_id.tolist() == [-3]
+    assert read(b"9007199254740993", b"2").image_id.tolist() == [9007199254740993]
+    for image_id, category_id, field in ((b"12.0", b"2", "image_id"),
+                                         (b"2299.5", b"2", "image_id"),
+                                         (b"1", b"3.0", "category_id"),
+                                         (b"1", b" -3.0", "category_id"),
+                                         (b"1e3", b"2", "image_id")):
+        with pytest.raises(DetectionFormatError, match=rf"detection #0 .*{field} must be an "
+                                                       r"integer, got .* \(float\); ids are"):
+            read(image_id, category_id)
 
 
 def test_large_ids_are_exact(tmp_path):

@@ -26,17 +26,15 @@ import torch
 
 from ltdet.data.samplers import DATA_SAMPLER_KEYS
 from ltdet.data import LVISDetection, RepeatFactorSampler, build_train_sampler, repeat_factors
-from ltdet.imbalance.label_smoothing import label_aware_smoothing
+from ltdet.imbalance.las_factors import label_aware_smoothing
 from ltdet.imbalance.lds import RoILDS
 from ltdet.losses import LOSSES, build_loss
 from ltdet.models.classifiers import tau_normalize
-from ltdet.models.roi_heads import LTRoIHeads, RoISamples
+from ltdet.models.roi_heads import LTRoIHeads
+from ltdet.models.roi_samplers import RoISamples
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from _losses_fixtures import REGRESSION, make_batch, make_boxes, make_deltas, make_stats
-from _roi_fixtures import NUM_CLASSES, head_inputs, tiny_roi_heads
-
-C = NUM_CLASSES
+C = 5  # foreground classes of `_stage1_predictor` (the tau-norm tests)
 
 
 # =============================================================================================
@@ -77,18 +75,22 @@ def _mm_carl_loss(cls_score, labels, bbox_pred, bbox_targets, num_classes, beta,
 def _to_mmdet_layout(logits, box_regression, labels):
     """torchvision layout (column 0 = background, (C+1)*4 deltas) -> mmdetection's (background
     = column C, labels 0..C-1 for classes and C for background, C*4 class-specific deltas)."""
-    n = logits.shape[0]
+    n, C = logits.shape[0], logits.shape[1] - 1
     mm_logits = torch.cat([logits[:, 1:], logits[:, :1]], dim=1)
     mm_labels = torch.where(labels > 0, labels - 1, torch.full_like(labels, C))
     mm_deltas = box_regression.view(n, C + 1, 4)[:, 1:].reshape(n, C * 4)
     return mm_logits, mm_deltas, mm_labels
 
 
-def _carl_head(**sampler):
-    # mmdetection's PISA Faster R-CNN config: SmoothL1Loss(beta=1.0), carl=dict(k=1, bias=0.2)
-    cfg = {"type": "pisa", "k": 1.0, "bias": 0.2, "isr_p": False, "isr_n": False, **sampler}
-    return LTRoIHeads.from_roi_heads(tiny_roi_heads(), sampler=cfg,
-                                     box_loss={"type": "smooth_l1", "beta": 1.0}).train()
+@pytest.fixture
+def carl_head(tiny_roi_heads):
+    """`carl_head(**sampler)`: a PISA head on `tiny_roi_heads()` with CARL, in train mode."""
+    def _carl_head(**sampler):
+        # mmdetection's PISA Faster R-CNN config: SmoothL1Loss(beta=1.0), carl=dict(k=1, bias=0.2)
+        cfg = {"type": "pisa", "k": 1.0, "bias": 0.2, "isr_p": False, "isr_n": False, **sampler}
+        return LTRoIHeads.from_roi_heads(tiny_roi_heads(), sampler=cfg,
+                                         box_loss={"type": "smooth_l1", "beta": 1.0}).train()
+    return _carl_head
 
 
 def _carl_samples(seed=0):
@@ -104,8 +106,9 @@ def _carl_samples(seed=0):
                       gt_boxes=[torch.rand(1, 4, dtype=torch.float64)] * 2)
 
 
-def test_carl_is_added_to_the_unweighted_box_loss_like_mmdetection():
-    head = _carl_head()
+def test_carl_is_added_to_the_unweighted_box_loss_like_mmdetection(carl_head, tiny_num_classes):
+    C = tiny_num_classes
+    head = carl_head()
     samples = _carl_samples()
     n = sum(len(x) for x in samples.labels)
     g = torch.Generator().manual_seed(1)
@@ -135,14 +138,14 @@ def test_carl_is_added_to_the_unweighted_box_loss_like_mmdetection():
     assert torch.autograd.grad(losses["loss_carl"], logits)[0].abs().sum() > 0
 
 
-def test_carl_key_present_in_every_step_and_absent_when_disabled():
+def test_carl_key_present_in_every_step_and_absent_when_disabled(carl_head, head_inputs):
     features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 2))
-    _, losses = _carl_head()(features, proposals, shapes, targets)
+    _, losses = carl_head()(features, proposals, shapes, targets)
     assert "loss_carl" in losses and losses["loss_carl"] > 0
     empty = head_inputs(gt_per_image=(0, 0))
-    _, losses = _carl_head(isr_n=True)(*empty)
+    _, losses = carl_head(isr_n=True)(*empty)
     assert losses["loss_carl"] == 0 and losses["loss_box_reg"] == 0  # no positives: still logged
-    _, losses = _carl_head(carl=False)(features, proposals, shapes, targets)
+    _, losses = carl_head(carl=False)(features, proposals, shapes, targets)
     assert "loss_carl" not in losses
 
 
@@ -429,7 +432,7 @@ def test_label_aware_smoothing_factors_equal_mislas(shape, power):
                                rtol=1e-12, atol=1e-15)
 
 
-def test_las_loss_exp_shape_value_and_gradient():
+def test_las_loss_exp_shape_value_and_gradient(make_batch, make_stats):
     stats = make_stats(instance_count=(1200.0, 800.0, 310.0, 90.0, 7.0, 3.0))
     loss = build_loss({"type": "las", "shape": "exp", "power": 2.0, "eps_head": 0.4,
                        "eps_tail": 0.1}, num_classes=6, stats=stats).double()
@@ -462,9 +465,13 @@ def _accepts_avg_factor(cls):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in LOSSES.items() if _accepts_avg_factor(cls)))
-def test_avg_factor_with_sum_raises_for_every_loss(name):
+def test_avg_factor_with_sum_raises_for_every_loss(name, make_batch, make_boxes, make_deltas,
+                                                   make_stats, regression_losses):
     loss = build_loss({"type": name}, num_classes=6, stats=make_stats()).double().eval()
-    if name in REGRESSION:
+    if name == "dfl":  # side distributions [P, 4, reg_max + 1], distances [P, 4]
+        x = torch.randn(9, 4, loss.reg_max + 1, dtype=torch.float64).requires_grad_(True)
+        y = torch.rand(9, 4, dtype=torch.float64) * loss.reg_max
+    elif name in regression_losses:
         x, y = make_boxes() if loss.needs_boxes else make_deltas()
     else:
         x, y = make_batch(num_columns=loss.cls_channels)  # seesaw: C+2 logits

@@ -16,8 +16,6 @@ import ltdet
 from ltdet.losses import LOSSES, build_loss
 from ltdet.losses.base import ClassificationLoss
 
-from _losses_fixtures import make_stats
-from _roi_fixtures import NUM_CLASSES, detection_batch, tiny_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -27,8 +25,13 @@ CLASSIFICATION_LOSSES = sorted(name for name, cls in LOSSES.items()
 #: extra configurations of losses whose activation depends on a hyper-parameter
 VARIANTS = {"cb": [{"base": "sigmoid"}, {"base": "focal"}]}
 
-STATS = make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0))  # C = NUM_CLASSES = 5
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def stats(make_stats):
+    """Class statistics for `tiny_detector`'s C = 5 classes."""
+    return make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0))
 
 
 def _images(size=64):
@@ -78,8 +81,8 @@ def _eager_and_scripted(model, images):
 
 # Scripting the tiny detector takes ~0.6 s per loss on one core: every loss runs by default.
 @pytest.mark.parametrize("name", CLASSIFICATION_LOSSES)
-def test_scripted_faster_rcnn_detects_as_eager(name):
-    model = _spread_predictor(ltdet.patch(tiny_detector(), cls_loss={"type": name}, stats=STATS))
+def test_scripted_faster_rcnn_detects_as_eager(name, stats, tiny_detector):
+    model = _spread_predictor(ltdet.patch(tiny_detector(), cls_loss={"type": name}, stats=stats))
     images = _images()
     eager, scripted_detections, scripted = _eager_and_scripted(model, images)
     _assert_same_detections(eager, scripted_detections)
@@ -105,19 +108,19 @@ class _Scorer(nn.Module):
 @pytest.mark.parametrize("cfg", [{"type": name} for name in CLASSIFICATION_LOSSES]
                          + [{"type": name, **v} for name, vs in VARIANTS.items() for v in vs],
                          ids=lambda cfg: "-".join(str(v) for v in cfg.values()))
-def test_every_activation_scripts_and_equals_eager(cfg):
-    loss = build_loss(cfg, num_classes=NUM_CLASSES, stats=STATS).eval()
+def test_every_activation_scripts_and_equals_eager(cfg, stats, tiny_num_classes):
+    loss = build_loss(cfg, num_classes=tiny_num_classes, stats=stats).eval()
     scorer = torch.jit.script(_Scorer(loss))
     g = torch.Generator().manual_seed(0)
     width = loss.cls_channels  # seesaw: C+2 logits
     for logits in (torch.randn(9, width, generator=g) * 6,
                    torch.randn(0, width), torch.randn(4, width).double()):
         scores = scorer(logits)
-        assert scores.shape == (logits.shape[0], NUM_CLASSES + 1)
+        assert scores.shape == (logits.shape[0], tiny_num_classes + 1)
         torch.testing.assert_close(scores, loss.activation(logits), rtol=0, atol=0)
 
 
-def test_scripted_model_saves_loads_and_does_not_train():
+def test_scripted_model_saves_loads_and_does_not_train(detection_batch, tiny_detector):
     model = _spread_predictor(ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw"},
                                           sampler={"type": "ohem"}))
     images = _images()
@@ -139,13 +142,14 @@ def test_scripted_model_saves_loads_and_does_not_train():
 
 
 @pytest.mark.parametrize("predictor", ["cosine", "lws"])
-def test_non_linear_classifiers_script(predictor):
+def test_non_linear_classifiers_script(predictor, tiny_detector, tiny_num_classes):
     from ltdet.models.classifiers import CosinePredictor, LWSPredictor
 
     model = tiny_detector()
     old = model.roi_heads.box_predictor
     if predictor == "cosine":
-        model.roi_heads.box_predictor = CosinePredictor(old.cls_score.in_features, NUM_CLASSES + 1)
+        model.roi_heads.box_predictor = CosinePredictor(old.cls_score.in_features,
+                                                        tiny_num_classes + 1)
     else:
         model.roi_heads.box_predictor = LWSPredictor(old)
         with torch.no_grad():
@@ -156,7 +160,7 @@ def test_non_linear_classifiers_script(predictor):
     _assert_same_detections(eager, scripted)
 
 
-def test_lds_fds_hooks_do_not_block_scripting():
+def test_lds_fds_hooks_do_not_block_scripting(tiny_detector):
     from ltdet.imbalance import build_fds, build_lds
 
     model = tiny_detector()
@@ -169,13 +173,13 @@ def test_lds_fds_hooks_do_not_block_scripting():
     _assert_same_detections(eager, scripted)
 
 
-def _tiny_retinanet():
+def _tiny_retinanet(num_classes):
     """ltdet's resnet18 RetinaNet with torchvision's transform (`NoResizeTransform` aside)."""
     from ltdet.models.build import build_torchvision_detector
 
     model = build_torchvision_detector(
         {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn",
-                   "detections_per_img": 50, "score_thresh": 1e-3}}, NUM_CLASSES)
+                   "detections_per_img": 50, "score_thresh": 1e-3}}, num_classes)
     old = model.transform
     model.transform = GeneralizedRCNNTransform(64, 64, old.image_mean, old.image_std)
     return model
@@ -185,13 +189,13 @@ def _tiny_retinanet():
                                              ({"type": "ce"}, None),
                                              (None, {"type": "ghmr", "momentum": 0.7})],
                          ids=["eqlv2-giou", "ce", "box-only"])
-def test_scripted_patched_retinanet_detects_as_eager(cls_cfg, box_cfg):
-    model = ltdet.patch(_tiny_retinanet(), cls_loss=cls_cfg, box_loss=box_cfg)
+def test_scripted_patched_retinanet_detects_as_eager(cls_cfg, box_cfg, tiny_num_classes):
+    model = ltdet.patch(_tiny_retinanet(tiny_num_classes), cls_loss=cls_cfg, box_loss=box_cfg)
     eager, scripted, _ = _eager_and_scripted(model, _images())
     _assert_same_detections(eager, scripted)
 
 
-def test_scripted_mask_rcnn_detects_as_eager():
+def test_scripted_mask_rcnn_detects_as_eager(tiny_detector):
     model = _spread_predictor(ltdet.patch(tiny_detector("maskrcnn_resnet50_fpn"),
                                           cls_loss={"type": "eqlv2"}))
     eager, scripted, _ = _eager_and_scripted(model, _images())
@@ -199,18 +203,18 @@ def test_scripted_mask_rcnn_detects_as_eager():
     _assert_same_detections(eager, scripted)
 
 
-def test_build_detector_model_scripts():
+def test_build_detector_model_scripts(tiny_num_classes):
     from ltdet.models.build import build_torchvision_detector
 
     model = build_torchvision_detector({"model": {"arch": "faster_rcnn", "backbone": "resnet18",
-                                                  "norm": "bn"}}, NUM_CLASSES)
+                                                  "norm": "bn"}}, tiny_num_classes)
     model = _spread_predictor(ltdet.patch(model, cls_loss={"type": "eqlv2"}))
     eager, scripted, _ = _eager_and_scripted(model, _images())
     assert sum(len(d["boxes"]) for d in eager) > 0  # the comparison below compares something
     _assert_same_detections(eager, scripted)
 
 
-def test_scripting_logs_nothing_and_leaves_the_eager_model_alone(caplog):
+def test_scripting_logs_nothing_and_leaves_the_eager_model_alone(caplog, tiny_detector):
     model = ltdet.patch(tiny_detector(), cls_loss={"type": "ghmc", "momentum": 0.75})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with caplog.at_level(logging.INFO):

@@ -4,16 +4,16 @@
     python tools/check_demo.py                       # runs/synthetic/faster_rcnn_r18_fpn
     python tools/check_demo.py path/to/metrics.json
 
-The bars (`tools/demo.py`): the detector learns (AP50 on the frequent classes >= 0.5) and the
-long tail bites (APr <= APf / 2 for the plain softmax baseline). CI runs this after `make demo`.
+The bars (`ltdet.scripts.demo`, which tools/demo.py runs): the detector learns (AP50 on the
+frequent classes >= 0.5) and the long tail bites (APr <= APf / 2 for the plain softmax baseline).
+CI runs this after `make demo`.
 """
+
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-
-from tools.demo import MAX_APR_OVER_APF, MIN_AP50_FREQUENT  # noqa: E402
+from ltdet.scripts.demo import MAX_APR_OVER_APF, MIN_AP50_FREQUENT
 
 DEFAULT = "runs/synthetic/faster_rcnn_r18_fpn/metrics.json"
 
@@ -28,11 +28,15 @@ def check(metrics: dict) -> list:
     if failed:
         return failed
     if not metrics["AP50f"] >= MIN_AP50_FREQUENT:
-        failed.append(f"AP50 on the frequent classes is {metrics['AP50f']:.3f} < "
-                      f"{MIN_AP50_FREQUENT}: the detector did not learn")
+        failed.append(
+            f"AP50 on the frequent classes is {metrics['AP50f']:.3f} < "
+            f"{MIN_AP50_FREQUENT}: the detector did not learn"
+        )
     if not metrics["APr"] <= MAX_APR_OVER_APF * metrics["APf"]:
-        failed.append(f"APr {metrics['APr']:.3f} > {MAX_APR_OVER_APF} * APf "
-                      f"{metrics['APf']:.3f}: the baseline does not show the long tail")
+        failed.append(
+            f"APr {metrics['APr']:.3f} > {MAX_APR_OVER_APF} * APf "
+            f"{metrics['APf']:.3f}: the baseline does not show the long tail"
+        )
     return failed
 
 
@@ -47,8 +51,10 @@ def main(argv=None) -> int:
     for line in failed:
         print(f"demo check FAILED: {line}", file=sys.stderr)
     if not failed:
-        print(f"demo check passed: AP50f {metrics['AP50f']:.3f} >= {MIN_AP50_FREQUENT}, "
-              f"APr {metrics['APr']:.3f} <= {MAX_APR_OVER_APF} * APf {metrics['APf']:.3f} ({path})")
+        print(
+            f"demo check passed: AP50f {metrics['AP50f']:.3f} >= {MIN_AP50_FREQUENT}, "
+            f"APr {metrics['APr']:.3f} <= {MAX_APR_OVER_APF} * APf {metrics['APf']:.3f} ({path})"
+        )
     return 1 if failed else 0
 
 

@@ -7,29 +7,35 @@ Prints a table (per class: label, category id, name, r/c/f group, training image
 repeat factor r_c), the r/c/f and AP1..AP4 bin sizes, the distribution of per-image repeat
 factors and the expected epoch length under RFS (sum of r_img), and writes a plot (PNG).
 """
+
 import argparse
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ltdet.data.class_stats import ClassStats, FlatAnnotations  # noqa: E402
-from ltdet.data.coco_lt import bin_sizes  # noqa: E402
-from ltdet.data.samplers import class_repeat_factors, repeat_factors  # noqa: E402
+from ltdet.data.class_stats import ClassStats, FlatAnnotations
+from ltdet.data.coco_lt import bin_sizes
+from ltdet.data.samplers import class_repeat_factors, repeat_factors
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("json")
     p.add_argument("--threshold", type=float, default=1e-3, help="RFS threshold t (default 1e-3)")
-    p.add_argument("--plot", default=None,
-                   help="PNG path (default: JSON name with _stats.png next to it)")
-    p.add_argument("--max-rows", type=int, default=0,
-                   help="print only the N rarest and N most frequent classes (0 = all)")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="drop annotations with zero/negative width or height instead of failing")
+    p.add_argument(
+        "--plot", default=None, help="PNG path (default: JSON name with _stats.png next to it)"
+    )
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=0,
+        help="print only the N rarest and N most frequent classes (0 = all)",
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="drop annotations with zero/negative width or height instead of failing",
+    )
     args = p.parse_args(argv)
 
     flat = FlatAnnotations.from_json(args.json, skip_invalid=args.skip_invalid)
@@ -42,27 +48,44 @@ def main(argv=None):
     order = np.argsort(-n_inst, kind="stable")
     rows = order
     if args.max_rows and 2 * args.max_rows < len(order):
-        rows = np.concatenate([order[:args.max_rows], order[-args.max_rows:]])
-    print(f"{'label':>5} {'cat_id':>7} {'name':<28} {'grp':>3} {'images':>8} {'instances':>10}"
-          f" {'r_c':>7}")
+        rows = np.concatenate([order[: args.max_rows], order[-args.max_rows :]])
+    print(
+        f"{'label':>5} {'cat_id':>7} {'name':<28} {'grp':>3} {'images':>8} {'instances':>10}"
+        f" {'r_c':>7}"
+    )
     for i in rows:
-        print(f"{i + 1:>5} {stats.cat_ids[i]:>7} {stats.names[i][:28]:<28} "
-              f"{stats.frequency[i]:>3} {n_img[i]:>8.0f} {n_inst[i]:>10.0f} {class_rf[i]:>7.2f}")
+        print(
+            f"{i + 1:>5} {stats.cat_ids[i]:>7} {stats.names[i][:28]:<28} "
+            f"{stats.frequency[i]:>3} {n_img[i]:>8.0f} {n_inst[i]:>10.0f} {class_rf[i]:>7.2f}"
+        )
     freq = np.asarray(stats.frequency)
-    print(f"\n{stats.num_images} images, {len(flat.ann_ids)} annotations (non-crowd), "
-          f"{stats.num_classes} classes ({int((n_img == 0).sum())} without images)")
-    print("frequency groups: " + " ".join(f"{g}={int((freq == g).sum())}" for g in "rcf")
-          + ("  (from the json's 'frequency' field)" if flat.frequency else
-             "  (from image counts: r 1-10, c 11-100, f > 100)"))
+    print(
+        f"\n{stats.num_images} images, {len(flat.ann_ids)} annotations (non-crowd), "
+        f"{stats.num_classes} classes ({int((n_img == 0).sum())} without images)"
+    )
+    print(
+        "frequency groups: "
+        + " ".join(f"{g}={int((freq == g).sum())}" for g in "rcf")
+        + (
+            "  (from the json's 'frequency' field)"
+            if flat.frequency
+            else "  (from image counts: r 1-10, c 11-100, f > 100)"
+        )
+    )
     print("AP bins by instances: " + " ".join(f"{k}={v}" for k, v in bin_sizes(n_inst).items()))
     q = np.quantile(img_rf, [0.0, 0.5, 0.9, 0.99, 1.0])
-    print(f"repeat factors (t={args.threshold:g}): images with r > 1: "
-          f"{int((img_rf > 1).sum())} ({(img_rf > 1).mean():.1%}); min/median/p90/p99/max "
-          + "/".join(f"{v:.2f}" for v in q))
-    print(f"expected RFS epoch length: {img_rf.sum():.0f} images "
-          f"({img_rf.sum() / stats.num_images:.3f} x the data set)")
+    print(
+        f"repeat factors (t={args.threshold:g}): images with r > 1: "
+        f"{int((img_rf > 1).sum())} ({(img_rf > 1).mean():.1%}); min/median/p90/p99/max "
+        + "/".join(f"{v:.2f}" for v in q)
+    )
+    print(
+        f"expected RFS epoch length: {img_rf.sum():.0f} images "
+        f"({img_rf.sum() / stats.num_images:.3f} x the data set)"
+    )
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -72,8 +95,13 @@ def main(argv=None):
     ranks = np.arange(1, len(order) + 1)
     for g in "rcf":
         m = freq[order] == g
-        ax0.scatter(ranks[m], np.maximum(n_inst[order][m], 0.5), s=6, c=colours[g],
-                    label=f"{g} ({int(m.sum())})")
+        ax0.scatter(
+            ranks[m],
+            np.maximum(n_inst[order][m], 0.5),
+            s=6,
+            c=colours[g],
+            label=f"{g} ({int(m.sum())})",
+        )
     ax0.set_yscale("log")
     ax0.set_xlabel("class rank (by instances)")
     ax0.set_ylabel("training instances")

@@ -20,9 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-
-from ltdet.config import ConfigError, load_config  # noqa: E402
+from ltdet.config import ConfigError, load_config
 
 METRICS = ("AP", "APr", "APc", "APf")
 #: the authors' sweep (classifier-balancing, tau_norm.py: np.linspace(0, 2, 21))
@@ -33,7 +31,8 @@ def parse_taus(text: str) -> list[float]:
     try:
         taus = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--taus must be comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--taus must be comma-separated numbers, got {text!r}") from None
     if not taus or any(t < 0 for t in taus):
         raise argparse.ArgumentTypeError(f"--taus needs at least one value >= 0, got {text!r}")
     return taus
@@ -75,12 +74,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ltdet.data import ClassStats
     from ltdet.engine import distributed as du
     from ltdet.engine.checkpoint import load_checkpoint
-    from ltdet.engine.data import build_datasets, resolve_data_paths
-    from ltdet.engine.evaluate import evaluate_model
+    from ltdet.engine.loaders import build_datasets, locate_or_generate_data
     from ltdet.engine.logger import setup_logging
+    from ltdet.engine.validation import checkpoint_classes, evaluate_model
     from ltdet.models import build_detector, tau_normalize
 
     info = du.init_distributed(cfg["device"])
@@ -92,13 +90,8 @@ def main(argv=None) -> int:
         print(f"{args.ckpt} is a stage-2 checkpoint; tau_sweep needs the stage-1 one",
               file=sys.stderr)
         return 2
-    paths = resolve_data_paths(cfg)
-    if "stats" in meta:
-        stats = ClassStats(**meta["stats"])
-        label_to_cat_id = {i + 1: c for i, c in enumerate(meta["cat_ids"])}
-    else:
-        train_ds, _ = build_datasets(cfg, paths, val=False)
-        stats, label_to_cat_id = train_ds.stats, train_ds.label_to_cat_id
+    paths = locate_or_generate_data(cfg)
+    stats, label_to_cat_id = checkpoint_classes(ckpt, cfg, paths)
     _, val_ds = build_datasets(cfg, paths, train=False)
     model = build_detector(cfg, len(label_to_cat_id), stats)
     model.load_state_dict(ckpt["model"])

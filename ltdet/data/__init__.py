@@ -1,41 +1,20 @@
 """Data: LVIS / COCO datasets, OpenCV transforms, ClassStats, image samplers, synthetic set."""
-import importlib
+from .class_stats import ClassStats, FlatAnnotations
+from .coco_lt import build_coco_lt
+from .collate import collate_detection
+from .datasets import COCODetection, LVISDetection, build_dataset, label_to_cat_id_table
+from .samplers import (ClassAwareSampler, GroupedBatchSampler, InferenceSampler,
+                       RepeatFactorSampler, aspect_ratio_group_ids, build_train_sampler,
+                       class_repeat_factors, group_batches, repeat_factors)
+from .synthetic import make_synthetic_lvis
+from .transforms import (Compose, RandomHorizontalFlip, ResizeShortestEdge, ToTensor,
+                         build_transforms)
 
-# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
-# importing its siblings.
-_EXPORTS = {
-    "ClassStats": "class_stats",
-    "frequency_from_counts": "class_stats",
-    "FlatAnnotations": "class_stats",
-    "LVISDetection": "datasets",
-    "COCODetection": "datasets",
-    "build_dataset": "datasets",
-    "ResizeShortestEdge": "transforms",
-    "RandomHorizontalFlip": "transforms",
-    "ToTensor": "transforms",
-    "Compose": "transforms",
-    "build_transforms": "transforms",
-    "repeat_factors": "samplers",
-    "class_repeat_factors": "samplers",
-    "RepeatFactorSampler": "samplers",
-    "ClassAwareSampler": "samplers",
-    "InferenceSampler": "samplers",
-    "GroupedBatchSampler": "samplers",
-    "build_train_sampler": "samplers",
-    "aspect_ratio_group_ids": "samplers",
-    "build_coco_lt": "coco_lt",
-    "collate_detection": "collate",
-    "make_synthetic_lvis": "synthetic",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "COCODetection", "ClassAwareSampler", "ClassStats", "Compose", "FlatAnnotations",
+    "GroupedBatchSampler", "InferenceSampler", "LVISDetection", "RandomHorizontalFlip",
+    "RepeatFactorSampler", "ResizeShortestEdge", "ToTensor", "aspect_ratio_group_ids",
+    "build_coco_lt", "build_dataset", "build_train_sampler", "build_transforms",
+    "class_repeat_factors", "collate_detection", "group_batches", "label_to_cat_id_table",
+    "make_synthetic_lvis", "repeat_factors",
+]

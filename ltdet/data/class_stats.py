@@ -4,8 +4,9 @@ Label convention (torchvision's): label ``i`` in ``1..C`` is the ``i``-th catego
 category id; label 0 is background. Every per-class tensor here has shape ``[C]`` and index
 ``i`` holds label ``i + 1``.
 
-Frequency groups follow the LVIS paper (Gupta et al., CVPR 2019, Sec. 3): a class is rare (``r``)
-when it appears in 1-10 training images, common (``c``) in 11-100 and frequent (``f``) in more.
+Frequency groups follow the LVIS paper (Gupta et al., CVPR 2019, Sec. 3), with the thresholds
+of `ltdet.frequency`: rare (``r``) 1-10 training images, common (``c``) 11-100, frequent
+(``f``) more.
 
 `FlatAnnotations` is the one parser of LVIS / COCO json shared by the datasets, ClassStats,
 repeat-factor sampling and the COCO-LT builder: it validates the json once and turns the list of
@@ -19,24 +20,16 @@ import os
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from ltdet.frequency import FREQ_GROUPS, frequency_from_counts
+
 logger = logging.getLogger(__name__)
 
-# LVIS thresholds on the number of training images containing a class (Gupta et al., 2019).
-RARE_MAX_IMAGES = 10
-COMMON_MAX_IMAGES = 100
-
-
-def frequency_from_counts(image_count: torch.Tensor | Sequence[float]) -> list[str]:
-    """'r' / 'c' / 'f' per class from its training image count (r <= 10, c <= 100, f > 100)."""
-    counts = torch.as_tensor(image_count, dtype=torch.float64)
-    groups = np.where(counts.numpy() <= RARE_MAX_IMAGES, "r",
-                      np.where(counts.numpy() <= COMMON_MAX_IMAGES, "c", "f"))
-    return groups.tolist()
+__all__ = ["ClassStats", "FlatAnnotations", "load_json_dict"]
 
 
 def load_json_dict(path_or_dict: str | os.PathLike | Mapping) -> tuple[dict, str | None]:
@@ -162,7 +155,8 @@ class FlatAnnotations:
         return len(self.cat_ids)
 
     @classmethod
-    def from_json(cls, path_or_dict, *, skip_invalid: bool = False) -> "FlatAnnotations":
+    def from_json(cls, path_or_dict: str | os.PathLike | Mapping, *,
+                  skip_invalid: bool = False) -> "FlatAnnotations":
         data, path = load_json_dict(path_or_dict)
         return cls.from_dict(data, json_path=path, skip_invalid=skip_invalid)
 
@@ -320,7 +314,7 @@ class ClassStats:
                             ("cat_ids", self.cat_ids)):
             if value is not None and len(value) != c:
                 raise ValueError(f"ClassStats: {name} has {len(value)} entries for {c} classes")
-        bad = sorted(set(self.frequency) - {"r", "c", "f"})
+        bad = sorted(set(self.frequency) - set(FREQ_GROUPS))
         if bad:
             raise ValueError(f"ClassStats: frequency values must be 'r', 'c' or 'f', got {bad}")
 
@@ -340,7 +334,8 @@ class ClassStats:
                    names=list(flat.class_names), cat_ids=list(flat.cat_ids))
 
     @classmethod
-    def from_json(cls, path_or_dict, *, skip_invalid: bool = False) -> "ClassStats":
+    def from_json(cls, path_or_dict: str | os.PathLike | Mapping, *,
+                  skip_invalid: bool = False) -> "ClassStats":
         """Counts over the json's (non-crowd) annotations; LVIS or COCO format, path or dict."""
         return cls.from_flat(FlatAnnotations.from_json(path_or_dict, skip_invalid=skip_invalid))
 

@@ -3,7 +3,7 @@
 COCO-LT (Wang et al., ECCV 2020, "The Devil is in Classification: A Simple Framework for
 Long-tail Instance Segmentation", Sec. 5) is COCO train2017 sampled so that its per-class
 instance counts follow LVIS's long tail; results are reported as AP1..AP4 over classes binned by
-training instance count: [1, 20), [20, 400), [400, 8000), [8000, inf).
+training instance count: [1, 20), [20, 400), [400, 8000), [8000, inf) (`ltdet.frequency`).
 
 The target profile (instances per class, by class rank) is either a Zipf law
 ``n_k = n_0 / (k + 1)^s`` with ``s = ln(imbalance) / ln(C)`` (so ``n_0 / n_{C-1} = imbalance``,
@@ -27,24 +27,19 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .class_stats import FlatAnnotations, frequency_from_counts
+from ltdet.frequency import COCO_LT_BIN_NAMES, FREQ_GROUPS, coco_lt_bins, frequency_from_counts
+
+from .class_stats import FlatAnnotations
 
 logger = logging.getLogger(__name__)
 
-# Lower edges of the COCO-LT AP bins on training instance counts (Wang et al., 2020).
-COCO_LT_BIN_EDGES = (1, 20, 400, 8000)
-COCO_LT_BIN_NAMES = ("AP1", "AP2", "AP3", "AP4")
-
-
-def instance_bins(instance_count: Sequence[float]) -> np.ndarray:
-    """Bin index 0..3 (AP1..AP4) per class from its training instance count; -1 for 0 instances."""
-    counts = np.asarray(instance_count, dtype=np.float64)
-    return np.searchsorted(np.asarray(COCO_LT_BIN_EDGES, np.float64), counts, side="right") - 1
+__all__ = ["bin_sizes", "build_coco_lt", "profile_from_counts", "zipf_profile"]
 
 
 def bin_sizes(instance_count: Sequence[float]) -> dict[str, int]:
-    """Number of classes in each COCO-LT bin: ``{"AP1": n1, ..., "AP4": n4}``."""
-    bins = instance_bins(instance_count)
+    """Number of classes in each COCO-LT bin (`ltdet.frequency.coco_lt_bins`):
+    ``{"AP1": n1, ..., "AP4": n4}``."""
+    bins = coco_lt_bins(instance_count)
     sizes = np.bincount(bins[bins >= 0], minlength=len(COCO_LT_BIN_NAMES))
     return {name: int(n) for name, n in zip(COCO_LT_BIN_NAMES, sizes)}
 
@@ -169,7 +164,7 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
     summary = {
         "target": target[1:], "achieved": achieved, "image_count": image_count,
         "num_images": len(out["images"]), "num_instances": int(achieved.sum()),
-        "frequency_sizes": {g: freq.count(g) for g in "rcf"},
+        "frequency_sizes": {g: freq.count(g) for g in FREQ_GROUPS},
         "bin_sizes": bin_sizes(achieved),
         "empty_classes": int((achieved == 0).sum()),
     }

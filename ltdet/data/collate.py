@@ -5,8 +5,12 @@ input format of torchvision detectors (which pad and batch the images themselves
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
 
-def collate_detection(batch):
+__all__ = ["collate_detection"]
+
+
+def collate_detection(batch: Sequence[tuple[Any, dict]]) -> tuple[list, list[dict]]:
     """``[(image, target), ...] -> (list of images, list of targets)``."""
     if len(batch) == 0:
         raise ValueError("collate_detection got an empty batch; check that the sampler yields "

@@ -7,7 +7,9 @@
     ``[K]`` in ``1..C`` (label ``i`` = ``cat_ids[i - 1]``, sorted json category ids; 0 is
     torchvision's background), ``image_id`` int, ``orig_size`` ``(h, w)`` of the file,
     ``scale`` float (resized / original: divide predicted boxes by it for original coordinates),
-    ``flipped`` bool.
+    ``flipped`` bool; with ``masks=True`` (Mask R-CNN) also ``masks`` uint8 ``[K, H, W]``, one
+    per box, decoded as ``lvis.LVIS.ann_to_mask`` does (`ltdet.data.masks`) and moved by every
+    transform with the boxes.
 
 Index ``i`` is the ``i``-th image by sorted image id. COCO crowd annotations (``iscrowd=1``) are
 not training targets and are dropped, as is done by torchvision's reference scripts.
@@ -19,7 +21,7 @@ import contextlib
 import io
 import logging
 import os
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -28,9 +30,20 @@ from lvis import LVIS
 from pycocotools.coco import COCO
 
 from .class_stats import ClassStats, FlatAnnotations, load_json_dict
+from .masks import MASK_FIX, MaskError, decode_masks, segmentation_problem
 from .transforms import ToTensor
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["COCODetection", "CorruptImageError", "LVISDetection", "build_dataset",
+           "detect_format", "label_to_cat_id_table", "truncation"]
+
+
+def label_to_cat_id_table(cat_ids: Sequence[int]) -> torch.Tensor:
+    """The label -> json category id table of a data set whose sorted category ids are
+    ``cat_ids``: int64 ``[C + 1]``, ``table[label] = cat_ids[label - 1]`` for labels ``1..C``
+    and ``table[0] = -1`` (background is no category). Index it with a label tensor."""
+    return torch.as_tensor([-1] + [int(c) for c in cat_ids], dtype=torch.int64)
 
 
 class CorruptImageError(OSError):
@@ -82,9 +95,10 @@ class _LVISFromDict(LVIS):
 class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
     """Shared reader: flat validated annotations + image decoding; subclasses pick the json API."""
 
-    def __init__(self, json, image_root, transforms: Callable | None = None,
+    def __init__(self, json: str | os.PathLike | Mapping, image_root: str | os.PathLike,
+                 transforms: Callable | None = None,
                  filter_empty: bool = False, *, skip_invalid: bool = False,
-                 json_path: str | None = None):
+                 json_path: str | None = None, masks: bool = False):
         # json_path names an in-memory dict's source file in error messages.
         data, path = load_json_dict(json)
         path = path if path is not None else json_path
@@ -95,6 +109,9 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         self.transforms = transforms
         flat = FlatAnnotations.from_dict(data, json_path=path, skip_invalid=skip_invalid)
         self.api = self._make_api(data)
+        self.masks = bool(masks)
+        if self.masks:
+            flat = self._check_masks(flat)
         if filter_empty:
             keep = np.flatnonzero(np.diff(flat.ann_offsets) > 0)
             if keep.size == 0:
@@ -109,6 +126,50 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         self.image_ids = flat.image_ids.tolist()
         self.stats = ClassStats.from_flat(flat)
         self._to_tensor = ToTensor()
+
+    def _check_masks(self, flat: FlatAnnotations) -> FlatAnnotations:
+        """Every training annotation must carry a decodable mask of its image's size
+        (`segmentation_problem`): the first that does not is an error naming the json, the
+        annotation id and the fix; with ``skip_invalid`` the images holding such annotations
+        are left out (one warning), before any statistic counts them."""
+        where = self.json_path or "<in-memory dict>"
+        bad_images, first = set(), None
+        anns = self.api.anns
+        heights = flat.heights[flat.ann_image_index].astype(np.int64)
+        widths = flat.widths[flat.ann_image_index].astype(np.int64)
+        for k, ann_id in enumerate(flat.ann_ids.tolist()):
+            h, w = int(heights[k]), int(widths[k])
+            if h <= 0 or w <= 0:
+                why = "its image has no 'height' / 'width' in the json to decode masks at"
+            else:
+                why = segmentation_problem(anns[ann_id].get("segmentation"), h, w)
+            if why is None:
+                continue
+            if not self.skip_invalid:
+                raise MaskError(f"annotation id {ann_id} (image id "
+                                f"{int(flat.image_ids[flat.ann_image_index[k]])}) in {where}: "
+                                f"{why}; {MASK_FIX}")
+            bad_images.add(int(flat.ann_image_index[k]))
+            first = first or (ann_id, why)
+        if not bad_images:
+            return flat
+        keep = np.setdiff1d(np.arange(flat.num_images), np.fromiter(bad_images, np.int64))
+        if keep.size == 0:
+            raise MaskError(f"annotation json {where}: no image has a valid mask for every box, "
+                            f"so data.skip_invalid leaves no training image (first: annotation "
+                            f"id {first[0]}: {first[1]})")
+        logger.warning("%s: left out %d of %d images with boxes lacking a valid mask "
+                       "(data.skip_invalid); first: annotation id %d: %s", where, len(bad_images),
+                       flat.num_images, first[0], first[1])
+        return _subset(flat, keep)
+
+    def load_masks(self, i: int) -> torch.Tensor:
+        """uint8 ``[K, H, W]`` masks of image ``i``'s training annotations (json size)."""
+        flat = self.annotations
+        a, b = flat.ann_offsets[i], flat.ann_offsets[i + 1]
+        anns = self.api.anns
+        segs = [anns[k]["segmentation"] for k in flat.ann_ids[a:b].tolist()]
+        return decode_masks(segs, int(flat.heights[i]), int(flat.widths[i]))
 
     @abc.abstractmethod
     def _make_api(self, data: dict):
@@ -137,9 +198,9 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         return set(self.annotations.ann_labels[a:b].tolist())
 
     def labels_to_cat_ids(self, labels: torch.Tensor) -> torch.Tensor:
-        """Map labels ``1..C`` back to json category ids (for writing detections)."""
-        table = torch.as_tensor([0] + self.cat_ids, dtype=torch.int64, device=labels.device)
-        return table[labels.long()]
+        """Map labels ``1..C`` back to json category ids (for writing detections); see
+        `label_to_cat_id_table`."""
+        return label_to_cat_id_table(self.cat_ids).to(labels.device)[labels.long()]
 
     def image_path(self, i: int) -> str:
         """File of image ``i``: ``image_root/file_name``; LVIS v1 has only ``coco_url``, whose
@@ -210,7 +271,7 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                                    "decodes takes its place in the batch", e)
         raise CorruptImageError(f"no image of {self.json_path or '<dict>'} decodes")
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         i, image = self._load_or_substitute(i)
         flat = self.annotations
         a, b = flat.ann_offsets[i], flat.ann_offsets[i + 1]
@@ -228,6 +289,8 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
             "scale": 1.0,
             "flipped": False,
         }
+        if self.masks:
+            target["masks"] = self.load_masks(i)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         if isinstance(image, np.ndarray):
@@ -282,9 +345,11 @@ def detect_format(data: Mapping) -> str:
     return "coco"
 
 
-def build_dataset(json, image_root, format: str = "auto", transforms=None, **kwargs):
+def build_dataset(json: str | os.PathLike | Mapping, image_root: str | os.PathLike,
+                  format: str = "auto", transforms: Callable | None = None,
+                  **kwargs: Any) -> "LVISDetection | COCODetection":
     """`LVISDetection` or `COCODetection` for ``format`` in auto | lvis | coco; ``kwargs`` go to
-    the constructor (``filter_empty``, ``skip_invalid``)."""
+    the constructor (``filter_empty``, ``skip_invalid``, ``masks``)."""
     data, path = load_json_dict(json)
     fmt = detect_format(data) if format == "auto" else format
     classes = {"lvis": LVISDetection, "coco": COCODetection}

@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+from ltdet.spec import SpecError, build_from_spec, check_number, spec_keys
+
 from .class_stats import FlatAnnotations
+
+__all__ = ["ClassAwareSampler", "DATA_SAMPLERS", "DATA_SAMPLER_KEYS", "GroupedBatchSampler",
+           "InferenceSampler", "RepeatFactorSampler", "aspect_ratio_group_ids",
+           "build_train_sampler", "class_repeat_factors", "group_batches", "repeat_factors"]
 
 
 def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -146,8 +152,11 @@ class RepeatFactorSampler(_EpochSampler):
     ``floor(r_i)`` times plus once more with probability ``frac(r_i)`` (stochastic rounding from a
     generator seeded with ``seed + epoch``), shuffled with the same generator."""
 
-    def __init__(self, repeat_factors, seed: int = 0, num_replicas: int | None = None,
-                 rank: int | None = None, shuffle: bool = True):
+    #: The `data.sampler` keys of ``type: repeat_factor``; their defaults are `repeat_factors`'s.
+    SPEC_KEYS = ("threshold", "sqrt")
+
+    def __init__(self, repeat_factors: torch.Tensor | Sequence[float], seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None, shuffle: bool = True):
         super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
         rf = torch.as_tensor(repeat_factors, dtype=torch.float64).reshape(-1)
         if rf.numel() == 0:
@@ -161,6 +170,19 @@ class RepeatFactorSampler(_EpochSampler):
         self._int_part = torch.floor(rf)
         self._frac_part = rf - self._int_part
         self.set_epoch(0)
+
+    @classmethod
+    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
+                    rank: int) -> "RepeatFactorSampler":
+        """``data.sampler: {type: repeat_factor, threshold, sqrt}`` over ``dataset``."""
+        options = {k: v for k, v in spec.items() if k != "type"}
+        if "threshold" in options:
+            check_number("data.sampler.threshold", options["threshold"], low=0, low_open=True)
+            options["threshold"] = float(options["threshold"])
+        if "sqrt" in options and not isinstance(options["sqrt"], bool):
+            raise SpecError(f"data.sampler.sqrt must be true or false, got {options['sqrt']!r}")
+        return cls(repeat_factors(dataset, **options), seed=seed, num_replicas=num_replicas,
+                   rank=rank)
 
     def _draw(self, generator):
         extra = torch.rand(self._frac_part.shape, generator=generator, dtype=torch.float64)
@@ -179,6 +201,9 @@ class ClassAwareSampler(_EpochSampler):
     classes with at least one image, then an image containing it uniformly. An epoch has
     ``num_samples`` draws (default: the number of images)."""
 
+    #: The `data.sampler` keys of ``type: class_aware``; their defaults are ``__init__``'s.
+    SPEC_KEYS = ("num_samples",)
+
     def __init__(self, dataset_or_image_labels, num_samples: int | None = None, seed: int = 0,
                  num_replicas: int | None = None, rank: int | None = None):
         super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
@@ -196,6 +221,13 @@ class ClassAwareSampler(_EpochSampler):
         if self.num_samples < 1:
             raise ValueError(f"ClassAwareSampler: num_samples must be >= 1, got {num_samples}")
         self.set_epoch(0)
+
+    @classmethod
+    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
+                    rank: int) -> "ClassAwareSampler":
+        """``data.sampler: {type: class_aware, num_samples}`` over ``dataset``."""
+        options = {k: v for k, v in spec.items() if k != "type"}
+        return cls(dataset, seed=seed, num_replicas=num_replicas, rank=rank, **options)
 
     def _draw(self, generator):
         # Draw a full multiple of num_replicas: i.i.d. draws need no padding duplicates.
@@ -270,15 +302,30 @@ class GroupedBatchSampler(Sampler[list]):
         return math.ceil(len(self.sampler) / self.batch_size)
 
 
+class _ShuffledSampler(DistributedSampler):
+    """``data.sampler: {type: default}``: torch's `DistributedSampler` (shuffled with
+    ``seed + epoch``, sharded, padded to equal shards, finite); no keys."""
+
+    SPEC_KEYS = ()
+
+    @classmethod
+    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
+                    rank: int) -> "_ShuffledSampler":
+        return cls(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                   drop_last=False)
+
+
+#: `data.sampler.type` -> its index sampler (built by `build_from_spec`).
+DATA_SAMPLERS = {"default": _ShuffledSampler, "repeat_factor": RepeatFactorSampler,
+                 "class_aware": ClassAwareSampler}
 #: `data.sampler.type` -> the keys it accepts besides `type` (also checked at config load,
 #: `ltdet.component_check`)
-DATA_SAMPLER_KEYS = {"default": (), "repeat_factor": ("threshold", "sqrt"),
-                     "class_aware": ("num_samples",)}
+DATA_SAMPLER_KEYS = {name: tuple(spec_keys(cls)) for name, cls in DATA_SAMPLERS.items()}
 
 
 def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = None,
                         rank: int | None = None, seed: int = 0) -> GroupedBatchSampler:
-    """Batch sampler for ``cfg_data["sampler"]``:
+    """Batch sampler for ``cfg_data["sampler"]`` (`DATA_SAMPLERS`):
 
     ``{type: default}`` (shuffled, seeded, sharded, finite: torch's `DistributedSampler`),
     ``{type: repeat_factor, threshold: 0.001, sqrt: true}`` (``sqrt: false``: detectron2's
@@ -287,29 +334,18 @@ def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = N
     Call ``.set_epoch(e)`` on the result at the start of every epoch.
     """
     num_replicas, rank = _resolve_world(num_replicas, rank)
-    spec = dict(cfg_data.get("sampler") or {"type": "default"})
-    kind = spec.pop("type", "default")
-    allowed = {k: set(v) for k, v in DATA_SAMPLER_KEYS.items()}
-    if kind not in allowed:
-        raise ValueError(f"data.sampler.type must be one of {sorted(allowed)}, got {kind!r}")
-    unknown = set(spec) - allowed[kind]
-    if unknown:
-        raise ValueError(f"data.sampler: unknown key(s) {sorted(unknown)} for type {kind!r}; "
-                         f"valid keys: {sorted(allowed[kind]) or 'none'}")
     if len(dataset) == 0:
         raise ValueError("build_train_sampler: the training data set is empty")
-    if kind == "repeat_factor":
-        use_sqrt = spec.get("sqrt", True)
-        if not isinstance(use_sqrt, bool):
-            raise ValueError(f"data.sampler.sqrt must be true or false, got {use_sqrt!r}")
-        rf = repeat_factors(dataset, threshold=float(spec.get("threshold", 1e-3)), sqrt=use_sqrt)
-        sampler = RepeatFactorSampler(rf, seed=seed, num_replicas=num_replicas, rank=rank)
-    elif kind == "class_aware":
-        sampler = ClassAwareSampler(dataset, num_samples=spec.get("num_samples"), seed=seed,
-                                    num_replicas=num_replicas, rank=rank)
-    else:
-        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
-                                     shuffle=True, seed=seed, drop_last=False)
+    # a null spec (`data.sampler: null`) is the default sampler
+    sampler = build_from_spec(DATA_SAMPLERS, "data.sampler", cfg_data["sampler"] or {},
+                              default_type="default", dataset=dataset, seed=seed,
+                              num_replicas=num_replicas, rank=rank)
+    return group_batches(sampler, dataset, cfg_data)
+
+
+def group_batches(sampler: Sampler, dataset, cfg_data: Mapping) -> GroupedBatchSampler:
+    """An index sampler -> batches of ``cfg_data["batch_size"]``, grouped by aspect ratio when
+    ``cfg_data["aspect_ratio_grouping"]``."""
     groups = (aspect_ratio_group_ids(dataset.aspect_ratios())
-              if cfg_data.get("aspect_ratio_grouping", True) else None)
-    return GroupedBatchSampler(sampler, groups, int(cfg_data.get("batch_size", 1)))
+              if cfg_data["aspect_ratio_grouping"] else None)
+    return GroupedBatchSampler(sampler, groups, cfg_data["batch_size"])

@@ -5,6 +5,10 @@
 int64 ``[K]`` in ``1..C`` (torchvision convention, 0 = background) are left untouched. Geometric
 transforms keep ``target["scale"]`` (resized / original size, composed multiplicatively) and
 ``target["flipped"]`` up to date so predictions can be mapped back to the original image.
+Instance masks (``target["masks"]``, uint8 ``[K, H, W]`` tensors, Mask R-CNN) move with the
+image: resized by nearest neighbour to the resized image's size (torchvision's
+``GeneralizedRCNNTransform`` rule for target masks), mirrored with it (flipping twice is the
+identity).
 
 Random choices use torch's global generator, which the DataLoader seeds per worker.
 """
@@ -15,6 +19,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+__all__ = ["Compose", "RandomHorizontalFlip", "ResizeShortestEdge", "ToTensor", "build_transforms",
+           "resize_masks"]
 
 
 class Compose:
@@ -30,6 +38,17 @@ class Compose:
 
     def __repr__(self):
         return f"Compose({self.transforms!r})"
+
+
+def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 masks ``[K, h, w]`` -> ``[K, height, width]`` by nearest neighbour (source pixel
+    ``floor(i * h / height)``), as torchvision's ``GeneralizedRCNNTransform`` resizes masks."""
+    if tuple(masks.shape[-2:]) == (height, width):
+        return masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, height, width))
+    return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(
+        masks.dtype)
 
 
 class ResizeShortestEdge:
@@ -73,6 +92,8 @@ class ResizeShortestEdge:
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
         target["boxes"] = boxes
         target["scale"] = float(target.get("scale", 1.0)) * scale
+        if "masks" in target:
+            target["masks"] = resize_masks(target["masks"], new_h, new_w)
         return image, target
 
     def __repr__(self):
@@ -97,6 +118,8 @@ class RandomHorizontalFlip:
         boxes[:, 0] = w - target["boxes"][:, 2]
         boxes[:, 2] = w - target["boxes"][:, 0]
         target["boxes"] = boxes
+        if "masks" in target:
+            target["masks"] = target["masks"].flip(-1)
         target["flipped"] = not target.get("flipped", False)
         return image, target
 
@@ -118,13 +141,13 @@ class ToTensor:
 def build_transforms(cfg_data: Mapping, train: bool) -> Compose:
     """Training: multi-scale `ResizeShortestEdge(min_size, max_size)` + flip (``hflip_prob``);
     test: `ResizeShortestEdge(test_min_size, max_size)`; both end with `ToTensor`."""
-    max_size = cfg_data.get("max_size")
+    max_size = cfg_data["max_size"]
     if train:
-        steps: list = [ResizeShortestEdge(cfg_data.get("min_size"), max_size)]
-        prob = float(cfg_data.get("hflip_prob", 0.5))
+        steps: list = [ResizeShortestEdge(cfg_data["min_size"], max_size)]
+        prob = float(cfg_data["hflip_prob"])
         if prob > 0:
             steps.append(RandomHorizontalFlip(prob))
     else:
-        steps = [ResizeShortestEdge(cfg_data.get("test_min_size"), max_size)]
+        steps = [ResizeShortestEdge(cfg_data["test_min_size"], max_size)]
     steps.append(ToTensor())
     return Compose(steps)

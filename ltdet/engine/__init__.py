@@ -1,37 +1,14 @@
 """Training engine: loop, DDP, AMP, checkpoint/resume, logging, stage-2 refinement."""
-import importlib
+from .checkpoint import Checkpointer, load_checkpoint
+from .distributed import init_distributed
+from .validation import evaluate_checkpoint, evaluate_detections, evaluate_model, inference
+from .loaders import locate_or_generate_data
+from .logger import TrainLogger, setup_console_logging, setup_logging
+from .refine import prepare_stage2
+from .solver import build_lr_scheduler, build_optimizer
+from .trainer import NonFiniteLossError, OutputDirError, Trainer
 
-# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
-# importing its siblings.
-_EXPORTS = {
-    "Trainer": "trainer",
-    "NonFiniteLossError": "trainer",
-    "Checkpointer": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "atomic_write": "checkpoint",
-    "init_distributed": "distributed",
-    "build_optimizer": "solver",
-    "build_lr_scheduler": "solver",
-    "lr_factor": "solver",
-    "TrainLogger": "logger",
-    "setup_logging": "logger",
-    "setup_console_logging": "logger",
-    "inference": "evaluate",
-    "evaluate_model": "evaluate",
-    "evaluate_checkpoint": "evaluate",
-    "evaluate_detections": "evaluate",
-    "resolve_data_paths": "data",
-    "prepare_stage2": "refine",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["Checkpointer", "NonFiniteLossError", "OutputDirError", "TrainLogger", "Trainer",
+           "build_lr_scheduler", "build_optimizer", "evaluate_checkpoint", "evaluate_detections",
+           "evaluate_model", "inference", "init_distributed", "load_checkpoint",
+           "locate_or_generate_data", "prepare_stage2", "setup_console_logging", "setup_logging"]

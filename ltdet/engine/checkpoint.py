@@ -10,17 +10,19 @@ Checkpoint contents (a dict saved with `torch.save`):
   optimizer steps done), config, and `rank_states`: one entry per rank with its data position
   (epoch, batches consumed in that epoch) and its python / numpy / torch (CPU and CUDA) RNG states.
 """
+from __future__ import annotations
+
 import logging
 import random
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from ltdet.fileio import atomic_write, remove_stale_tmp
 
-__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "atomic_write", "rng_state",
-           "set_rng_state"]
+__all__ = ["Checkpointer", "CheckpointError", "load_checkpoint", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,13 @@ class Checkpointer:
     Only call `save` and `remove_stale_tmp` on the main process; all ranks may load.
     """
 
-    def __init__(self, folder, keep=None):
+    def __init__(self, folder: str | Path, keep: int | None = None):
         self.folder = Path(folder)
         if keep is not None and keep < 1:
             raise ValueError(f"solver.keep_checkpoints must be >= 1 or null, got {keep}")
         self.keep = keep
 
-    def save(self, name: str, state: dict, protect=()) -> Path:
+    def save(self, name: str, state: dict, protect: Iterable = ()) -> Path:
         """Write `name` atomically and point `last_checkpoint` at it; with `keep`, delete the
         oldest model files beyond it, except `name` and the paths in `protect`."""
         path = self.folder / name
@@ -76,21 +78,21 @@ class Checkpointer:
                     logger.info("removed %s (solver.keep_checkpoints=%d)", old, self.keep)
         return path
 
-    def point_to(self, path) -> None:
+    def point_to(self, path: str | Path) -> None:
         """Make `last_checkpoint` name `path` (a file in this folder)."""
         atomic_write(self.folder / POINTER, lambda f: f.write(Path(path).name.encode()))
 
-    def checkpoints(self) -> list:
+    def checkpoints(self) -> list[Path]:
         """The model files in the folder, oldest (lowest iteration) first."""
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.glob("model_*.pth") if p.is_file())
 
-    def remove_stale_tmp(self) -> list:
+    def remove_stale_tmp(self) -> list[Path]:
         """Delete the temporary files of checkpoint writes a killed process left behind."""
         return remove_stale_tmp(self.folder)
 
-    def last(self):
+    def last(self) -> Path | None:
         """Path of the last complete checkpoint, or None when there is none."""
         pointer = self.folder / POINTER
         if not pointer.is_file():
@@ -103,7 +105,7 @@ class Checkpointer:
                 "pointer to start from scratch, or write the name of an existing checkpoint in it")
         return path
 
-    def load_last(self):
+    def load_last(self) -> tuple[Path | None, dict | None]:
         """(path, checkpoint) of the newest checkpoint that loads, or (None, None) when the
         folder has none. A damaged or missing last checkpoint (a truncated file, a pointer to a
         deleted file) falls back to the newest older one that loads, with a warning naming
@@ -133,7 +135,7 @@ class Checkpointer:
                               f"or --overwrite)")
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by `Checkpointer` (or any dict with a `model` state dict)."""
     path = Path(path)
     if not path.is_file():

@@ -6,8 +6,8 @@ touch torch.distributed.
 Stalled or dead ranks. `init_distributed(device, timeout_s)` passes the config key
 `dist_timeout` (seconds, default 1800) to `init_process_group` as its `timeout`. A collective that
 some rank never joins then fails after `timeout_s` instead of blocking forever, and the wrappers
-here (`barrier`, `all_reduce_mean`, `all_gather_object`, `broadcast_object`, and the rendezvous
-in `init_distributed`) re-raise that failure as `CollectiveTimeout`. Its message names this
+here (`barrier`, `all_reduce_mean`, `all_gather_object`, and the rendezvous in
+`init_distributed`) re-raise that failure as `CollectiveTimeout`. Its message names this
 rank, the operation (their `op` argument, e.g. "barrier after checkpoint") and the timeout; the
 backend's own error is chained (`raise ... from`). A backend error that is neither a timeout
 nor a lost connection (e.g. mismatched tensor shapes) is re-raised unchanged.
@@ -229,13 +229,3 @@ def all_reduce_mean(t: torch.Tensor, op: str = "all_reduce (mean over ranks)") -
     with _guard(op):
         dist.all_reduce(t)
     return t / get_world_size()
-
-
-def broadcast_object(obj, src: int = 0, op: str = "broadcast_object_list"):
-    """`obj` of rank `src` on every rank. `op` names the exchange in a CollectiveTimeout."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    with _guard(op):
-        dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -179,7 +179,7 @@ class TrainLogger:
     def log_eval(self, it: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = _flat_scalars(metrics)
         self._jsonl.write(json.dumps({"iter": it, "eval": scalars}) + "\n")
         self._jsonl.flush()
         for k, v in scalars.items():
@@ -209,3 +209,16 @@ class TrainLogger:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _flat_scalars(metrics: dict, prefix: str = "") -> dict:
+    """The numbers of an evaluation result; nested results (a mask model's "segm", Fixed AP's
+    "fixed": {iou type: result}) as "segm/AP", "fixed/bbox/AP"."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
+

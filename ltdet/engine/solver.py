@@ -4,12 +4,28 @@ The schedule is a `LambdaLR` over optimizer steps (iterations), so its state_dic
 and resume restores it exactly.
 """
 import math
+from typing import Iterable
 
 import torch
 
+from ltdet.spec import check_number
+
+__all__ = ["build_lr_scheduler", "build_optimizer", "check_solver", "lr_factor"]
+
+
+def check_solver(solver: dict) -> None:
+    """Raise `ltdet.spec.SpecError` (a ValueError) for a ``solver`` value training cannot run
+    with: counts below their minimum, a non-positive lr or clip_grad_norm."""
+    for key, low in (("max_iter", 1), ("checkpoint_period", 1), ("log_period", 1),
+                     ("eval_period", 0), ("skip_nonfinite", 0)):
+        check_number(f"solver.{key}", solver[key], low=low)
+    for key in ("lr", "clip_grad_norm"):
+        if solver[key] is not None:
+            check_number(f"solver.{key}", solver[key], low=0, low_open=True)
+
 
 def lr_factor(it: int, *, max_iter: int, warmup_iters: int, warmup_factor: float, schedule: str,
-              steps, gamma: float) -> float:
+              steps: Iterable[int], gamma: float) -> float:
     """Multiplier of the base lr at iteration `it` (0-based).
 
     warm-up (Goyal et al., 2017): `warmup_factor * (1 - a) + a` with `a = it / warmup_iters`;
@@ -27,7 +43,7 @@ def lr_factor(it: int, *, max_iter: int, warmup_iters: int, warmup_factor: float
     return factor
 
 
-def build_optimizer(params, solver: dict) -> torch.optim.SGD:
+def build_optimizer(params: Iterable, solver: dict) -> torch.optim.SGD:
     """SGD with momentum over `params` (an iterable of tensors or of param-group dicts)."""
     params = list(params)
     if not params:
@@ -36,7 +52,9 @@ def build_optimizer(params, solver: dict) -> torch.optim.SGD:
                            weight_decay=solver["weight_decay"])
 
 
-def build_lr_scheduler(optimizer, solver: dict) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer,
+                       solver: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` of the ``solver`` config as a `LambdaLR` over iterations."""
     steps = sorted(solver["steps"])
     kwargs = dict(max_iter=solver["max_iter"], warmup_iters=solver["warmup_iters"],
                   warmup_factor=solver["warmup_factor"], schedule=solver["schedule"],

@@ -16,11 +16,9 @@ Outputs in `output_dir`: config.yaml (resolved), log.txt, log.jsonl, TensorBoard
 checkpoints/, and after evaluation detections.json, metrics.json, per_class_ap.csv,
 ap_vs_frequency.png (intermediate evaluations under eval/iter_XXXXXXX/).
 """
-import dataclasses
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -28,25 +26,25 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ltdet.config import ConfigError, dump_config
+from ltdet.config import dump_config
+from ltdet.data import build_train_sampler, group_batches
+from ltdet.frequency import FREQ_GROUPS
+from ltdet.imbalance.mixup import mixup_detection
+from ltdet.models import build_detector
 
 from . import distributed as du
-from ltdet.fileio import remove_stale_tmp
-
-from .checkpoint import Checkpointer, load_checkpoint, rng_state, set_rng_state
-from .data import (build_datasets, epoch_batches, make_loader, resolve_data_paths,
-                   sample_seed, wrap_index_sampler)
-from .evaluate import evaluate_model
+from .checkpoint import Checkpointer
+from .validation import evaluate_model
+from .loaders import (build_datasets, epoch_batches, locate_or_generate_data, make_loader,
+                      sample_seed)
 from .logger import TrainLogger, setup_logging
 from .nonfinite import (LossHistory, NonFiniteLossError, advice, clip_with_norm,
-                        global_grad_norm, is_healthy, nonfinite_state, stop_message)
-from .resume import apply_solver, compare_configs
-from .solver import build_lr_scheduler, build_optimizer
+                        global_grad_norm, is_healthy, stop_message)
+from .run_dir import OutputDirError, open_run_dir
+from .solver import build_lr_scheduler, build_optimizer, check_solver
+from .train_state import gather_rank_states, restore_train_state, training_meta
 
 __all__ = ["Trainer", "NonFiniteLossError", "OutputDirError", "seed_all"]
-
-# LVIS frequency groups (rare / common / frequent), in the order the training log reports them.
-FREQUENCY_GROUPS = ("r", "c", "f")
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +52,8 @@ logger = logging.getLogger(__name__)
 _MIXUP_SLOT = 1 << 20
 
 
-class OutputDirError(ConfigError):
-    """A fresh run was pointed at an output_dir holding a previous run."""
-
-
 def seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -92,14 +87,15 @@ class Trainer:
     `paths` (resolved data paths), `info` (rank, world size, device).
     """
 
+    #: the losses `_step` sums (None: all); set by `train(loss_keys=...)`
+    _loss_keys = None
+
     def __init__(self, cfg: dict, *, resume: bool = False, evaluate: bool = True,
                  progress: bool = True, stage2: bool = False, resume_from=None,
                  overwrite: bool = False):
-        from ltdet.models import build_detector
-
         self.cfg = cfg
         self.resume = resume or resume_from is not None
-        self.evaluate = evaluate
+        self.eval_enabled = evaluate
         self.progress = progress
         self.stage2 = stage2
         if self.resume and overwrite:
@@ -112,44 +108,16 @@ class Trainer:
         # log.txt only (appended): the refusals below must leave config.yaml, log.jsonl and the
         # checkpoints as the previous run left them, but their warnings belong in the run's log.
         setup_logging(self.output_dir, self.info.rank)
-        self._resume_path, self._resume_ckpt, resume_changes = None, None, {}
-        outside = False
-        if self.resume:
-            if resume_from is not None:
-                self._resume_path = Path(resume_from)
-                self._resume_ckpt = load_checkpoint(self._resume_path, map_location="cpu")
-                outside = (self._resume_path.resolve().parent
-                           != self.checkpointer.folder.resolve())
-            else:
-                self._resume_path, self._resume_ckpt = self.checkpointer.load_last()
-            if self._resume_path is not None:
-                resume_changes = compare_configs(self._resume_ckpt["config"], cfg,
-                                                 self._resume_path)
-        if not self.resume or outside:
-            # a fresh run, or one continuing another run's checkpoint, writes into output_dir
-            previous = self._previous_run()
-            if previous and not overwrite:
-                raise OutputDirError(
-                    f"output_dir {self.output_dir} holds a previous run ({', '.join(previous)}); "
-                    f"continue it with --resume, choose another output_dir, or pass --overwrite "
-                    f"to delete its checkpoints and log.jsonl and start again")
-        if self.info.is_main:
-            remove_stale_tmp(self.output_dir)
-            self.checkpointer.remove_stale_tmp()
-            if overwrite:
-                self._delete_previous_run()
-            if self._resume_path is not None and not outside:
-                # Continue from this checkpoint: the pointer moves back to it at once, so a kill
-                # before the next save does not resume from a newer (diverged) checkpoint.
-                self.checkpointer.point_to(self._resume_path)
-        # no rank looks at output_dir again before rank 0 has cleaned it
-        du.barrier("barrier after cleaning output_dir")
-        for key, (old, new) in resume_changes.items():
+        point = open_run_dir(cfg, self.output_dir, self.checkpointer, resume=self.resume,
+                             resume_from=resume_from, overwrite=overwrite,
+                             is_main=self.info.is_main)
+        self._resume_path, self._resume_ckpt = point.path, point.checkpoint
+        for key, (old, new) in point.changes.items():
             logger.info("--resume: %s changed from %r to %r; in effect from iteration %d", key,
                         old, new, self._resume_ckpt["iteration"] + 1)
         if self.info.is_main:
             dump_config(cfg, self.output_dir / "config.yaml")
-        self.paths = resolve_data_paths(cfg)
+        self.paths = locate_or_generate_data(cfg)
         self.train_dataset, self.val_dataset = build_datasets(cfg, self.paths, val=evaluate)
         self.stats = self.train_dataset.stats
         self.num_classes = len(self.train_dataset.cat_ids)
@@ -164,60 +132,14 @@ class Trainer:
                     self.paths["train_json"], len(self.train_dataset), self.num_classes,
                     self.info.world_size, self.info.device)
 
-    # -- output_dir -----------------------------------------------------------------------------
-    def _previous_run(self) -> list:
-        """What a previous run left in output_dir that a fresh run would overwrite."""
-        found = [p.name for p in self.checkpointer.checkpoints()]
-        if (self.checkpointer.folder / "last_checkpoint").is_file():
-            found.append("checkpoints/last_checkpoint")
-        log = self.output_dir / "log.jsonl"
-        if log.is_file() and log.stat().st_size > 0:
-            found.append("log.jsonl")
-        if len(found) > 4:
-            found = found[:3] + [f"... {len(found) - 3} more"]
-        return found
-
-    #: What --overwrite deletes besides the checkpoints: the previous run's log and results, so
-    #: that nothing stale (e.g. its metrics.json) is read as this run's.
-    _RUN_FILES = ("log.jsonl", "metrics.json", "detections.json", "per_class_ap.csv",
-                  "ap_vs_frequency.png", "demo_summary.json")
-
-    def _delete_previous_run(self) -> None:
-        files = [p for p in self.checkpointer.checkpoints()
-                 + [self.checkpointer.folder / "last_checkpoint"]
-                 + [self.output_dir / name for name in self._RUN_FILES] if p.is_file()]
-        for path in files:
-            path.unlink()
-        if (self.output_dir / "eval").is_dir():
-            shutil.rmtree(self.output_dir / "eval")
-            files.append(self.output_dir / "eval")
-        if files:
-            logger.warning("--overwrite: deleted the previous run in %s: %s", self.output_dir,
-                           ", ".join(p.name for p in files))
-
     # -- checkpoint state -------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"cat_ids": list(self.train_dataset.cat_ids), "stage2": self.stage2,
-                "stats": {f.name: getattr(self.stats, f.name)
-                          for f in dataclasses.fields(self.stats)}}
+        return training_meta(self.train_dataset.cat_ids, self.stats, self.stage2)
 
     def _save(self, name, *, it, epoch, position, optimizer, scheduler, scaler) -> None:
-        # Steps with a non-finite loss or gradient are never applied, but a finite step can
-        # still overflow a weight: such a model is never written.
-        # Every rank checks its own state (BatchNorm statistics differ between ranks) and they
-        # decide together: one rank raising alone would leave the others in the collective.
-        rank_states = du.all_gather_object(
-            {"epoch": epoch, "position": position, "rng": rng_state(),
-             "nonfinite": nonfinite_state(self.model)},
-            op="all_gather_object of rank states")
-        bad = [f"rank {r}: {', '.join(state['nonfinite'])}"
-               for r, state in enumerate(rank_states) if state["nonfinite"]]
-        for state in rank_states:
-            del state["nonfinite"]
-        if bad:
-            raise NonFiniteLossError(
-                f"the weights are non-finite after iteration {it} ({'; '.join(bad)}); the "
-                f"checkpoint {name} was not written. " + self._advice_tail(optimizer))
+        rank_states = gather_rank_states(
+            self.model, it=it, epoch=epoch, position=position, name=name,
+            advice_tail=lambda: self._advice_tail(optimizer))
         health = self._history.health()
         path = self.checkpointer.folder / name
         if self.info.is_main:
@@ -241,33 +163,13 @@ class Trainer:
                            self.checkpointer.folder)
             return 0, 0, 0
         self._resume_ckpt = None  # loaded once (on the CPU: RNG states must stay CPU tensors)
-        self.model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        # The saved optimizer / schedule carry the old lr, momentum and weight decay.
-        apply_solver(optimizer, scheduler, ckpt["config"]["solver"], self.cfg["solver"])
-        health = ckpt.get("health")
-        health = health or {}
+        health = ckpt.get("health") or {}
         self._history = LossHistory(best=health.get("best_loss", health.get("initial_loss")))
         self._nonfinite_streak = ckpt.get("nonfinite_streak", 0)
         self._checkpoints = [(path, health)]
-        if ckpt.get("scaler") is not None and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        states = ckpt["rank_states"]
-        if len(states) == self.info.world_size:
-            mine = states[self.info.rank]
-            epoch, position = mine["epoch"], mine["position"]
-            set_rng_state(mine["rng"])
-        else:
-            # The data shards depend on the world size: the interrupted epoch cannot be
-            # continued sample for sample, so the next epoch starts.
-            epoch, position = max(s["epoch"] for s in states) + 1, 0
-            logger.warning("checkpoint %s was written by %d processes, this run has %d: "
-                           "resuming at the start of epoch %d", path, len(states),
-                           self.info.world_size, epoch)
-        logger.info("resumed from %s at iteration %d (epoch %d, batch %d)", path,
-                    ckpt["iteration"], epoch, position)
-        return ckpt["iteration"], epoch, position
+        return restore_train_state(ckpt, path, model=self.model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler, solver=self.cfg["solver"],
+                                   info=self.info)
 
     # -- evaluation -------------------------------------------------------------------------
     def run_evaluation(self, out_dir) -> dict:
@@ -276,11 +178,13 @@ class Trainer:
             self.model, self.val_dataset, label_to_cat_id=self.train_dataset.label_to_cat_id,
             val_json=self.paths["val_json"], train_json=self.paths["train_json"],
             out_dir=out_dir, device=self.info.device, max_dets=self.cfg["test"]["max_dets"],
+            topk_per_class=self.cfg["test"].get("topk_per_class", 0),
             batch_size=data["batch_size"], num_workers=data["num_workers"],
             amp=self.cfg["solver"]["amp"])
 
     # -- the loop ---------------------------------------------------------------------------
-    def train(self, *, param_groups=None, train_sampler=None, until=None) -> dict:
+    def train(self, *, param_groups=None, train_sampler=None, until=None,
+              loss_keys=None) -> dict:
         """Train to `solver.max_iter`; returns the final metrics ({} without evaluation and on
         ranks other than 0).
 
@@ -291,19 +195,13 @@ class Trainer:
             `build_train_sampler`'s; batched the same way (aspect-ratio groups, batch size).
         until: stop after this many iterations, without the final checkpoint and evaluation;
             the schedule is still the one of `solver.max_iter` (benchmarks/demo_stability.py).
+        loss_keys: sum only these losses of the model's loss dict (stage 2:
+            `prepare_stage2(...).loss_keys` drops the RPN losses); default all of them.
         """
-        from ltdet.data import build_train_sampler
-
+        self._loss_keys = None if loss_keys is None else tuple(loss_keys)
         cfg, solver, info = self.cfg, self.cfg["solver"], self.info
         device = info.device
-        for key, low in (("max_iter", 1), ("checkpoint_period", 1), ("log_period", 1),
-                         ("eval_period", 0), ("skip_nonfinite", 0)):
-            if solver[key] < low:
-                raise ValueError(f"solver.{key} must be >= {low}, got {solver[key]}")
-        for key in ("lr", "clip_grad_norm"):
-            value = solver[key]
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"solver.{key} must be a finite number > 0, got {value}")
+        check_solver(solver)
         if param_groups is None:
             param_groups = [p for p in self.model.parameters() if p.requires_grad]
         elif len(param_groups) == 0:
@@ -316,7 +214,7 @@ class Trainer:
             batch_sampler = build_train_sampler(cfg["data"], self.train_dataset,
                                                 info.world_size, info.rank, cfg["seed"])
         else:
-            batch_sampler = wrap_index_sampler(train_sampler, self.train_dataset, cfg["data"])
+            batch_sampler = group_batches(train_sampler, self.train_dataset, cfg["data"])
         if len(batch_sampler) == 0:
             raise ValueError("the training sampler yields no batches for this process; check "
                              "data.sampler and data.batch_size")
@@ -337,10 +235,8 @@ class Trainer:
         # label -> r/c/f group index, to log how often each frequency group is sampled (the point
         # of repeat-factor / class-aware sampling is that rare classes are seen more often).
         group_of_label = torch.tensor(
-            [0] + [FREQUENCY_GROUPS.index(f) for f in self.stats.frequency], dtype=torch.long)
+            [0] + [FREQ_GROUPS.index(f) for f in self.stats.frequency], dtype=torch.long)
         mixup = data["mixup"]
-        if mixup["enabled"]:
-            from ltdet.imbalance.mixup import mixup_detection
         try:
             model.train()
             while it < stop_iter:
@@ -355,7 +251,7 @@ class Trainer:
                     t_data = time.perf_counter()
                     labels = torch.cat([t["labels"] for t in targets]).long()
                     group_counts = torch.bincount(group_of_label[labels],
-                                                  minlength=len(FREQUENCY_GROUPS))
+                                                  minlength=len(FREQ_GROUPS))
                     if mixup["enabled"]:
                         # one generator per (rank, epoch, batch): resume-exact like the samples
                         g = torch.Generator().manual_seed(sample_seed(
@@ -372,11 +268,11 @@ class Trainer:
                                data_time_s=t_data - t_start, device=device,
                                grad_norm=grad_norm,
                                counts={f"samples_{g}": n
-                                       for g, n in zip(FREQUENCY_GROUPS, group_counts)})
+                                       for g, n in zip(FREQ_GROUPS, group_counts)})
                     if it % solver["checkpoint_period"] == 0 or it == max_iter:
                         self._save(f"model_{it:07d}.pth", it=it, epoch=epoch,
                                    position=position, **ckpt_kw)
-                    if (self.evaluate and solver["eval_period"] > 0
+                    if (self.eval_enabled and solver["eval_period"] > 0
                             and it % solver["eval_period"] == 0 and it != max_iter):
                         res = self.run_evaluation(self.output_dir / "eval" / f"iter_{it:07d}")
                         log.log_eval(it, res)
@@ -389,7 +285,7 @@ class Trainer:
             log.close_progress()
             log.log_count_totals(it)
             results = {}
-            if self.evaluate and it >= max_iter:
+            if self.eval_enabled and it >= max_iter:
                 results = self.run_evaluation(self.output_dir)
                 log.log_eval(it, results)
         finally:
@@ -411,8 +307,8 @@ class Trainer:
                    if solver["skip_nonfinite"] > 0 else None)
         with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
             loss_dict = model(images, targets)
-        # A model may restrict the summed losses (stage 2 drops the RPN losses).
-        keys = getattr(self.model, "ltdet_loss_keys", None)
+        # `train(loss_keys=...)` may restrict the summed losses (stage 2 drops the RPN losses).
+        keys = self._loss_keys
         if keys is not None:
             loss_dict = {k: v for k, v in loss_dict.items() if k in keys}
         loss = sum(loss_dict.values())
@@ -478,7 +374,7 @@ class Trainer:
                 "model": self.model.state_dict(), "iteration": 0, "config": self.cfg,
                 "meta": self._meta()})
         du.barrier()
-        return self.run_evaluation(self.output_dir) if self.evaluate else {}
+        return self.run_evaluation(self.output_dir) if self.eval_enabled else {}
 
     def _advice_tail(self, optimizer) -> str:
         solver = self.cfg["solver"]

@@ -14,8 +14,13 @@ import json
 import math
 import os
 
+from ltdet.frequency import COMMON_MAX_IMAGES, FREQ_GROUPS, RARE_MAX_IMAGES
+
 SUMMARY_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
-                 "AP50r", "AP50c", "AP50f", "AP1", "AP2", "AP3", "AP4")
+                 "AP50r", "AP50c", "AP50f", "AP1", "AP2", "AP3", "AP4",
+                 "APpool", "APpoolr", "APpoolc", "APpoolf")
+# Settings recorded in a result, not metrics (iou_type / protocol are strings).
+SETTING_KEYS = ("dets_per_class",)
 FREQ_COLOURS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue", None: "tab:gray"}
 
 
@@ -23,7 +28,8 @@ def scalar_metrics(res: dict) -> dict:
     """The float metrics of a result, in reporting order (AP block, then AR block)."""
     keys = [k for k in SUMMARY_ORDER if k in res]
     keys += [k for k in res if k.startswith("AR") and k not in keys]
-    keys += [k for k in res if k not in keys and isinstance(res[k], (int, float))]
+    keys += [k for k in res if k not in keys and k not in SETTING_KEYS
+             and isinstance(res[k], (int, float))]
     return {k: float(res[k]) for k in keys}
 
 
@@ -32,23 +38,27 @@ def format_table(res: dict) -> str:
     number of classes with ground truth per frequency group."""
     metrics = scalar_metrics(res)
     width = max((len(k) for k in metrics), default=2)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines = []
+    if res.get("protocol") == "fixed":
+        lines.append(f"Fixed AP protocol: top {res.get('dets_per_class')} detections per class "
+                     f"over the set, no per-image cap")
+    lines += [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for k, v in metrics.items():
         lines.append(f"{k:<{width}}  {'n/a' if v == -1 else f'{v:.4f}'}")
     per_class = res.get("per_class", [])
     if per_class:
-        counts = {}
+        counts: dict = {}
         for c in per_class:
             if c["AP"] is not None:
                 counts[c["frequency"]] = counts.get(c["frequency"], 0) + 1
         evaluated = sum(counts.values())
-        groups = ", ".join(f"{g}: {counts[g]}" for g in ("r", "c", "f") if g in counts)
+        groups = ", ".join(f"{g}: {counts[g]}" for g in FREQ_GROUPS if g in counts)
         lines.append(f"classes with gt: {evaluated} of {len(per_class)}"
                      + (f" ({groups})" if groups else ""))
     return "\n".join(lines)
 
 
-def write_report(res: dict, out_dir: str) -> dict:
+def write_report(res: dict, out_dir: str | os.PathLike) -> dict:
     """Write metrics.json, per_class_ap.csv and ap_vs_frequency.png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {
@@ -71,7 +81,7 @@ def write_report(res: dict, out_dir: str) -> dict:
     return paths
 
 
-def _plot_ap_vs_frequency(per_class, path):
+def _plot_ap_vs_frequency(per_class: list, path: str) -> None:
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -81,7 +91,7 @@ def _plot_ap_vs_frequency(per_class, path):
     ax = fig.add_subplot(1, 1, 1)
     shown = [c for c in per_class if c["AP"] is not None]
     have_counts = bool(shown) and all(c["image_count"] for c in shown)
-    for group in ("r", "c", "f", None):
+    for group in (*FREQ_GROUPS, None):
         pts = [c for c in shown if c["frequency"] == group]
         if not pts:
             continue
@@ -92,8 +102,9 @@ def _plot_ap_vs_frequency(per_class, path):
     if have_counts:
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class (log)")
-        ax.axvline(10.5, color="k", lw=0.5, ls=":")
-        ax.axvline(100.5, color="k", lw=0.5, ls=":")
+        # The r / c and c / f boundaries, between the integer counts.
+        ax.axvline(RARE_MAX_IMAGES + 0.5, color="k", lw=0.5, ls=":")
+        ax.axvline(COMMON_MAX_IMAGES + 0.5, color="k", lw=0.5, ls=":")
     else:
         ax.set_xlabel("class (training counts unknown: pass train=)")
     ax.set_ylabel("AP (%)")

@@ -2,40 +2,66 @@
 
 The evaluator never holds one Python object per detection longer than one parse chunk: an LVIS v1
 val result file has ~6M result dicts, and a list of dicts costs ~450 bytes each (the official
-`lvis` package keeps several copies). Everything here returns :class:`DetColumns` - five flat
-arrays, one row per detection, in input order:
+`lvis` package keeps several copies). Everything here returns :class:`DetColumns` - flat arrays,
+one row per detection, in input order:
 
 - ``image_id`` int64 [N]
 - ``category_id`` int64 [N]
-- ``bbox`` float64 [N, 4] ``x, y, w, h`` in original image pixels (the LVIS / COCO result format)
+- ``bbox`` float64 [N, 4] ``x, y, w, h`` in original image pixels (the LVIS / COCO result format;
+  zeros for ``iou_type="segm"``, which does not read boxes)
 - ``score`` float64 [N]
+- ``segm`` (``iou_type="segm"`` only): :class:`.masks.MaskColumn`, the compressed RLE strings
+  back to back with their sizes
 
 Accepted inputs (``load_detections``): a path to a result json (a list of
-``{"image_id", "category_id", "bbox", "score"}``), the same list in memory, or a list of per-image
+``{"image_id", "category_id", "bbox", "score"}``; for segm ``"segmentation": {"size": [h, w],
+"counts": str}`` instead of, or beside, ``bbox``), the same list in memory, or a list of per-image
 dicts of tensors ``{"image_id": int, "boxes": [K, 4] xyxy, "scores": [K], "category_ids": [K]}``
-as the training loop produces them.
+as the training loop produces them (for segm: ``"masks"`` [K, 1, H, W] probabilities, encoded at
+0.5 as torchvision's references do; ``"boxes"`` optional).
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
+import mmap
 import os
 import re
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
+import msgspec
 import numpy as np
 import torch
+
+from .masks import (
+    RLE_FIX,
+    MaskColumn,
+    bad_characters,
+    concat_mask_columns,
+    empty_mask_column,
+    encode_tensor_masks,
+    mask_column,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 TENSOR_KEYS = ("image_id", "boxes", "scores", "category_ids")
+SEGM_TENSOR_KEYS = ("image_id", "masks", "scores", "category_ids")
+MIXED_FIX = ("the results mix box-only and mask entries: iou_type='segm' needs a compressed RLE "
+             "'segmentation' on every result (evaluate box-only results with iou_type='bbox')")
 
-# Parse chunks of about this many bytes: big enough that json's C scanner dominates, small enough
-# that the chunk's dicts (about 5x the text) stay a few tens of MB.
-_CHUNK_BYTES = 4 << 20
-_AFTER_OBJECT = re.compile(rb"\s*([,\]])")
+# Decode chunks of about this many bytes: the chunk's structs (about 2.5x the text) stay a few MB,
+# below the noise of the peak memory, and the per-chunk overhead is negligible (docs/evaluation.md,
+# "Reading result files").
+_CHUNK_BYTES = 1 << 20
+# A cut between two top-level objects: "}" "," then "{" (a nested object, such as a
+# segmentation dict, is followed by "," and a key, or by "}").
+_BOUNDARY = re.compile(rb"\}\s*,(?=\s*\{)")
+_SPACE = re.compile(rb"\s*")
+_EMPTY_REST = re.compile(rb"\s*\]\s*\Z")
 
 
 class DetectionFormatError(ValueError):
@@ -49,39 +75,49 @@ class DetColumns:
     bbox: np.ndarray  # float64 [N, 4] xywh
     score: np.ndarray  # float64 [N]
     source: str = "detections"  # names the input in error messages
+    segm: MaskColumn | None = None  # iou_type "segm": compressed RLE masks [N]
 
     def __len__(self):
         return int(self.score.shape[0])
 
     def entry(self, i: int) -> dict:
-        """Detection ``i`` as a result dict, for error messages."""
-        return {
-            "image_id": int(self.image_id[i]),
-            "category_id": int(self.category_id[i]),
-            "bbox": [float(v) for v in self.bbox[i]],
-            "score": float(self.score[i]),
-        }
+        """Detection ``i`` as a result dict, for error messages (a mask's counts shortened)."""
+        d = {"image_id": int(self.image_id[i]), "category_id": int(self.category_id[i])}
+        if self.segm is None:
+            d["bbox"] = [float(v) for v in self.bbox[i]]
+        else:
+            c = self.segm.string(i).decode("ascii", "replace")
+            d["segmentation"] = {"size": self.segm.size[i].tolist(),
+                                 "counts": c if len(c) <= 24 else c[:20] + "..."}
+        d["score"] = float(self.score[i])
+        return d
 
 
-def empty_columns(source="detections") -> DetColumns:
+def empty_columns(source: str = "detections", iou_type: str = "bbox") -> DetColumns:
     return DetColumns(
-        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), source
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), source,
+        empty_mask_column() if iou_type == "segm" else None,
     )
 
 
-def load_detections(dets, source=None) -> DetColumns:
-    """Any accepted detection input -> validated-shape :class:`DetColumns` (ids not yet checked)."""
+def load_detections(dets: str | os.PathLike | DetColumns | list | tuple,
+                    source: str | None = None, iou_type: str = "bbox") -> DetColumns:
+    """Any accepted detection input -> validated-shape :class:`DetColumns` (ids not yet checked).
+    ``iou_type="segm"`` reads the masks (every entry needs one) instead of the boxes."""
+    segm = iou_type == "segm"
     if isinstance(dets, (str, os.PathLike)):
-        cols = _load_result_json(os.fspath(dets))
+        cols = _load_result_json(os.fspath(dets), segm)
     elif isinstance(dets, DetColumns):
         cols = dets
+        if segm and cols.segm is None:
+            raise DetectionFormatError(f"{cols.source}: columns without masks; {MIXED_FIX}")
     elif isinstance(dets, (list, tuple)):
         if len(dets) == 0:
-            cols = empty_columns()
-        elif isinstance(dets[0], dict) and "boxes" in dets[0]:
-            cols = _columns_from_tensors(dets)
+            cols = empty_columns(iou_type=iou_type)
+        elif isinstance(dets[0], dict) and ("boxes" in dets[0] or "masks" in dets[0]):
+            cols = _columns_from_tensors(dets, segm)
         else:
-            cols = _columns_from_result_dicts(dets, offset=0, source=source or "detections")
+            cols = _columns_from_result_dicts(dets, source=source or "detections", segm=segm)
     else:
         raise TypeError(
             f"dets must be a result json path, a list of result dicts or a list of per-image "
@@ -93,21 +129,35 @@ def load_detections(dets, source=None) -> DetColumns:
     return cols
 
 
-def _load_result_json(path: str) -> DetColumns:
+def _load_result_json(path: str, segm: bool = False) -> DetColumns:
     """Parse a result json straight to columns, one chunk of the top-level list at a time.
 
-    The list is cut after a ``}`` that is followed by ``,``. A chunk whose objects all have the
-    first object's keys in the same order with plain numbers as values (what every detector's
-    json writer produces) is read as a numeric table (:func:`_parse_uniform_chunk`, ~2x faster
-    than building dicts); any other chunk is parsed with the json module. A cut that lands inside a
-    nested object or a string makes that chunk invalid json, in which case the whole file is parsed
-    in one go (which also yields json's own error message, with line and column, for a malformed
-    file).
+    The list is cut after a ``}`` that is followed by ``,``; each chunk is decoded by msgspec
+    into typed structs (ids must be json integers, ``bbox`` four numbers, ``score`` a number;
+    other keys are skipped) and turned into columns, so at most one chunk's objects exist at a
+    time. Anything the typed decoder refuses (a wrong type, a missing key, ``NaN``, malformed
+    json), a cut that lands inside a nested object or a string, or an id outside int64, sends the
+    whole file to the json module and the dict path, whose errors name the entry (or give json's
+    own message with line and column).
+
+    The file is memory-mapped and the pages of the chunks already decoded are released
+    (``MADV_DONTNEED``), so the text does not stay resident; a segm file's RLE strings are copied
+    into one buffer sized by the file (pages never written are never resident).
     """
     with open(path, "rb") as f:
-        text = f.read()
-    start = len(text) - len(text.lstrip())
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DetectionFormatError(f"{path}: malformed json (empty file)")
+        text = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse_result_text(path, text, segm)
+    finally:
+        text.close()
+
+
+def _parse_result_text(path: str, text: mmap.mmap, segm: bool) -> DetColumns:
+    start = _SPACE.match(text).end()
     if text[start:start + 1] != b"[":
+        text = text[:]
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
@@ -116,179 +166,217 @@ def _load_result_json(path: str) -> DetColumns:
             f"{path}: a result file must hold a json list of {{{', '.join(RESULT_KEYS)}}} dicts, "
             f"got a {type(doc).__name__}"
         )
-    parts, count = [], 0
-    pos, end = start + 1, len(text)
-    if text[pos:].strip() == b"]":
-        return empty_columns(path)
-    layout = _uniform_layout(text, pos)
-    while True:
-        if pos + _CHUNK_BYTES < end:
-            cut = text.find(b"}", pos + _CHUNK_BYTES)
-        else:
-            cut = text.rfind(b"}", pos)
-        after = _AFTER_OBJECT.match(text, cut + 1) if cut >= 0 else None
-        if after is None:
-            return _load_result_json_whole(path, text)
-        piece = text[pos:cut + 1]
-        cols = _parse_uniform_chunk(piece, layout, count, path) if layout else None
-        if cols is None:
-            try:
-                chunk = json.loads(b"[" + piece + b"]")
-            except json.JSONDecodeError:
-                return _load_result_json_whole(path, text)
-            cols = _columns_from_result_dicts(chunk, offset=count, source=path)
-        parts.append(cols)
-        count += len(cols)
-        pos = after.end()
-        if after.group(1) == b"]":
-            if text[pos:].strip():
-                return _load_result_json_whole(path, text)
-            break
-    return _concat(parts, path)
-
-
-# Bytes that may occur in a plain json number (exponents excluded: an "e" outside the keys breaks
-# the skeleton comparison, so such chunks take the json path). The dot is removed in a second step:
-# the skeleton with dots shows whether an id value has a fraction part.
-_NUMBER_BYTES = b"0123456789.-+"
-_NUMBER_BYTES_BUT_DOT = b"0123456789-+"
-# An id written with a dot ("image_id": 12.0 / 2299.5) leaves this in the dotted skeleton.
-_ID_WITH_DOT = (b'"image_id":.', b'"category_id":.')
-# float64 holds every integer below 2^53 exactly (a larger token may round to 2^53 itself); larger
-# id tokens take the json path (exact Python ints).
-_EXACT_INT = float(1 << 53)
-_SPACE_BYTES = b" \t\n\r"
-_KEY_BYTES = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1)) + b'_":[]'
-
-
-def _uniform_layout(text, pos):
-    """From the first result object: (skeleton template, column of each field), or None when the
-    first object is not a flat ``image_id / category_id / bbox[4] / score`` dict."""
-    first_end = text.find(b"}", pos)
+    if _EMPTY_REST.match(text, start + 1):
+        return empty_columns(path, "segm" if segm else "bbox")
+    parts = []
+    decoder, to_columns = (_SEGM_DECODER, _columns_from_segm_structs) if segm else \
+        (_DECODER, _columns_from_structs)
+    n = 0
+    # segm: every chunk's strings go straight into one buffer (the strings are shorter than
+    # the file), so the column is never concatenated (a second copy) at the end.
+    counts = np.empty(len(text), np.uint8) if segm else None
+    n_bytes = 0
     try:
-        first = json.loads(text[pos:first_end + 1])
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(first, dict) or sorted(first) != sorted(RESULT_KEYS) \
-            or not isinstance(first["bbox"], list) or len(first["bbox"]) != 4:
-        return None
-    fields, columns = [], {}
-    for k in first:
-        columns[k] = len(fields) if k != "bbox" else slice(len(fields), len(fields) + 4)
-        fields += [k] * (4 if k == "bbox" else 1)
-    template = b"{" + b",".join(
-        b'"%s":%s' % (k.encode(), b"[,,,]" if k == "bbox" else b"") for k in first) + b"}"
-    return template, columns, len(fields)
+        for piece in _list_chunks(text, start + 1):
+            part = to_columns(decoder.decode(piece), path, n)
+            if segm:
+                m = part.segm
+                counts[n_bytes:n_bytes + m.counts.size] = m.counts
+                part.segm = MaskColumn(np.zeros(0, np.uint8), m.offsets + n_bytes, m.size)
+                n_bytes += m.counts.size
+            parts.append(part)
+            n += len(part)
+    except (_NotChunkable, msgspec.DecodeError, OverflowError, _NotRle):
+        return _load_result_json_whole(path, text[:], segm)
+    cols = _concat(parts, path)
+    if segm:
+        offsets = np.concatenate([parts[0].segm.offsets[:1]]
+                                 + [p.segm.offsets[1:] for p in parts])
+        cols.segm = MaskColumn(counts[:n_bytes], offsets, cols.segm.size)
+    return cols
 
 
-def _parse_uniform_chunk(piece, layout, offset, source):
-    """Chunk of ``{...},{...}`` -> columns when every object matches the layout's skeleton (same
-    keys, same order, plain numbers); else None (the caller then uses the json module)."""
-    template, columns, width = layout
-    n = piece.count(b"{")
-    dotted = piece.translate(None, _NUMBER_BYTES_BUT_DOT + _SPACE_BYTES)
-    if n == 0 or dotted.translate(None, b".") != b",".join([template] * n):
-        return None
-    if any(p in dotted for p in _ID_WITH_DOT):
-        return None  # a float id: the json path rejects it, naming the entry
-    body = piece.translate(None, _KEY_BYTES + _SPACE_BYTES + b"{}")
-    table = _parse_short_decimals(body, n * width)
-    if table is None:
-        try:
-            table = np.loadtxt(io.BytesIO(body.replace(b",", b"\n")), dtype=np.float64,
-                               comments=None)
-        except ValueError:
-            return None
-    if table.size != n * width:
-        return None
-    table = table.reshape(n, width)
-    for k in ("image_id", "category_id"):
-        if not (np.abs(table[:, columns[k]]) < _EXACT_INT).all():
-            return None  # not exact in float64 (or not finite): the json path reads Python ints
-    return _make_columns(table[:, columns["image_id"]], table[:, columns["category_id"]],
-                         np.ascontiguousarray(table[:, columns["bbox"]]),
-                         np.ascontiguousarray(table[:, columns["score"]]), offset, source)
+class _ResultStruct(msgspec.Struct, gc=False):
+    """One result dict as msgspec decodes it (``gc=False``: no cycles, no GC tracking)."""
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]
+    score: float
 
 
-_POW10 = 10.0 ** np.arange(23)  # exact in float64 up to 1e22
+_DECODER = msgspec.json.Decoder(list[_ResultStruct])
 
 
-def _parse_short_decimals(body: bytes, count: int):
-    """Comma-separated plain decimals (``-?digits[.digits]``) -> float64 [count], vectorised.
-
-    Exact (identical to ``float(token)``) because a token of at most 15 digits is an integer
-    mantissa m < 2^53 and a power of ten 10^f <= 1e22, both exact in float64, and ``m / 10^f`` is
-    one correctly rounded IEEE division (Clinger's fast path). Returns None when a token is not of
-    that form (more digits, exponent, '+', empty), leaving it to numpy's general text parser.
-    """
-    u = np.frombuffer(body, dtype=np.uint8)
-    sep = u == ord(",")
-    n_tok = int(np.count_nonzero(sep)) + 1
-    if n_tok != count or np.count_nonzero(u == ord("+")):
-        return None
-    tid = np.cumsum(sep, dtype=np.int32)  # token of each byte (separators: the next token)
-    digit = (u >= ord("0")) & (u <= ord("9"))
-    cd = np.cumsum(digit, dtype=np.int32)
-    ends = np.append(np.flatnonzero(sep), u.size)  # one past each token
-    cd_end = cd[ends - 1]
-    n_digits = np.diff(cd_end, prepend=0)
-    if n_digits.min(initial=1) < 1 or n_digits.max(initial=0) > 15:
-        return None
-    d_pos = np.flatnonzero(digit)
-    d_tid = tid[d_pos]
-    place = cd_end[d_tid] - cd[d_pos]  # digits to the right of this one in its token
-    mantissa = np.bincount(d_tid, weights=(u[d_pos] - ord("0")) * _POW10[place],
-                           minlength=n_tok)
-    dot_pos = np.flatnonzero(u == ord("."))
-    dot_tid = tid[dot_pos]
-    minus_pos = np.flatnonzero(u == ord("-"))
-    minus_tid = tid[minus_pos]
-    starts = np.append(0, ends[:-1] + 1)
-    if dot_tid.size and np.any(np.diff(dot_tid) == 0) \
-            or minus_tid.size and (np.any(np.diff(minus_tid) == 0)
-                                   or np.any(minus_pos != starts[minus_tid])):
-        return None  # two dots / two minus signs in a token, or a minus not at its start
-    frac = np.zeros(n_tok, dtype=np.int64)
-    frac[dot_tid] = cd_end[dot_tid] - cd[dot_pos]
-    value = mantissa / _POW10[frac]
-    value[minus_tid] = -value[minus_tid]
-    return value
+class _RleStruct(msgspec.Struct, gc=False):
+    size: tuple[int, int]
+    counts: str
 
 
-def _load_result_json_whole(path, text) -> DetColumns:
+class _SegmResultStruct(msgspec.Struct, gc=False):
+    """A segm result: ``bbox`` (and any other key) is skipped; a missing ``segmentation`` is
+    None (named by :func:`_columns_from_segm_structs`)."""
+    image_id: int
+    category_id: int
+    score: float
+    segmentation: _RleStruct | None = None
+
+
+_SEGM_DECODER = msgspec.json.Decoder(list[_SegmResultStruct])
+
+
+class _NotRle(Exception):
+    """A chunk holds a string that is not ASCII: the dict path names the entry."""
+
+
+class _NotChunkable(Exception):
+    """The top-level list cannot be cut into chunks of whole objects."""
+
+
+def _list_chunks(text: bytes, pos: int):
+    """``[obj, obj, ...]`` of about ``_CHUNK_BYTES`` each from the list body starting at ``pos``
+    (cut at a ``}`` ``,`` ``{`` boundary; the last piece runs to the closing ``]``)."""
+    end = len(text)
+    close = text.rfind(b"]")
+    if close < pos or text[close + 1:].strip():
+        raise _NotChunkable
+    released = 0
+    while True:
+        cut = _BOUNDARY.search(text, pos + _CHUNK_BYTES, close) \
+            if pos + _CHUNK_BYTES < end else None
+        if cut is None:
+            yield b"[" + text[pos:close] + b"]"
+            return
+        yield b"[" + text[pos:cut.start() + 1] + b"]"
+        pos = cut.end()
+        page = pos - pos % mmap.PAGESIZE
+        if isinstance(text, mmap.mmap) and page - released >= _CHUNK_BYTES:
+            # Decoded: drop those file pages from the resident set (re-read if touched again).
+            text.madvise(mmap.MADV_DONTNEED, released, page - released)
+            released = page
+
+
+def _columns_from_segm_structs(items: list, source: str, base: int = 0) -> DetColumns:
+    """Decoded segm structs -> columns; an entry without a mask raises, naming it."""
+    n = len(items)
+    segs = list(map(attrgetter("segmentation"), items))
+    if None in segs:
+        i = segs.index(None)
+        d = items[i]
+        raise DetectionFormatError(
+            f"{source}: detection #{base + i} (image_id {d.image_id}, category_id "
+            f"{d.category_id}) has no 'segmentation'; {MIXED_FIX}")
+    try:
+        masks = mask_column(list(map(attrgetter("counts"), segs)),
+                            np.fromiter(chain.from_iterable(map(attrgetter("size"), segs)),
+                                        np.int64, 2 * n))
+    except ValueError:
+        raise _NotRle from None
+    return DetColumns(
+        np.fromiter(map(attrgetter("image_id"), items), np.int64, n),
+        np.fromiter(map(attrgetter("category_id"), items), np.int64, n),
+        np.zeros((n, 4)), np.fromiter(map(attrgetter("score"), items), np.float64, n),
+        source, masks)
+
+
+def _columns_from_structs(items: list, source: str, base: int = 0) -> DetColumns:
+    """Decoded structs -> columns (ids already checked to be integers by the decoder; one outside
+    int64 raises OverflowError)."""
+    n = len(items)
+    image_id = np.fromiter(map(attrgetter("image_id"), items), np.int64, n)
+    category_id = np.fromiter(map(attrgetter("category_id"), items), np.int64, n)
+    score = np.fromiter(map(attrgetter("score"), items), np.float64, n)
+    bbox = np.fromiter(chain.from_iterable(map(attrgetter("bbox"), items)), np.float64,
+                       4 * n).reshape(n, 4)
+    return DetColumns(image_id, category_id, bbox, score, source)
+
+
+def _load_result_json_whole(path, text, segm=False) -> DetColumns:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise DetectionFormatError(f"{path}: malformed json ({e})") from None
     if not isinstance(doc, list):
         raise DetectionFormatError(f"{path}: a result file must hold a json list of result dicts")
-    return _columns_from_result_dicts(doc, offset=0, source=path)
+    return _columns_from_result_dicts(doc, source=path, segm=segm)
 
 
 def _concat(parts, source) -> DetColumns:
     if not parts:
         return empty_columns(source)
+    segm = None if parts[0].segm is None else concat_mask_columns([p.segm for p in parts])
     return DetColumns(
         np.concatenate([p.image_id for p in parts]),
         np.concatenate([p.category_id for p in parts]),
         np.concatenate([p.bbox for p in parts]),
         np.concatenate([p.score for p in parts]),
-        source,
+        source, segm,
     )
 
 
-def _columns_from_result_dicts(items, offset: int, source: str) -> DetColumns:
-    """List of LVIS/COCO result dicts -> columns; ``offset`` numbers entries in error messages."""
+def _columns_from_result_dicts(items, source: str, segm: bool = False) -> DetColumns:
+    """List of LVIS/COCO result dicts -> columns; errors name the entry by its position."""
+    if segm:
+        return _columns_from_segm_dicts(items, source)
     try:
         image_id = [d["image_id"] for d in items]
         category_id = [d["category_id"] for d in items]
         score = np.array([d["score"] for d in items], dtype=np.float64)
         bbox = np.array([d["bbox"] for d in items], dtype=np.float64).reshape(len(items), 4)
     except (KeyError, TypeError, ValueError):
-        _raise_bad_result_dict(items, offset, source)
-    image_id = _int_ids(image_id, "image_id", items, offset, source)
-    category_id = _int_ids(category_id, "category_id", items, offset, source)
-    return _make_columns(image_id, category_id, bbox, score, offset, source)
+        _raise_bad_result_dict(items, source)
+    image_id = _int_ids(image_id, "image_id", items, source)
+    category_id = _int_ids(category_id, "category_id", items, source)
+    return DetColumns(image_id, category_id, bbox, score, source)
+
+
+def _columns_from_segm_dicts(items, source: str) -> DetColumns:
+    """Segm result dicts -> columns; an entry without a compressed RLE ``segmentation``, or
+    with a malformed one, raises naming it (position, image_id, category_id) and the fix."""
+    def name(i):
+        d = items[i]
+        return (f"{source}: detection #{i} (image_id {d.get('image_id')!r}, category_id "
+                f"{d.get('category_id')!r})")
+
+    for i, d in enumerate(items):
+        if not isinstance(d, dict):
+            raise DetectionFormatError(f"{source}: detection #{i} is a {type(d).__name__}, "
+                                       f"expected a result dict")
+        seg = d.get("segmentation")
+        if seg is None:
+            raise DetectionFormatError(f"{name(i)} has no 'segmentation'; {MIXED_FIX}")
+        if isinstance(seg, list):
+            raise DetectionFormatError(
+                f"{name(i)}: 'segmentation' is a polygon list; segm results must be compressed "
+                f"RLE (as lvis and pycocotools require): {RLE_FIX}")
+        if not (isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes))
+                and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2
+                and all(type(v) is int or isinstance(v, np.integer) for v in seg["size"])):
+            raise DetectionFormatError(
+                f"{name(i)}: 'segmentation' must be a compressed RLE {{'size': [height, width], "
+                f"'counts': str}}, got {_short(seg)}: {RLE_FIX}")
+        for k in ("image_id", "category_id", "score"):
+            if k not in d:
+                raise DetectionFormatError(f"{name(i)} misses key {k!r}")
+    try:
+        score = np.array([d["score"] for d in items], dtype=np.float64).reshape(len(items))
+    except (TypeError, ValueError):
+        i = next(i for i, d in enumerate(items) if not isinstance(d["score"], (int, float)))
+        raise DetectionFormatError(f"{name(i)}: score must be a number") from None
+    try:
+        masks = mask_column([d["segmentation"]["counts"] for d in items],
+                            [d["segmentation"]["size"] for d in items])
+    except ValueError as e:
+        i = int(str(e)[1:].split(":")[0])
+        raise DetectionFormatError(f"{name(i)}: 'segmentation' counts hold non-ASCII "
+                                   f"characters, not a compressed RLE: {RLE_FIX}") from None
+    image_id = _int_ids([d["image_id"] for d in items], "image_id", items, source)
+    category_id = _int_ids([d["category_id"] for d in items], "category_id", items, source)
+    return DetColumns(image_id, category_id, np.zeros((len(items), 4)), score, source, masks)
+
+
+def _short(v, n=60):
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
 
 
 def _is_int_type(t) -> bool:
@@ -296,7 +384,7 @@ def _is_int_type(t) -> bool:
     return t is int or issubclass(t, np.integer)
 
 
-def _int_ids(values, name, items, offset, source):
+def _int_ids(values, name, items, source):
     """A list of ids from result dicts -> int64 [n]; a non-integer id raises naming the entry.
     One ``set(map(type, values))`` (C speed); entries are scanned only on the error path."""
     types = set(map(type, values))
@@ -306,7 +394,7 @@ def _int_ids(values, name, items, offset, source):
             i = next(i for i, v in enumerate(values) if type(v) in bad)
             v = values[i]
             raise DetectionFormatError(
-                f"{source}: detection #{offset + i} {items[i]!r}: {name} must be an integer, got "
+                f"{source}: detection #{i} {items[i]!r}: {name} must be an integer, got "
                 f"{v!r} ({type(v).__name__}); ids are integers"
             )
     try:
@@ -314,28 +402,12 @@ def _int_ids(values, name, items, offset, source):
     except OverflowError:
         i = next(i for i, v in enumerate(values) if not -(1 << 63) <= int(v) < (1 << 63))
         raise DetectionFormatError(
-            f"{source}: detection #{offset + i} {items[i]!r}: {name} {values[i]} is outside the "
+            f"{source}: detection #{i} {items[i]!r}: {name} {values[i]} is outside the "
             f"int64 range"
         ) from None
 
 
-def _make_columns(image_id, category_id, bbox, score, offset, source) -> DetColumns:
-    """Id columns (int64, or float64 from the numeric-table path) -> :class:`DetColumns`,
-    rejecting non-integer ids by entry."""
-    for name, ids in (("image_id", image_id), ("category_id", category_id)):
-        if ids.dtype.kind in "iu":
-            continue
-        bad = np.flatnonzero(ids != np.round(ids))
-        if bad.size:
-            i = int(bad[0])
-            raise DetectionFormatError(
-                f"{source}: detection #{offset + i} (image_id {image_id[i]}, category_id "
-                f"{category_id[i]}, score {score[i]}): {name} must be an integer"
-            )
-    return DetColumns(image_id.astype(np.int64), category_id.astype(np.int64), bbox, score, source)
-
-
-def _raise_bad_result_dict(items, offset, source):
+def _raise_bad_result_dict(items, source):
     """Find and name the first entry that does not convert (only runs on the error path)."""
     for i, d in enumerate(items):
         problem = None
@@ -353,23 +425,28 @@ def _raise_bad_result_dict(items, offset, source):
             except (TypeError, ValueError):
                 problem = "holds a non-numeric image_id / category_id / score / bbox value"
         if problem:
-            raise DetectionFormatError(f"{source}: detection #{offset + i} {d!r} {problem}")
+            raise DetectionFormatError(f"{source}: detection #{i} {d!r} {problem}")
     raise DetectionFormatError(f"{source}: detections do not convert to numeric columns")
 
 
-def _columns_from_tensors(items) -> DetColumns:
-    """Per-image tensor dicts (xyxy boxes) -> columns with xywh boxes."""
-    ids, cats, boxes, scores = [], [], [], []
+def _columns_from_tensors(items, segm: bool = False) -> DetColumns:
+    """Per-image tensor dicts (xyxy boxes; for segm masks, encoded here) -> columns."""
+    keys = SEGM_TENSOR_KEYS if segm else TENSOR_KEYS
+    ids, cats, boxes, scores, masks = [], [], [], [], []
     for n, d in enumerate(items):
-        missing = [k for k in TENSOR_KEYS if k not in d]
+        missing = [k for k in keys if k not in d]
         if missing:
+            why = f" ({MIXED_FIX})" if segm and "masks" in missing else ""
             raise DetectionFormatError(
                 f"detections[{n}] (per-image tensor dict) misses key(s) {missing}; expected "
-                f"{TENSOR_KEYS}"
+                f"{keys}{why}"
             )
-        b = torch.as_tensor(d["boxes"]).detach().to("cpu", torch.float64)
         s = torch.as_tensor(d["scores"]).detach().to("cpu", torch.float64).reshape(-1)
         c = torch.as_tensor(d["category_ids"]).detach().to("cpu").reshape(-1)
+        if segm and "boxes" not in d:
+            b = torch.zeros(s.shape[0], 4, dtype=torch.float64)
+        else:
+            b = torch.as_tensor(d["boxes"]).detach().to("cpu", torch.float64)
         if b.numel() == 0:  # an image without detections may come as an empty [0] tensor
             b = b.reshape(0, 4)
         if b.ndim != 2 or b.shape[1] != 4 or b.shape[0] != s.shape[0] or c.shape[0] != s.shape[0]:
@@ -385,13 +462,26 @@ def _columns_from_tensors(items) -> DetColumns:
             )
         ids.append(np.full(s.shape[0], _tensor_dict_image_id(d["image_id"], n), np.int64))
         cats.append(c.to(torch.int64).numpy())
+        if segm:
+            m = torch.as_tensor(d["masks"])
+            shape_ok = (m.ndim == 4 and m.shape[1] == 1) or m.ndim == 3
+            if not shape_ok or m.shape[0] != s.shape[0]:
+                if m.numel() == 0 and s.shape[0] == 0:
+                    m = m.reshape(0, 1, 0, 0)
+                else:
+                    raise DetectionFormatError(
+                        f"detections[{n}] (image_id {d['image_id']!r}): masks must be "
+                        f"[K, 1, H, W] (or [K, H, W]) with K = {s.shape[0]} scores; got "
+                        f"{tuple(m.shape)}")
+            rles = encode_tensor_masks(m)
+            masks.append(mask_column([r["counts"] for r in rles], [r["size"] for r in rles]))
         xywh = b.clone()
         xywh[:, 2:] = b[:, 2:] - b[:, :2]
         boxes.append(xywh.numpy())
         scores.append(s.numpy())
     return DetColumns(
         np.concatenate(ids), np.concatenate(cats), np.concatenate(boxes).reshape(-1, 4),
-        np.concatenate(scores), "detections",
+        np.concatenate(scores), "detections", concat_mask_columns(masks) if segm else None,
     )
 
 
@@ -427,3 +517,16 @@ def _check_values(cols: DetColumns):
             raise DetectionFormatError(
                 f"{cols.source}: detection #{i} {cols.entry(i)}: {why} ({idx.size} such entries)"
             )
+    if cols.segm is not None:
+        if len(cols.segm) != len(cols):
+            raise DetectionFormatError(f"{cols.source}: {len(cols.segm)} masks for {len(cols)} "
+                                       f"detections")
+        # One pass over the bytes; full validity (whole tokens, counts adding up to h * w) is
+        # checked on the detections that are evaluated (ltdet.evaluation.prepare).
+        bad = bad_characters(cols.segm)
+        if bad.size:
+            i = int(bad[0])
+            raise DetectionFormatError(
+                f"{cols.source}: detection #{i} {cols.entry(i)}: 'segmentation' counts is not a "
+                f"compressed RLE string (empty, or a character outside '0'..'o'; {bad.size} such "
+                f"entries): {RLE_FIX}")

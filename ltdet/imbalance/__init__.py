@@ -1,30 +1,12 @@
-"""Model-agnostic imbalance core: class-balanced weights, label-aware smoothing, LDS, FDS, mixup, shifted BN."""
-import importlib
+"""Model-agnostic imbalance core: per-class loss weights, label-aware smoothing factors, LDS, FDS,
+mixup, shifted BN."""
+from .class_weights import CB_MODES, class_balanced_weights
+from .fds import RoIFDS, build_fds
+from .las_factors import LAS_SHAPES, label_aware_smoothing
+from .lds import RoILDS, build_lds, smoothing_kernel
+from .mixup import mixup_detection
+from .shifted_bn import freeze_batchnorm, shift_batchnorm
 
-# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
-# importing its siblings.
-_EXPORTS = {
-    "class_balanced_weights": "class_balanced",
-    "label_aware_smoothing": "label_smoothing",
-    "smoothing_targets": "label_smoothing",
-    "RoILDS": "lds",
-    "build_lds": "lds",
-    "smoothing_kernel": "lds",
-    "RoIFDS": "fds",
-    "build_fds": "fds",
-    "mixup_detection": "mixup",
-    "freeze_batchnorm": "shifted_bn",
-    "shift_batchnorm": "shifted_bn",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["CB_MODES", "LAS_SHAPES", "RoIFDS", "RoILDS", "build_fds", "build_lds",
+           "class_balanced_weights", "freeze_batchnorm", "label_aware_smoothing",
+           "mixup_detection", "shift_batchnorm", "smoothing_kernel"]

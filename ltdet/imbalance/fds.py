@@ -15,7 +15,7 @@ Differences from the authors' code, each for a reason:
 - statistics are updated every step (exponential moving average, ``momentum`` 0.9, the first
   update of a bin takes the step's statistics as is) instead of once per epoch, because a
   detector trains for iterations, not a few epochs; per-step sums are all-reduced across ranks
-  when ``torch.distributed`` is initialised, so all ranks hold the same statistics;
+  (``ltdet.collectives.all_reduce_sum``), so all ranks hold the same statistics;
 - smoothing is a normalised convolution over the bins that have statistics (the kernel is
   renormalised at the ends of the range and around bins never seen), instead of reflect
   padding over bins initialised to mean 0 / variance 1, so empty bins never pull the statistics;
@@ -29,22 +29,17 @@ Shapes: ``features [R, D]``, ``ious [R]`` -> ``[R, D]``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..collectives import all_reduce_sum
+from ..spec import SpecError, build_from_spec, check_number
 from .lds import bin_index, smoothing_kernel
 
 __all__ = ["RoIFDS", "build_fds"]
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 class RoIFDS(nn.Module):
@@ -59,27 +54,50 @@ class RoIFDS(nn.Module):
         start_smooth: number of training iterations before features are re-coloured.
         clip: bounds of the variance ratio ``sigma~^2 / sigma^2``.
         eps: variances at or below ``eps`` count as zero (dimension left unchanged).
+
+    Built from the config's ``model.fds`` by :func:`build_fds` (:meth:`from_config`); the
+    defaults above are the config's.
     """
+
+    # buffers (registered in __init__), annotated for type checkers
+    kernel: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    bin_updates: Tensor
+    steps: Tensor
+
+    #: The keys of ``model.fds`` (``enabled`` and the constructor's keyword arguments but eps).
+    SPEC_KEYS = ("enabled", "bins", "lo", "hi", "kernel", "ks", "sigma", "momentum",
+                 "start_update", "start_smooth", "clip")
 
     def __init__(self, feature_dim: int, *, bins: int = 50, lo: float = 0.5, hi: float = 1.0,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
                  momentum: float = 0.9, start_update: int = 0, start_smooth: int = 100,
                  clip: Sequence[float] = (0.1, 10.0), eps: float = 1e-6):
         super().__init__()
-        if feature_dim < 1 or bins < 1:
-            raise ValueError(f"model.fds: feature_dim and bins must be >= 1, got {feature_dim}, {bins}")
+        check_number("model.fds feature_dim", feature_dim, low=1, integer=True)
+        check_number("model.fds.bins", bins, low=1, integer=True)
+        check_number("model.fds.lo", lo)
+        check_number("model.fds.hi", hi)
         if not hi > lo:
-            raise ValueError(f"model.fds: need hi > lo, got lo={lo}, hi={hi}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"model.fds.momentum must be in [0, 1), got {momentum}")
-        if len(clip) != 2 or not 0 < clip[0] <= clip[1]:
-            raise ValueError(f"model.fds.clip must be [low, high] with 0 < low <= high, got {clip}")
-        self.feature_dim, self.bins, self.lo, self.hi = int(feature_dim), int(bins), float(lo), float(hi)
+            raise SpecError(f"model.fds: need hi > lo, got lo={lo}, hi={hi}")
+        check_number("model.fds.momentum", momentum, low=0.0, high=1.0, high_open=True)
+        check_number("model.fds.ks", ks, integer=True)
+        check_number("model.fds.sigma", sigma)
+        check_number("model.fds.start_update", start_update, integer=True)
+        check_number("model.fds.start_smooth", start_smooth, integer=True)
+        if (not isinstance(clip, Sequence) or len(clip) != 2
+                or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)
+                or not 0 < clip[0] <= clip[1]):
+            raise SpecError(f"model.fds.clip must be [low, high] with 0 < low <= high, got {clip}")
+        self.feature_dim, self.bins = int(feature_dim), int(bins)
+        self.lo, self.hi = float(lo), float(hi)
         self.momentum = float(momentum)
         self.start_update, self.start_smooth = int(start_update), int(start_smooth)
         self.clip = (float(clip[0]), float(clip[1]))
         self.eps = float(eps)
-        self.register_buffer("kernel", smoothing_kernel(kernel, ks, sigma), persistent=False)
+        self.register_buffer("kernel", smoothing_kernel(kernel, int(ks), float(sigma)),
+                             persistent=False)
         self.register_buffer("running_mean", torch.zeros(self.bins, self.feature_dim))
         self.register_buffer("running_var", torch.ones(self.bins, self.feature_dim))
         self.register_buffer("bin_updates", torch.zeros(self.bins, dtype=torch.long))
@@ -153,12 +171,12 @@ class RoIFDS(nn.Module):
         sums = torch.zeros(self.bins, d + 1, device=z.device)
         sums[:, :d].index_add_(0, idx, z)
         sums[:, d].index_add_(0, idx, torch.ones_like(idx, dtype=sums.dtype))
-        _all_reduce_sum(sums)
+        all_reduce_sum(sums)
         count = sums[:, d:]
         present = count.squeeze(1) > 0
         mean = sums[:, :d] / count.clamp(min=1)
         sq = torch.zeros(self.bins, d, device=z.device).index_add_(0, idx, (z - mean[idx]).square())
-        _all_reduce_sum(sq)
+        all_reduce_sum(sq)
         var = sq / count.clamp(min=1)
         # First statistics of a bin replace the initial values rather than blend with them.
         m = torch.where(self.bin_updates > 0, self.momentum, 0.0).to(mean).view(-1, 1)
@@ -175,27 +193,26 @@ class RoIFDS(nn.Module):
                 f"start_smooth={self.start_smooth}")
 
 
-_FDS_KEYS = {"enabled", "bins", "lo", "hi", "kernel", "ks", "sigma", "momentum", "start_update",
-             "start_smooth", "clip"}
+    @classmethod
+    def from_config(cls, spec: Mapping, *, feature_dim: int,
+                    fg_iou_thresh: float | None = None) -> RoIFDS:
+        """``RoIFDS`` from a ``model.fds`` spec: every key but ``enabled`` is a constructor
+        argument; an unset ``lo`` is the RoI head's foreground IoU threshold when given."""
+        kwargs = {k: v for k, v in spec.items() if k not in ("type", "enabled")}
+        if fg_iou_thresh is not None:
+            kwargs.setdefault("lo", float(fg_iou_thresh))
+        return cls(feature_dim, **kwargs)
 
 
 def build_fds(cfg: Mapping | None, feature_dim: int, *, fg_iou_thresh: float | None = None
               ) -> RoIFDS | None:
     """``RoIFDS`` from ``model.fds``, or ``None`` when absent or ``enabled: false``.
 
-    Keys: ``enabled, bins (50), lo (fg_iou_thresh or 0.5), hi (1.0), kernel, ks, sigma,
-    momentum (0.9), start_update (0), start_smooth (100), clip ([0.1, 10])``.
+    Keys: ``enabled`` and the keyword arguments of :class:`RoIFDS` but ``eps`` (with its
+    defaults); ``lo`` defaults to ``fg_iou_thresh`` when given. Raises ``ltdet.spec.SpecError``
+    for an unknown key or value.
     """
     if not cfg or not cfg.get("enabled", False):
         return None
-    unknown = set(cfg) - _FDS_KEYS
-    if unknown:
-        raise ValueError(f"model.fds: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_FDS_KEYS)}")
-    lo_default = 0.5 if fg_iou_thresh is None else float(fg_iou_thresh)
-    return RoIFDS(feature_dim, bins=int(cfg.get("bins", 50)), lo=float(cfg.get("lo", lo_default)),
-                  hi=float(cfg.get("hi", 1.0)), kernel=cfg.get("kernel", "gaussian"),
-                  ks=int(cfg.get("ks", 5)), sigma=float(cfg.get("sigma", 2.0)),
-                  momentum=float(cfg.get("momentum", 0.9)),
-                  start_update=int(cfg.get("start_update", 0)),
-                  start_smooth=int(cfg.get("start_smooth", 100)),
-                  clip=tuple(cfg.get("clip", (0.1, 10.0))))
+    return build_from_spec({"fds": RoIFDS}, "model", cfg, default_type="fds",
+                           feature_dim=feature_dim, fg_iou_thresh=fg_iou_thresh)

@@ -15,8 +15,8 @@ or the L2 norm of its regression-target deltas (``target="delta"``, range ``[0, 
 outside ``[lo, hi]`` fall in the first / last bin.
 
 The histogram is accumulated over training (``update``, training mode only) in an int64 buffer,
-so it survives checkpoint / resume; per-step counts are summed over ranks when
-``torch.distributed`` is initialised, so every rank weights with the same density.
+so it survives checkpoint / resume; per-step counts are summed over ranks
+(``ltdet.collectives.all_reduce_sum``), so every rank weights with the same density.
 
 Shapes: ``values [P]`` (one per positive RoI) -> ``weights [P]``; the weights average to 1 over
 the accumulated histogram (every positive seen in training), not over each batch.
@@ -30,17 +30,25 @@ uniform; no clip is applied here.
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping
+import inspect
+from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..collectives import all_reduce_sum
+from ..spec import SpecError, build_from_spec, check_choice, check_number
 
 __all__ = ["smoothing_kernel", "smooth_histogram", "bin_index", "RoILDS", "build_lds"]
 
 KERNELS = ("gaussian", "triang", "laplace")
+#: The continuous value ``RoILDS`` bins: a positive RoI's IoU with its ground truth, or the norm
+#: of its regression-target deltas.
+TARGETS = ("iou", "delta")
+REWEIGHTS = ("sqrt_inv", "inverse")
+# The norm of the standard-weighted Fast R-CNN deltas of positives rarely exceeds 3.
+_DELTA_RANGE = (0.0, 3.0)
 
 
 def smoothing_kernel(kind: str = "gaussian", ks: int = 5, sigma: float = 2.0) -> Tensor:
@@ -96,7 +104,8 @@ def smooth_histogram(hist: Tensor, kernel: Tensor) -> Tensor:
 
 
 def bin_index(values: Tensor, lo: float, hi: float, bins: int) -> Tensor:
-    """Equal-width bin of each value over ``[lo, hi]``; out-of-range values clamp to the end bins."""
+    """Equal-width bin of each value over ``[lo, hi]``; out-of-range values clamp to the end
+    bins."""
     idx = torch.floor((values.float() - lo) * (bins / (hi - lo))).long()
     return idx.clamp_(0, bins - 1)
 
@@ -113,25 +122,37 @@ class RoILDS(nn.Module):
         reweight: ``"sqrt_inv"`` (``1 / smooth(sqrt(counts))``, the authors' default) or
             ``"inverse"`` (``1 / smooth(counts)``).
 
-    Use: ``lds.update(values)`` then ``w = lds.weights(values)`` (``forward`` does both);
-    multiply the per-RoI box loss of the positives by ``w``.
+    Use: ``lds.update(values)`` then ``w = lds.weights(values)``; multiply the per-RoI box loss
+    of the positives by ``w``. Built from the config's ``model.lds`` by :func:`build_lds`
+    (:meth:`from_config`); the defaults above are the config's.
     """
+
+    # buffers (registered in __init__), annotated for type checkers
+    kernel: Tensor
+    counts: Tensor
+
+    #: The keys of ``model.lds`` (``enabled`` and the constructor's arguments).
+    SPEC_KEYS = ("enabled", "bins", "lo", "hi", "target", "kernel", "ks", "sigma", "reweight")
 
     def __init__(self, *, bins: int = 50, lo: float = 0.5, hi: float = 1.0, target: str = "iou",
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
                  reweight: str = "sqrt_inv"):
         super().__init__()
-        if bins < 1:
-            raise ValueError(f"model.lds.bins must be >= 1, got {bins}")
+        check_number("model.lds.bins", bins, integer=True)
+        if bins < 1:  # the wording config errors have always used
+            raise SpecError(f"model.lds.bins must be >= 1, got {bins}")
+        check_number("model.lds.lo", lo)
+        check_number("model.lds.hi", hi)
         if not hi > lo:
-            raise ValueError(f"model.lds: need hi > lo, got lo={lo}, hi={hi}")
-        if target not in ("iou", "delta"):
-            raise ValueError(f"model.lds.target: {target!r} is not one of ['iou', 'delta']")
-        if reweight not in ("sqrt_inv", "inverse"):
-            raise ValueError(f"model.lds.reweight: {reweight!r} is not one of ['sqrt_inv', 'inverse']")
+            raise SpecError(f"model.lds: need hi > lo, got lo={lo}, hi={hi}")
+        check_choice("model.lds.target", target, TARGETS)
+        check_choice("model.lds.reweight", reweight, REWEIGHTS)
+        check_number("model.lds.ks", ks, integer=True)
+        check_number("model.lds.sigma", sigma)
         self.bins, self.lo, self.hi = int(bins), float(lo), float(hi)
         self.target, self.reweight = target, reweight
-        self.register_buffer("kernel", smoothing_kernel(kernel, ks, sigma), persistent=False)
+        self.register_buffer("kernel", smoothing_kernel(kernel, int(ks), float(sigma)),
+                             persistent=False)
         # Exact counts; int64 does not saturate over a long LVIS schedule as float32 would.
         self.register_buffer("counts", torch.zeros(self.bins, dtype=torch.long))
 
@@ -144,10 +165,7 @@ class RoILDS(nn.Module):
         if not self.training:
             return
         step = torch.bincount(self.bin_index(values.detach()).view(-1), minlength=self.bins)
-        step = step.to(self.counts.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(step)
-        self.counts += step
+        self.counts += all_reduce_sum(step.to(self.counts.device))
 
     def density(self) -> Tensor:
         """Effective density per bin ``[bins]`` (float64), the quantity that is inverted:
@@ -188,41 +206,34 @@ class RoILDS(nn.Module):
         per_bin = self.per_bin_weights().to(values.device)
         return per_bin[self.bin_index(values.detach()).to(values.device)].float()
 
-    def forward(self, values: Tensor) -> Tensor:
-        self.update(values)
-        return self.weights(values)
-
     def extra_repr(self) -> str:
         return (f"bins={self.bins}, range=[{self.lo}, {self.hi}], target={self.target}, "
                 f"reweight={self.reweight}")
 
 
-_LDS_KEYS = {"enabled", "bins", "lo", "hi", "target", "kernel", "ks", "sigma", "reweight"}
+    @classmethod
+    def from_config(cls, spec: Mapping, *, fg_iou_thresh: float | None = None) -> RoILDS:
+        """``RoILDS`` from a ``model.lds`` spec: every key but ``enabled`` is a constructor
+        argument; an unset range follows the target: ``iou`` -> ``[fg_iou_thresh, 1]`` (the
+        constructor's ``[0.5, 1]`` without a threshold), ``delta`` -> ``[0, 3]``."""
+        kwargs = {k: v for k, v in spec.items() if k not in ("type", "enabled")}
+        target = kwargs.get("target", inspect.signature(cls).parameters["target"].default)
+        if target == "delta":
+            kwargs.setdefault("lo", _DELTA_RANGE[0])
+            kwargs.setdefault("hi", _DELTA_RANGE[1])
+        elif fg_iou_thresh is not None:
+            kwargs.setdefault("lo", float(fg_iou_thresh))
+        return cls(**kwargs)
 
 
 def build_lds(cfg: Mapping | None, *, fg_iou_thresh: float | None = None) -> RoILDS | None:
     """``RoILDS`` from ``model.lds``, or ``None`` when absent or ``enabled: false``.
 
-    Keys: ``enabled, bins (50), lo, hi, target (iou|delta), kernel (gaussian|triang|laplace),
-    ks (5), sigma (2.0), reweight (sqrt_inv|inverse)``. Defaults for the range: target ``iou`` ->
-    ``[fg_iou_thresh (or 0.5), 1]``; ``delta`` -> ``[0, 3]`` (the norm of the standard-weighted
-    Fast R-CNN deltas of positives rarely exceeds 3).
+    Keys: ``enabled`` and the arguments of :class:`RoILDS` (with its defaults), the range as
+    :meth:`RoILDS.from_config` sets it. Raises ``ltdet.spec.SpecError`` for an unknown key or
+    value.
     """
     if not cfg or not cfg.get("enabled", False):
         return None
-    unknown = set(cfg) - _LDS_KEYS
-    if unknown:
-        raise ValueError(f"model.lds: unknown key(s) {sorted(unknown)}; valid keys: {sorted(_LDS_KEYS)}")
-    target = cfg.get("target", "iou")
-    if target == "iou":
-        lo_default = 0.5 if fg_iou_thresh is None else float(fg_iou_thresh)
-        hi_default = 1.0
-    else:
-        lo_default, hi_default = 0.0, 3.0
-    lo = cfg.get("lo", lo_default)
-    hi = cfg.get("hi", hi_default)
-    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        raise ValueError(f"model.lds: lo/hi must be finite, got lo={lo}, hi={hi}")
-    return RoILDS(bins=int(cfg.get("bins", 50)), lo=float(lo), hi=float(hi), target=target,
-                  kernel=cfg.get("kernel", "gaussian"), ks=int(cfg.get("ks", 5)),
-                  sigma=float(cfg.get("sigma", 2.0)), reweight=cfg.get("reweight", "sqrt_inv"))
+    return build_from_spec({"lds": RoILDS}, "model", cfg, default_type="lds",
+                           fg_iou_thresh=fg_iou_thresh)

@@ -9,23 +9,24 @@ image's blending ratio. The weights go in ``targets[k]["weights"]`` (float ``[K]
 ``LTRoIHeads`` multiplies into the per-RoI losses of the RoIs matched to that box.
 
 Shapes: ``images`` list of ``[3, H_k, W_k]`` float tensors; ``targets`` list of dicts with
-``boxes [K, 4]`` xyxy, ``labels int64 [K]`` in ``[1, C]`` and optionally ``weights [K]``.
+``boxes [K, 4]`` xyxy, ``labels int64 [K]`` in ``[1, C]`` and optionally ``weights [K]`` and
+``masks [K, H_k, W_k]`` (Mask R-CNN: each image's masks are zero-padded to the canvas, anchored at
+the top-left as the image, and concatenated like the boxes).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["mixup_detection", "MIXUP_PER_BOX_KEYS"]
+__all__ = ["mixup_detection"]
 
-# Per-box target fields merged across the two images; every other field is per image and is
-# taken from the base image.
-MIXUP_PER_BOX_KEYS = ("boxes", "labels", "weights")
-# Per-box fields that would need spatial padding / merging mixup does not do.
-_UNSUPPORTED_KEYS = ("masks", "keypoints")
+# The per-box fields "boxes", "labels", "weights" (and "masks", padded to the canvas) are merged
+# across the two images; every other field is per image and is taken from the base image.
+# Keypoints would need their visibility merged as well, which mixup does not do:
+_UNSUPPORTED_KEYS = ("keypoints",)
 
 
 def _box_weights(target: Mapping) -> Tensor:
@@ -70,9 +71,15 @@ def mixup_detection(images: Sequence[Tensor], targets: Sequence[Mapping], *, alp
         bad = [key for key in _UNSUPPORTED_KEYS if key in t]
         if bad:
             raise ValueError(
-                f"mixup_detection: target {k} (image_id {t.get('image_id')}) has {bad}; image mixup "
-                "supports box detection only - disable data.mixup for mask/keypoint training"
+                f"mixup_detection: target {k} (image_id {t.get('image_id')}) has {bad}; "
+                "image mixup supports boxes and masks only - disable data.mixup for keypoint "
+                "training"
             )
+    with_masks = ["masks" in t for t in targets]
+    if any(with_masks) and not all(with_masks):
+        k = with_masks.index(False)
+        raise ValueError(f"mixup_detection: target {k} (image_id {targets[k].get('image_id')}) "
+                         "has no 'masks' while others have; give every image masks or none")
     n = len(images)
     out_images = list(images)
     out_targets = [{**t, "weights": _box_weights(t)} for t in targets]
@@ -98,4 +105,7 @@ def mixup_detection(images: Sequence[Tensor], targets: Sequence[Mapping], *, alp
             "labels": torch.cat([ti["labels"], tj["labels"].to(ti["labels"])]),
             "weights": torch.cat([lam * _box_weights(ti), (1.0 - lam) * wj]),
         }
+        if "masks" in ti:
+            out_targets[i]["masks"] = torch.cat([_pad_to(ti["masks"], h, w),
+                                                 _pad_to(tj["masks"].to(ti["masks"]), h, w)])
     return out_images, out_targets

@@ -17,10 +17,12 @@ from __future__ import annotations
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ltdet.compat import BatchNormBase
+
 __all__ = ["freeze_batchnorm", "shift_batchnorm"]
 
 
-def _frozen_copy(bn: nn.modules.batchnorm._BatchNorm, name: str) -> FrozenBatchNorm2d:
+def _frozen_copy(bn: BatchNormBase, name: str) -> FrozenBatchNorm2d:
     if not bn.track_running_stats or bn.running_mean is None:
         raise ValueError(
             f"freeze_batchnorm: BatchNorm {name!r} has no running statistics "
@@ -43,10 +45,10 @@ def freeze_batchnorm(module: nn.Module, *, name: str = "") -> nn.Module:
     """
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         return _frozen_copy(module, name or type(module).__name__)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, BatchNormBase):
         raise TypeError(
-            f"freeze_batchnorm: {name or 'module'} is {type(module).__name__}; only BatchNorm2d and "
-            "SyncBatchNorm (the layers of torchvision detectors) can be frozen"
+            f"freeze_batchnorm: {name or 'module'} is {type(module).__name__}; "
+            "only BatchNorm2d and SyncBatchNorm (the layers of torchvision detectors) can be frozen"
         )
     for child_name, child in list(module.named_children()):
         full = f"{name}.{child_name}" if name else child_name
@@ -66,11 +68,11 @@ def shift_batchnorm(module: nn.Module) -> list[str]:
     """
     names = []
     for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, BatchNormBase):
             if not m.track_running_stats:
                 raise ValueError(
-                    f"shift_batchnorm: BatchNorm {name!r} has track_running_stats=False; shifted BN "
-                    "needs running statistics to shift"
+                    f"shift_batchnorm: BatchNorm {name!r} has track_running_stats=False; "
+                    "shifted BN needs running statistics to shift"
                 )
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)

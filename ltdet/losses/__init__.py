@@ -1,24 +1,21 @@
-"""Imbalance losses: one file per family, each a pure function plus a thin nn.Module.
+"""Imbalance losses: one file per family, each a pure element-wise function plus a thin module.
 
-`build_loss(cfg, num_classes=None, stats=None)` builds one from a config dict (`{"type": "eqlv2"}`).
+`build_loss(cfg, num_classes=None, stats=None)` builds one from a config dict (`{"type": "eqlv2"}`);
+`LOSSES` is the table of names. The base classes are the extension points: a new loss subclasses
+`ClassificationLoss` (softmax), `SigmoidClassificationLoss` or `RegressionLoss` and writes its
+`elementwise` (`ltdet.losses.base`).
 """
-import importlib
+from .base import (
+    ClassificationLoss,
+    ClassStatsLike,
+    LossModule,
+    RegressionLoss,
+    SigmoidClassificationLoss,
+    classes_from_stats,
+)
+from .reduction import reduce_loss
+from .registry import LOSSES, build_loss, hyper_parameters
 
-_EXPORTS = {
-    "build_loss": "registry",
-    "LOSSES": "registry",
-    "hyper_parameters": "registry",
-    "reduce_loss": "reduction",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["LOSSES", "ClassStatsLike", "ClassificationLoss", "LossModule", "RegressionLoss",
+           "SigmoidClassificationLoss", "build_loss", "classes_from_stats", "hyper_parameters",
+           "reduce_loss"]

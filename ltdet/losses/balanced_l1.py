@@ -12,12 +12,13 @@ beta = 1`. Shapes: pred, target `[P, 4]` box deltas; per-element loss `[P, 4]`.
 import math
 
 import torch
+from torch import Tensor
 
 from .base import RegressionLoss
-from .reduction import reduce_loss
 
 
-def balanced_l1_loss(pred, target, alpha=0.5, gamma=1.5, beta=1.0):
+def balanced_l1_loss(pred: Tensor, target: Tensor, alpha: float = 0.5, gamma: float = 1.5,
+                     beta: float = 1.0) -> Tensor:
     """Per-coordinate balanced L1 `[P, 4]`."""
     x = (pred - target).abs()
     b = math.exp(gamma / alpha) - 1.0
@@ -29,13 +30,13 @@ def balanced_l1_loss(pred, target, alpha=0.5, gamma=1.5, beta=1.0):
 class BalancedL1Loss(RegressionLoss):
     """Balanced L1 on box deltas."""
 
-    def __init__(self, *, alpha=0.5, gamma=1.5, beta=1.0, loss_weight=1.0):
+    def __init__(self, *, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0,
+                 loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
         if alpha <= 0 or gamma <= 0 or beta <= 0:
-            raise ValueError(f"balanced_l1: alpha, gamma, beta must be > 0, got {alpha}, {gamma}, {beta}")
+            raise ValueError(f"balanced_l1: alpha, gamma, beta must be > 0, got {alpha}, {gamma}, "
+                             f"{beta}")
         self.alpha, self.gamma, self.beta = float(alpha), float(gamma), float(beta)
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
-        loss = balanced_l1_loss(pred, target, self.alpha, self.gamma, self.beta)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return balanced_l1_loss(pred, target, self.alpha, self.gamma, self.beta)

@@ -1,9 +1,18 @@
-"""Base modules shared by the loss families: input checks and the default score activations.
+"""The loss contract: base classes that own `forward`, and the shared helpers of the families.
 
 Classification losses take `logits [N, C+1]` (column 0 = background, torchvision's layout; a loss
 may declare another width, `cls_channels`: seesaw's `C+2`) and `labels int64 [N]` in `[0, C]`
-(0 = background); `activation` always returns `[N, C+1]` scores. Regression losses take `pred [P, 4]` and
-`target [P, 4]` (box deltas, or decoded xyxy boxes when `needs_boxes` is True).
+(0 = background); `activation` always returns `[N, C+1]` scores. Regression losses take
+`pred [P, 4]` and `target [P, 4]` (box deltas, or decoded xyxy boxes when `needs_boxes` is True).
+
+`LossModule.forward(input, target, weight=None, reduction="mean", avg_factor=None)` is the one
+template of every loss: `check_inputs`, then the per-element loss (`loss_elements`, which calls
+the subclass's `elementwise`), then the shared reducer (`ltdet.losses.reduction.reduce_loss`:
+weight, reduction, avg_factor), then `loss_weight`. A new loss subclasses `ClassificationLoss`,
+`SigmoidClassificationLoss` or `RegressionLoss` and writes `elementwise` (plus its constructor);
+a loss that needs the caller's weight before the reduction, or keeps state, overrides the narrow
+hook `loss_elements` instead (seesaw counts the labels, EQLv2 collects its gradient statistics,
+GHM's gradient density counts the valid elements), never `forward`.
 
 `LossModule`, the base of both, makes every loss TorchScript-friendly (its training-only `forward`
 is `@torch.jit.unused`; a classification loss's `activation` is scriptable, it scores the detections
@@ -11,19 +20,40 @@ of a scripted model) and treats its state as training state when loading checkpo
 entries keep their fresh values, so torchvision weights load with `strict=True`).
 """
 import logging
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .reduction import reduce_loss
+
+__all__ = ["ClassStatsLike", "ClassificationLoss", "LossModule", "RegressionLoss",
+           "SigmoidClassificationLoss", "classes_from_stats", "foreground_targets",
+           "one_hot_targets", "pad_background", "sigmoid_scores", "softmax_scores"]
+
 logger = logging.getLogger(__name__)
 
 
-def classes_from_stats(stats, num_classes=None) -> int:
-    """C, the number of foreground classes, of losses built from class statistics; a given
-    `num_classes` must agree. The base class's `check_inputs` then checks the logits' width, so
-    stats-based losses need no check of their own."""
-    stats_c = int(stats.instance_count.numel())
+class ClassStatsLike(Protocol):
+    """What a loss reads of `ltdet.data.ClassStats` (float tensors `[C]`, index i = label i+1)."""
+
+    image_count: Tensor
+    instance_count: Tensor
+    num_images: int
+
+
+def classes_from_stats(stats: ClassStatsLike, num_classes: Optional[int] = None) -> int:
+    """C, the number of foreground classes, of class statistics; a given `num_classes` must
+    agree. The one owner of this check: `build_loss` and the losses built from statistics call
+    it, and the base class's `check_inputs` then checks the logits' width, so stats-based losses
+    need no check of their own. TypeError when `stats` is not a ClassStats."""
+    try:
+        stats_c = int(stats.instance_count.numel())
+    except AttributeError as e:
+        raise TypeError(
+            f"stats must be a ltdet.data.ClassStats (with .image_count / .instance_count tensors "
+            f"[C], .num_images), got {type(stats).__name__}") from e
     if num_classes is not None and int(num_classes) != stats_c:
         raise ValueError(f"num_classes={num_classes} but the class statistics have {stats_c} "
                          f"classes; build both from the same training json")
@@ -31,12 +61,21 @@ def classes_from_stats(stats, num_classes=None) -> int:
 
 
 class LossModule(nn.Module):
-    """Base of every ltdet loss (`ClassificationLoss`, `RegressionLoss`).
+    """Base of every ltdet loss (`ClassificationLoss`, `RegressionLoss`): owns `forward`.
 
-    TorchScript: the `forward` of every subclass is marked `@torch.jit.unused` when the class is
-    defined (losses run in training only, where torchvision's detectors are not scriptable
-    either), so a scripted detector compiles only what inference calls: the classification
-    loss's `activation`.
+    Subclasses write `elementwise(input, target) -> per-element loss` (the shapes
+    `ltdet.losses.reduction` describes: `[N]` or `[N, K]`, first dimension = samples); `forward`
+    checks the inputs, reduces and scales (module docstring). Attributes every loss declares
+    (class attributes with these defaults; a subclass overrides the ones that differ):
+
+    * `loss_weight` (float, 1.0): multiplies the reduced loss.
+    * `self_normalising` (bool, False): the loss computes its own normaliser (GHM's gradient
+      density); a caller must not normalise it again (the attribute's comment below).
+
+    TorchScript: `forward` is marked `@torch.jit.unused` (losses run in training only, where
+    torchvision's detectors are not scriptable either; a subclass that still defines its own
+    `forward` gets the same mark when the class is defined), so a scripted detector compiles only
+    what inference calls: the classification loss's `activation`.
 
     Checkpoints: the loss's persistent state (buffers, parameters, extra state, including those of
     its submodules such as GHM's `density.acc_sum`) is training state. An entry a state dict
@@ -45,11 +84,55 @@ class LossModule(nn.Module):
     `strict=True`. Entries that are present load as usual (a checkpoint's loss state is
     restored exactly)."""
 
+    #: The loss computes its own normaliser (GHM's gradient density, `N / GD(g)` per element):
+    #: a caller must not normalise it again (RetinaNet's per-image foreground weights); it
+    #: calls it with `reduction="mean"` and no weight.
+    self_normalising: bool = False
+    #: Multiplies the reduced loss (set by the constructor's `loss_weight`).
+    loss_weight: float = 1.0
+
+    def __init__(self, *, loss_weight: float = 1.0):
+        super().__init__()
+        self.loss_weight = float(loss_weight)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         forward = cls.__dict__.get("forward")
         if forward is not None:
             torch.jit.unused(forward)  # sets a marker on the function; eager calls are unchanged
+
+    def check_inputs(self, input: Tensor, target: Tensor) -> None:
+        """Shape (and label) checks of one call; `ClassificationLoss` / `RegressionLoss`."""
+        raise NotImplementedError
+
+    def elementwise(self, input: Tensor, target: Tensor) -> Tensor:
+        """The per-element loss, unweighted and unreduced: what a new loss writes."""
+        raise NotImplementedError(f"{type(self).__name__} must define elementwise(input, target)")
+
+    def loss_elements(self, input: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+        """The per-element loss of one call, between the checks and the reduction.
+
+        The default is `elementwise(input, target)`. The narrow hook for losses that genuinely
+        differ: ones that read the caller's `weight` before the reduction (GHM's density counts
+        only elements of positive weight; EQLv2's gradient statistics include the weights) or
+        update state around the loss (seesaw's label counts, before it)."""
+        return self.elementwise(input, target)
+
+    @torch.jit.unused
+    def forward(self, input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                reduction: str = "mean", avg_factor: Any = None) -> Tensor:
+        """The loss of a batch.
+
+        Args:
+            input: logits `[N, cls_channels]` or box predictions `[P, 4]`.
+            target: labels `[N]` in `[0, C]` or box targets `[P, 4]`.
+            weight: None, per sample `[N]`, or per element (the per-element loss's shape).
+            reduction: "none" | "sum" | "mean" (`ltdet.losses.reduction.reduce_loss`).
+            avg_factor: the divisor of "mean" (number or 0-dim tensor); default the sample count.
+        """
+        self.check_inputs(input, target)
+        loss = self.loss_elements(input, target, weight)
+        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -57,8 +140,8 @@ class LossModule(nn.Module):
         # `state_dict` object it then filters for each child: absent entries of the whole subtree
         # are filled with their current values here, so neither this module nor a submodule
         # records them as missing.
-        absent = {key: value for key, value in self.state_dict(prefix=prefix, keep_vars=True).items()
-                  if key not in state_dict}
+        current = self.state_dict(prefix=prefix, keep_vars=True)
+        absent = {key: value for key, value in current.items() if key not in state_dict}
         if absent:
             state_dict.update(absent)
             logger.info("%s (%s): the state dict has no %s; this loss state keeps its current "
@@ -91,20 +174,30 @@ class ClassificationLoss(LossModule):
     loss scores its detections; it must stay TorchScript-compatible (annotated, no Python-only
     calls), because a scripted detector compiles it.
 
-    Channels: the classifier a loss trains has `cls_channels = get_cls_channels(C)` outputs,
-    `C + 1` (torchvision's layout, column 0 = background) for every loss but one: seesaw's
-    `C + 2` (C classes and a 2-way objectness, `ltdet.losses.seesaw`), the way mmdetection's
-    losses declare `get_cls_channels` with `custom_cls_channels`. `build_detector` and
-    `ltdet.patch` size the box predictor's `cls_score` with it; scores are always `[N, C+1]`."""
+    Attributes (besides `LossModule`'s):
 
-    use_sigmoid = False
+    * `use_sigmoid` (bool, False): the loss trains independent sigmoids (EQL, EQLv2, federated,
+      focal, GHM-C, cb with a sigmoid base); the detector then initialises the classifier's bias
+      to a small prior (`ltdet.models.init`).
+    * `num_classes` (int or None): C, when the loss was built for a given class count; the
+      logits' width and the labels' range are then checked on every call.
+    * `cls_channels` / `get_cls_channels(C)`: the classifier a loss trains has
+      `get_cls_channels(C)` outputs, `C + 1` (torchvision's layout, column 0 = background) for
+      every loss but one: seesaw's `C + 2` (C classes and a 2-way objectness,
+      `ltdet.losses.seesaw`), the way mmdetection's losses declare `get_cls_channels` with
+      `custom_cls_channels`. `build_detector` and `ltdet.patch` size the box predictor's
+      `cls_score` with it; scores are always `[N, C+1]`."""
+
+    #: Independent sigmoids per foreground class instead of one softmax.
+    use_sigmoid: bool = False
+    #: C; None when the loss was built without it (the logits' width is then not checked).
+    num_classes: Optional[int]
     # a property: TorchScript would compile it with the module (it is never needed there)
     __jit_unused_properties__ = ["cls_channels"]
 
-    def __init__(self, *, num_classes=None, loss_weight=1.0):
-        super().__init__()
+    def __init__(self, *, num_classes: Optional[int] = None, loss_weight: float = 1.0):
+        super().__init__(loss_weight=loss_weight)
         self.num_classes = num_classes
-        self.loss_weight = float(loss_weight)
 
     def get_cls_channels(self, num_classes: int) -> int:
         """Outputs of the classifier this loss trains for `num_classes` foreground classes:
@@ -112,7 +205,7 @@ class ClassificationLoss(LossModule):
         return int(num_classes) + 1
 
     @property
-    def cls_channels(self):
+    def cls_channels(self) -> Optional[int]:
         """`get_cls_channels(num_classes)`; None when the loss was built without num_classes."""
         return None if self.num_classes is None else self.get_cls_channels(self.num_classes)
 
@@ -120,7 +213,7 @@ class ClassificationLoss(LossModule):
         """The logit columns, in words, for error messages."""
         return f"C+1 = {self.cls_channels} logit columns, column 0 = background"
 
-    def check_inputs(self, logits, labels):
+    def check_inputs(self, logits: Tensor, labels: Tensor) -> None:
         """Shape and label-range checks; one cheap min/max per step."""
         if logits.dim() != 2:
             raise ValueError(f"{type(self).__name__}: logits must be [N, C+1], got shape "
@@ -129,7 +222,8 @@ class ClassificationLoss(LossModule):
             raise ValueError(f"{type(self).__name__}: labels must be [N] = [{logits.shape[0]}], "
                              f"got shape {list(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"{type(self).__name__}: labels must be an integer tensor, got {labels.dtype}")
+            raise ValueError(f"{type(self).__name__}: labels must be an integer tensor, got "
+                             f"{labels.dtype}")
         num_columns = logits.shape[1]
         if self.num_classes is not None and num_columns != self.cls_channels:
             raise ValueError(
@@ -163,14 +257,14 @@ class SigmoidClassificationLoss(ClassificationLoss):
         return sigmoid_scores(logits)
 
 
-def one_hot_targets(labels, num_columns, dtype):
+def one_hot_targets(labels: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:
     """One-hot targets `[N, C+1]` over all columns; column 0 is 1 for background RoIs."""
     target = torch.zeros(labels.shape[0], num_columns, dtype=dtype, device=labels.device)
     target.scatter_(1, labels.view(-1, 1), 1.0)
     return target
 
 
-def foreground_targets(labels, num_classes, dtype):
+def foreground_targets(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     """Sigmoid targets `[N, C]` of the foreground columns 1..C; all zero for background RoIs."""
     target = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     is_fg = (labels > 0).to(dtype).unsqueeze(1)
@@ -179,21 +273,22 @@ def foreground_targets(labels, num_classes, dtype):
     return target
 
 
-def pad_background(loss_fg):
+def pad_background(loss_fg: Tensor) -> Tensor:
     """`[N, C]` foreground-column loss -> `[N, C+1]` with an exact zero in column 0."""
     return torch.nn.functional.pad(loss_fg, (1, 0))
 
 
 class RegressionLoss(LossModule):
-    """Box regression base: `pred` and `target` are `[P, 4]`."""
+    """Box regression base: `pred` and `target` are `[P, 4]`.
 
-    needs_boxes = False
+    Attribute (besides `LossModule`'s): `needs_boxes` (bool, False): the loss compares decoded
+    `xyxy` boxes (GIoU), not box deltas; the RoI head decodes its deltas against the proposals
+    before calling it."""
 
-    def __init__(self, *, loss_weight=1.0):
-        super().__init__()
-        self.loss_weight = float(loss_weight)
+    #: `pred` / `target` are decoded xyxy boxes instead of box deltas.
+    needs_boxes: bool = False
 
-    def check_inputs(self, pred, target):
+    def check_inputs(self, pred: Tensor, target: Tensor) -> None:
         if pred.shape != target.shape or pred.dim() != 2 or pred.shape[1] != 4:
             raise ValueError(f"{type(self).__name__}: pred and target must both be [P, 4], got "
                              f"{list(pred.shape)} and {list(target.shape)}")

@@ -11,29 +11,38 @@ re-weighting only re-distributes the foreground loss between classes.
 * `sigmoid`: BCE over the C foreground columns (column 0 gets no gradient), loss `[N, C+1]`;
 * `focal`: sigmoid focal loss on the foreground columns, loss `[N, C+1]`.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ..imbalance.class_balanced import CB_MODES, class_balanced_weights
+from ..imbalance.class_weights import CB_MODES, class_balanced_weights
 from .base import (
-    ClassificationLoss, classes_from_stats, foreground_targets, pad_background, sigmoid_scores,
+    ClassificationLoss,
+    ClassStatsLike,
+    classes_from_stats,
+    foreground_targets,
+    pad_background,
+    sigmoid_scores,
     softmax_scores,
 )
 from .cross_entropy import cross_entropy
 from .focal import focal_loss
-from .reduction import reduce_loss
 
 CB_BASES = ("ce", "sigmoid", "focal")
 CB_COUNTS = ("instance", "image")
 
 
-def sigmoid_cross_entropy(logits, labels):
+def sigmoid_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-element BCE `[N, C+1]` on the foreground columns; column 0 identically zero."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
-    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none"))
+    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target,
+                                                             reduction="none"))
 
 
-def class_balanced_loss(logits, labels, column_weights, base="ce", alpha=0.25, gamma=2.0):
+def class_balanced_loss(logits: Tensor, labels: Tensor, column_weights: Tensor, base: str = "ce",
+                        alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Per-element class-balanced loss; `column_weights [C+1]` = (1, w_1, ..., w_C)."""
     sample_weight = column_weights[labels]
     if base == "ce":
@@ -57,8 +66,13 @@ class ClassBalancedLoss(ClassificationLoss):
         alpha, gamma: focal-loss parameters, used only with `base="focal"`.
     """
 
-    def __init__(self, *, stats, num_classes=None, base="ce", mode="effective", beta=0.999,
-                 count="instance", alpha=0.25, gamma=2.0, loss_weight=1.0):
+    # buffers (registered in __init__), annotated for type checkers
+    column_weights: Tensor
+
+    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
+                 base: str = "ce", mode: str = "effective", beta: float = 0.999,
+                 count: str = "instance", alpha: float = 0.25, gamma: float = 2.0,
+                 loss_weight: float = 1.0):
         super().__init__(num_classes=classes_from_stats(stats, num_classes),
                          loss_weight=loss_weight)
         if base not in CB_BASES:
@@ -71,19 +85,19 @@ class ClassBalancedLoss(ClassificationLoss):
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.use_sigmoid = base != "ce"
         counts = stats.instance_count if count == "instance" else stats.image_count
-        weights = class_balanced_weights(torch.as_tensor(counts, dtype=torch.float32), mode, self.beta)
+        weights = class_balanced_weights(torch.as_tensor(counts, dtype=torch.float32), mode,
+                                         self.beta)
         # Derived from the statistics, not learned: rebuilt on construction, not checkpointed.
         self.register_buffer("column_weights", torch.cat([weights.new_ones(1), weights]),
                              persistent=False)
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        # module-level score functions (not the other base class's method): TorchScript compiles this
+        # module-level score functions (not the other base class's method): TorchScript compiles
+        # this
         if self.use_sigmoid:
             return sigmoid_scores(logits)
         return softmax_scores(logits)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        loss = class_balanced_loss(logits, labels, self.column_weights.to(logits.dtype), self.base,
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return class_balanced_loss(logits, labels, self.column_weights.to(logits.dtype), self.base,
                                    self.alpha, self.gamma)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)

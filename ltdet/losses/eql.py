@@ -12,16 +12,22 @@ the frequency of class j = (number of training images containing j) / (number of
 foreground RoIs; background RoIs still suppress every class. `lambda = 1.76e-3` on LVIS.
 Per-element loss `[N, C+1]`, normalised by N (the paper's `1/N`).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .base import (
-    SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+    ClassStatsLike,
+    SigmoidClassificationLoss,
+    classes_from_stats,
+    foreground_targets,
+    pad_background,
 )
-from .reduction import reduce_loss
 
 
-def eql_loss(logits, labels, tail_mask):
+def eql_loss(logits: Tensor, labels: Tensor, tail_mask: Tensor) -> Tensor:
     """Per-element EQL `[N, C+1]`; `tail_mask [C]` = `T_lambda(f_j)` as 0/1 floats."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
     is_fg_roi = (labels > 0).to(logits.dtype)
@@ -41,7 +47,11 @@ class EQLLoss(SigmoidClassificationLoss):
         lambda_: frequency threshold of the tail classes.
     """
 
-    def __init__(self, *, stats, num_classes=None, lambda_=1.76e-3, loss_weight=1.0):
+    # buffers (registered in __init__), annotated for type checkers
+    tail_mask: Tensor
+
+    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
+                 lambda_: float = 1.76e-3, loss_weight: float = 1.0):
         super().__init__(num_classes=classes_from_stats(stats, num_classes),
                          loss_weight=loss_weight)
         if stats.num_images <= 0:
@@ -51,7 +61,5 @@ class EQLLoss(SigmoidClassificationLoss):
         freq = torch.as_tensor(stats.image_count, dtype=torch.float32) / float(stats.num_images)
         self.register_buffer("tail_mask", (freq < self.lambda_).float(), persistent=False)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        loss = eql_loss(logits, labels, self.tail_mask.to(logits.dtype))
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return eql_loss(logits, labels, self.tail_mask.to(logits.dtype))

@@ -19,17 +19,21 @@ in columns 1..C and `sigmoid(z_0)` in column 0.
 
 Shapes: logits `[N, C+1]`, labels `[N]` in `[0, C]`; per-element loss `[N, C+1]`.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..collectives import all_reduce_sum
 from .base import ClassificationLoss, one_hot_targets
-from .reduction import all_reduce_sum, reduce_loss
 
 # Initial gradient ratio: large, so that q = 1 and r = 1 before any statistics exist.
 _INITIAL_POS_NEG = 100.0
 
 
-def eqlv2_column_weights(pos_neg, gamma, mu, alpha):
+def eqlv2_column_weights(pos_neg: Tensor, gamma: float, mu: float,
+                         alpha: float) -> tuple[Tensor, Tensor]:
     """Positive and negative weights `[C+1]` (column 0 fixed at 1) from the ratios `g [C]`."""
     neg_w = torch.sigmoid(gamma * (pos_neg - mu))
     neg_w = torch.cat([neg_w.new_ones(1), neg_w])
@@ -37,18 +41,18 @@ def eqlv2_column_weights(pos_neg, gamma, mu, alpha):
     return pos_w, neg_w
 
 
-def eqlv2_loss(logits, labels, pos_w, neg_w):
-    """Per-element EQLv2 `[N, C+1]`, its targets and the element weights `[N, C+1]` it used."""
+def eqlv2_loss(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor) -> Tensor:
+    """Per-element EQLv2 `[N, C+1]` with column weights `pos_w`, `neg_w` `[C+1]`."""
     target = one_hot_targets(labels, logits.shape[1], logits.dtype)
     # w = r y + q (1 - y): q everywhere, then r on the one positive column of each row.
     weight = neg_w.expand_as(logits).clone()
     weight.scatter_(1, labels.unsqueeze(1), pos_w[labels].unsqueeze(1))
-    loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
-    return loss, target, weight
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
 
 
 @torch.no_grad()
-def eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight=None):
+def eqlv2_gradient_sums(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor,
+                        weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-column sums `[C+1]` of `|dBCE/dz| * w` over positive and over negative elements.
 
     `|p - y|` is `1 - p` on a positive and `p` on a negative, and each row has exactly one
@@ -72,15 +76,22 @@ def eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight=None):
     true_prob = prob.gather(1, labels.unsqueeze(1)).squeeze(1)
     pos_prob = torch.zeros_like(column_prob).index_add_(0, labels, true_prob)
     pos_count = torch.zeros_like(column_prob).index_add_(0, labels, u_true)
-    return pos_w.to(prob.dtype) * (pos_count - pos_prob), neg_w.to(prob.dtype) * (column_prob - pos_prob)
+    return (pos_w.to(prob.dtype) * (pos_count - pos_prob),
+            neg_w.to(prob.dtype) * (column_prob - pos_prob))
 
 
 class EQLv2Loss(ClassificationLoss):
     """EQLv2 with gradient statistics in buffers (`pos_grad`, `neg_grad`, `pos_neg`, all `[C]`)."""
 
+    # buffers (registered in __init__), annotated for type checkers
+    pos_grad: Tensor
+    neg_grad: Tensor
+    pos_neg: Tensor
+
     use_sigmoid = True
 
-    def __init__(self, *, num_classes, gamma=12.0, mu=0.8, alpha=4.0, loss_weight=1.0):
+    def __init__(self, *, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
+                 alpha: float = 4.0, loss_weight: float = 1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.gamma, self.mu, self.alpha = float(gamma), float(mu), float(alpha)
         self.register_buffer("pos_grad", torch.zeros(num_classes))
@@ -93,7 +104,8 @@ class EQLv2Loss(ClassificationLoss):
         return torch.cat([bg, prob[:, 1:] * (1.0 - bg)], dim=1)
 
     @torch.no_grad()
-    def _collect_gradients(self, logits, labels, pos_w, neg_w, weight):
+    def _collect_gradients(self, logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor,
+                           weight: Optional[Tensor]) -> None:
         """Add this step's |dL/dz| (per class, positives and negatives) to the state."""
         pos, neg = eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight)
         # Column 0 (objectness) keeps weight 1 and has no statistics.
@@ -102,13 +114,20 @@ class EQLv2Loss(ClassificationLoss):
         self.neg_grad += increment[1]
         self.pos_neg.copy_(self.pos_grad / (self.neg_grad + 1e-10))
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        pos_w, neg_w = eqlv2_column_weights(self.pos_neg.to(logits.dtype), self.gamma, self.mu,
-                                            self.alpha)
-        loss, _, _ = eqlv2_loss(logits, labels, pos_w, neg_w)
+    def _column_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return eqlv2_column_weights(self.pos_neg.to(dtype), self.gamma, self.mu, self.alpha)
+
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss under the current statistics, without updating them."""
+        return eqlv2_loss(logits, labels, *self._column_weights(logits.dtype))
+
+    def loss_elements(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
+        """`elementwise`, then (training mode) the step's gradients join the statistics, with the
+        same column weights: the state of the next step, never of this one."""
+        pos_w, neg_w = self._column_weights(logits.dtype)
+        loss = eqlv2_loss(logits, labels, pos_w, neg_w)
         if self.training:
             # The gradient that actually flows includes the caller's weights (e.g. ignored RoIs).
             self._collect_gradients(logits.detach(), labels, pos_w, neg_w,
                                     None if weight is None else weight.detach().to(logits.dtype))
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+        return loss

@@ -14,17 +14,24 @@ comes from the loss's own `torch.Generator` (seeded with `seed + rank`), so runs
 and the global RNG stream is left alone. Classes with zero training images are never sampled as
 negatives (their weight is 0).
 """
+from typing import Optional
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..collectives import get_rank
 from .base import (
-    SigmoidClassificationLoss, classes_from_stats, foreground_targets, pad_background,
+    ClassStatsLike,
+    SigmoidClassificationLoss,
+    classes_from_stats,
+    foreground_targets,
+    pad_background,
 )
-from .reduction import reduce_loss
 
 
-def federated_class_mask(labels, log_weight, num_sampled, uniform):
+def federated_class_mask(labels: Tensor, log_weight: Tensor, num_sampled: int,
+                         uniform: Tensor) -> Tensor:
     """Boolean `[C]`: classes present in `labels` plus sampled negatives (at most
     `max(num_sampled, #present)` classes in total).
 
@@ -46,12 +53,12 @@ def federated_class_mask(labels, log_weight, num_sampled, uniform):
     return present | (chosen & torch.isfinite(log_weight))
 
 
-def federated_loss(logits, labels, class_mask):
+def federated_loss(logits: Tensor, labels: Tensor, class_mask: Tensor) -> Tensor:
     """Per-element federated BCE `[N, C+1]`; `class_mask [C]` selects the trained classes."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
     column_weight = class_mask.to(logits.dtype).unsqueeze(0)
-    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target,
-                                                             weight=column_weight, reduction="none"))
+    return pad_background(F.binary_cross_entropy_with_logits(
+        logits[:, 1:], target, weight=column_weight, reduction="none"))
 
 
 class FederatedLoss(SigmoidClassificationLoss):
@@ -64,13 +71,19 @@ class FederatedLoss(SigmoidClassificationLoss):
         seed: seed of the sampling generator (offset by the distributed rank).
     """
 
-    def __init__(self, *, stats, num_classes=None, num_classes_sampled=50, power=0.5, seed=0,
-                 loss_weight=1.0):
+    # buffers (registered in __init__), annotated for type checkers
+    log_weight: Tensor
+
+    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
+                 num_classes_sampled: int = 50, power: float = 0.5, seed: int = 0,
+                 loss_weight: float = 1.0):
         super().__init__(num_classes=classes_from_stats(stats, num_classes),
                          loss_weight=loss_weight)
         if num_classes_sampled < 1:
-            raise ValueError(f"federated: num_classes_sampled must be >= 1, got {num_classes_sampled}")
-        self.num_classes_sampled, self.power, self.seed = int(num_classes_sampled), float(power), int(seed)
+            raise ValueError(f"federated: num_classes_sampled must be >= 1, got "
+                             f"{num_classes_sampled}")
+        self.num_classes_sampled = int(num_classes_sampled)
+        self.power, self.seed = float(power), int(seed)
         counts = torch.as_tensor(stats.image_count, dtype=torch.float32)
         # log(f^power), with -inf (never sampled) for classes without training images; written
         # with where() so that power = 0 (uniform sampling) does not produce 0 * -inf = NaN.
@@ -81,14 +94,12 @@ class FederatedLoss(SigmoidClassificationLoss):
 
     def _uniform(self, device):
         if self._generator is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            self._generator = torch.Generator().manual_seed(self.seed + rank)
+            self._generator = torch.Generator().manual_seed(self.seed + get_rank())
         # Drawn on the CPU generator (device-independent stream), then copied to the device.
         return torch.rand(self.log_weight.numel(), generator=self._generator).to(device)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # Draws the next negative sample from the loss's generator: one draw per call.
         mask = federated_class_mask(labels, self.log_weight, self.num_classes_sampled,
                                     self._uniform(logits.device))
-        loss = federated_loss(logits, labels, mask)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+        return federated_loss(logits, labels, mask)

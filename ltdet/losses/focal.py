@@ -6,13 +6,15 @@ labels `[N]` in `[0, C]`. The targets are one-hot over the foreground columns 1.
 RoI is all-negative); column 0 is not a class here and gets an exact zero loss and gradient.
 Per-element loss `[N, C+1]`.
 """
+from typing import Optional
+
+from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 from .base import SigmoidClassificationLoss, foreground_targets, pad_background
-from .reduction import reduce_loss
 
 
-def focal_loss(logits, labels, alpha=0.25, gamma=2.0):
+def focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Per-element focal loss `[N, C+1]` with column 0 identically zero."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
     loss_fg = sigmoid_focal_loss(logits[:, 1:], target, alpha=alpha, gamma=gamma,
@@ -28,12 +30,11 @@ class FocalLoss(SigmoidClassificationLoss):
         gamma: focusing exponent.
     """
 
-    def __init__(self, *, num_classes=None, alpha=0.25, gamma=2.0, loss_weight=1.0):
+    def __init__(self, *, num_classes: Optional[int] = None, alpha: float = 0.25,
+                 gamma: float = 2.0, loss_weight: float = 1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.alpha = float(alpha)
         self.gamma = float(gamma)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        loss = focal_loss(logits, labels, self.alpha, self.gamma)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return focal_loss(logits, labels, self.alpha, self.gamma)

@@ -8,14 +8,15 @@ Sec. 3 / appendix): an L1 loss scaled by a focal factor of the error itself,
 it). Shapes: pred, target `[P, 4]` box deltas; per-element loss `[P, 4]`.
 """
 import torch
+from torch import Tensor
 
 from .base import RegressionLoss
-from .reduction import reduce_loss
 
 FOCAL_R_ACTIVATIONS = ("sigmoid", "tanh")
 
 
-def focal_r_loss(pred, target, beta=0.2, gamma=1.0, activate="sigmoid"):
+def focal_r_loss(pred: Tensor, target: Tensor, beta: float = 0.2, gamma: float = 1.0,
+                 activate: str = "sigmoid") -> Tensor:
     """Per-coordinate Focal-R `[P, 4]`."""
     err = (pred - target).abs()
     if activate == "tanh":
@@ -28,13 +29,13 @@ def focal_r_loss(pred, target, beta=0.2, gamma=1.0, activate="sigmoid"):
 class FocalRLoss(RegressionLoss):
     """Focal-R on box deltas."""
 
-    def __init__(self, *, beta=0.2, gamma=1.0, activate="sigmoid", loss_weight=1.0):
+    def __init__(self, *, beta: float = 0.2, gamma: float = 1.0, activate: str = "sigmoid",
+                 loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
         if activate not in FOCAL_R_ACTIVATIONS:
-            raise ValueError(f"focal_r: activate must be one of {FOCAL_R_ACTIVATIONS}, got {activate!r}")
+            raise ValueError(f"focal_r: activate must be one of {FOCAL_R_ACTIVATIONS}, got "
+                             f"{activate!r}")
         self.beta, self.gamma, self.activate = float(beta), float(gamma), activate
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
-        loss = focal_r_loss(pred, target, self.beta, self.gamma, self.activate)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return focal_r_loss(pred, target, self.beta, self.gamma, self.activate)

@@ -20,18 +20,24 @@ State: buffer `acc_sum [bins]` (the EMA of the counts; used when momentum > 0). 
 the per-step bin counts and sample count are all-reduced, so every rank (and its EMA) sees the
 global batch; in eval mode nothing is reduced or stored.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..collectives import all_reduce_sum
 from .base import RegressionLoss, SigmoidClassificationLoss, foreground_targets, pad_background
-from .reduction import all_reduce_sum, reduce_loss
 
 
 class GradientDensity(nn.Module):
     """Bins gradient norms and returns GHM weights `N / GD(g)`; owns the EMA buffer."""
 
-    def __init__(self, bins=10, momentum=0.0):
+    # buffers (registered in __init__), annotated for type checkers
+    acc_sum: Tensor
+
+    def __init__(self, bins: int = 10, momentum: float = 0.0):
         super().__init__()
         if bins < 1:
             raise ValueError(f"GHM: bins must be >= 1, got {bins}")
@@ -42,7 +48,7 @@ class GradientDensity(nn.Module):
 
     @torch.jit.unused  # training-time statistics only; never called by a scripted detector
     @torch.no_grad()
-    def forward(self, g, valid, num_samples):
+    def forward(self, g: Tensor, valid: Optional[Tensor], num_samples: int) -> Tensor:
         """Weights shaped like `g` (zero where not valid).
 
         Args:
@@ -66,7 +72,8 @@ class GradientDensity(nn.Module):
         nonempty = counts > 0
         density = counts
         if self.momentum > 0:
-            density = torch.where(nonempty, self.momentum * self.acc_sum + (1 - self.momentum) * counts,
+            density = torch.where(nonempty,
+                                  self.momentum * self.acc_sum + (1 - self.momentum) * counts,
                                   self.acc_sum)
             if self.training:
                 self.acc_sum.copy_(density)
@@ -78,7 +85,7 @@ class GradientDensity(nn.Module):
         return weight if valid is None else weight * valid
 
 
-def _valid_mask(weight, shape):
+def _valid_mask(weight: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
     """Elements with a positive caller weight (None: all valid, no mask materialised)."""
     if weight is None:
         return None
@@ -95,12 +102,20 @@ class GHMCLoss(SigmoidClassificationLoss):
         momentum: EMA momentum of the bin counts (0 = per-batch counts; 0.75 in the recipe).
     """
 
-    def __init__(self, *, num_classes=None, bins=10, momentum=0.0, loss_weight=1.0):
+    self_normalising = True
+
+    def __init__(self, *, num_classes: Optional[int] = None, bins: int = 10, momentum: float = 0.0,
+                 loss_weight: float = 1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.density = GradientDensity(bins, momentum)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
+    def loss_elements(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
+        # The density counts only the elements the caller weights (weight > 0).
+        return self.elementwise(logits, labels, weight)
+
+    def elementwise(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None
+                    ) -> Tensor:
+        """Per-element GHM-C `[N, C+1]`; `weight` (the caller's) marks the valid elements."""
         fg_logits = logits[:, 1:]
         target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
         valid = _valid_mask(None if weight is None else
@@ -109,13 +124,12 @@ class GHMCLoss(SigmoidClassificationLoss):
         stat_dtype = torch.promote_types(logits.dtype, torch.float32)
         g = (fg_logits.detach().to(stat_dtype).sigmoid() - target.to(stat_dtype)).abs()
         ghm_weight = self.density(g, valid, logits.shape[0])
-        loss = pad_background(F.binary_cross_entropy_with_logits(
+        return pad_background(F.binary_cross_entropy_with_logits(
             fg_logits.to(ghm_weight.dtype), target.to(ghm_weight.dtype), weight=ghm_weight,
             reduction="none"))
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
 
-def asl1_loss(pred, target, mu=0.02):
+def asl1_loss(pred: Tensor, target: Tensor, mu: float = 0.02) -> tuple[Tensor, Tensor]:
     """Authentic smooth L1 `sqrt(d^2 + mu^2) - mu` per coordinate, and its gradient norm."""
     diff = pred - target
     root = torch.sqrt(diff * diff + mu * mu)
@@ -132,16 +146,22 @@ class GHMRLoss(RegressionLoss):
         bins, momentum: as GHM-C (momentum 0.7 in the recipe).
     """
 
-    def __init__(self, *, mu=0.02, bins=10, momentum=0.0, loss_weight=1.0):
+    self_normalising = True
+
+    def __init__(self, *, mu: float = 0.02, bins: int = 10, momentum: float = 0.0,
+                 loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
         if mu <= 0:
             raise ValueError(f"ghmr: mu must be > 0, got {mu}")
         self.mu = float(mu)
         self.density = GradientDensity(bins, momentum)
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
+    def loss_elements(self, pred: Tensor, target: Tensor, weight: Optional[Tensor]) -> Tensor:
+        # The density counts only the elements the caller weights (weight > 0).
+        return self.elementwise(pred, target, weight)
+
+    def elementwise(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Per-coordinate GHM-R `[P, 4]`; `weight` (the caller's) marks the valid elements."""
         loss, g = asl1_loss(pred, target, self.mu)
         valid = _valid_mask(weight, pred.shape)
-        loss = loss * self.density(g, valid, pred.shape[0])
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+        return loss * self.density(g, valid, pred.shape[0])

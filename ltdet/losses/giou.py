@@ -5,13 +5,13 @@ Shapes: pred, target `[P, 4]` decoded `xyxy` boxes (`needs_boxes = True`: the he
 deltas against the proposals first); per-element loss `[P]` (one per box). A `[P, 4]` weight is
 averaged over its 4 coordinates.
 """
+from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 from .base import RegressionLoss
-from .reduction import reduce_loss
 
 
-def giou_loss(pred, target, eps=1e-7):
+def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
     """Per-box `1 - GIoU` `[P]`."""
     return generalized_box_iou_loss(pred, target, reduction="none", eps=eps)
 
@@ -21,11 +21,9 @@ class GIoULoss(RegressionLoss):
 
     needs_boxes = True
 
-    def __init__(self, *, eps=1e-7, loss_weight=1.0):
+    def __init__(self, *, eps: float = 1e-7, loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
         self.eps = float(eps)
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
-        return self.loss_weight * reduce_loss(giou_loss(pred, target, self.eps), weight, reduction,
-                                              avg_factor)
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return giou_loss(pred, target, self.eps)

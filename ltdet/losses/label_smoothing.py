@@ -14,15 +14,17 @@ Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`; per
 `[N]`. Scores: softmax. Computed without materialising the `[N, C+1]` target:
 `-sum_j q_j log p_j = -(1 - eps) log p_y - eps / (K - 1) * (sum_j log p_j - log p_y)`.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ..imbalance.label_smoothing import LAS_SHAPES, label_aware_smoothing
-from .base import ClassificationLoss, classes_from_stats
-from .reduction import reduce_loss
+from ..imbalance.las_factors import LAS_SHAPES, label_aware_smoothing
+from .base import ClassificationLoss, ClassStatsLike, classes_from_stats
 
 
-def label_aware_smoothing_loss(logits, labels, eps):
+def label_aware_smoothing_loss(logits: Tensor, labels: Tensor, eps: Tensor) -> Tensor:
     """Per-RoI smoothed CE `[N]`; `eps [C+1]` = smoothing factor per label value."""
     num_columns = logits.shape[1]
     log_p = F.log_softmax(logits, dim=1)
@@ -45,8 +47,13 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
         bg_eps: smoothing of background; None = eps_head.
     """
 
-    def __init__(self, *, stats, num_classes=None, eps_head=0.4, eps_tail=0.1, shape="concave",
-                 power=None, bg_eps=None, loss_weight=1.0):
+    # buffers (registered in __init__), annotated for type checkers
+    eps: Tensor
+
+    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
+                 eps_head: float = 0.4, eps_tail: float = 0.1, shape: str = "concave",
+                 power: Optional[float] = None, bg_eps: Optional[float] = None,
+                 loss_weight: float = 1.0):
         super().__init__(num_classes=classes_from_stats(stats, num_classes),
                          loss_weight=loss_weight)
         if shape not in LAS_SHAPES:
@@ -64,7 +71,5 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
         self.register_buffer("eps", torch.cat([fg_eps.new_tensor([self.bg_eps]), fg_eps]),
                              persistent=False)
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        loss = label_aware_smoothing_loss(logits, labels, self.eps.to(logits.dtype))
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return label_aware_smoothing_loss(logits, labels, self.eps.to(logits.dtype))

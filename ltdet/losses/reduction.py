@@ -1,6 +1,7 @@
-"""The one reducer shared by every ltdet loss, and the cross-rank sum used by stateful losses.
+"""The one reducer shared by every ltdet loss.
 
-Every loss computes a per-element loss (mmdetection's idiom) and hands it to `reduce_loss`:
+Every loss computes a per-element loss (mmdetection's idiom) and `LossModule.forward` hands it
+to `reduce_loss`:
 
 * classification: per-element loss `[N]` (softmax losses, one value per RoI) or `[N, C+1]`
   (sigmoid losses, one value per logit; column 0 = background);
@@ -12,13 +13,17 @@ i.e. `loss.shape[0]`, never the number of elements). An `avg_factor` with `reduc
 error (mmdetection's `weight_reduce_loss` raises the same): a sum has no divisor, and silently
 ignoring it hides a normalisation bug. With `"none"` it is ignored, as in mmdetection.
 """
+from typing import Any, Optional
+
 import torch
-import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["reduce_loss"]
 
 _REDUCTIONS = ("none", "sum", "mean")
 
 
-def _broadcast_weight(weight, loss):
+def _broadcast_weight(weight: Tensor, loss: Tensor) -> Tensor:
     """Per-sample weights `[N]` apply to every element of their row; `[N, K]` apply element-wise."""
     if weight.shape[0] != loss.shape[0]:
         raise ValueError(
@@ -26,8 +31,8 @@ def _broadcast_weight(weight, loss):
             f"pass weight of shape [{loss.shape[0]}] or {list(loss.shape)}")
     if weight.dim() == loss.dim():
         if weight.shape != loss.shape:
-            raise ValueError(f"loss weight shape {list(weight.shape)} does not match the per-element "
-                             f"loss shape {list(loss.shape)}")
+            raise ValueError(f"loss weight shape {list(weight.shape)} does not match the "
+                             f"per-element loss shape {list(loss.shape)}")
         return weight
     if weight.dim() == 1:
         return weight.view(-1, *([1] * (loss.dim() - 1)))
@@ -39,7 +44,8 @@ def _broadcast_weight(weight, loss):
                      f"{list(loss.shape)}")
 
 
-def reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
+def reduce_loss(loss: Tensor, weight: Optional[Tensor] = None, reduction: str = "mean",
+                avg_factor: Any = None) -> Tensor:
     """Weight then reduce a per-element loss.
 
     Args:
@@ -69,13 +75,3 @@ def reduce_loss(loss, weight=None, reduction="mean", avg_factor=None):
         return total / avg_factor.to(total.dtype).clamp_min(torch.finfo(total.dtype).eps)
     return total / max(float(avg_factor), torch.finfo(total.dtype).eps)
 
-
-def all_reduce_sum(tensor):
-    """Sum `tensor` over all ranks in place when torch.distributed is initialised; else a no-op.
-
-    Stateful losses call this on the detached per-step increment of their state, so every rank
-    holds the same state as a single process that saw the whole global batch.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

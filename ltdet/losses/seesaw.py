@@ -46,20 +46,24 @@ Both: labels `[N]` in `[0, C]`; per-element loss `[N]` (one value per RoI); `cum
 the loss (as the reference), all-reduced across ranks.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from ..collectives import all_reduce_sum
 from .base import ClassificationLoss
-from .reduction import all_reduce_sum, reduce_loss
 
 
 @torch.no_grad()
-def seesaw_log_factors(logits, labels, cum_samples, p=0.8, q=2.0, eps=1e-2):
+def seesaw_log_factors(logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8,
+                       q: float = 2.0, eps: float = 1e-2) -> Tensor:
     """`log S_ij` `[N, C+1]` for each RoI (row) and column; 0 on background rows and column 0."""
     log_s = torch.zeros_like(logits)
     if p > 0:
-        log_n = torch.cat([cum_samples.new_zeros(1), cum_samples.clamp_min(1.0).log()]).to(logits.dtype)
+        log_n = torch.cat([cum_samples.new_zeros(1),
+                           cum_samples.clamp_min(1.0).log()]).to(logits.dtype)
         log_s += (log_n.unsqueeze(0) - log_n[labels].unsqueeze(1)).mul_(p).clamp_max_(0.0)
     if q > 0:
         log_scores = F.log_softmax(logits, dim=1)
@@ -69,40 +73,59 @@ def seesaw_log_factors(logits, labels, cum_samples, p=0.8, q=2.0, eps=1e-2):
     return log_s.mul_((labels > 0).to(logits.dtype).unsqueeze(1))
 
 
-def seesaw_cross_entropy(logits, labels, cum_samples, p=0.8, q=2.0, eps=1e-2):
+def seesaw_cross_entropy(logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8,
+                         q: float = 2.0, eps: float = 1e-2) -> Tensor:
     """Per-RoI seesaw loss `[N]`."""
     log_s = seesaw_log_factors(logits.detach(), labels, cum_samples, p, q, eps)
     # The target column has M = C = 1 (ratio 1), so log S is already 0 there.
     return F.cross_entropy(logits + log_s, labels, reduction="none")
 
 
-class SeesawSoftmaxLoss(ClassificationLoss):
-    """`seesaw_softmax`: seesaw inside one `[N, C+1]` softmax (an ltdet variant, module
-    docstring), with the cumulative foreground counts in buffer `cum_samples [C]`."""
+class _SeesawCounts(ClassificationLoss):
+    """What both seesaw losses share: hyper-parameters, the cumulative label counts
+    `cum_samples` (float64 buffer) and counting them before the loss of each training step."""
 
-    def __init__(self, *, num_classes, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
+    num_classes: int  # required here: the counts have one entry per class
+    # buffers (registered in __init__), annotated for type checkers
+    cum_samples: Tensor
+
+    #: Whether `cum_samples` has a background entry at index 0 (`[C+1]`) or not (`[C]`).
+    counts_background: bool = False
+
+    def __init__(self, *, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2,
+                 loss_weight: float = 1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         if eps <= 0:
             raise ValueError(f"seesaw: eps must be > 0, got {eps}")
         self.p, self.q, self.eps = float(p), float(q), float(eps)
-        self.register_buffer("cum_samples", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("cum_samples", torch.zeros(num_classes + int(self.counts_background),
+                                                        dtype=torch.float64))
 
     @torch.no_grad()
-    def _count(self, labels):
-        counts = torch.bincount(labels, minlength=self.num_classes + 1)[1:]
+    def _count(self, labels: Tensor) -> None:
+        counts = torch.bincount(labels, minlength=self.num_classes + 1)
+        if not self.counts_background:
+            counts = counts[1:]
         self.cum_samples += all_reduce_sum(counts.to(self.cum_samples.dtype))
 
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
+    def loss_elements(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
+        """Counts this step's labels first (training mode), as the reference, then the loss."""
         if self.training:
             self._count(labels)
-        loss = seesaw_cross_entropy(logits, labels, self.cum_samples, self.p, self.q, self.eps)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+        return self.elementwise(logits, labels)
+
+
+class SeesawSoftmaxLoss(_SeesawCounts):
+    """`seesaw_softmax`: seesaw inside one `[N, C+1]` softmax (an ltdet variant, module
+    docstring), with the cumulative foreground counts in buffer `cum_samples [C]`."""
+
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return seesaw_cross_entropy(logits, labels, self.cum_samples, self.p, self.q, self.eps)
 
 
 # ----------------------------------------------------------------------------- the authors' design
 
-def split_seesaw_logits(logits):
+def split_seesaw_logits(logits: Tensor) -> tuple[Tensor, Tensor]:
     """`[N, C+2]` logits -> (class logits `[N, C]` = columns 1..C, objectness logits `[N, 2]` =
     (column 0 "background", column C+1 "foreground"), so objectness target 1 = foreground)."""
     return logits[:, 1:-1], torch.stack([logits[:, 0], logits[:, -1]], dim=1)
@@ -117,7 +140,8 @@ def seesaw_objectness_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seesaw_class_log_factors(class_logits, targets, counts, p=0.8, q=2.0, eps=1e-2):
+def seesaw_class_log_factors(class_logits: Tensor, targets: Tensor, counts: Tensor, p: float = 0.8,
+                             q: float = 2.0, eps: float = 1e-2) -> Tensor:
     """`log S_ij` `[P, C]` of foreground RoIs: class logits `[P, C]`, targets `[P]` in
     `[0, C-1]` (label - 1), foreground counts `[C]` (clamped at 1, as the reference)."""
     log_s = torch.zeros_like(class_logits)
@@ -131,7 +155,8 @@ def seesaw_class_log_factors(class_logits, targets, counts, p=0.8, q=2.0, eps=1e
     return log_s  # 0 in the target column: M = C = 1 there
 
 
-def seesaw_objectness_cross_entropy(logits, labels, fg_counts, p=0.8, q=2.0, eps=1e-2):
+def seesaw_objectness_cross_entropy(logits: Tensor, labels: Tensor, fg_counts: Tensor,
+                                    p: float = 0.8, q: float = 2.0, eps: float = 1e-2) -> Tensor:
     """Per-RoI loss `[N]` on `[N, C+2]` logits: objectness CE (every RoI) + seesaw CE over the C
     class logits (foreground RoIs only; background rows contribute nothing to the classes)."""
     class_logits, objectness = split_seesaw_logits(logits)
@@ -144,17 +169,12 @@ def seesaw_objectness_cross_entropy(logits, labels, fg_counts, p=0.8, q=2.0, eps
     return loss.index_add(0, positive, F.cross_entropy(z + log_s, targets, reduction="none"))
 
 
-class SeesawLoss(ClassificationLoss):
+class SeesawLoss(_SeesawCounts):
     """`seesaw`: the authors' seesaw with its objectness branch (module docstring); the
     classifier has `C + 2` outputs and `activation` returns `[N, C+1]` scores. Buffer
     `cum_samples [C+1]`, index = label (0 = background, counted like the reference)."""
 
-    def __init__(self, *, num_classes, p=0.8, q=2.0, eps=1e-2, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, loss_weight=loss_weight)
-        if eps <= 0:
-            raise ValueError(f"seesaw: eps must be > 0, got {eps}")
-        self.p, self.q, self.eps = float(p), float(q), float(eps)
-        self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float64))
+    counts_background = True
 
     def get_cls_channels(self, num_classes: int) -> int:
         """C classes + 2 objectness channels (mmdetection's `get_cls_channels`)."""
@@ -164,19 +184,10 @@ class SeesawLoss(ClassificationLoss):
         return (f"C+2 = {self.cls_channels} logit columns: 0 = objectness background, 1..C = "
                 f"classes, C+1 = objectness foreground")
 
-    @torch.no_grad()
-    def _count(self, labels):
-        counts = torch.bincount(labels, minlength=self.num_classes + 1)
-        self.cum_samples += all_reduce_sum(counts.to(self.cum_samples.dtype))
-
-    def forward(self, logits, labels, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(logits, labels)
-        if self.training:
-            self._count(labels)
-        loss = seesaw_objectness_cross_entropy(logits, labels, self.cum_samples[1:], self.p,
+    def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return seesaw_objectness_cross_entropy(logits, labels, self.cum_samples[1:], self.p,
                                                self.q, self.eps)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+    def activation(self, logits: Tensor) -> Tensor:
         """`[N, C+2]` logits -> `[N, C+1]` scores (`seesaw_objectness_scores`)."""
         return seesaw_objectness_scores(logits)

@@ -5,17 +5,17 @@ Shapes: pred, target `[P, 4]` box deltas; per-element loss `[P, 4]`.
 `beta = 1/9`.
 """
 import torch.nn.functional as F
+from torch import Tensor
 
 from .base import RegressionLoss
-from .reduction import reduce_loss
 
 
-def smooth_l1_loss(pred, target, beta=1.0 / 9):
+def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0 / 9) -> Tensor:
     """Per-coordinate smooth L1 `[P, 4]`; beta = 0 is plain L1."""
     return F.smooth_l1_loss(pred, target, beta=beta, reduction="none")
 
 
-def l1_loss(pred, target):
+def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Per-coordinate absolute error `[P, 4]`."""
     return F.l1_loss(pred, target, reduction="none")
 
@@ -23,24 +23,21 @@ def l1_loss(pred, target):
 class SmoothL1Loss(RegressionLoss):
     """Smooth L1 on box deltas; the default box loss of torchvision's Faster R-CNN."""
 
-    def __init__(self, *, beta=1.0 / 9, loss_weight=1.0):
+    def __init__(self, *, beta: float = 1.0 / 9, loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
         if beta < 0:
             raise ValueError(f"smooth_l1: beta must be >= 0, got {beta}")
         self.beta = float(beta)
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
-        loss = smooth_l1_loss(pred, target, self.beta)
-        return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return smooth_l1_loss(pred, target, self.beta)
 
 
 class L1Loss(RegressionLoss):
     """L1 on box deltas."""
 
-    def __init__(self, *, loss_weight=1.0):
+    def __init__(self, *, loss_weight: float = 1.0):
         super().__init__(loss_weight=loss_weight)
 
-    def forward(self, pred, target, weight=None, reduction="mean", avg_factor=None):
-        self.check_inputs(pred, target)
-        return self.loss_weight * reduce_loss(l1_loss(pred, target), weight, reduction, avg_factor)
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        return l1_loss(pred, target)

@@ -1,28 +1,27 @@
-"""Models: LTRoIHeads, RetinaNet heads, RoI samplers, classifier heads, build_detector, patch."""
-import importlib
+"""Models: LTRoIHeads, RetinaNet heads, RoI samplers, classifier heads, build_detector, patch.
 
-# name -> submodule. Exports resolve lazily (PEP 562) so one unfinished module never breaks
-# importing its siblings.
-_EXPORTS = {
-    "LTRoIHeads": "roi_heads",
-    "build_roi_sampler": "roi_samplers",
-    "patch": "patch",
-    "torchvision_state_dict": "patch",
-    "build_detector": "build",
-    "init_sigmoid_classifier": "init",
-    "CosinePredictor": "classifiers",
-    "LWSPredictor": "classifiers",
-    "tau_normalize": "classifiers",
-}
+Extension bases: `RoISampler` (a new RoI sampler; `RoIScorer` is what it may ask of the head,
+`ROI_SAMPLERS` the table a new one joins) and the box predictors of `classifiers`.
+"""
+from .build import build_detector, build_torchvision_detector, torchvision_detector
+from .classifiers import CosinePredictor, LWSPredictor, build_predictor, tau_normalize
+from .init import init_sigmoid_classifier
+from .patch import patch
+from .retinanet import LTRetinaNet, patch_retinanet
+from .roi_heads import LTRoIHeads
+from .roi_samplers import (
+                           ROI_SAMPLERS,
+                           RoICandidates,
+                           RoISampler,
+                           RoISamples,
+                           RoIScorer,
+                           RoISelection,
+                           build_roi_sampler,
+)
+from .weights import load_detector_state_dict, torchvision_state_dict
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = ["CosinePredictor", "LTRetinaNet", "LTRoIHeads", "LWSPredictor", "ROI_SAMPLERS",
+           "RoICandidates", "RoISampler", "RoISamples", "RoIScorer", "RoISelection",
+           "build_detector", "build_predictor", "build_roi_sampler", "build_torchvision_detector",
+           "init_sigmoid_classifier", "load_detector_state_dict", "patch", "patch_retinanet",
+           "tau_normalize", "torchvision_detector", "torchvision_state_dict"]

@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+from ltdet.spec import check_choice, check_keys, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ __all__ = [
     "reset_classifier",
     "resize_cls_score",
     "build_predictor",
+    "normal_linear",
 ]
 
 
@@ -96,7 +100,7 @@ class CosineClassifier(nn.Module):
         self.out_features = num_classes
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=learn_scale)
+        self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=bool(learn_scale))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -293,7 +297,7 @@ def reset_classifier(predictor: nn.Module, *, std: float = 0.01) -> nn.Module:
 
 
 @torch.no_grad()
-def _normal_linear(in_features: int, out_features: int, std: float = 0.01, **kwargs) -> nn.Linear:
+def normal_linear(in_features: int, out_features: int, std: float = 0.01, **kwargs) -> nn.Linear:
     """A classifier layer initialised as mmdetection's ``fc_cls``: weight N(0, std^2), bias 0."""
     layer = nn.Linear(in_features, out_features, **kwargs)
     nn.init.normal_(layer.weight, std=std)
@@ -321,7 +325,7 @@ def resize_cls_score(predictor: nn.Module, channels: int, *, std: float = 0.01,
     if old == channels:
         return False
     if isinstance(cls_score, nn.Linear):
-        new = _normal_linear(cls_score.in_features, channels, std, bias=cls_score.bias is not None,
+        new = normal_linear(cls_score.in_features, channels, std, bias=cls_score.bias is not None,
                              device=cls_score.weight.device, dtype=cls_score.weight.dtype)
     elif isinstance(cls_score, CosineClassifier):
         new = CosineClassifier(cls_score.in_features, channels, scale=float(cls_score.scale),
@@ -342,10 +346,12 @@ def resize_cls_score(predictor: nn.Module, channels: int, *, std: float = 0.01,
     return True
 
 
+#: ``model.classifier.type`` -> its keys besides ``type`` (the cosine head's are
+#: :class:`CosinePredictor`'s keyword arguments, whose signature holds their defaults)
 _PREDICTOR_KEYS = {
-    "linear": {"type"},
-    "cosine": {"type", "scale", "learn_scale"},
-    "lws": {"type"},
+    "linear": (),
+    "cosine": ("scale", "learn_scale"),
+    "lws": (),
 }
 
 
@@ -366,26 +372,15 @@ def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int,
             another width starts at mmdetection's ``fc_cls`` init (N(0, 0.01^2), bias 0); the box
             regressor always has ``4 * (C + 1)`` outputs.
     """
-    cfg = dict(cfg or {"type": "linear"})
-    kind = cfg.get("type", "linear")
-    if kind not in _PREDICTOR_KEYS:
-        raise ValueError(
-            f"model.classifier.type: unknown classifier {kind!r}; "
-            f"choose one of {sorted(_PREDICTOR_KEYS)}"
-        )
-    unknown = set(cfg) - _PREDICTOR_KEYS[kind]
-    if unknown:
-        raise ValueError(
-            f"model.classifier: unknown key(s) {sorted(unknown)} for type {kind!r}; "
-            f"valid keys: {sorted(_PREDICTOR_KEYS[kind])}"
-        )
-    if num_classes < 1:
-        raise ValueError(f"build_predictor: num_classes (foreground) must be >= 1, got {num_classes}")
+    spec = dict(cfg or {})
+    kind = spec.pop("type", "linear")
+    check_choice("model.classifier.type", kind, _PREDICTOR_KEYS)
+    check_keys(f"model.classifier (type {kind!r})", spec, _PREDICTOR_KEYS[kind])
+    check_number("build_predictor: num_classes (foreground)", num_classes, low=1, integer=True)
     if kind == "cosine":
-        return CosinePredictor(in_features, num_classes + 1, scale=float(cfg.get("scale", 20.0)),
-                               learn_scale=bool(cfg.get("learn_scale", True)),
-                               cls_channels=cls_channels)
+        # spec holds only checked keys: CosinePredictor's keyword arguments
+        return CosinePredictor(in_features, num_classes + 1, cls_channels=cls_channels, **spec)
     linear = LinearPredictor(in_features, num_classes + 1)
     if cls_channels is not None and int(cls_channels) != num_classes + 1:
-        linear.cls_score = _normal_linear(in_features, int(cls_channels))
+        linear.cls_score = normal_linear(in_features, int(cls_channels))
     return LWSPredictor(linear) if kind == "lws" else linear

@@ -66,7 +66,7 @@ from .classifiers import CosineClassifier, ScaledClassifier
 logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PRIOR_PROB", "DEFAULT_WEIGHT_STD", "init_sigmoid_classifier",
-           "init_classifier_for_loss", "prior_logit", "prior_prob_from_cfg"]
+           "init_classifier_for_loss", "prior_logit", "prior_prob_from_cfg", "resolve_prior_prob"]
 
 #: eqlv2's ``bias_init_with_prob(0.001)``, eql.detectron2's ``PRIOR_PROB: 0.001``.
 DEFAULT_PRIOR_PROB = 0.001
@@ -151,10 +151,9 @@ def init_sigmoid_classifier(module: nn.Module, prior_prob: float = DEFAULT_PRIOR
     return module
 
 
-def prior_prob_from_cfg(model_cfg: Optional[Mapping]) -> Optional[float]:
-    """``model.cls_prior_prob`` of a config's ``model`` section (absent: the authors' 0.001);
-    ``0`` (or ``None`` in a dict that is not schema-checked) = keep torchvision's init."""
-    value = (model_cfg or {}).get("cls_prior_prob", DEFAULT_PRIOR_PROB)
+def resolve_prior_prob(value: Optional[float]) -> Optional[float]:
+    """The prior of a ``model.cls_prior_prob`` value: a probability in (0, 1), or None for ``0``
+    (or ``None``) = keep torchvision's init. ValueError otherwise."""
     if value is None or (not isinstance(value, bool) and value == 0):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -162,6 +161,14 @@ def prior_prob_from_cfg(model_cfg: Optional[Mapping]) -> Optional[float]:
                          f"torchvision's classifier init; got {value!r}")
     prior_logit(value)  # range check
     return float(value)
+
+
+def prior_prob_from_cfg(model_cfg: Optional[Mapping]) -> Optional[float]:
+    """``resolve_prior_prob`` of a config's ``model.cls_prior_prob`` (a dict without it: the
+    authors' ``DEFAULT_PRIOR_PROB``)."""
+    model_cfg = model_cfg or {}
+    return resolve_prior_prob(model_cfg["cls_prior_prob"] if "cls_prior_prob" in model_cfg
+                              else DEFAULT_PRIOR_PROB)
 
 
 def init_classifier_for_loss(model: nn.Module, prior_prob: Optional[float]) -> bool:
@@ -176,7 +183,8 @@ def init_classifier_for_loss(model: nn.Module, prior_prob: Optional[float]) -> b
         return False
     roi_heads = getattr(model, "roi_heads", None)
     predictor = getattr(roi_heads, "box_predictor", None)
-    if not getattr(getattr(roi_heads, "cls_loss", None), "use_sigmoid", False) or predictor is None:
+    cls_loss = getattr(roi_heads, "cls_loss", None)  # None: not an LTRoIHeads
+    if cls_loss is None or not cls_loss.use_sigmoid or predictor is None:
         return False
     cls_score = predictor.cls_score
     base = cls_score.base if isinstance(cls_score, ScaledClassifier) else cls_score

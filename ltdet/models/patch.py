@@ -19,30 +19,34 @@ is refused there (ValueError).
 Checkpoints across patched and unpatched models: that state is training state. A torchvision
 state dict loads into a patched model with `strict=True` (absent loss state keeps its current
 values - a new model's fresh ones - logged once per loss: `ltdet.losses.base.LossModule`);
-`torchvision_state_dict(model)` is a patched
-model's state dict without ltdet's additions, which the unpatched torchvision model loads with
-`strict=True`. With seesaw the `cls_score` shapes differ (`C + 2` against torchvision's `C + 1`):
-`load_state_dict` raises on them, and `ltdet.models.build.load_detector_state_dict` loads
-everything else, leaving the fresh `cls_score` (logged).
+`ltdet.models.weights.torchvision_state_dict(model)` is a patched model's state dict without
+ltdet's additions, which the unpatched torchvision model loads with `strict=True`. With seesaw
+the `cls_score` shapes differ (`C + 2` against torchvision's `C + 1`): `load_state_dict` raises
+on them, and `ltdet.models.weights.load_detector_state_dict` loads everything else, leaving the
+fresh `cls_score` (logged).
 """
 import copy
-from collections import OrderedDict
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 
 from .init import init_sigmoid_classifier
-from .roi_heads import LTRoIHeads, predictor_num_classes
+from .retinanet import patch_retinanet
+from .roi_heads import LTRoIHeads
+
+__all__ = ["SUPPORTED_MODELS", "patch"]
 
 SUPPORTED_MODELS = ("torchvision.models.detection.FasterRCNN (fasterrcnn_resnet50_fpn, _v2, "
                     "fasterrcnn_mobilenet_v3_large_fpn, _320_fpn) and its subclasses MaskRCNN, "
                     "KeypointRCNN; torchvision.models.detection.RetinaNet (retinanet_resnet50_fpn, _v2)")
 
 
-def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=None, *,
+def patch(model: nn.Module, cls_loss: Any = None, box_loss: Any = None, sampler: Any = None,
+          stats: Any = None, *,
           lds: Optional[nn.Module] = None, fds: Optional[nn.Module] = None,
-          cls_prior_prob: Optional[float] = None) -> nn.Module:
+          cls_prior_prob: Optional[float] = None,
+          dfl: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Installs ltdet losses (and, for two-stage models, a RoI sampler and LDS/FDS hooks) in
     `model`, in place, and returns it.
 
@@ -51,7 +55,8 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
     patched model. sampler: `{"type": "random" | "ohem" | "pisa", ...}` or a built `RoISampler`
     (two-stage models only). stats: `ClassStats` for losses that need class frequencies; its class
     count must equal the model's C. lds / fds: built LDS / FDS modules (keyword-only extension, used
-    by `build_detector`). cls_prior_prob (keyword-only, default None = weights untouched): also
+    by `build_detector`). dfl (keyword-only, RetinaNet only): GFL's distribution regression head,
+    `{"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}` (`patch_retinanet`). cls_prior_prob (keyword-only, default None = weights untouched): also
     re-initialise the box classifier for a sigmoid loss at this prior, e.g. 0.001
     (`ltdet.models.init.init_sigmoid_classifier`; a fresh classifier only, never trained weights).
     A classification loss whose `cls_channels` differs from the box classifier's width (seesaw:
@@ -63,6 +68,9 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
         raise TypeError("patch the model before wrapping it in DataParallel / DistributedDataParallel "
                         "(patch(model) then DistributedDataParallel(model))")
     if isinstance(model, FasterRCNN):
+        if dfl is not None and dfl.get("enabled", True):
+            raise ValueError("dfl (a distribution regression head, GFL) is a dense-head option; "
+                             "a two-stage RoI box head has none (use a RetinaNet model)")
         if cls_prior_prob is not None:  # refuse a classifier it cannot set before changing any
             init_sigmoid_classifier(copy.deepcopy(model.roi_heads.box_predictor), cls_prior_prob)
         model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
@@ -80,56 +88,10 @@ def patch(model: nn.Module, cls_loss=None, box_loss=None, sampler=None, stats=No
             raise ValueError(f"{', '.join(extra)} apply to two-stage RoI heads only; RetinaNet "
                              "learns from all anchors (drop them or use a FasterRCNN model)")
         # the dense head's class convention (and its check against stats) is patch_retinanet's
-        from .retinanet import patch_retinanet
-
-        return patch_retinanet(model, cls_loss=cls_loss, box_loss=box_loss, stats=stats)
+        return patch_retinanet(model, cls_loss=cls_loss, box_loss=box_loss, stats=stats, dfl=dfl)
     raise TypeError(f"ltdet.patch does not support {type(model).__module__}.{type(model).__name__}; "
                     f"supported: {SUPPORTED_MODELS}")
 
 
-def _is_random(sampler) -> bool:
+def _is_random(sampler: Any) -> bool:
     return isinstance(sampler, dict) and sampler.get("type", "random") == "random" and len(sampler) <= 1
-
-
-#: state-dict prefixes of the modules `patch` adds (two-stage: losses, RoI sampler, LDS / FDS;
-#: RetinaNet: the heads' losses); torchvision's models have no such entries
-LTDET_STATE_PREFIXES = ("roi_heads.cls_loss.", "roi_heads.box_loss.", "roi_heads.sampler.",
-                        "roi_heads.lds.", "roi_heads.fds.", "head.classification_head.loss.",
-                        "head.regression_head.loss.")
-
-
-def torchvision_state_dict(model_or_state_dict) -> "OrderedDict":
-    """A patched model's state dict that the unpatched torchvision model loads with `strict=True`.
-
-    `model_or_state_dict`: a patched model (DataParallel / DistributedDataParallel unwrapped) or
-    its state dict (e.g. `torch.load(ckpt)["model"]` of an ltdet checkpoint; a DDP `module.`
-    prefix is recognised and kept). Drops ltdet's own entries (`LTDET_STATE_PREFIXES`: loss
-    state such as EQLv2's gradient sums, Seesaw's counts, GHM's `density.acc_sum`, LDS / FDS
-    statistics); every other entry is returned as is (same tensors, same order, torchvision's
-    version metadata kept). A non-linear box classifier (`CosinePredictor`, `LWSPredictor`) has no
-    torchvision equivalent: its entries are kept and a `FastRCNNPredictor` will not load them.
-
-        plain = fasterrcnn_resnet50_fpn(weights=None, num_classes=C + 1)
-        plain.load_state_dict(ltdet.torchvision_state_dict(patched_model))  # strict
-    """
-    source = model_or_state_dict
-    if isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        source = source.module
-    state = source.state_dict() if isinstance(source, nn.Module) else source
-    kept = OrderedDict((key, value) for key, value in state.items()
-                       if not _is_ltdet_key(key))
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        kept._metadata = OrderedDict((key, value) for key, value in metadata.items()
-                                     if not _is_ltdet_key(key + "."))
-    return kept
-
-
-def _is_ltdet_key(key: str) -> bool:
-    if key.startswith("module."):
-        key = key[len("module."):]
-    return key.startswith(LTDET_STATE_PREFIXES)
-
-
-__all__ = ["patch", "predictor_num_classes", "SUPPORTED_MODELS", "torchvision_state_dict",
-           "LTDET_STATE_PREFIXES"]

@@ -15,15 +15,33 @@ torchvision's `sigmoid_focal_loss` RetinaNet loss over the C foreground columns;
 column 0 as its objectness column. Normalisation is torchvision's: each image's loss is divided by
 its number of foreground anchors (at least 1), then averaged over the batch; it is applied as a
 per-anchor weight `1 / (B * max(1, fg_b))` with `reduction="sum"`, so one loss call sees the whole
-batch (stateful losses update their statistics once per step). The exception is GHM (GHM-C,
-GHM-R): its gradient-density weights are themselves the normaliser (Li et al., AAAI 2019, eq. 8:
-`sum_i L_i / GD(g_i)`, which ltdet's GHM returns with `reduction="mean"`), so dividing by the
-foreground count as well would scale it by anchors per foreground anchor (~100x); GHM gets
-`reduction="mean"` over the batch instead, as in the paper's (and mmdetection's) RetinaNet.
+batch (stateful losses update their statistics once per step). The exception is a loss that
+declares `self_normalising` (GHM-C, GHM-R): its gradient-density weights are themselves the
+normaliser (Li et al., AAAI 2019, eq. 8: `sum_i L_i / GD(g_i)`, which ltdet's GHM returns with
+`reduction="mean"`), so dividing by the foreground count as well would scale it by anchors per
+foreground anchor (~100x); it gets `reduction="mean"` over the batch instead, as in the paper's
+(and mmdetection's) RetinaNet.
 
 Regression: `pred [P, 4]` box deltas of the foreground anchors against the encoded matched boxes
 (torchvision's `BoxCoder` with unit weights), or decoded `xyxy` boxes against the matched boxes
 when the loss has `needs_boxes` (GIoU), normalised like the classification loss.
+
+Quality targets (GFL's QFL, EQFL: a classification loss that declares `needs_quality`): the head
+(`LTRetinaNetHead`) computes, for every foreground anchor, the IoU of its regressed box (decoded,
+detached, as the authors') with its matched ground truth (`anchor_quality`) and the loss is called
+with the target `(labels, quality)`.
+
+Distribution regression (GFL's DFL, Li et al., NeurIPS 2020, Sec. 3.3; `patch_retinanet(...,
+dfl=...)`): `LTRetinaNetDistributionHead` keeps torchvision's regression tower and replaces its last
+convolution by one with `4 (n + 1)` outputs per anchor (`reg_max = n = 16`), a discrete
+distribution over `0..n` for each side's distance from the anchor centre (left, top, right,
+bottom); a side decodes as the distribution's expectation (`decode_distribution`) times a unit of
+the anchor's size over 8 (`sqrt(w h) / 8`: GFL's ATSS anchors are 8 strides wide, so this is GFL's
+unit, the level's stride, on GFL's own anchors). It is trained with DFL on the ground-truth
+distances (clamped below n, mmdetection's `bbox2distance`) plus the box loss (GIoU, `needs_boxes`)
+on the decoded boxes. With `score_weighted` (GFL's head), both are weighted per foreground anchor
+by its detached best foreground score and normalised by the batch's sum of those weights;
+otherwise by the foreground weights above. `LTRetinaNet`'s postprocess decodes either output.
 
 Inference: torchvision's `RetinaNet.postprocess_detections` hard-codes a sigmoid. The patched
 classification head carries the activation (`scores`, the loss's `activation`), and the model's
@@ -35,19 +53,24 @@ TorchScript: a patched RetinaNet scripts like torchvision's (eval mode; `LTRetin
 postprocess_detections` and the classification head's `scores` compile). The heads'
 `compute_loss` (ltdet losses) is `@torch.jit.unused`: a scripted patched model does not train.
 """
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.retinanet import (RetinaNetClassificationHead,
-                                                    RetinaNetRegressionHead)
+from torchvision.models.detection.retinanet import (
+    RetinaNetClassificationHead,
+    RetinaNetHead,
+    RetinaNetRegressionHead,
+)
 from torchvision.ops import boxes as box_ops
 
-from ltdet.losses.ghm import GradientDensity
+from ltdet.compat import adopt_module, topk_min
+from ltdet.losses import build_loss
+from ltdet.losses.gfl import DistributionFocalLoss
 
-__all__ = ["LTRetinaNetClassificationHead", "LTRetinaNetRegressionHead", "LTRetinaNet",
+__all__ = ["LTRetinaNetClassificationHead", "LTRetinaNetDistributionHead", "LTRetinaNetHead",
+           "LTRetinaNetRegressionHead", "LTRetinaNet", "anchor_quality", "decode_distribution",
            "patch_retinanet"]
 
 
@@ -58,20 +81,15 @@ def _foreground_weights(matched, num_images):
     return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
 
 
-def _adopt_head(cls, head, expected_type, *, loss, attributes):
-    """A `cls` instance that shares `head`'s submodules (not copied, not re-initialised) and the
-    named plain attributes, with `loss` as a submodule (its state joins the state_dict)."""
+def _adopt_head(cls, head: nn.Module, expected_type: type, *, loss: nn.Module) -> nn.Module:
+    """A `cls` instance sharing every submodule and setting of torchvision's `head` (not copied,
+    not re-initialised; `ltdet.compat.adopt_module`), with `loss` as a submodule (its state
+    joins the state_dict)."""
     if not isinstance(head, expected_type):
         raise TypeError(f"expected a torchvision {expected_type.__name__}, got "
                         f"{type(head).__name__}")
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, child in head.named_children():
-        new.add_module(name, child)
-    for name in attributes:
-        setattr(new, name, getattr(head, name))
+    new = adopt_module(cls, head)
     new.loss = loss
-    new.train(head.training)
     return new
 
 
@@ -86,23 +104,36 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
 
     @classmethod
     def from_head(cls, head, *, loss):
-        return _adopt_head(cls, head, RetinaNetClassificationHead, loss=loss,
-                           attributes=("num_classes", "num_anchors", "BETWEEN_THRESHOLDS"))
+        return _adopt_head(cls, head, RetinaNetClassificationHead, loss=loss)
 
     @torch.jit.unused
     def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
                      matched_idxs: List[Tensor]) -> Tensor:
         """Classification loss of a batch: a scalar, normalised as torchvision does."""
+        return self._batch_loss(targets, head_outputs, matched_idxs, None)
+
+    @torch.jit.unused
+    def compute_quality_loss(self, targets: List[Dict[str, Tensor]],
+                             head_outputs: Dict[str, Tensor], matched_idxs: List[Tensor],
+                             quality: Tensor) -> Tensor:
+        """`compute_loss` of a loss that `needs_quality`: the target is `(labels, quality)`, with
+        `quality [B, A]` from `anchor_quality`. (A method of its own: torchvision's scripted
+        `RetinaNetHead.compute_loss` calls `compute_loss` with exactly three arguments.)"""
+        return self._batch_loss(targets, head_outputs, matched_idxs, quality)
+
+    def _batch_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                    matched_idxs: List[Tensor], quality: Optional[Tensor]) -> Tensor:
         cls_logits = head_outputs["cls_logits"]  # [B, A, K]
         num_images, _, num_columns = cls_logits.shape
         matched = torch.stack(matched_idxs)  # [B, A]; batched images share one anchor set
         _check_labels(targets, num_columns)
         labels = torch.stack([_anchor_labels(t["labels"], m) for t, m in zip(targets, matched)])
         valid = matched != self.BETWEEN_THRESHOLDS
-        if _density_normalised(self.loss):
-            return self.loss(cls_logits[valid], labels[valid], reduction="mean")
+        target = labels[valid] if quality is None else (labels[valid], quality[valid])
+        if self.loss.self_normalising:
+            return self.loss(cls_logits[valid], target, reduction="mean")
         weight = _foreground_weights(matched, num_images)
-        return self.loss(cls_logits[valid], labels[valid], weight=weight[valid], reduction="sum")
+        return self.loss(cls_logits[valid], target, weight=weight[valid], reduction="sum")
 
     def scores(self, logits: Tensor) -> Tensor:
         """Scores `[..., K]` from logits `[..., K]` with the loss's activation (column 0 =
@@ -116,8 +147,7 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
 
     @classmethod
     def from_head(cls, head, *, loss):
-        return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss,
-                           attributes=("box_coder", "_loss_type"))
+        return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
 
     @torch.jit.unused
     def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
@@ -143,14 +173,171 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
             target = gt_boxes
         else:
             target = self.box_coder.encode_single(gt_boxes, anchors_fg)
-        if _density_normalised(self.loss):
+        if self.loss.self_normalising:
             return self.loss(pred, target, reduction="mean")
         return self.loss(pred, target, weight=torch.cat(weights), reduction="sum")
 
 
-def _density_normalised(loss):
-    """True for GHM losses, whose gradient-density weights already normalise the loss."""
-    return any(isinstance(m, GradientDensity) for m in loss.modules())
+#: Distance targets stay this far below the top bin (mmdetection's `bbox2distance` eps).
+_DISTANCE_EPS = 0.01
+
+
+def _centres_and_units(anchors: Tensor) -> Tuple[Tensor, Tensor]:
+    """Anchor centres `[P, 2]` and each anchor's distance unit `sqrt(w h) / 8` `[P, 1]`."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    wh = (anchors[:, 2:] - anchors[:, :2]).clamp_min(1e-6)
+    # GFL's geometry: GFL's ATSS anchors are 8 strides wide (`octave_base_scale=8`), so a unit of
+    # the anchor's size over 8 is GFL's unit, the level's stride, on GFL's own anchors (a
+    # literal: TorchScript compiles this for the postprocess and cannot read module globals)
+    unit = torch.sqrt(wh[:, 0] * wh[:, 1]).unsqueeze(1) / 8.0
+    return centres, unit
+
+
+def decode_distribution(pred: Tensor, anchors: Tensor) -> Tensor:
+    """Integral decoding: side distributions `[P, 4 (n+1)]` (logits) -> xyxy boxes `[P, 4]`,
+    each side `unit * sum_i softmax_i * i` from the anchor centre (left, top, right, bottom)."""
+    bins = pred.shape[-1] // 4
+    prob = pred.reshape(-1, 4, bins).softmax(dim=-1)
+    distance = prob @ torch.arange(bins, dtype=prob.dtype, device=prob.device)
+    centres, unit = _centres_and_units(anchors.to(prob.dtype))
+    distance = distance * unit
+    return torch.cat([centres - distance[:, :2], centres + distance[:, 2:]], dim=1)
+
+
+def _aligned_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of the box pairs `(a[i], b[i])` `[P]`."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp_min(0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(dim=1)
+    return inter / (area_a + area_b - inter).clamp_min(1e-7)
+
+
+@torch.no_grad()
+def anchor_quality(targets: List[Dict[str, Tensor]], bbox_regression: Tensor,
+                   anchors: List[Tensor], matched_idxs: List[Tensor], box_coder: Any) -> Tensor:
+    """QFL's soft targets `[B, A]`: the IoU of each foreground anchor's regressed box (detached)
+    with its matched ground truth, 0 elsewhere. `bbox_regression [B, A, 4]` deltas (decoded by
+    `box_coder`) or `[B, A, 4 (n+1)]` side distributions (`decode_distribution`)."""
+    quality = torch.zeros(bbox_regression.shape[:2], dtype=torch.float32,
+                          device=bbox_regression.device)
+    for b, (target, pred, anchor, match) in enumerate(zip(targets, bbox_regression, anchors,
+                                                          matched_idxs)):
+        fg = torch.where(match >= 0)[0]
+        if fg.numel() == 0:
+            continue
+        pred_fg, anchor_fg = pred[fg].detach().float(), anchor[fg].float()
+        if pred.shape[-1] == 4:
+            boxes = box_coder.decode_single(pred_fg, anchor_fg)
+        else:
+            boxes = decode_distribution(pred_fg, anchor_fg)
+        quality[b, fg] = _aligned_iou(boxes, target["boxes"][match[fg]].float())
+    return quality
+
+
+class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
+    """GFL's distribution regression on torchvision's regression tower (module docstring):
+    `bbox_reg` predicts `4 (reg_max + 1)` logits per anchor; trained with `dfl` (a
+    `DistributionFocalLoss`) plus `loss` (a `needs_boxes` loss, GIoU) on the decoded boxes.
+
+    Build it with `from_head(head, loss=..., dfl=..., score_weighted=...)`: the tower is shared,
+    `bbox_reg` is new (weight N(0, 0.01^2), bias 0: torchvision's and GFL's init of the layer).
+    """
+
+    @classmethod
+    def from_head(cls, head, *, loss, dfl, score_weighted=True):
+        if not getattr(loss, "needs_boxes", False):
+            raise ValueError(f"the distribution regression head (dfl) trains its decoded boxes "
+                             f"with a box loss on xyxy boxes (needs_boxes, e.g. giou), got "
+                             f"{type(loss).__name__}")
+        new = _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
+        old = new.bbox_reg
+        num_anchors = old.out_channels // getattr(head, "channels_per_anchor", 4)
+        new.reg_max = int(dfl.reg_max)
+        new.channels_per_anchor = 4 * (new.reg_max + 1)
+        new.bbox_reg = nn.Conv2d(old.in_channels, num_anchors * new.channels_per_anchor,
+                                 kernel_size=3, stride=1, padding=1).to(old.weight.device)
+        nn.init.normal_(new.bbox_reg.weight, std=0.01)
+        nn.init.zeros_(new.bbox_reg.bias)
+        new.dfl = dfl
+        new.score_weighted = bool(score_weighted)
+        return new
+
+    def forward(self, x: List[Tensor]) -> Tensor:
+        """`[N, HWA, 4 (reg_max + 1)]` side-distribution logits over all levels."""
+        all_bbox_regression = []
+        for features in x:
+            bbox_regression = self.bbox_reg(self.conv(features))
+            n, _, h, w = bbox_regression.shape
+            bbox_regression = bbox_regression.view(n, -1, self.channels_per_anchor, h, w)
+            bbox_regression = bbox_regression.permute(0, 3, 4, 1, 2)
+            all_bbox_regression.append(bbox_regression.reshape(n, -1, self.channels_per_anchor))
+        return torch.cat(all_bbox_regression, dim=1)
+
+    @torch.jit.unused
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Tensor:
+        """DFL + box loss of a batch over its foreground anchors: a scalar."""
+        bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4 (n+1)]
+        matched = torch.stack(matched_idxs)
+        fg_weight = _foreground_weights(matched, len(targets))
+        preds, anchors_fg, gt_boxes, weights, scores = [], [], [], [], []
+        for b, (target, pred, anchor, match) in enumerate(zip(targets, bbox_regression, anchors,
+                                                              matched)):
+            fg = torch.where(match >= 0)[0]
+            preds.append(pred[fg])
+            anchors_fg.append(anchor[fg])
+            gt_boxes.append(target["boxes"][match[fg]])
+            weights.append(fg_weight[b, fg])
+            if self.score_weighted:
+                # GFL: the best class score of the anchor, detached (columns 1..C: foreground)
+                logits = head_outputs["cls_logits"][b, fg, 1:].detach()
+                scores.append(logits.float().sigmoid().max(dim=1).values if logits.shape[1]
+                              else logits.new_ones(fg.shape[0], dtype=torch.float32))
+        pred = torch.cat(preds)
+        anchors_fg = torch.cat(anchors_fg).to(pred.dtype)
+        gt_boxes = torch.cat(gt_boxes).to(pred.dtype)
+        if self.score_weighted:
+            score = torch.cat(scores)
+            weight = score / score.sum().clamp_min(torch.finfo(score.dtype).eps)
+        else:
+            weight = torch.cat(weights)
+        boxes = decode_distribution(pred, anchors_fg)
+        centres, unit = _centres_and_units(anchors_fg)
+        distance = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)
+        distance = (distance / unit).clamp(0, self.reg_max - _DISTANCE_EPS)
+        box_loss = self.loss(boxes, gt_boxes, weight=weight, reduction="sum")
+        dfl = self.dfl(pred.reshape(-1, 4, self.reg_max + 1), distance, weight=weight,
+                       reduction="sum")
+        return box_loss + dfl
+
+
+class LTRetinaNetHead(RetinaNetHead):
+    """torchvision's RetinaNetHead (same submodules, same forward) whose loss passes a
+    classification loss that `needs_quality` (QFL, EQFL) its quality targets
+    (`anchor_quality`)."""
+
+    @classmethod
+    def from_head(cls, head):
+        if not isinstance(head, RetinaNetHead):
+            raise TypeError(f"expected a torchvision RetinaNetHead, got {type(head).__name__}")
+        return adopt_module(cls, head)
+
+    @torch.jit.unused
+    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Dict[str, Tensor]:
+        cls_head = self.classification_head
+        if getattr(getattr(cls_head, "loss", None), "needs_quality", False):
+            quality = anchor_quality(targets, head_outputs["bbox_regression"], anchors,
+                                     matched_idxs, self.regression_head.box_coder)
+            classification = cls_head.compute_quality_loss(targets, head_outputs, matched_idxs,
+                                                           quality)
+        else:
+            classification = cls_head.compute_loss(targets, head_outputs, matched_idxs)
+        return {"classification": classification,
+                "bbox_regression": self.regression_head.compute_loss(targets, head_outputs,
+                                                                     anchors, matched_idxs)}
 
 
 def _anchor_labels(gt_labels, matched):
@@ -196,12 +383,15 @@ class LTRetinaNet(RetinaNet):
                 num_fg_classes = scores.shape[1]
                 scores = scores.flatten()
                 keep = torch.where(scores > self.score_thresh)[0]
-                num_topk = det_utils._topk_min(keep, self.topk_candidates, 0)
+                num_topk = topk_min(keep, self.topk_candidates, 0)
                 top_scores, order = scores[keep].topk(num_topk)
                 top_idxs = keep[order]
                 anchor_idxs = torch.div(top_idxs, num_fg_classes, rounding_mode="floor")
-                boxes = self.box_coder.decode_single(deltas[index][anchor_idxs],
-                                                     level_anchors[anchor_idxs])
+                level_deltas = deltas[index][anchor_idxs]
+                if level_deltas.shape[-1] == 4:
+                    boxes = self.box_coder.decode_single(level_deltas, level_anchors[anchor_idxs])
+                else:  # a distribution regression head (dfl): integral decoding
+                    boxes = decode_distribution(level_deltas, level_anchors[anchor_idxs])
                 image_boxes.append(box_ops.clip_boxes_to_image(boxes, image_shape))
                 image_scores.append(top_scores)
                 image_labels.append(top_idxs % num_fg_classes + 1)
@@ -215,15 +405,40 @@ class LTRetinaNet(RetinaNet):
         return detections
 
 
+#: what the heads read of their losses (declared by `ltdet.losses.base`'s loss classes)
+_CLS_LOSS_ATTRIBUTES = ("activation", "num_classes", "get_cls_channels", "self_normalising")
+_BOX_LOSS_ATTRIBUTES = ("needs_boxes", "self_normalising")
+
+
 def _as_loss(loss, kind, num_classes, stats):
     if loss is None or isinstance(loss, nn.Module):
         return loss
-    from ltdet.losses import build_loss
-
     return build_loss(loss, num_classes=num_classes if kind == "cls" else None, stats=stats)
 
 
-def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
+#: GFL's distribution head settings (implus/GFocal configs/gfl_r50_1x.py: reg_max=16,
+#: loss_dfl loss_weight=0.25; box losses weighted by the detached best class score).
+DFL_DEFAULTS = {"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}
+
+
+def _dfl_options(dfl: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    """`dfl` (the config section `model.dfl`, `enabled` included, or its keys) -> the settings,
+    None when disabled."""
+    if dfl is None:
+        return None
+    if not isinstance(dfl, Mapping):
+        raise TypeError(f"dfl must be a mapping {DFL_DEFAULTS}, got {type(dfl).__name__}")
+    options = dict(dfl)
+    if not options.pop("enabled", True):
+        return None
+    unknown = sorted(set(options) - set(DFL_DEFAULTS))
+    if unknown:
+        raise ValueError(f"dfl: unknown key(s) {unknown}; valid ones: {sorted(DFL_DEFAULTS)} "
+                         f"and enabled")
+    return {**DFL_DEFAULTS, **options}
+
+
+def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None, dfl=None):
     """Install ltdet losses in a torchvision RetinaNet, in place; returns the model.
 
     Args:
@@ -234,6 +449,11 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
             `C + 1` wide (`cls_channels`: seesaw's `C + 2`, a RoI-head design) raises ValueError.
         box_loss: config dict or built regression loss module; None keeps torchvision's.
         stats: `ltdet.data.ClassStats` for losses that need class frequencies.
+        dfl: GFL's distribution regression head (module docstring), `{"reg_max": 16,
+            "loss_weight": 0.25, "score_weighted": True}` (`model.dfl`; `enabled: false` or
+            None = the delta head); its box loss is `box_loss`, which must be `needs_boxes`
+            (GIoU). A classification loss that `needs_quality` (qfl, eqfl) makes the head
+            an `LTRetinaNetHead`, which computes the IoU targets.
 
     Weights are untouched: the new heads share the old heads' modules. With a classification
     loss the model's class becomes `LTRetinaNet` so that inference uses the loss's activation.
@@ -247,17 +467,26 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
     num_classes = head.classification_head.num_classes - 1
     cls_module = _as_loss(cls_loss, "cls", num_classes, stats)
     box_module = _as_loss(box_loss, "box", num_classes, stats)
+    dfl_options = _dfl_options(dfl)
+    if isinstance(box_module, DistributionFocalLoss):
+        raise ValueError("dfl trains the distribution regression head, not box deltas: pass "
+                         "dfl={'reg_max': 16, ...} (config: model.dfl.enabled: true) with a "
+                         "box_loss on decoded boxes (giou)")
+    if dfl_options is not None and (box_module is None or not box_module.needs_boxes):
+        raise ValueError("dfl: the distribution regression head also trains its decoded boxes; "
+                         "it needs a box_loss on xyxy boxes (needs_boxes: giou), got "
+                         f"{'none' if box_module is None else type(box_module).__name__}")
     if cls_module is not None:
-        if not hasattr(cls_module, "activation"):
+        missing = [a for a in _CLS_LOSS_ATTRIBUTES if not hasattr(cls_module, a)]
+        if missing:
             raise TypeError(f"cls_loss {type(cls_module).__name__} is not a classification loss "
-                            f"(it has no activation)")
-        built_for = getattr(cls_module, "num_classes", None)
+                            f"(it has no {', '.join(missing)})")
+        built_for = cls_module.num_classes
         if built_for is not None and built_for != num_classes:
             raise ValueError(f"cls_loss was built for num_classes={built_for} but the RetinaNet "
                              f"head has {num_classes + 1} columns (C = {num_classes}, column 0 = "
                              f"background)")
-        get_channels = getattr(cls_module, "get_cls_channels", None)
-        channels = get_channels(num_classes) if callable(get_channels) else num_classes + 1
+        channels = cls_module.get_cls_channels(num_classes)
         if channels != num_classes + 1:
             # seesaw's C + 2 (C classes + a 2-way objectness over the sampled RoIs) is the
             # authors' design for a two-stage bbox head (mmdetection has no dense-head seesaw)
@@ -272,12 +501,26 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None):
         else:
             head.classification_head = LTRetinaNetClassificationHead.from_head(old, loss=cls_module)
         model.__class__ = LTRetinaNet
+        if getattr(cls_module, "needs_quality", False) and not isinstance(head, LTRetinaNetHead):
+            head = model.head = LTRetinaNetHead.from_head(head)
     if box_module is not None:
-        if not hasattr(box_module, "needs_boxes"):
+        missing = [a for a in _BOX_LOSS_ATTRIBUTES if not hasattr(box_module, a)]
+        if missing:
             raise TypeError(f"box_loss {type(box_module).__name__} is not a regression loss "
-                            f"(it has no needs_boxes)")
+                            f"(it has no {', '.join(missing)})")
         old = head.regression_head
-        if isinstance(old, LTRetinaNetRegressionHead):
+        if dfl_options is not None:
+            dfl_module = build_loss({"type": "dfl", "reg_max": dfl_options["reg_max"],
+                                     "loss_weight": dfl_options["loss_weight"]})
+            if isinstance(old, LTRetinaNetDistributionHead) and old.reg_max == dfl_module.reg_max:
+                old.loss, old.dfl = box_module, dfl_module
+                old.score_weighted = bool(dfl_options["score_weighted"])
+            else:
+                head.regression_head = LTRetinaNetDistributionHead.from_head(
+                    old, loss=box_module, dfl=dfl_module,
+                    score_weighted=dfl_options["score_weighted"])
+            model.__class__ = LTRetinaNet  # its postprocess decodes the distributions
+        elif isinstance(old, LTRetinaNetRegressionHead):
             old.loss = box_module
         else:
             head.regression_head = LTRetinaNetRegressionHead.from_head(old, loss=box_module)

@@ -36,79 +36,45 @@ path (`_forward_train`: sampling, losses, hooks) is `@torch.jit.unused`, and the
 LDS / FDS hooks (training-only modules) are left out of the scripted module
 (`__jit_ignored_attributes__`).
 """
-import contextlib
-import copy
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.roi_heads import (RoIHeads, keypointrcnn_inference,
-                                                    keypointrcnn_loss, maskrcnn_inference,
-                                                    maskrcnn_loss)
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    keypointrcnn_inference,
+    keypointrcnn_loss,
+    maskrcnn_inference,
+    maskrcnn_loss,
+)
 from torchvision.ops import boxes as box_ops
 
-from .roi_samplers import RoICandidates, RoISampler, build_roi_sampler
+from ltdet.compat import adopt_module
+from ltdet.losses.base import classes_from_stats
+
+from .roi_head_parts import (
+    check_classifier_width,
+    check_hooks,
+    check_loss_contract,
+    fit_classifier,
+    gt_weights,
+    predictor_num_classes,
+    product,
+    resolve_loss,
+)
+from .roi_samplers import (
+    HeadScorer,
+    RoICandidates,
+    RoISampler,
+    RoISamples,
+    box_loss_of_positives,
+    build_roi_sampler,
+    matched_boxes,
+)
 
 #: torchvision's Fast R-CNN box loss: smooth L1 with beta 1/9, sum over positives / sampled RoIs
 DEFAULT_BOX_LOSS = {"type": "smooth_l1", "beta": 1.0 / 9.0}
 DEFAULT_CLS_LOSS = {"type": "ce"}
-
-
-@dataclass
-class RoISamples:
-    """The sampled RoIs of a training batch, one tensor per image (S_i RoIs in image i).
-
-    proposals [S_i, 4]; labels int64 [S_i] in [0, C]; matched_idxs int64 [S_i] (index into the
-    image's gt, 0 for an image without gt); ious [S_i] IoU with the matched gt; regression_targets
-    [S_i, 4] encoded deltas; matched_gt_boxes [S_i, 4]; gt_boxes [K_i, 4]; gt_weights [S_i] per-RoI
-    mixup weights (None when no target has "weights"); cls_weights [S_i] sampler weights (None =
-    all 1)."""
-
-    proposals: list[Tensor]
-    labels: list[Tensor]
-    matched_idxs: list[Tensor]
-    ious: list[Tensor]
-    regression_targets: list[Tensor]
-    matched_gt_boxes: list[Tensor]
-    gt_boxes: list[Tensor]
-    gt_weights: Optional[list[Tensor]] = None
-    cls_weights: Optional[list[Tensor]] = None
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules):
-    """Stateful losses / FDS update their state only in training mode: the no-gradient scoring
-    passes of OHEM / PISA must not count as a training step."""
-    modes = [(m, m.training) for m in modules if isinstance(m, nn.Module)]
-    for m, _ in modes:
-        m.train(False)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-
-
-@contextlib.contextmanager
-def _keep_running_stats(*modules):
-    """Runs in training mode (batch statistics, as the real forward) but restores BatchNorm running
-    statistics afterwards, so a scoring pass over candidates leaves the model unchanged."""
-    saved = [(bn, {name: buf.clone() for name, buf in bn._buffers.items() if buf is not None})
-             for module in modules for bn in module.modules()
-             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats]
-    try:
-        yield
-    finally:
-        for bn, buffers in saved:
-            for name, value in buffers.items():
-                bn._buffers[name].copy_(value)
-
-
-def _matched_boxes(gt_boxes: Tensor, matched_idxs: Tensor) -> Tensor:
-    if gt_boxes.shape[0] == 0:
-        return gt_boxes.new_zeros((matched_idxs.shape[0], 4))
-    return gt_boxes[matched_idxs]
 
 
 class LTRoIHeads(RoIHeads):
@@ -125,6 +91,8 @@ class LTRoIHeads(RoIHeads):
 
     # training-only modules that inference never calls: not compiled by torch.jit.script
     __jit_ignored_attributes__ = ["sampler", "lds", "fds"]
+    # what `_install` sets (and `from_roi_heads` keeps from an LTRoIHeads given in)
+    _PARTS = ("cls_loss", "box_loss", "sampler", "lds", "fds")
 
     def __init__(self, *args, cls_loss: nn.Module, box_loss: nn.Module,
                  sampler: Optional[RoISampler] = None, lds: Optional[nn.Module] = None,
@@ -145,68 +113,54 @@ class LTRoIHeads(RoIHeads):
         if not isinstance(roi_heads, RoIHeads):
             raise TypeError(f"from_roi_heads needs a torchvision RoIHeads, got {type(roi_heads).__name__}")
         num_classes = predictor_num_classes(roi_heads.box_predictor)
-        check_stats(stats, num_classes)
-        previous = roi_heads if isinstance(roi_heads, LTRoIHeads) else None
-        head = cls.__new__(cls)
-        nn.Module.__init__(head)
-        # shallow copies of the module's tables: same submodules and parameters, own registries
-        head.__dict__.update({key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
-                              for key, value in vars(roi_heads).items()})
-        cls_loss = _resolve_loss(cls_loss, getattr(previous, "cls_loss", None), DEFAULT_CLS_LOSS,
-                                 num_classes, stats, "cls_loss")
-        box_loss = _resolve_loss(box_loss, getattr(previous, "box_loss", None), DEFAULT_BOX_LOSS,
-                                 num_classes, stats, "box_loss")
-        sampler = build_roi_sampler(sampler if sampler is not None
-                                    else getattr(previous, "sampler", None))
+        if stats is not None:
+            classes_from_stats(stats, num_classes)
+        # the parts of an LTRoIHeads given in, kept where no new one is given
+        previous = ({name: getattr(roi_heads, name) for name in cls._PARTS}
+                    if isinstance(roi_heads, LTRoIHeads) else {})
+        # same submodules and parameters, own registries
+        head = adopt_module(cls, roi_heads)
+        cls_loss = resolve_loss(cls_loss, previous.get("cls_loss"), DEFAULT_CLS_LOSS, num_classes,
+                                stats, "cls_loss")
+        box_loss = resolve_loss(box_loss, previous.get("box_loss"), DEFAULT_BOX_LOSS, num_classes,
+                                stats, "box_loss")
+        sampler = build_roi_sampler(sampler if sampler is not None else previous.get("sampler"))
         # the classifier's width follows the loss (seesaw: C + 2); a failed install undoes it
         old_cls_score = getattr(head.box_predictor, "cls_score", None)
-        _fit_classifier(head.box_predictor, cls_loss, num_classes)
+        fit_classifier(head.box_predictor, cls_loss, num_classes)
         try:
             head._install(cls_loss, box_loss, sampler,
-                          lds if lds is not None else getattr(previous, "lds", None),
-                          fds if fds is not None else getattr(previous, "fds", None))
+                          lds if lds is not None else previous.get("lds"),
+                          fds if fds is not None else previous.get("fds"))
         except Exception:
             if old_cls_score is not None:
                 head.box_predictor.cls_score = old_cls_score
             raise
         return head
 
-    def _install(self, cls_loss, box_loss, sampler, lds, fds) -> None:
-        for name, attrs in (("cls_loss", ("activation", "use_sigmoid")), ("box_loss", ("needs_boxes",))):
-            module = cls_loss if name == "cls_loss" else box_loss
-            missing = [a for a in attrs if not hasattr(module, a)]
-            if not isinstance(module, nn.Module) or missing:
-                raise TypeError(f"{name} must be an nn.Module from ltdet.losses.build_loss (with "
-                                f"{', '.join(attrs)}); {type(module).__name__} lacks {missing or 'nn.Module'}")
-        num_classes = predictor_num_classes(self.box_predictor)
-        loss_classes = getattr(cls_loss, "num_classes", None)
-        if loss_classes is not None and int(loss_classes) != num_classes:
-            raise ValueError(f"cls_loss was built for num_classes={loss_classes} but the box "
-                             f"predictor has {num_classes} classes (bbox_pred.out_features = "
-                             f"4 * (C+1) = {4 * (num_classes + 1)}); build it with "
-                             f"num_classes={num_classes}")
-        channels = _loss_channels(cls_loss, num_classes)
-        have = getattr(getattr(self.box_predictor, "cls_score", None), "out_features", None)
-        if have is not None and int(have) != channels:
-            raise ValueError(f"{type(cls_loss).__name__} trains a classifier of {channels} outputs "
-                             f"(cls_channels, C = {num_classes}) but the box predictor's "
-                             f"cls_score has {have}; ltdet.patch / LTRoIHeads.from_roi_heads "
-                             f"re-create a linear or cosine cls_score of the right width")
-        if lds is not None and not (callable(getattr(lds, "weights", None))
-                                    and callable(getattr(lds, "update", None))):
-            raise TypeError(f"lds must have weights(ious) and update(ious); got {type(lds).__name__}")
-        if fds is not None:
-            if not callable(fds):
-                raise TypeError(f"fds must be callable as fds(features, ious); got {type(fds).__name__}")
-            if not all(hasattr(self.box_predictor, a) for a in ("cls_score", "bbox_pred")):
-                raise TypeError("fds needs a box predictor with torchvision FastRCNNPredictor's layout "
-                                f"(cls_score, bbox_pred); got {type(self.box_predictor).__name__}")
+    def _install(self, cls_loss: nn.Module, box_loss: nn.Module, sampler: RoISampler,
+                 lds: Optional[nn.Module], fds: Optional[nn.Module]) -> None:
+        check_loss_contract(cls_loss, box_loss)
+        check_classifier_width(self.box_predictor, cls_loss)
+        check_hooks(self.box_predictor, lds, fds)
         self.cls_loss = cls_loss
         self.box_loss = box_loss
         self.sampler = sampler
         self.lds = lds
         self.fds = fds
-        sampler.validate(self)
+        sampler.validate(self.roi_scorer())
+
+    def roi_scorer(self, features: Optional[Dict[str, Tensor]] = None,
+                   image_shapes: Optional[List[Tuple[int, int]]] = None) -> HeadScorer:
+        """The narrow view of this head its sampler gets (`RoIScorer`), for one training step's
+        `features` / `image_shapes` (None: no box-head scoring, e.g. for `loss_weights`)."""
+        return HeadScorer(box_roi_pool=self.box_roi_pool, box_head=self.box_head,
+                          box_predictor=self.box_predictor, cls_loss=self.cls_loss,
+                          box_loss=self.box_loss, box_coder=self.box_coder,
+                          batch_size_per_image=self.fg_bg_sampler.batch_size_per_image,
+                          positive_fraction=self.fg_bg_sampler.positive_fraction,
+                          bg_iou_thresh=self.proposal_matcher.low_threshold,
+                          features=features, image_shapes=image_shapes)
 
     # ---------------------------------------------------------------- assignment and sampling
     def assign_candidates(self, proposals: list[Tensor], gt_boxes: list[Tensor],
@@ -237,13 +191,13 @@ class LTRoIHeads(RoIHeads):
         dtype = proposals[0].dtype
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
-        gt_weights = _gt_weights(targets, dtype)
+        image_gt_weights = gt_weights(targets, dtype)
         proposals = self.add_gt_proposals(proposals, gt_boxes)
         candidates = self.assign_candidates(proposals, gt_boxes, gt_labels)
         if self.sampler.needs_features and features is None:
             raise ValueError(f"the {type(self.sampler).__name__} scores candidates with the box head: "
                              "call select_training_samples(proposals, targets, features, image_shapes)")
-        selections = self.sampler(self, candidates, features, image_shapes)
+        selections = self.sampler(self.roi_scorer(features, image_shapes), candidates)
         fields = {k: [] for k in ("proposals", "labels", "matched_idxs", "ious", "matched_gt_boxes")}
         for cand, sel in zip(candidates, selections):
             idx = sel.indices
@@ -251,12 +205,12 @@ class LTRoIHeads(RoIHeads):
             fields["labels"].append(cand.labels[idx])
             fields["matched_idxs"].append(cand.matched_idxs[idx])
             fields["ious"].append(cand.ious[idx])
-            fields["matched_gt_boxes"].append(_matched_boxes(cand.gt_boxes, cand.matched_idxs[idx]))
+            fields["matched_gt_boxes"].append(matched_boxes(cand.gt_boxes, cand.matched_idxs[idx]))
         roi_gt_weights = None
-        if gt_weights is not None:
+        if image_gt_weights is not None:
             roi_gt_weights = [torch.where(labels > 0, w[m], 1.0) if w.numel()
                               else torch.ones(labels.shape, dtype=dtype, device=labels.device)
-                              for w, m, labels in zip(gt_weights, fields["matched_idxs"], fields["labels"])]
+                              for w, m, labels in zip(image_gt_weights, fields["matched_idxs"], fields["labels"])]
         cls_weights = None
         if any(sel.cls_weight is not None for sel in selections):
             cls_weights = [sel.cls_weight if sel.cls_weight is not None
@@ -279,50 +233,11 @@ class LTRoIHeads(RoIHeads):
             self.fds.update(x.detach(), ious)
         return self.box_predictor.cls_score(x), self.box_predictor.bbox_pred(regressor_input)
 
-    @torch.no_grad()
-    def score_rois(self, features, boxes: list[Tensor], image_shapes):
-        """Box head on candidate RoIs without gradient, leaving every state untouched (BatchNorm
-        running statistics, stateful losses). Returns (class_logits, box_regression)."""
-        with _keep_running_stats(self.box_head, self.box_predictor):
-            x = self.box_head(self.box_roi_pool(features, boxes, image_shapes))
-            return self.box_predictor(x)
-
-    @torch.no_grad()
-    def cls_loss_per_roi(self, class_logits: Tensor, labels: Tensor) -> Tensor:
-        """Classification loss of each RoI [N] (summed over columns for sigmoid losses), without
-        updating the loss's state."""
-        with _eval_mode(self.cls_loss):
-            loss = self.cls_loss(class_logits, labels, reduction="none")
-        return loss.sum(1) if loss.dim() > 1 else loss
-
-    @torch.no_grad()
-    def roi_loss(self, class_logits: Tensor, box_regression: Tensor,
-                 candidates: list[RoICandidates]) -> Tensor:
-        """Per-RoI training loss [sum R] (classification + box, both on torchvision's scale) of
-        candidate RoIs, for OHEM's ranking. Ignored candidates count as background."""
-        labels = torch.cat([c.labels for c in candidates]).clamp(min=0)
-        loss = self.cls_loss_per_roi(class_logits, labels).clone()
-        positive = torch.where(labels > 0)[0]
-        if positive.numel():
-            proposals = torch.cat([c.boxes for c in candidates])[positive]
-            gt = torch.cat([_matched_boxes(c.gt_boxes, c.matched_idxs) for c in candidates])[positive]
-            with _eval_mode(self.box_loss):
-                box = self._box_loss(box_regression[positive], labels[positive], proposals, gt,
-                                     reduction="none")
-            loss[positive] += box.reshape(positive.numel(), -1).sum(1)
-        return loss
-
-    def _box_loss(self, box_regression: Tensor, labels: Tensor, proposals: Tensor, gt_boxes: Tensor,
-                  targets: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def _box_loss(self, box_regression: Tensor, labels: Tensor, proposals: Tensor,
+                  gt_boxes: Tensor, targets: Optional[Tensor] = None, **kwargs: Any) -> Tensor:
         """Box loss of positives: box_regression [P, (C+1)*4], labels [P] in [1, C]."""
-        deltas = box_regression.reshape(labels.shape[0], -1, 4)
-        deltas = deltas[torch.arange(labels.shape[0], device=labels.device),
-                        labels if deltas.shape[1] > 1 else torch.zeros_like(labels)]
-        if self.box_loss.needs_boxes:
-            return self.box_loss(self.box_coder.decode_single(deltas, proposals), gt_boxes, **kwargs)
-        if targets is None:
-            targets = self.box_coder.encode_single(gt_boxes, proposals)
-        return self.box_loss(deltas, targets, **kwargs)
+        return box_loss_of_positives(self.box_loss, self.box_coder, box_regression, labels,
+                                     proposals, gt_boxes, targets, **kwargs)
 
     def box_losses(self, class_logits: Tensor, box_regression: Tensor, samples: RoISamples) -> dict:
         """{"loss_classifier", "loss_box_reg"} of the sampled RoIs (see the module docstring),
@@ -331,18 +246,18 @@ class LTRoIHeads(RoIHeads):
         num = labels.shape[0]
         # PISA's CARL: the sampler's box weights define an extra term (mmdetection's PISARoIHead
         # adds `loss_carl` to the unweighted `loss_bbox`); the key is always present when enabled
-        extra_key = getattr(self.sampler, "extra_box_loss_key", None)
+        extra_key = self.sampler.extra_box_loss_key
         extra = {extra_key: box_regression.sum() * 0} if extra_key else {}
         if num == 0:
             zero = class_logits.sum() * 0 + box_regression.sum() * 0
             return {"loss_classifier": zero, "loss_box_reg": zero.clone(), **extra}
         sampler_cls_weight, sampler_box_weight = self.sampler.loss_weights(
-            self, class_logits, box_regression, samples)
+            self.roi_scorer(), class_logits, box_regression, samples)
         extra_weight = None
         if extra_key:
             extra_weight, sampler_box_weight = sampler_box_weight, None
         base = torch.cat(samples.gt_weights) if samples.gt_weights is not None else None
-        cls_weight = _product(base, sampler_cls_weight)
+        cls_weight = product(base, sampler_cls_weight)
         loss_cls = self.cls_loss(class_logits, labels, weight=cls_weight, reduction="mean",
                                  avg_factor=float(num))
         positive = torch.where(labels > 0)[0]
@@ -360,7 +275,7 @@ class LTRoIHeads(RoIHeads):
             if self.training:
                 self.lds.update(values)
             lds_weight = self.lds.weights(values)
-        box_weight = _product(base[positive] if base is not None else None, lds_weight,
+        box_weight = product(base[positive] if base is not None else None, lds_weight,
                               sampler_box_weight)
         box_args = (box_regression[positive], labels[positive], torch.cat(samples.proposals)[positive],
                     torch.cat(samples.matched_gt_boxes)[positive],
@@ -499,95 +414,6 @@ class LTRoIHeads(RoIHeads):
             for keypoint_prob, kps, r in zip(keypoints_probs, kp_scores, result):
                 r["keypoints"] = keypoint_prob
                 r["keypoints_scores"] = kps
-
-
-def predictor_num_classes(box_predictor: nn.Module) -> int:
-    """C, the number of foreground classes of a FastRCNNPredictor-layout box predictor: from its
-    class-specific regressor (`bbox_pred`, `4 * (C + 1)` outputs, whatever the classifier's width:
-    seesaw's has `C + 2`), else from `cls_score` (`C + 1` outputs)."""
-    bbox_pred = getattr(box_predictor, "bbox_pred", None)
-    reg_out = getattr(bbox_pred, "out_features", None)
-    if reg_out is not None and reg_out > 4 and reg_out % 4 == 0:
-        return int(reg_out) // 4 - 1
-    cls_score = getattr(box_predictor, "cls_score", None)
-    out = getattr(cls_score, "out_features", None)
-    if out is None:
-        raise TypeError(f"box predictor {type(box_predictor).__name__} does not follow torchvision "
-                        "FastRCNNPredictor's layout (a cls_score layer with out_features = C+1)")
-    return int(out) - 1
-
-
-def check_stats(stats, num_classes: int) -> None:
-    """Raises ValueError when class statistics describe a different number of classes."""
-    if stats is None:
-        return
-    stats_classes = getattr(stats, "num_classes", None)
-    if stats_classes is None:
-        stats_classes = len(stats.instance_count)
-    if int(stats_classes) != num_classes:
-        raise ValueError(f"stats describe {stats_classes} classes but the model's box predictor has "
-                         f"{num_classes} (cls_score.out_features = C+1 = {num_classes + 1}); build the "
-                         f"model with num_classes={int(stats_classes) + 1} or use matching stats")
-
-
-def _loss_channels(cls_loss, num_classes: int) -> int:
-    """Classifier width the loss trains for C classes (`get_cls_channels`; C + 1 without it)."""
-    get = getattr(cls_loss, "get_cls_channels", None)
-    return int(get(num_classes)) if callable(get) else num_classes + 1
-
-
-def _fit_classifier(box_predictor, cls_loss, num_classes: int) -> None:
-    """Re-create only the predictor's `cls_score` when the loss trains another width (a
-    torchvision C+1 predictor patched with seesaw, C+2), logged; see `resize_cls_score`."""
-    loss_classes = getattr(cls_loss, "num_classes", None)
-    if loss_classes is not None and int(loss_classes) != num_classes:
-        return  # a loss built for other classes: `_install` says so
-    channels = _loss_channels(cls_loss, num_classes)
-    if getattr(getattr(box_predictor, "cls_score", None), "out_features", channels) == channels:
-        return
-    from .classifiers import resize_cls_score
-
-    resize_cls_score(box_predictor, channels, reason=f"{type(cls_loss).__name__} "
-                     f"(cls_channels = {channels} for C = {num_classes})")
-
-
-def _resolve_loss(spec, previous, default, num_classes, stats, name):
-    if spec is None:
-        spec = previous if previous is not None else default
-    if isinstance(spec, nn.Module):
-        return spec
-    if not isinstance(spec, dict):
-        raise TypeError(f"{name} must be a config dict like {{'type': ...}} or a loss module, "
-                        f"got {type(spec).__name__}")
-    from ltdet.losses import build_loss
-
-    return build_loss(spec, num_classes=num_classes, stats=stats)
-
-
-def _gt_weights(targets, dtype) -> Optional[list[Tensor]]:
-    if not any("weights" in t for t in targets):
-        return None
-    weights = []
-    for i, t in enumerate(targets):
-        num = t["boxes"].shape[0]
-        w = t.get("weights")
-        if w is None:
-            w = t["boxes"].new_ones(num)
-        if w.shape != (num,) or not w.is_floating_point():
-            raise ValueError(f"targets[{i}]['weights'] must be a float tensor of shape [{num}] (one "
-                             f"weight per box), got {tuple(w.shape)} {w.dtype}")
-        weights.append(w.to(dtype))
-    return weights
-
-
-def _product(*weights: Optional[Tensor]) -> Optional[Tensor]:
-    present = [w for w in weights if w is not None]
-    if not present:
-        return None
-    out = present[0]
-    for w in present[1:]:
-        out = out * w
-    return out
 
 
 def _check_target_types(targets: List[Dict[str, Tensor]], has_keypoint: bool) -> None:
