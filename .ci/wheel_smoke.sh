@@ -75,14 +75,12 @@ fi
 step "installing the wheel (not -e)"
 # shellcheck disable=SC2086
 quiet_pip "$bin/pip" install --quiet --no-compile "$wheel" $TORCH_PIN
-"$bin/python" -c "import torch, torchvision; print('wheel smoke: torch', torch.__version__, \
-'torchvision', torchvision.__version__)"
 
 cd "$tmp"  # outside the repository from here on
-"$bin/python" -c "import sys, ltdet; p = ltdet.__file__; \
-assert p.startswith(sys.prefix), f'ltdet imported from {p}, not from the venv'"
-"$bin/ltdet-train" --help > /dev/null
-"$bin/ltdet-test" --help > /dev/null
+"$bin/python" -c "import sys, torch, torchvision, ltdet; p = ltdet.__file__; \
+assert p.startswith(sys.prefix), f'ltdet imported from {p}, not from the venv'; \
+print('wheel smoke: ltdet from', p, '- torch', torch.__version__, torchvision.__version__)"
+"$bin/ltdet-train" --help > /dev/null  # (ltdet-test runs for real below)
 
 step "generating a tiny data set"
 "$bin/python" -m ltdet.scripts.make_synthetic --root "$tmp/data" --seed 0 --set num_train=8 \

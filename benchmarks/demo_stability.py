@@ -14,6 +14,7 @@ A cell whose result.json exists under `--out` is skipped, so an interrupted grid
 of one thread run `--jobs` at a time (default: as many as fit on the cores).
 A cell that stops on a non-finite loss is reported with the iteration it stopped at.
 """
+
 import argparse
 import json
 import os
@@ -37,9 +38,16 @@ def run_cell(args) -> int:
 
     setup_console_logging()
     out = Path(args.out) / f"seed{args.cell_seed}_threads{args.cell_threads}"
-    cfg = load_config(args.config, [f"seed={args.cell_seed}", f"output_dir={out}",
-                                    "solver.log_period=1", "solver.checkpoint_period=1000000",
-                                    *args.opts])
+    cfg = load_config(
+        args.config,
+        [
+            f"seed={args.cell_seed}",
+            f"output_dir={out}",
+            "solver.log_period=1",
+            "solver.checkpoint_period=1000000",
+            *args.opts,
+        ],
+    )
     until = cfg["solver"]["warmup_iters"] + args.iters
     t = time.perf_counter()
     stopped = None
@@ -50,12 +58,18 @@ def run_cell(args) -> int:
         stopped = str(e).split(":", 1)[0]
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r]
-    result = {"seed": args.cell_seed, "threads": args.cell_threads, "target_iters": until,
-              "iters": steps[-1]["iter"] if steps else 0, "stopped": stopped,
-              "max_loss": max(r["loss_max"] for r in steps) if steps else None,
-              "max_grad_norm": max(r["grad_norm_max"] for r in steps) if steps else None,
-              "last_loss": steps[-1]["loss"] if steps else None,
-              "seconds": time.perf_counter() - t, "opts": args.opts}
+    result = {
+        "seed": args.cell_seed,
+        "threads": args.cell_threads,
+        "target_iters": until,
+        "iters": steps[-1]["iter"] if steps else 0,
+        "stopped": stopped,
+        "max_loss": max(r["loss_max"] for r in steps) if steps else None,
+        "max_grad_norm": max(r["grad_norm_max"] for r in steps) if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "seconds": time.perf_counter() - t,
+        "opts": args.opts,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0
 
@@ -65,10 +79,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--iters", type=int, default=120,
-                   help="iterations after the warm-up (default 120)")
-    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
-                   help="cells run at once are limited to this many threads in total")
+    p.add_argument(
+        "--iters", type=int, default=120, help="iterations after the warm-up (default 120)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, (os.cpu_count() or 1)),
+        help="cells run at once are limited to this many threads in total",
+    )
     p.add_argument("--out", default="runs/demo_stability")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--cell-seed", type=int, help=argparse.SUPPRESS)
@@ -96,11 +115,25 @@ def main(argv=None) -> int:
             seed, threads = todo.pop(0)
             env_cell = dict(env, OMP_NUM_THREADS=str(threads))
             log = open(out / f"seed{seed}_threads{threads}.log", "w")
-            cmd = [sys.executable, __file__, "--config", args.config, "--out", str(out),
-                   "--iters", str(args.iters), "--cell-seed", str(seed),
-                   "--cell-threads", str(threads), "--opts", *args.opts]
-            running.append((subprocess.Popen(cmd, env=env_cell, stdout=log, stderr=log,
-                                             cwd=ROOT), threads))
+            cmd = [
+                sys.executable,
+                __file__,
+                "--config",
+                args.config,
+                "--out",
+                str(out),
+                "--iters",
+                str(args.iters),
+                "--cell-seed",
+                str(seed),
+                "--cell-threads",
+                str(threads),
+                "--opts",
+                *args.opts,
+            ]
+            running.append(
+                (subprocess.Popen(cmd, env=env_cell, stdout=log, stderr=log, cwd=ROOT), threads)
+            )
             busy += threads
             print(f"started seed {seed}, {threads} thread(s)", flush=True)
         time.sleep(2)
@@ -122,10 +155,12 @@ def main(argv=None) -> int:
     for r in rows:
         ok = r["stopped"] is None and r["iters"] >= r["target_iters"]
         finite += ok
-        print(f"| {r['seed']} | {r['threads']} | {r['iters']} / {r['target_iters']} | "
-              f"{r['max_loss']:.3g} | {r['max_grad_norm']:.3g} | {r['last_loss']:.3f} | "
-              f"{'yes' if ok else 'NO: ' + (r['stopped'] or 'cut short')} | "
-              f"{r['seconds'] / max(r['iters'], 1):.2f} |")
+        print(
+            f"| {r['seed']} | {r['threads']} | {r['iters']} / {r['target_iters']} | "
+            f"{r['max_loss']:.3g} | {r['max_grad_norm']:.3g} | {r['last_loss']:.3f} | "
+            f"{'yes' if ok else 'NO: ' + (r['stopped'] or 'cut short')} | "
+            f"{r['seconds'] / max(r['iters'], 1):.2f} |"
+        )
     print(f"\n{finite} of {len(cells)} cells finite through their target iteration")
     return 0 if finite == len(cells) else 1
 

@@ -24,6 +24,7 @@ times reading the detections file into columns, each reader in its own subproces
 (msgspec, chunked), and orjson / the json module building dicts for ltdet's dict path. The
 measurement that chose msgspec is in docs/evaluation.md ("Reading result files").
 """
+
 import argparse
 import json
 import os
@@ -34,15 +35,44 @@ import time
 
 import numpy as np
 
-METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300", "ARs@300",
-           "ARm@300", "ARl@300"]
+METRICS = [
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "APr",
+    "APc",
+    "APf",
+    "AR@300",
+    "ARs@300",
+    "ARm@300",
+    "ARl@300",
+]
 N_RCF = (337, 461, 405)
 
 
 def _octagon(x, y, w, h, f=0.25):
     cx, cy = w * f, h * f
-    return [x + cx, y, x + w - cx, y, x + w, y + cy, x + w, y + h - cy, x + w - cx, y + h,
-            x + cx, y + h, x, y + h - cy, x, y + cy]
+    return [
+        x + cx,
+        y,
+        x + w - cx,
+        y,
+        x + w,
+        y + cy,
+        x + w,
+        y + h - cy,
+        x + w - cx,
+        y + h,
+        x + cx,
+        y + h,
+        x,
+        y + h - cy,
+        x,
+        y + cy,
+    ]
 
 
 def generate(root, n_images, seed=0, segm=False):
@@ -57,8 +87,11 @@ def generate(root, n_images, seed=0, segm=False):
     freq = np.array(["r"] * N_RCF[0] + ["c"] * N_RCF[1] + ["f"] * N_RCF[2])
     rng.shuffle(freq)
     # Long tail: a class's chance to appear on an image spans ~3 orders of magnitude.
-    weight = np.where(freq == "f", rng.uniform(20, 400, K),
-                      np.where(freq == "c", rng.uniform(2, 20, K), rng.uniform(0.2, 2, K)))
+    weight = np.where(
+        freq == "f",
+        rng.uniform(20, 400, K),
+        np.where(freq == "c", rng.uniform(2, 20, K), rng.uniform(0.2, 2, K)),
+    )
     p_cls = weight / weight.sum()
     W, H = 640, 480
 
@@ -83,18 +116,34 @@ def generate(root, n_images, seed=0, segm=False):
         boxes = sample_boxes(n_box)
         for b, c in zip(boxes.tolist(), box_cls.tolist()):
             x, y, w, h = b
-            poly = [round(v, 2) for v in _octagon(x, y, w, h)] if segm else \
-                [x, y, x + w, y, x + w, y + h, x, y + h]
+            poly = (
+                [round(v, 2) for v in _octagon(x, y, w, h)]
+                if segm
+                else [x, y, x + w, y, x + w, y + h, x, y + h]
+            )
             # LVIS' area is the mask's: an octagon cutting a quarter of each side keeps 7/8.
-            anns.append({"id": ann_id, "image_id": img_id, "category_id": c + 1, "bbox": b,
-                         "area": round(w * h * (0.875 if segm else 1.0), 2),
-                         "segmentation": [poly]})
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": img_id,
+                    "category_id": c + 1,
+                    "bbox": b,
+                    "area": round(w * h * (0.875 if segm else 1.0), 2),
+                    "segmentation": [poly],
+                }
+            )
             ann_id += 1
         rest = np.setdiff1d(rng.choice(K, size=rng.poisson(9) + 1, p=p_cls), pos)
         nel = pos[rng.random(len(pos)) < 0.15]
-        images.append({"id": img_id, "width": W, "height": H,
-                       "neg_category_ids": (rest + 1).tolist(),
-                       "not_exhaustive_category_ids": (nel + 1).tolist()})
+        images.append(
+            {
+                "id": img_id,
+                "width": W,
+                "height": H,
+                "neg_category_ids": (rest + 1).tolist(),
+                "not_exhaustive_category_ids": (nel + 1).tolist(),
+            }
+        )
         # 300 detections: jittered copies of the gt (right or confused class), the rest random.
         n_true = min(300, 3 * n_box)
         src = rng.integers(0, n_box, n_true)
@@ -108,8 +157,16 @@ def generate(root, n_images, seed=0, segm=False):
         det_rows.append((img_id, d_cls, d_box, d_score))
     cats = []
     for k in range(K):
-        cats.append({"id": k + 1, "name": f"class_{k + 1}", "synset": f"class_{k + 1}.n.01",
-                     "frequency": str(freq[k]), "image_count": 0, "instance_count": 0})
+        cats.append(
+            {
+                "id": k + 1,
+                "name": f"class_{k + 1}",
+                "synset": f"class_{k + 1}.n.01",
+                "frequency": str(freq[k]),
+                "image_count": 0,
+                "instance_count": 0,
+            }
+        )
     a_cat = np.array([a["category_id"] for a in anns]) - 1
     a_img = np.array([a["image_id"] for a in anns])
     inst = np.bincount(a_cat, minlength=K)
@@ -120,8 +177,10 @@ def generate(root, n_images, seed=0, segm=False):
         c["image_count"] = int(rng.integers(lo, hi + 1))
         c["instance_count"] = int(c["image_count"] * (1 + inst[k] / max(imgc[k], 1)))
     with open(gt_path, "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": cats,
-                   "info": {}, "licenses": []}, f)
+        json.dump(
+            {"images": images, "annotations": anns, "categories": cats, "info": {}, "licenses": []},
+            f,
+        )
     fmt = '{"image_id": %d, "category_id": %d, "bbox": [%.2f, %.2f, %.2f, %.2f], "score": %.4f}'
     with open(det_path, "w") as f:
         f.write("[")
@@ -131,11 +190,17 @@ def generate(root, n_images, seed=0, segm=False):
                 import pycocotools.mask as mask_utils
 
                 rles = mask_utils.frPyObjects([_octagon(*bi) for bi in b.tolist()], H, W)
-                part = ", ".join(json.dumps({"image_id": img_id, "category_id": ci,
-                                             "segmentation": {"size": [H, W],
-                                                              "counts": r["counts"].decode()},
-                                             "score": si})
-                                 for (ci, bi, si), r in zip(rows, rles))
+                part = ", ".join(
+                    json.dumps(
+                        {
+                            "image_id": img_id,
+                            "category_id": ci,
+                            "segmentation": {"size": [H, W], "counts": r["counts"].decode()},
+                            "score": si,
+                        }
+                    )
+                    for (ci, bi, si), r in zip(rows, rles)
+                )
             else:
                 part = ", ".join(fmt % (img_id, ci, *bi, si) for ci, bi, si in rows)
             f.write((", " if n else "") + part)
@@ -147,9 +212,11 @@ def generate(root, n_images, seed=0, segm=False):
 # ------------------------------------------------------------------------------------------------
 # Children: one evaluator each; print one json line with the metrics and the peak RSS.
 
+
 def run_ltdet(gt, dets, iou_type="bbox"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ltdet.evaluation import evaluate_lvis
+
     res = evaluate_lvis(gt, dets, iou_type=iou_type)
     return {k: res[k] for k in METRICS}
 
@@ -157,6 +224,7 @@ def run_ltdet(gt, dets, iou_type="bbox"):
 def run_lvis(gt, dets, iou_type="bbox"):
     np.float = float  # the lvis package still calls np.float (removed in NumPy 1.24)
     from lvis import LVISEval
+
     e = LVISEval(gt, dets, iou_type)
     e.run()
     return {k: float(v) for k, v in e.get_results().items()}
@@ -164,6 +232,7 @@ def run_lvis(gt, dets, iou_type="bbox"):
 
 def run_fce(gt, dets, iou_type="bbox"):
     from faster_coco_eval import COCO, COCOeval_faster
+
     g = COCO(gt)
     with open(dets) as f:
         results = json.load(f)
@@ -171,19 +240,34 @@ def run_fce(gt, dets, iou_type="bbox"):
     by_img = {}
     for r in results:
         by_img.setdefault(r["image_id"], []).append(r)
-    results = [r for rs in by_img.values()
-               for r in (sorted(rs, key=lambda r: r["score"], reverse=True)[:300])]
-    e = COCOeval_faster(g, g.loadRes(results), iou_type, lvis_style=True,
-                        print_function=lambda *a: None)
+    results = [
+        r
+        for rs in by_img.values()
+        for r in (sorted(rs, key=lambda r: r["score"], reverse=True)[:300])
+    ]
+    e = COCOeval_faster(
+        g, g.loadRes(results), iou_type, lvis_style=True, print_function=lambda *a: None
+    )
     e.params.maxDets = [300]
     e.evaluate()
     e.accumulate()
     e.summarize()
     s = e.stats_as_dict
-    names = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small",
-             "APm": "AP_medium", "APl": "AP_large", "APr": "APr", "APc": "APc", "APf": "APf",
-             "AR@300": "AR_all", "ARs@300": "AR_small", "ARm@300": "AR_medium",
-             "ARl@300": "AR_large"}
+    names = {
+        "AP": "AP_all",
+        "AP50": "AP_50",
+        "AP75": "AP_75",
+        "APs": "AP_small",
+        "APm": "AP_medium",
+        "APl": "AP_large",
+        "APr": "APr",
+        "APc": "APc",
+        "APf": "APf",
+        "AR@300": "AR_all",
+        "ARs@300": "AR_small",
+        "ARm@300": "AR_medium",
+        "ARl@300": "AR_large",
+    }
     return {k: s[v] for k, v in names.items() if v in s}
 
 
@@ -196,6 +280,7 @@ def read_whole(loads):
 
         with open(dets, "rb") as f:
             return load_detections(loads(f.read()), source=dets)
+
     return read
 
 
@@ -222,30 +307,53 @@ def child(name, gt, dets, iou_type="bbox"):
         t = time.perf_counter()
         cols = READERS[name[5:]](dets)
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        print("RESULT " + json.dumps({
-            "read_s": time.perf_counter() - t, "n": len(cols), "peak_mb": usage.ru_maxrss / 1024,
-            "above_imports_mb": (usage.ru_maxrss - base.ru_maxrss) / 1024,
-            "cpu_s": usage.ru_utime + usage.ru_stime - base.ru_utime - base.ru_stime}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "read_s": time.perf_counter() - t,
+                    "n": len(cols),
+                    "peak_mb": usage.ru_maxrss / 1024,
+                    "above_imports_mb": (usage.ru_maxrss - base.ru_maxrss) / 1024,
+                    "cpu_s": usage.ru_utime + usage.ru_stime - base.ru_utime - base.ru_stime,
+                }
+            )
+        )
         return
     metrics = RUNNERS[name](gt, dets, iou_type)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print("RESULT " + json.dumps({"metrics": metrics, "peak_mb": usage.ru_maxrss / 1024,
-                                  "cpu_s": usage.ru_utime + usage.ru_stime}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "metrics": metrics,
+                "peak_mb": usage.ru_maxrss / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+            }
+        )
+    )
 
 
 def compare_readers(gt, dets, env):
     print("| reader | read wall s | read CPU s | peak RSS MB | above imports MB |")
     print("|---|---|---|---|---|")
     for name in READERS:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                            f"read-{name}", gt, dets], capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", f"read-{name}", gt, dets],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not lines:
             print(f"{name}: failed (rc {p.returncode}) {p.stderr[-2000:]}")
             continue
         o = json.loads(lines[-1][7:])
-        print(f"| {name} | {o['read_s']:.2f} | {o['cpu_s']:.2f} | {o['peak_mb']:.0f} | "
-              f"{o['above_imports_mb']:.0f} |", flush=True)
+        print(
+            f"| {name} | {o['read_s']:.2f} | {o['cpu_s']:.2f} | {o['peak_mb']:.0f} | "
+            f"{o['above_imports_mb']:.0f} |",
+            flush=True,
+        )
 
 
 def main():
@@ -254,8 +362,11 @@ def main():
     ap.add_argument("--root", default="data/generated/eval_speed")
     ap.add_argument("--only", nargs="*", default=list(RUNNERS), choices=list(RUNNERS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--readers", action="store_true",
-                    help="time the result-json readers instead of the evaluators")
+    ap.add_argument(
+        "--readers",
+        action="store_true",
+        help="time the result-json readers instead of the evaluators",
+    )
     ap.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
     ap.add_argument("--child", nargs=3, metavar=("NAME", "GT", "DETS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -266,31 +377,50 @@ def main():
     root = os.path.join(args.root, f"{args.images}" + ("_segm" if segm else ""))
     t0 = time.time()
     gt, dets = generate(root, args.images, args.seed, segm=segm)
-    print(f"set: {args.images} images, {os.path.getsize(dets) / 1e6:.0f} MB of detections, "
-          f"{os.path.getsize(gt) / 1e6:.0f} MB gt ({time.time() - t0:.0f} s to prepare)")
+    print(
+        f"set: {args.images} images, {os.path.getsize(dets) / 1e6:.0f} MB of detections, "
+        f"{os.path.getsize(gt) / 1e6:.0f} MB gt ({time.time() - t0:.0f} s to prepare)"
+    )
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if args.readers:
         return compare_readers(gt, dets, env)
     rows = {}
     for name in args.only:
         t = time.time()
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--iou-type",
-                            args.iou_type, "--child", name, gt, dets],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--iou-type",
+                args.iou_type,
+                "--child",
+                name,
+                gt,
+                dets,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         wall = time.time() - t
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             print(f"{name}: failed (rc {p.returncode}) {p.stderr[-2000:]}")
             continue
         out = json.loads(line[-1][7:])
-        rows[name] = dict(wall=wall, cpu=out["cpu_s"], peak_mb=out["peak_mb"],
-                          metrics=out["metrics"])
-        print(f"  {name}: {wall:.1f} s wall, {out['cpu_s']:.1f} s CPU, {out['peak_mb']:.0f} MB",
-              flush=True)
+        rows[name] = dict(
+            wall=wall, cpu=out["cpu_s"], peak_mb=out["peak_mb"], metrics=out["metrics"]
+        )
+        print(
+            f"  {name}: {wall:.1f} s wall, {out['cpu_s']:.1f} s CPU, {out['peak_mb']:.0f} MB",
+            flush=True,
+        )
 
     ref = rows.get("lvis")
-    print("\n| evaluator | wall s | CPU s | peak RSS MB | speed-up vs lvis (wall / CPU) | "
-          "memory vs lvis | max abs metric diff vs lvis | AP |")
+    print(
+        "\n| evaluator | wall s | CPU s | peak RSS MB | speed-up vs lvis (wall / CPU) | "
+        "memory vs lvis | max abs metric diff vs lvis | AP |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         sp = f"{ref['wall'] / r['wall']:.1f}x / {ref['cpu'] / r['cpu']:.1f}x" if ref else "-"
@@ -299,9 +429,11 @@ def main():
         if ref:
             common = [k for k in METRICS if k in r["metrics"] and k in ref["metrics"]]
             diff = f"{max(abs(r['metrics'][k] - ref['metrics'][k]) for k in common):.2e}"
-        print(f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['peak_mb']:.0f} | {sp} | {mem} | "
-              f"{diff} | "
-              f"{r['metrics'].get('AP', float('nan')):.4f} |")
+        print(
+            f"| {name} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['peak_mb']:.0f} | {sp} | {mem} | "
+            f"{diff} | "
+            f"{r['metrics'].get('AP', float('nan')):.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ synchronises, `--no-sync` turns that off):
   other       the rest of the block's wall time: moving the batch to the device, batch
               statistics, GradScaler update, lr schedulers, the loop itself
 """
+
 import argparse
 import copy
 import json
@@ -61,8 +62,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                   register_optimizer_step_pre_hook)
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 from torch.utils.data import DataLoader
 from torchvision.models.detection.roi_heads import RoIHeads
 
@@ -89,6 +92,7 @@ LTDET_HEAD_MODULES = ("cls_loss", "box_loss", "sampler", "lds", "fds")
 
 # ------------------------------------------------------------------------------------------------
 # Timing from outside the loops.
+
 
 class Recorder:
     """Phase sums and block times of one loop."""
@@ -120,8 +124,9 @@ class Recorder:
         cpu = time.process_time() - self._block["cpu"]
         cuda = self.clock.device.type == "cuda"
         peak = torch.cuda.max_memory_allocated(self.clock.device) / 2**20 if cuda else None
-        self.blocks.append(dict(wall=wall, cpu=cpu, iters=iters, peak_mb=peak,
-                                start_mb=self._block["start_mb"]))
+        self.blocks.append(
+            dict(wall=wall, cpu=cpu, iters=iters, peak_mb=peak, start_mb=self._block["start_mb"])
+        )
         self.measuring = False
 
 
@@ -167,10 +172,16 @@ class PhaseClock:
         handles = []
         for name, model in models.items():
             rec = self.loops[name]
-            handles.append(model.register_forward_pre_hook(
-                lambda module, args, rec=rec: self.forward_start(rec)))
-            handles.append(model.register_forward_hook(
-                lambda module, args, out, rec=rec: self.forward_end(rec)))
+            handles.append(
+                model.register_forward_pre_hook(
+                    lambda module, args, rec=rec: self.forward_start(rec)
+                )
+            )
+            handles.append(
+                model.register_forward_hook(
+                    lambda module, args, out, rec=rec: self.forward_end(rec)
+                )
+            )
         handles.append(register_optimizer_step_pre_hook(self.step_pre))
         handles.append(register_optimizer_step_post_hook(self.step_post))
         backward, update = torch.Tensor.backward, TrainLogger.update
@@ -206,6 +217,7 @@ class PhaseClock:
 # ------------------------------------------------------------------------------------------------
 # torchvision's reference loop (references/detection/engine.py, utils.py), re-written.
 
+
 class SmoothedValue:
     """A window of values with its median / mean, and the running total (utils.SmoothedValue)."""
 
@@ -231,8 +243,13 @@ class SmoothedValue:
         return self.total / max(self.count, 1)
 
     def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               max=max(self.deque), value=self.deque[-1])
+        return self.fmt.format(
+            median=self.median,
+            avg=self.avg,
+            global_avg=self.global_avg,
+            max=max(self.deque),
+            value=self.deque[-1],
+        )
 
 
 class MetricLogger:
@@ -271,10 +288,16 @@ class MetricLogger:
             iter_time.update(t0 - end)
             if i % print_freq == 0 or i == n - 1:
                 eta = iter_time.global_avg * (n - i)
-                memory = (f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}"
-                          if torch.cuda.is_available() else "")
-                print(f"{header} [{i}/{n}]  eta: {eta:.0f} s  {self}  time: {iter_time}  "
-                      f"data: {data_time}{memory}", file=self.file)
+                memory = (
+                    f"  max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}"
+                    if torch.cuda.is_available()
+                    else ""
+                )
+                print(
+                    f"{header} [{i}/{n}]  eta: {eta:.0f} s  {self}  time: {iter_time}  "
+                    f"data: {data_time}{memory}",
+                    file=self.file,
+                )
             self.on_logging(time.perf_counter() - t0)
             end = time.perf_counter()
         print(f"{header} Total time: {time.perf_counter() - start:.1f} s", file=self.file)
@@ -288,11 +311,14 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     lr_scheduler = None
     if epoch == 0:
         lr_scheduler = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(data_loader) - 1))
+            optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(data_loader) - 1)
+        )
     for images, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
         images = list(image.to(device) for image in images)
-        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in targets
+        ]
         with torch.autocast(device.type, enabled=scaler is not None):
             loss_dict = model(images, targets)
             losses = sum(loss for loss in loss_dict.values())
@@ -301,8 +327,10 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         losses_reduced = sum(loss for loss in loss_dict_reduced.values())
         loss_value = losses_reduced.item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"reference loop: loss is {loss_value}, stopping training "
-                                     f"({ {k: float(v) for k, v in loss_dict_reduced.items()} })")
+            raise FloatingPointError(
+                f"reference loop: loss is {loss_value}, stopping training "
+                f"({ {k: float(v) for k, v in loss_dict_reduced.items()} })"
+            )
         optimizer.zero_grad()
         if scaler is not None:
             scaler.scale(losses).backward()
@@ -323,20 +351,30 @@ def reference_iterations(model, dataset, cfg, device, *, amp, log_file, rec):
     `train_one_epoch`): each `next()` runs one."""
     solver, data = cfg["solver"], cfg["data"]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=solver["lr"], momentum=solver["momentum"],
-                                weight_decay=solver["weight_decay"])
+    optimizer = torch.optim.SGD(
+        params, lr=solver["lr"], momentum=solver["momentum"], weight_decay=solver["weight_decay"]
+    )
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10**6], gamma=0.1)
     scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
     batch_sampler = build_train_sampler(data, dataset, 1, 0, cfg["seed"])
-    loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=data["num_workers"],
-                        collate_fn=collate_detection, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=data["num_workers"],
+        collate_fn=collate_detection,
+        pin_memory=device.type == "cuda",
+    )
     epoch = 0
     while True:
         batch_sampler.set_epoch(epoch)
-        logger = MetricLogger(log_file, on_data=lambda s: rec.add("data", s),
-                              on_logging=lambda s: rec.add("logging", s))
-        yield from train_one_epoch(model, optimizer, loader, device, epoch,
-                                   solver["log_period"], scaler, logger)
+        logger = MetricLogger(
+            log_file,
+            on_data=lambda s: rec.add("data", s),
+            on_logging=lambda s: rec.add("logging", s),
+        )
+        yield from train_one_epoch(
+            model, optimizer, loader, device, epoch, solver["log_period"], scaler, logger
+        )
         lr_scheduler.step()
         epoch += 1
 
@@ -347,8 +385,9 @@ def with_torchvision_losses(model: nn.Module) -> nn.Module:
     ours = model.roi_heads
     head = RoIHeads.__new__(RoIHeads)
     nn.Module.__init__(head)
-    head.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
-                          for k, v in vars(ours).items()})
+    head.__dict__.update(
+        {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in vars(ours).items()}
+    )
     for name in LTDET_HEAD_MODULES:
         head._modules.pop(name, None)
         head.__dict__.pop(name, None)
@@ -359,19 +398,35 @@ def with_torchvision_losses(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # The run.
 
+
 def build_config(args, out: Path) -> dict:
-    opts = [f"output_dir={out / 'ltdet_run'}", f"device={args.device}",
-            f"solver.amp={str(args.amp).lower()}", "solver.checkpoint_period=1000000000"]
+    opts = [
+        f"output_dir={out / 'ltdet_run'}",
+        f"device={args.device}",
+        f"solver.amp={str(args.amp).lower()}",
+        "solver.checkpoint_period=1000000000",
+    ]
     if args.quick:
         # a tiny generated set of small images: the smoke run needs no bundled data
-        paths = make_synthetic_lvis(out / "tiny_set", seed=0, num_train=48, num_val=8,
-                                    num_classes=8, max_images_per_class=40,
-                                    val_instances_per_class=2, image_size=args.size)
-        opts += [f"data.train.json={paths['train_json']}",
-                 f"data.train.images={paths['image_root']}"]
+        paths = make_synthetic_lvis(
+            out / "tiny_set",
+            seed=0,
+            num_train=48,
+            num_val=8,
+            num_classes=8,
+            max_images_per_class=40,
+            val_instances_per_class=2,
+            image_size=args.size,
+        )
+        opts += [
+            f"data.train.json={paths['train_json']}",
+            f"data.train.images={paths['image_root']}",
+        ]
     if args.size is not None:
-        opts += [f"data.min_size=[{args.size}]",
-                 f"data.max_size={max(args.size, round(args.size * 1333 / 800))}"]
+        opts += [
+            f"data.min_size=[{args.size}]",
+            f"data.max_size={max(args.size, round(args.size * 1333 / 800))}",
+        ]
     if args.batch is not None:
         opts.append(f"data.batch_size={args.batch}")
     if args.workers is not None:
@@ -412,8 +467,9 @@ def run(args) -> dict:
     lt, tv = clock.loops["ltdet"], clock.loops["torchvision"]
     batch = cfg["data"]["batch_size"]
     log_file = open(out / "reference_log.txt", "w", encoding="utf-8")
-    ref = reference_iterations(ref_model, trainer.train_dataset, cfg, device, amp=args.amp,
-                               log_file=log_file, rec=tv)
+    ref = reference_iterations(
+        ref_model, trainer.train_dataset, cfg, device, amp=args.amp, log_file=log_file, rec=tv
+    )
     state = {"it": 0, "block": 0}
 
     def run_reference(iters: int, measured: bool) -> None:
@@ -438,8 +494,11 @@ def run(args) -> dict:
             state["block"] += 1
             if state["block"] < B:
                 lt.start_block()
-            print(f"  block {state['block']}/{B}: ltdet {N * batch / lt.blocks[-1]['wall']:.2f}, "
-                  f"torchvision {N * batch / tv.blocks[-1]['wall']:.2f} images/s", flush=True)
+            print(
+                f"  block {state['block']}/{B}: ltdet {N * batch / lt.blocks[-1]['wall']:.2f}, "
+                f"torchvision {N * batch / tv.blocks[-1]['wall']:.2f} images/s",
+                flush=True,
+            )
 
     t_start = time.perf_counter()
     with ExitStack() as stack:
@@ -455,33 +514,52 @@ def run(args) -> dict:
     if len(tv.blocks) < B:
         raise RuntimeError(f"only {len(tv.blocks)} of {B} blocks ran: the trainer stopped early")
 
-    data_ms = ltdet_data_ms(Path(cfg["output_dir"]) / "log.jsonl", W, W + B * N,
-                            cfg["solver"]["log_period"])
-    result = {"config": args.config, "device": str(device), "threads": torch.get_num_threads(),
-              "batch": batch, "min_size": cfg["data"]["min_size"],
-              "max_size": cfg["data"]["max_size"], "amp": bool(args.amp and device.type == "cuda"),
-              "workers": cfg["data"]["num_workers"], "warmup": W, "iters": N, "blocks": B,
-              "reference_losses": args.reference_losses, "sync": clock.sync,
-              "torch": torch.__version__, "wall_total_s": wall_total, "loops": {}}
+    data_ms = ltdet_data_ms(
+        Path(cfg["output_dir"]) / "log.jsonl", W, W + B * N, cfg["solver"]["log_period"]
+    )
+    result = {
+        "config": args.config,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "min_size": cfg["data"]["min_size"],
+        "max_size": cfg["data"]["max_size"],
+        "amp": bool(args.amp and device.type == "cuda"),
+        "workers": cfg["data"]["num_workers"],
+        "warmup": W,
+        "iters": N,
+        "blocks": B,
+        "reference_losses": args.reference_losses,
+        "sync": clock.sync,
+        "torch": torch.__version__,
+        "wall_total_s": wall_total,
+        "loops": {},
+    }
     for rec in (lt, tv):
         iters = sum(b["iters"] for b in rec.blocks)
         wall = sum(b["wall"] for b in rec.blocks)
         sums = dict(rec.sums)
         if rec is lt:
             sums["data"] = None if data_ms is None else data_ms / 1000 * iters
-        ms = {k: (None if sums.get(k) is None else 1000 * sums[k] / iters)
-              for k in PHASES if k != "other"}
+        ms = {
+            k: (None if sums.get(k) is None else 1000 * sums[k] / iters)
+            for k in PHASES
+            if k != "other"
+        }
         ms["other"] = 1000 * wall / iters - sum(v for v in ms.values() if v is not None)
         peaks = [b["peak_mb"] for b in rec.blocks if b["peak_mb"] is not None]
         result["loops"][rec.name] = {
             "images_per_s": statistics.mean(N * batch / b["wall"] for b in rec.blocks),
             "block_images_per_s": [b["iters"] * batch / b["wall"] for b in rec.blocks],
-            "ms_per_iter": 1000 * wall / iters, "wall_s": wall,
+            "ms_per_iter": 1000 * wall / iters,
+            "wall_s": wall,
             "cpu_s": sum(b["cpu"] for b in rec.blocks),
             "peak_mb": max(peaks) if peaks else None,
-            "peak_above_start_mb": (max(b["peak_mb"] - b["start_mb"] for b in rec.blocks)
-                                    if peaks else None),
-            "phases_ms": ms}
+            "peak_above_start_mb": (
+                max(b["peak_mb"] - b["start_mb"] for b in rec.blocks) if peaks else None
+            ),
+            "phases_ms": ms,
+        }
     a, b = result["loops"]["ltdet"], result["loops"]["torchvision"]
     pairs = [x / y for x, y in zip(a["block_images_per_s"], b["block_images_per_s"])]
     result["ratio"] = a["images_per_s"] / b["images_per_s"]
@@ -507,21 +585,27 @@ def markdown(result: dict) -> str:
         f"{result['blocks']} alternating blocks x {result['iters']} iterations per loop; "
         f"torch {result['torch']}; whole run {result['wall_total_s']:.0f} s",
         "",
-        "| loop | images/s | per block | ms/iter | wall s | main-process CPU s | "
-        "peak CUDA MB |",
-        "|---|---|---|---|---|---|---|"]
+        "| loop | images/s | per block | ms/iter | wall s | main-process CPU s | peak CUDA MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in LOOPS:
         r = loops[key]
-        lines.append(f"| {names[key]} | {r['images_per_s']:.2f} | "
-                     f"{min(r['block_images_per_s']):.2f}-{max(r['block_images_per_s']):.2f} | "
-                     f"{r['ms_per_iter']:.0f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
-                     f"{_fmt(r['peak_mb'], '.0f')} |")
+        lines.append(
+            f"| {names[key]} | {r['images_per_s']:.2f} | "
+            f"{min(r['block_images_per_s']):.2f}-{max(r['block_images_per_s']):.2f} | "
+            f"{r['ms_per_iter']:.0f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{_fmt(r['peak_mb'], '.0f')} |"
+        )
     pairs = result["pair_ratios"]
-    lines += ["", f"ratio ltdet / torchvision: **{result['ratio']:.3f}** (goal >= 0.95); per "
-                  f"block pair: median {statistics.median(pairs):.3f}, "
-                  f"min {min(pairs):.3f}, max {max(pairs):.3f}", "",
-              "| phase, ms per iteration | ltdet | torchvision | ltdet - torchvision |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        f"ratio ltdet / torchvision: **{result['ratio']:.3f}** (goal >= 0.95); per "
+        f"block pair: median {statistics.median(pairs):.3f}, "
+        f"min {min(pairs):.3f}, max {max(pairs):.3f}",
+        "",
+        "| phase, ms per iteration | ltdet | torchvision | ltdet - torchvision |",
+        "|---|---|---|---|",
+    ]
     a, b = loops["ltdet"]["phases_ms"], loops["torchvision"]["phases_ms"]
     for key, label in PHASES.items():
         diff = None if a[key] is None or b[key] is None else a[key] - b[key]
@@ -532,36 +616,54 @@ def markdown(result: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--iters", type=int, default=20, help="iterations per block (default 20)")
     p.add_argument("--blocks", type=int, default=4, help="blocks per loop (default 4)")
-    p.add_argument("--warmup", type=int, default=20,
-                   help="untimed iterations per loop first (default 20)")
+    p.add_argument(
+        "--warmup", type=int, default=20, help="untimed iterations per loop first (default 20)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--batch", type=int, default=None, help="default: the config's")
-    p.add_argument("--workers", type=int, default=None,
-                   help="data loader workers; default: the config's")
-    p.add_argument("--size", type=int, default=None,
-                   help="training image size (data.min_size; max_size scaled as 800/1333)")
-    p.add_argument("--log-period", type=int, default=None,
-                   help="solver.log_period, also the reference's print_freq; default: config's")
+    p.add_argument(
+        "--workers", type=int, default=None, help="data loader workers; default: the config's"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="training image size (data.min_size; max_size scaled as 800/1333)",
+    )
+    p.add_argument(
+        "--log-period",
+        type=int,
+        default=None,
+        help="solver.log_period, also the reference's print_freq; default: config's",
+    )
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    p.add_argument("--reference-losses", choices=("ltdet", "torchvision"), default="ltdet",
-                   help="losses of the reference loop's model: ltdet's CE (same model, "
-                        "default) or torchvision's own RoIHeads")
-    p.add_argument("--no-sync", action="store_true",
-                   help="CUDA: no synchronisation at phase boundaries")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: 2 + 2 x 3 iterations per loop, batch 2 of 64 px images "
-                        "of a 48-image generated set")
+    p.add_argument(
+        "--reference-losses",
+        choices=("ltdet", "torchvision"),
+        default="ltdet",
+        help="losses of the reference loop's model: ltdet's CE (same model, "
+        "default) or torchvision's own RoIHeads",
+    )
+    p.add_argument(
+        "--no-sync", action="store_true", help="CUDA: no synchronisation at phase boundaries"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: 2 + 2 x 3 iterations per loop, batch 2 of 64 px images "
+        "of a 48-image generated set",
+    )
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = p.parse_args(argv)
     if args.quick:
         args.iters, args.blocks, args.warmup = 3, 2, 2

@@ -5,6 +5,7 @@ without importing the training engine. Outside a process group (a single process
 `torch.distributed` unavailable) every function is the single-process identity: rank 0, world
 size 1, and a sum over ranks that returns its input unchanged.
 """
+
 import torch
 import torch.distributed as dist
 

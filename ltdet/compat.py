@@ -7,6 +7,7 @@ notice. Each item says what it is and what to do if it moves; all were checked a
 2.14.1 and torchvision 0.29.1 (the development environment's versions). The rest of ltdet
 imports these names from here only, so an upgrade that breaks one is fixed in this file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,9 +52,19 @@ from torchvision.models.detection.retinanet import (
     _default_anchorgen as default_retinanet_anchorgen,
 )
 
-__all__ = ["BatchNormBase", "adopt_module", "batchnorm_buffers", "default_retinanet_anchorgen",
-           "default_rpn_anchorgen", "filter_state_dict_metadata", "mobilenet_extractor",
-           "overwrite_eps", "resnet_fpn_extractor", "set_retinanet_box_loss_type", "topk_min"]
+__all__ = [
+    "BatchNormBase",
+    "adopt_module",
+    "batchnorm_buffers",
+    "default_retinanet_anchorgen",
+    "default_rpn_anchorgen",
+    "filter_state_dict_metadata",
+    "mobilenet_extractor",
+    "overwrite_eps",
+    "resnet_fpn_extractor",
+    "set_retinanet_box_loss_type",
+    "topk_min",
+]
 
 # torch.nn.modules.batchnorm._BatchNorm: the common base of BatchNorm1d/2d/3d and SyncBatchNorm
 # (no public name covers all four). If it moves, use `nn.modules.batchnorm._NormBase` or the
@@ -96,13 +107,16 @@ def adopt_module(cls: type[M], module: nn.Module) -> M:
     settings instead."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
-    new.__dict__.update({key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
-                         for key, value in vars(module).items()})
+    new.__dict__.update(
+        {
+            key: copy.copy(value) if isinstance(value, (dict, set, list)) else value
+            for key, value in vars(module).items()
+        }
+    )
     return new
 
 
-def filter_state_dict_metadata(source: Mapping[str, Any], target: OrderedDict,
-                               keep) -> None:
+def filter_state_dict_metadata(source: Mapping[str, Any], target: OrderedDict, keep) -> None:
     """Copy the `_metadata` of state dict `source` (per-module versions, which `load_state_dict`
     passes to `_load_from_state_dict`) to `target`, for the module prefixes `keep(prefix + ".")`
     accepts.

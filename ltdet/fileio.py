@@ -13,6 +13,7 @@ file. Two things `tempfile.mkstemp` gets wrong for output files are fixed here:
 Temporary files are named `.NAME.XXXXXXXX.tmp`; `remove_stale_tmp(folder)` deletes those a killed
 process left behind.
 """
+
 from __future__ import annotations
 
 import errno
@@ -57,8 +58,11 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
         return True
     # torch.save reports a failed write from its C++ zip writer as an opaque RuntimeError
     # ("[enforce fail at inline_container.cc:...]"); it is a full disk when the disk is full.
-    return (isinstance(exc, RuntimeError) and "inline_container" in str(exc)
-            and _free_bytes(folder) < FULL_DISK_BYTES)
+    return (
+        isinstance(exc, RuntimeError)
+        and "inline_container" in str(exc)
+        and _free_bytes(folder) < FULL_DISK_BYTES
+    )
 
 
 def _free_bytes(folder: Path) -> float:
@@ -68,8 +72,9 @@ def _free_bytes(folder: Path) -> float:
         return float("inf")
 
 
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], *,
-                 text: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], *, text: bool = False
+) -> None:
     """Call `write_fn(file_object)` on a temporary file next to `path`, then move it onto `path`.
 
     text: open the temporary file in text mode (utf-8) instead of binary."""
@@ -79,7 +84,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], *,
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         mode = "w" if text else "wb"
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if text else {})) as f:
+        with os.fdopen(fd, mode, encoding="utf-8" if text else None) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -90,9 +95,12 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[Any]], Any], *,
         if os.path.exists(tmp):
             os.unlink(tmp)
         if full:
-            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} "
-                                        f"({free / 2**20:.0f} MiB free in {path.parent}); free "
-                                        f"space or choose another output_dir") from e
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing {path} "
+                f"({free / 2**20:.0f} MiB free in {path.parent}); free "
+                f"space or choose another output_dir",
+            ) from e
         raise
     _fsync_dir(path.parent)
 
@@ -104,11 +112,18 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir()
-             if p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)]
+    stale = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)
+    ]
     for p in stale:
         p.unlink()
     if stale:
-        logger.info("removed %d temporary file(s) left by an interrupted write in %s: %s",
-                    len(stale), folder, ", ".join(p.name for p in stale))
+        logger.info(
+            "removed %d temporary file(s) left by an interrupted write in %s: %s",
+            len(stale),
+            folder,
+            ", ".join(p.name for p in stale),
+        )
     return stale

@@ -8,6 +8,7 @@ AP3 [400, 8000), AP4 >= 8000.
 This module imports only numpy, so the evaluator (which stands alone) and the data package both
 read their thresholds from here.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -34,8 +35,9 @@ def frequency_from_counts(image_count: Sequence[float] | np.ndarray) -> list[str
 
     Accepts a list, a numpy array or a CPU torch tensor (anything ``np.asarray`` reads)."""
     counts = np.asarray(image_count, dtype=np.float64).reshape(-1)
-    groups = np.where(counts <= RARE_MAX_IMAGES, "r",
-                      np.where(counts <= COMMON_MAX_IMAGES, "c", "f"))
+    groups = np.where(
+        counts <= RARE_MAX_IMAGES, "r", np.where(counts <= COMMON_MAX_IMAGES, "c", "f")
+    )
     return groups.tolist()
 
 

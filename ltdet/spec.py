@@ -14,6 +14,7 @@ Context keywords (``num_classes``, ``stats``, ``in_features`` ...) are what the 
 the spec does not; a class takes the ones its ``from_config`` / ``__init__`` names, the others
 are dropped, so one call site serves every class of a table.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -21,8 +22,14 @@ import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["SpecError", "build_from_spec", "check_choice", "check_keys", "check_number",
-           "spec_keys"]
+__all__ = [
+    "SpecError",
+    "build_from_spec",
+    "check_choice",
+    "check_keys",
+    "check_number",
+    "spec_keys",
+]
 
 
 class SpecError(ValueError):
@@ -38,8 +45,10 @@ def check_choice(what: str, value: Any, choices: Iterable[Any]) -> None:
     """Raise SpecError unless ``value`` is one of ``choices``: ``what`` names the key."""
     choices = list(choices)
     if value not in choices:
-        raise SpecError(f"{what}: unknown value {value!r}{_closest(value, map(str, choices))}; "
-                        f"valid values: {sorted(map(str, choices))}")
+        raise SpecError(
+            f"{what}: unknown value {value!r}{_closest(value, map(str, choices))}; "
+            f"valid values: {sorted(map(str, choices))}"
+        )
 
 
 def check_keys(what: str, spec: Mapping[str, Any], valid: Iterable[str]) -> None:
@@ -47,12 +56,22 @@ def check_keys(what: str, spec: Mapping[str, Any], valid: Iterable[str]) -> None
     valid = set(valid) | {"type"}
     unknown = sorted(set(spec) - valid)
     if unknown:
-        raise SpecError(f"{what}: unknown key {unknown[0]!r}{_closest(unknown[0], valid)}; "
-                        f"valid keys: {sorted(valid - {'type'})}")
+        raise SpecError(
+            f"{what}: unknown key {unknown[0]!r}{_closest(unknown[0], valid)}; "
+            f"valid keys: {sorted(valid - {'type'})}"
+        )
 
 
-def check_number(what: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+def check_number(
+    what: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
     """Raise SpecError unless ``value`` is a finite number (an int if ``integer``) in the range
     ``[low, high]`` (``low_open`` / ``high_open``: the bound itself excluded)."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -64,17 +83,18 @@ def check_number(what: str, value: Any, *, low: float | None = None, high: float
     if too_low or too_high:
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        rng = f"{left}{lo}, {hi}{right}"
         raise SpecError(f"{what} must be in {rng}, got {value!r}")
 
 
-def _init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+def _init_parameters(cls: type[Any]) -> dict[str, inspect.Parameter]:
     target: Callable = cls.from_config if hasattr(cls, "from_config") else cls.__init__
     params = dict(inspect.signature(target).parameters)
     for skip in ("self", "cls", "spec"):
         params.pop(skip, None)
-    return {n: p for n, p in params.items()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
 def spec_keys(cls: type, context: Iterable[str] = ()) -> list[str]:
@@ -86,8 +106,13 @@ def spec_keys(cls: type, context: Iterable[str] = ()) -> list[str]:
     return [n for n in _init_parameters(cls) if n not in set(context)]
 
 
-def build_from_spec(table: Mapping[str, type], what: str, spec: Mapping[str, Any],
-                    default_type: str | None = None, **context: Any) -> Any:
+def build_from_spec(
+    table: Mapping[str, type],
+    what: str,
+    spec: Mapping[str, Any],
+    default_type: str | None = None,
+    **context: Any,
+) -> Any:
     """Build the component ``spec`` names from ``table`` (name -> class).
 
     ``spec["type"]`` picks the class (``default_type`` when absent); the other keys must be ones

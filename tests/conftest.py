@@ -6,6 +6,7 @@ lives in that folder's conftest.py. Helpers are exposed as factory fixtures (the
 the builder, called with the same arguments as before), so a test asks for `make_batch` and
 calls `make_batch(n=8)`.
 """
+
 import importlib.util
 import json
 import os
@@ -70,13 +71,28 @@ def _annotations(n_images, crowd=False):
         w, h = SIZES[i % len(SIZES)]
         for j in range(2):
             cat = CAT_IDS[(i + j) % len(CAT_IDS)]
-            anns.append({"id": k, "image_id": i + 1, "category_id": cat,
-                         "bbox": [2.0 + j, 3.0, w / 2.0, h / 3.0], "area": w * h / 6.0,
-                         "iscrowd": 0})
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": [2.0 + j, 3.0, w / 2.0, h / 3.0],
+                    "area": w * h / 6.0,
+                    "iscrowd": 0,
+                }
+            )
             k += 1
     if crowd:
-        anns.append({"id": k, "image_id": 1, "category_id": CAT_IDS[0],
-                     "bbox": [0.0, 0.0, 10.0, 10.0], "area": 100.0, "iscrowd": 1})
+        anns.append(
+            {
+                "id": k,
+                "image_id": 1,
+                "category_id": CAT_IDS[0],
+                "bbox": [0.0, 0.0, 10.0, 10.0],
+                "area": 100.0,
+                "iscrowd": 1,
+            }
+        )
     return anns
 
 
@@ -84,16 +100,40 @@ def _make_lvis(root, n_images=6, write=True):
     """LVIS v1 layout: image_root/train2017/<name>, images carry coco_url only."""
     root = str(root)
     os.makedirs(root, exist_ok=True)
-    names = _write_images(os.path.join(root, "train2017"), n_images) if write else [
-        f"{i + 1:012d}.jpg" for i in range(n_images)]
-    images = [{"id": i + 1, "width": SIZES[i % 4][0], "height": SIZES[i % 4][1],
-               "coco_url": f"http://images.cocodataset.org/train2017/{names[i]}",
-               "neg_category_ids": [CAT_IDS[2]], "not_exhaustive_category_ids": []}
-              for i in range(n_images)]
-    cats = [{"id": c, "name": f"class_{c}", "frequency": "r", "synset": f"s{c}",
-             "image_count": 0, "instance_count": 0} for c in CAT_IDS]
-    data = {"images": images, "annotations": _annotations(n_images), "categories": cats,
-            "info": {}, "licenses": []}
+    names = (
+        _write_images(os.path.join(root, "train2017"), n_images)
+        if write
+        else [f"{i + 1:012d}.jpg" for i in range(n_images)]
+    )
+    images = [
+        {
+            "id": i + 1,
+            "width": SIZES[i % 4][0],
+            "height": SIZES[i % 4][1],
+            "coco_url": f"http://images.cocodataset.org/train2017/{names[i]}",
+            "neg_category_ids": [CAT_IDS[2]],
+            "not_exhaustive_category_ids": [],
+        }
+        for i in range(n_images)
+    ]
+    cats = [
+        {
+            "id": c,
+            "name": f"class_{c}",
+            "frequency": "r",
+            "synset": f"s{c}",
+            "image_count": 0,
+            "instance_count": 0,
+        }
+        for c in CAT_IDS
+    ]
+    data = {
+        "images": images,
+        "annotations": _annotations(n_images),
+        "categories": cats,
+        "info": {},
+        "licenses": [],
+    }
     path = os.path.join(root, "lvis_train.json")
     with open(path, "w") as f:
         json.dump(data, f)
@@ -105,13 +145,17 @@ def _make_coco(root, n_images=6, write=True):
     root = str(root)
     os.makedirs(root, exist_ok=True)
     img_dir = os.path.join(root, "images")
-    names = _write_images(img_dir, n_images) if write else [f"{i + 1:012d}.jpg"
-                                                             for i in range(n_images)]
-    images = [{"id": i + 1, "width": SIZES[i % 4][0], "height": SIZES[i % 4][1],
-               "file_name": names[i]} for i in range(n_images)]
+    names = (
+        _write_images(img_dir, n_images)
+        if write
+        else [f"{i + 1:012d}.jpg" for i in range(n_images)]
+    )
+    images = [
+        {"id": i + 1, "width": SIZES[i % 4][0], "height": SIZES[i % 4][1], "file_name": names[i]}
+        for i in range(n_images)
+    ]
     cats = [{"id": c, "name": f"class_{c}", "supercategory": "x"} for c in CAT_IDS]
-    data = {"images": images, "annotations": _annotations(n_images, crowd=True),
-            "categories": cats}
+    data = {"images": images, "annotations": _annotations(n_images, crowd=True), "categories": cats}
     path = os.path.join(root, "coco_train.json")
     with open(path, "w") as f:
         json.dump(data, f)
@@ -147,19 +191,29 @@ def image_sizes():
 LOSS_NUM_CLASSES = 6
 
 
-def _make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=None,
-                num_images=500):
+def _make_stats(
+    image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=None, num_images=500
+):
     """ClassStats stand-in (index i = label i+1); the library only reads these attributes."""
     image_count = torch.tensor(image_count, dtype=torch.float32)
     if instance_count is None:
         instance_count = image_count * 3
-    return types.SimpleNamespace(image_count=image_count,
-                                 instance_count=torch.as_tensor(instance_count, dtype=torch.float32),
-                                 num_images=num_images, frequency=None)
+    return types.SimpleNamespace(
+        image_count=image_count,
+        instance_count=torch.as_tensor(instance_count, dtype=torch.float32),
+        num_images=num_images,
+        frequency=None,
+    )
 
 
-def _make_batch(n=12, num_classes=LOSS_NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5,
-                num_columns=None):
+def _make_batch(
+    n=12,
+    num_classes=LOSS_NUM_CLASSES,
+    seed=0,
+    dtype=torch.float64,
+    bg_fraction=0.5,
+    num_columns=None,
+):
     """Logits `[n, C+1]` (`[n, num_columns]`, e.g. a loss's `cls_channels`: seesaw's C+2;
     requires grad) and labels in [0, C] with ~bg_fraction background."""
     g = torch.Generator().manual_seed(seed)
@@ -252,13 +306,27 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("builder_name", list(BUILDERS))
 
 
-def _tiny_detector(name="fasterrcnn_mobilenet_v3_large_fpn", num_classes=TINY_NUM_CLASSES,
-                   size=TINY_IMAGE, freeze_backbone=True, **overrides):
+def _tiny_detector(
+    name="fasterrcnn_mobilenet_v3_large_fpn",
+    num_classes=TINY_NUM_CLASSES,
+    size=TINY_IMAGE,
+    freeze_backbone=True,
+    **overrides,
+):
     """A torchvision detector from its own builder, weights=None, sized for a 2-core CPU."""
-    kwargs = dict(weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=size,
-                  max_size=size, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
-                  rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_batch_size_per_image=16,
-                  box_detections_per_img=10)
+    kwargs = dict(
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes + 1,
+        min_size=size,
+        max_size=size,
+        rpn_pre_nms_top_n_train=100,
+        rpn_post_nms_top_n_train=50,
+        rpn_pre_nms_top_n_test=50,
+        rpn_post_nms_top_n_test=20,
+        box_batch_size_per_image=16,
+        box_detections_per_img=10,
+    )
     kwargs.update(overrides)
     model = BUILDERS[name](**kwargs)
     if freeze_backbone:
@@ -270,10 +338,18 @@ def _tiny_detector(name="fasterrcnn_mobilenet_v3_large_fpn", num_classes=TINY_NU
 def _detection_batch(size=TINY_IMAGE, masks=False, empty_second=True):
     """Two images: one with two boxes (labels 1 and 3), one without any (when empty_second)."""
     images = [torch.rand(3, size, size), torch.rand(3, size, size)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 36.0, 44.0], [24.0, 20.0, 60.0, 58.0]]),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.zeros(0, 4) if empty_second else torch.tensor([[10.0, 10.0, 50.0, 40.0]]),
-                "labels": torch.zeros(0, dtype=torch.int64) if empty_second else torch.tensor([2])}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 36.0, 44.0], [24.0, 20.0, 60.0, 58.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {
+            "boxes": torch.zeros(0, 4)
+            if empty_second
+            else torch.tensor([[10.0, 10.0, 50.0, 40.0]]),
+            "labels": torch.zeros(0, dtype=torch.int64) if empty_second else torch.tensor([2]),
+        },
+    ]
     if masks:
         for t in targets:
             m = torch.zeros(t["boxes"].shape[0], size, size, dtype=torch.uint8)
@@ -295,14 +371,28 @@ class BNBoxHead(nn.Module):
         return torch.relu(self.bn(self.fc(x.flatten(1))))
 
 
-def _tiny_roi_heads(num_classes=TINY_NUM_CLASSES, batch_size_per_image=16, positive_fraction=0.25,
-                    channels=8, representation=32, batchnorm=False, **kwargs):
+def _tiny_roi_heads(
+    num_classes=TINY_NUM_CLASSES,
+    batch_size_per_image=16,
+    positive_fraction=0.25,
+    channels=8,
+    representation=32,
+    batchnorm=False,
+    **kwargs,
+):
     """A torchvision RoIHeads on one feature map "0" of stride 4 (no backbone)."""
     pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
     head = (BNBoxHead if batchnorm else TwoMLPHead)(channels * 7 * 7, representation)
-    settings = dict(fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=batch_size_per_image,
-                    positive_fraction=positive_fraction, bbox_reg_weights=None, score_thresh=0.05,
-                    nms_thresh=0.5, detections_per_img=100)
+    settings = dict(
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=batch_size_per_image,
+        positive_fraction=positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=100,
+    )
     settings.update(kwargs)
     return RoIHeads(pool, head, FastRCNNPredictor(representation, num_classes + 1), **settings)
 
@@ -379,24 +469,49 @@ def tiny_data(tmp_path_factory):
     """A generated LVIS-format set: 8 training and 4 validation images, 3 classes, 64 px
     (read-only: a test that needs a changed json writes its own copy)."""
     root = tmp_path_factory.mktemp("tiny_lvis")
-    return make_synthetic_lvis(root, seed=0, num_train=8, num_val=4, num_classes=3, image_size=64,
-                               min_radius=6, max_radius=16, max_images_per_class=6,
-                               val_instances_per_class=2)
+    return make_synthetic_lvis(
+        root,
+        seed=0,
+        num_train=8,
+        num_val=4,
+        num_classes=3,
+        image_size=64,
+        min_radius=6,
+        max_radius=16,
+        max_images_per_class=6,
+        val_instances_per_class=2,
+    )
 
 
 def _tiny_opts(data, out):
     """A ResNet-18 FPN at 64 px with small RPN/RoI batches: ~1 s per iteration on one core."""
     return [
-        f"data.train.json={data['train_json']}", f"data.train.images={data['image_root']}",
-        f"data.val.json={data['val_json']}", f"data.val.images={data['image_root']}",
-        f"output_dir={out}", "device=cpu", "data.num_workers=0", "data.batch_size=2",
-        "data.min_size=[56, 64]", "data.max_size=96", "data.test_min_size=64",
-        "model.backbone=resnet18", "model.norm=bn", "model.trainable_backbone_layers=5",
-        "model.rpn.batch_size_per_image=32", "model.roi_heads.batch_size_per_image=32",
-        "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50",
-        "model.rpn.pre_nms_top_n_test=100", "model.rpn.post_nms_top_n_test=50",
-        "model.detections_per_img=20", "solver.lr=0.01", "solver.max_iter=4",
-        "solver.warmup_iters=2", "solver.steps=[3]", "solver.checkpoint_period=2",
+        f"data.train.json={data['train_json']}",
+        f"data.train.images={data['image_root']}",
+        f"data.val.json={data['val_json']}",
+        f"data.val.images={data['image_root']}",
+        f"output_dir={out}",
+        "device=cpu",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.min_size=[56, 64]",
+        "data.max_size=96",
+        "data.test_min_size=64",
+        "model.backbone=resnet18",
+        "model.norm=bn",
+        "model.trainable_backbone_layers=5",
+        "model.rpn.batch_size_per_image=32",
+        "model.roi_heads.batch_size_per_image=32",
+        "model.rpn.pre_nms_top_n_train=100",
+        "model.rpn.post_nms_top_n_train=50",
+        "model.rpn.pre_nms_top_n_test=100",
+        "model.rpn.post_nms_top_n_test=50",
+        "model.detections_per_img=20",
+        "solver.lr=0.01",
+        "solver.max_iter=4",
+        "solver.warmup_iters=2",
+        "solver.steps=[3]",
+        "solver.checkpoint_period=2",
         "solver.log_period=1",
     ]
 

@@ -1,5 +1,6 @@
 """The command-line tools end to end: tools/train.py (train, evaluate, report) and
 `evaluate_checkpoint`, tools/test.py's one-line config errors, tools/check_demo.py."""
+
 import json
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import pytest
 from ltdet.config import load_config, schema_path
 
 
-def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys, monkeypatch,
-                                                   load_tool, tiny_opts):
+def test_train_cli_outputs_and_evaluate_checkpoint(
+    tiny_data, tmp_path, capsys, monkeypatch, load_tool, tiny_opts
+):
     import ltdet.engine.logger
     from ltdet.engine.validation import evaluate_checkpoint
 
@@ -17,14 +19,29 @@ def test_train_cli_outputs_and_evaluate_checkpoint(tiny_data, tmp_path, capsys, 
     monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
     train = load_tool("train")
     out = tmp_path / "run"
-    argv = [str(schema_path()), "--no-progress", "--opts", *tiny_opts(tiny_data, out),
-            "solver.max_iter=2", "data.test_min_size=96", "data.max_size=128",
-            "data.mixup.enabled=true", "data.mixup.prob=1.0",  # mixup: part of the pipeline run
-            "solver.eval_period=1"]
+    argv = [
+        str(schema_path()),
+        "--no-progress",
+        "--opts",
+        *tiny_opts(tiny_data, out),
+        "solver.max_iter=2",
+        "data.test_min_size=96",
+        "data.max_size=128",
+        "data.mixup.enabled=true",
+        "data.mixup.prob=1.0",  # mixup: part of the pipeline run
+        "solver.eval_period=1",
+    ]
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
-    for f in ("config.yaml", "log.jsonl", "detections.json", "metrics.json", "per_class_ap.csv",
-              "ap_vs_frequency.png", "checkpoints/model_0000002.pth"):
+    for f in (
+        "config.yaml",
+        "log.jsonl",
+        "detections.json",
+        "metrics.json",
+        "per_class_ap.csv",
+        "ap_vs_frequency.png",
+        "checkpoints/model_0000002.pth",
+    ):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
@@ -66,8 +83,13 @@ def test_test_cli_reports_a_config_error_in_one_line(tmp_path, capsys, load_tool
 def test_check_demo_reads_the_bars_from_metrics_json(tmp_path, capsys, load_tool):
     check = load_tool("check_demo")
     good = {"AP50f": 0.62, "APr": 0.05, "APf": 0.40}
-    for metrics, code in ((good, 0), (dict(good, AP50f=0.49), 1), (dict(good, APr=0.21), 1),
-                          ({"AP": 0.1}, 1), (dict(good, APr=-1), 1)):
+    for metrics, code in (
+        (good, 0),
+        (dict(good, AP50f=0.49), 1),
+        (dict(good, APr=0.21), 1),
+        ({"AP": 0.1}, 1),
+        (dict(good, APr=-1), 1),
+    ):
         path = tmp_path / "metrics.json"
         path.write_text(json.dumps(metrics))
         assert check.main([str(path)]) == code, metrics

@@ -8,20 +8,30 @@ statistics the way EOD's backward hook does: `|dL/dz|` of the loss actually back
 (autograd on the reference), split by the one-hot targets, summed and clipped to [0, 1]. QFL
 overwrites the negatives' term at the positives as GFocal does; DFL takes the two cross-entropies
 per side as the authors do. ltdet's versions use closed-form gradients, so the gradient
-comparisons below also check those formulas.
+comparisons below also check those formulas. The RetinaNet part checks QFL's IoU targets, the
+distribution head's loss against GFL's `loss_single` and its integral decoding, images without
+boxes, TorchScript, and the synthetic / LVIS v1 configs against the authors' recipes.
 """
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torchvision.ops import box_iou
 
+from ltdet.config import load_config
+from ltdet.losses import build_loss
 from ltdet.losses.efl import EqualizedFocalLoss, EqualizedQualityFocalLoss
 from ltdet.losses.focal import FocalLoss
-from ltdet.losses.gfl import (DistributionFocalLoss, QualityFocalLoss, distribution_integral)
+from ltdet.losses.gfl import DistributionFocalLoss, QualityFocalLoss, distribution_integral
+from ltdet.models import build_detector
+from ltdet.models.build import build_torchvision_detector
+from ltdet.models.retinanet import (LTRetinaNet, LTRetinaNetDistributionHead, LTRetinaNetHead,
+                                    anchor_quality, decode_distribution, patch_retinanet)
 
 from _losses_fixtures import NUM_CLASSES, make_batch
 
@@ -88,7 +98,8 @@ def qfl_reference(z, labels, quality, beta=2.0):
     """GFocal's quality_focal_loss on the C foreground columns `[N, C]`."""
     x = z[:, 1:]
     p = torch.sigmoid(x)
-    loss = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * p.pow(beta)
+    loss = (F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+            * p.pow(beta))
     rows = []
     for i in range(x.shape[0]):
         row = list(loss[i])
@@ -107,8 +118,9 @@ def dfl_reference(pred, target):
         y = target[:, k]
         left = y.long()
         right = left + 1
-        sides.append(F.cross_entropy(pred[:, k], left, reduction="none") * (right.to(y.dtype) - y)
-                     + F.cross_entropy(pred[:, k], right, reduction="none") * (y - left.to(y.dtype)))
+        w_left, w_right = right.to(y.dtype) - y, y - left.to(y.dtype)
+        sides.append(F.cross_entropy(pred[:, k], left, reduction="none") * w_left
+                     + F.cross_entropy(pred[:, k], right, reduction="none") * w_right)
     return torch.stack(sides, dim=1).sum(dim=1) / 4
 
 
@@ -367,10 +379,10 @@ def test_dfl_matches_reference_values_and_gradients():
 def test_distribution_integral_decodes_the_expectation():
     n = 16
     logits = torch.full((3, 4, n + 1), -1e4, dtype=torch.float64)
-    for i, (k, v) in enumerate([(0, 0), (5, 5), (16, 16)]):
+    for i, k in enumerate([0, 5, 16]):
         logits[i, :, k] = 0.0
-    assert torch.allclose(distribution_integral(logits),
-                          torch.tensor([0.0, 5.0, 16.0], dtype=torch.float64).view(3, 1).expand(3, 4))
+    expected = torch.tensor([0.0, 5.0, 16.0], dtype=torch.float64).view(3, 1).expand(3, 4)
+    assert torch.allclose(distribution_integral(logits), expected)
     half = torch.full((1, 4, n + 1), -1e4, dtype=torch.float64)
     half[..., 3] = half[..., 4] = 0.0  # equal mass on 3 and 4
     assert torch.allclose(distribution_integral(half), torch.full((1, 4), 3.5, dtype=torch.float64))
@@ -452,14 +464,6 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path):
 
 
 # ---------------------------------------------------------------- RetinaNet: QFL targets, DFL head
-
-from torchvision.ops import box_iou  # noqa: E402
-
-from ltdet.losses import build_loss  # noqa: E402
-from ltdet.models.build import build_torchvision_detector  # noqa: E402
-from ltdet.models.retinanet import (LTRetinaNet, LTRetinaNetDistributionHead,  # noqa: E402
-                                    LTRetinaNetHead, anchor_quality, decode_distribution,
-                                    patch_retinanet)
 
 RC = 3  # RetinaNet foreground classes
 GFL = dict(cls_loss={"type": "qfl"}, box_loss={"type": "giou", "loss_weight": 2.0},
@@ -614,11 +618,6 @@ def test_dfl_options_are_validated():
 
 
 # ---------------------------------------------------------------- configs
-
-from pathlib import Path  # noqa: E402
-
-from ltdet.config import load_config  # noqa: E402
-from ltdet.models import build_detector  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,22 +17,23 @@ Each reference below is an independent re-statement of the authors' code (not of
 - Label-aware smoothing: dvlab-research/MiSLAS, methods.py `LabelAwareSmoothing.__init__`.
 - avg_factor with reduction "sum": mmdetection, mmdet/models/losses/utils.py `weight_reduce_loss`.
 """
+
 import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from ltdet.data.samplers import DATA_SAMPLER_KEYS
 from ltdet.data import LVISDetection, RepeatFactorSampler, build_train_sampler, repeat_factors
+from ltdet.data.samplers import DATA_SAMPLER_KEYS
 from ltdet.imbalance.las_factors import label_aware_smoothing
 from ltdet.imbalance.lds import RoILDS
 from ltdet.losses import LOSSES, build_loss
 from ltdet.models.classifiers import tau_normalize
 from ltdet.models.roi_heads import LTRoIHeads
 from ltdet.models.roi_samplers import RoISamples
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 C = 5  # foreground classes of `_stage1_predictor` (the tau-norm tests)
 
@@ -40,6 +41,7 @@ C = 5  # foreground classes of `_stage1_predictor` (the tau-norm tests)
 # =============================================================================================
 # 3. CARL (PISA): loss_bbox unweighted + loss_carl, mmdetection's carl_loss / PISARoIHead
 # =============================================================================================
+
 
 def _mm_smooth_l1(pred, target, beta):
     """mmdetection's smooth_l1_loss, element-wise (mmdet/models/losses/smooth_l1_loss.py)."""
@@ -85,11 +87,14 @@ def _to_mmdet_layout(logits, box_regression, labels):
 @pytest.fixture
 def carl_head(tiny_roi_heads):
     """`carl_head(**sampler)`: a PISA head on `tiny_roi_heads()` with CARL, in train mode."""
+
     def _carl_head(**sampler):
         # mmdetection's PISA Faster R-CNN config: SmoothL1Loss(beta=1.0), carl=dict(k=1, bias=0.2)
         cfg = {"type": "pisa", "k": 1.0, "bias": 0.2, "isr_p": False, "isr_n": False, **sampler}
-        return LTRoIHeads.from_roi_heads(tiny_roi_heads(), sampler=cfg,
-                                         box_loss={"type": "smooth_l1", "beta": 1.0}).train()
+        return LTRoIHeads.from_roi_heads(
+            tiny_roi_heads(), sampler=cfg, box_loss={"type": "smooth_l1", "beta": 1.0}
+        ).train()
+
     return _carl_head
 
 
@@ -100,10 +105,15 @@ def _carl_samples(seed=0):
     proposals = [torch.rand(len(x), 4, generator=g, dtype=torch.float64) for x in labels]
     targets = [torch.randn(len(x), 4, generator=g, dtype=torch.float64) for x in labels]
     zeros = [torch.zeros(len(x), dtype=torch.long) for x in labels]
-    return RoISamples(proposals=proposals, labels=labels, matched_idxs=zeros,
-                      ious=[torch.rand(len(x), generator=g, dtype=torch.float64) for x in labels],
-                      regression_targets=targets, matched_gt_boxes=proposals,
-                      gt_boxes=[torch.rand(1, 4, dtype=torch.float64)] * 2)
+    return RoISamples(
+        proposals=proposals,
+        labels=labels,
+        matched_idxs=zeros,
+        ious=[torch.rand(len(x), generator=g, dtype=torch.float64) for x in labels],
+        regression_targets=targets,
+        matched_gt_boxes=proposals,
+        gt_boxes=[torch.rand(1, 4, dtype=torch.float64)] * 2,
+    )
 
 
 def test_carl_is_added_to_the_unweighted_box_loss_like_mmdetection(carl_head, tiny_num_classes):
@@ -126,14 +136,16 @@ def test_carl_is_added_to_the_unweighted_box_loss_like_mmdetection(carl_head, ti
     torch.testing.assert_close(losses["loss_box_reg"], ref_bbox, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(losses["loss_carl"], ref_carl, rtol=1e-12, atol=1e-12)
     # gradients of the box part of the objective (loss_bbox + loss_carl) into both branches
-    ours = torch.autograd.grad(losses["loss_box_reg"] + losses["loss_carl"], (logits, deltas),
-                               retain_graph=True)
+    ours = torch.autograd.grad(
+        losses["loss_box_reg"] + losses["loss_carl"], (logits, deltas), retain_graph=True
+    )
     theirs = torch.autograd.grad(ref_bbox + ref_carl, (logits, deltas))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # the unweighted box loss sends nothing into the classifier; CARL does
-    (g_cls,) = torch.autograd.grad(losses["loss_box_reg"], logits, retain_graph=True,
-                                   allow_unused=True)
+    (g_cls,) = torch.autograd.grad(
+        losses["loss_box_reg"], logits, retain_graph=True, allow_unused=True
+    )
     assert g_cls is None or g_cls.abs().sum() == 0
     assert torch.autograd.grad(losses["loss_carl"], logits)[0].abs().sum() > 0
 
@@ -153,6 +165,7 @@ def test_carl_key_present_in_every_step_and_absent_when_disabled(carl_head, head
 # 4. LDS: sqrt of the bin counts, then smoothing, then inverse; scaled to mean 1 over samples
 # =============================================================================================
 
+
 def _authors_kernel(kind, ks, sigma):
     """get_lds_kernel_window: triang = scipy.signal.windows.triang(ks); laplace =
     exp(-|x|/sigma)/(2 sigma) / its max; gaussian = scipy's gaussian_filter1d of a delta
@@ -168,20 +181,23 @@ def _authors_kernel(kind, ks, sigma):
         lap = np.exp(-np.abs(x) / sigma) / (2.0 * sigma)
         return lap / lap.max()
     r = int(4 * sigma + 0.5)
-    taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+    taps = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
     delta = np.zeros(ks)
     delta[half] = 1.0
     g = np.correlate(np.pad(delta, r, mode="symmetric"), taps / taps.sum(), "valid")
     return g / g.max()
 
 
-@pytest.mark.parametrize("ks,sigma,golden", [
-    # scipy.ndimage.gaussian_filter1d(delta, sigma) / max, computed with scipy 1.x
-    (5, 2.0, [0.8583, 0.9458, 1.0, 0.9458, 0.8583]),
-    (5, 1.0, [0.1464, 0.6069, 1.0, 0.6069, 0.1464]),
-    (7, 3.0, [0.9039, 0.9382, 0.9809, 1.0, 0.9809, 0.9382, 0.9039]),
-    (3, 0.5, [0.1357, 1.0, 0.1357]),
-])
+@pytest.mark.parametrize(
+    "ks,sigma,golden",
+    [
+        # scipy.ndimage.gaussian_filter1d(delta, sigma) / max, computed with scipy 1.x
+        (5, 2.0, [0.8583, 0.9458, 1.0, 0.9458, 0.8583]),
+        (5, 1.0, [0.1464, 0.6069, 1.0, 0.6069, 0.1464]),
+        (7, 3.0, [0.9039, 0.9382, 0.9809, 1.0, 0.9809, 0.9382, 0.9039]),
+        (3, 0.5, [0.1357, 1.0, 0.1357]),
+    ],
+)
 def test_lds_gaussian_window_is_scipys(ks, sigma, golden):
     from ltdet.imbalance.lds import smoothing_kernel
 
@@ -199,7 +215,7 @@ def _convolve1d_constant(values, window):
     """scipy.ndimage.convolve1d(values, window, mode='constant') for a symmetric odd window."""
     half = (len(window) - 1) // 2
     padded = np.concatenate([np.zeros(half), values, np.zeros(half)])
-    return np.array([np.dot(padded[i:i + len(window)], window[::-1]) for i in range(len(values))])
+    return np.array([np.dot(padded[i : i + len(window)], window[::-1]) for i in range(len(values))])
 
 
 def _authors_lds_weights(bin_of_sample, num_bins, reweight, kernel, ks=5, sigma=2.0):
@@ -210,8 +226,9 @@ def _authors_lds_weights(bin_of_sample, num_bins, reweight, kernel, ks=5, sigma=
     if reweight == "sqrt_inv":
         value_dict = {k: np.sqrt(v) for k, v in value_dict.items()}
     window = _authors_kernel(kernel, ks, sigma)
-    smoothed = _convolve1d_constant(np.asarray([v for _, v in value_dict.items()], dtype=np.float64),
-                                    window)
+    smoothed = _convolve1d_constant(
+        np.asarray([v for _, v in value_dict.items()], dtype=np.float64), window
+    )
     num_per_label = [smoothed[int(b)] for b in bin_of_sample]
     weights = [1.0 / x for x in num_per_label]
     scaling = len(weights) / np.sum(weights)
@@ -228,7 +245,9 @@ def _skewed_ious(n, seed):
 @pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
 def test_lds_weights_equal_the_authors_prepare_weights_over_several_steps(kernel, reweight):
     bins = 50
-    lds = RoILDS(bins=bins, lo=0.5, hi=1.0, kernel=kernel, ks=5, sigma=2.0, reweight=reweight).train()
+    lds = RoILDS(
+        bins=bins, lo=0.5, hi=1.0, kernel=kernel, ks=5, sigma=2.0, reweight=reweight
+    ).train()
     np.testing.assert_allclose(lds.kernel.numpy(), _authors_kernel(kernel, 5, 2.0), rtol=1e-6)
     seen = []
     for step in range(3):  # the histogram is state: the weights are those of all samples so far
@@ -247,6 +266,7 @@ def test_lds_weights_equal_the_authors_prepare_weights_over_several_steps(kernel
 # 5. tau-norm: w / ||w||^tau without the bias, tau in linspace(0, 2, 21)
 # =============================================================================================
 
+
 def _authors_pnorm(weights, p):
     norm_b = torch.norm(weights, 2, 1)
     ws = weights.clone()
@@ -259,8 +279,10 @@ def _stage1_predictor(d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = FastRCNNPredictor(d, C + 1).double()
     with torch.no_grad():
-        p.cls_score.weight.copy_(torch.randn(C + 1, d, generator=g, dtype=torch.float64)
-                                 * torch.logspace(0, -1, C + 1, dtype=torch.float64)[:, None])
+        p.cls_score.weight.copy_(
+            torch.randn(C + 1, d, generator=g, dtype=torch.float64)
+            * torch.logspace(0, -1, C + 1, dtype=torch.float64)[:, None]
+        )
         p.cls_score.bias.copy_(torch.randn(C + 1, generator=g, dtype=torch.float64))
     return p
 
@@ -278,8 +300,9 @@ def test_tau_norm_scores_like_the_authors_without_bias(tau):
     ours = p(x)[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     r = torch.randn_like(ours)
-    torch.testing.assert_close(torch.autograd.grad((ours * r).sum(), x)[0],
-                               torch.autograd.grad((theirs * r).sum(), x)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad((ours * r).sum(), x)[0], torch.autograd.grad((theirs * r).sum(), x)[0]
+    )
 
     # default: foreground columns are the authors'; background row 0 stays stage 1's (w and b)
     p = _stage1_predictor()
@@ -326,6 +349,7 @@ def test_tau_keep_bias_config_key_and_sweep_default():
 # 6a. Repeat-factor sampling: f_c over annotated images (detectron2), linear option
 # =============================================================================================
 
+
 def _lvis_like(n_images=300, n_classes=20, seed=0, empty_every=7):
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n_classes + 1) ** 1.5
@@ -336,11 +360,22 @@ def _lvis_like(n_images=300, n_classes=20, seed=0, empty_every=7):
         if i % empty_every == 0:
             continue
         for c in rng.choice(n_classes, rng.integers(1, 5), p=p):
-            anns.append({"id": k, "image_id": i, "category_id": int(c) + 1,
-                         "bbox": [1.0, 1.0, 5.0, 6.0], "area": 30.0, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": i,
+                    "category_id": int(c) + 1,
+                    "bbox": [1.0, 1.0, 5.0, 6.0],
+                    "area": 30.0,
+                    "iscrowd": 0,
+                }
+            )
             k += 1
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(n_classes)]}
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c + 1, "name": f"c{c}"} for c in range(n_classes)],
+    }
 
 
 def _detectron2_repeat_factors(data, repeat_thresh, sqrt=True):
@@ -349,18 +384,25 @@ def _detectron2_repeat_factors(data, repeat_thresh, sqrt=True):
     by_image = {im["id"]: [] for im in data["images"]}
     for a in data["annotations"]:
         by_image[a["image_id"]].append(a)
-    dataset_dicts = [{"image_id": i, "annotations": by_image[i]} for i in sorted(by_image)
-                     if any(a.get("iscrowd", 0) == 0 for a in by_image[i])]
+    dataset_dicts = [
+        {"image_id": i, "annotations": by_image[i]}
+        for i in sorted(by_image)
+        if any(a.get("iscrowd", 0) == 0 for a in by_image[i])
+    ]
     category_freq = {}
     for d in dataset_dicts:
         for cat_id in {a["category_id"] for a in d["annotations"]}:
             category_freq[cat_id] = category_freq.get(cat_id, 0) + 1
     num_images = len(dataset_dicts)
     category_freq = {k: v / num_images for k, v in category_freq.items()}
-    category_rep = {c: max(1.0, math.sqrt(repeat_thresh / f) if sqrt else repeat_thresh / f)
-                    for c, f in category_freq.items()}
-    return {d["image_id"]: max({category_rep[a["category_id"]] for a in d["annotations"]},
-                               default=1.0) for d in dataset_dicts}
+    category_rep = {
+        c: max(1.0, math.sqrt(repeat_thresh / f) if sqrt else repeat_thresh / f)
+        for c, f in category_freq.items()
+    }
+    return {
+        d["image_id"]: max({category_rep[a["category_id"]] for a in d["annotations"]}, default=1.0)
+        for d in dataset_dicts
+    }
 
 
 @pytest.mark.parametrize("sqrt", [True, False])
@@ -384,13 +426,20 @@ def test_rfs_sqrt_option_through_the_config_and_the_checker(tmp_path):
     ds = LVISDetection(data, str(tmp_path))
     cfg = {"batch_size": 2, "aspect_ratio_grouping": False}
     for sqrt in (True, False):
-        bs = build_train_sampler({**cfg, "sampler": {"type": "repeat_factor", "threshold": 0.3,
-                                                     "sqrt": sqrt}}, ds, 1, 0, seed=0)
+        bs = build_train_sampler(
+            {**cfg, "sampler": {"type": "repeat_factor", "threshold": 0.3, "sqrt": sqrt}},
+            ds,
+            1,
+            0,
+            seed=0,
+        )
         assert torch.allclose(bs.sampler.repeat_factors, repeat_factors(ds, 0.3, sqrt=sqrt))
     linear = repeat_factors(ds, 0.3, sqrt=False)
     assert (linear > repeat_factors(ds, 0.3)).any()
     with pytest.raises(ValueError, match="sqrt"):
-        build_train_sampler({**cfg, "sampler": {"type": "repeat_factor", "sqrt": "yes"}}, ds, 1, 0, 0)
+        build_train_sampler(
+            {**cfg, "sampler": {"type": "repeat_factor", "sqrt": "yes"}}, ds, 1, 0, 0
+        )
     # stochastic rounding per epoch (detectron2's _get_epoch_indices), not ceil(r) copies
     sampler = RepeatFactorSampler(linear, seed=0)
     counts = []
@@ -408,34 +457,52 @@ def test_rfs_sqrt_option_through_the_config_and_the_checker(tmp_path):
 # 6b. Label-aware smoothing: MiSLAS's four shapes, 'exp' with a power
 # =============================================================================================
 
+
 def _mislas_smooth(cls_num_list, smooth_head, smooth_tail, shape, power=None):
     n = np.array(cls_num_list, dtype=np.float64)
     n_1, n_k = n.max(), n.min()
     if shape == "concave":
-        return smooth_tail + (smooth_head - smooth_tail) * np.sin((n - n_k) * np.pi / (2 * (n_1 - n_k)))
+        return smooth_tail + (smooth_head - smooth_tail) * np.sin(
+            (n - n_k) * np.pi / (2 * (n_1 - n_k))
+        )
     if shape == "linear":
         return smooth_tail + (smooth_head - smooth_tail) * (n - n_k) / (n_1 - n_k)
     if shape == "convex":
         return smooth_head + (smooth_head - smooth_tail) * np.sin(
-            1.5 * np.pi + (n - n_k) * np.pi / (2 * (n_1 - n_k)))
+            1.5 * np.pi + (n - n_k) * np.pi / (2 * (n_1 - n_k))
+        )
     assert shape == "exp" and power is not None
     return smooth_tail + (smooth_head - smooth_tail) * np.power((n - n_k) / (n_1 - n_k), power)
 
 
-@pytest.mark.parametrize("shape,power", [("concave", None), ("linear", None), ("convex", None),
-                                         ("exp", 0.5), ("exp", 2.0), ("exp", 3.0)])
+@pytest.mark.parametrize(
+    "shape,power",
+    [
+        ("concave", None),
+        ("linear", None),
+        ("convex", None),
+        ("exp", 0.5),
+        ("exp", 2.0),
+        ("exp", 3.0),
+    ],
+)
 def test_label_aware_smoothing_factors_equal_mislas(shape, power):
     counts = [1200.0, 800.0, 310.0, 90.0, 40.0, 7.0, 3.0]
-    got = label_aware_smoothing(torch.tensor(counts, dtype=torch.float64), 0.4, 0.1, shape,
-                                power=power)
-    np.testing.assert_allclose(got.numpy(), _mislas_smooth(counts, 0.4, 0.1, shape, power),
-                               rtol=1e-12, atol=1e-15)
+    got = label_aware_smoothing(
+        torch.tensor(counts, dtype=torch.float64), 0.4, 0.1, shape, power=power
+    )
+    np.testing.assert_allclose(
+        got.numpy(), _mislas_smooth(counts, 0.4, 0.1, shape, power), rtol=1e-12, atol=1e-15
+    )
 
 
 def test_las_loss_exp_shape_value_and_gradient(make_batch, make_stats):
     stats = make_stats(instance_count=(1200.0, 800.0, 310.0, 90.0, 7.0, 3.0))
-    loss = build_loss({"type": "las", "shape": "exp", "power": 2.0, "eps_head": 0.4,
-                       "eps_tail": 0.1}, num_classes=6, stats=stats).double()
+    loss = build_loss(
+        {"type": "las", "shape": "exp", "power": 2.0, "eps_head": 0.4, "eps_tail": 0.1},
+        num_classes=6,
+        stats=stats,
+    ).double()
     logits, labels = make_batch(n=12, num_classes=6)
     eps_fg = _mislas_smooth(stats.instance_count.tolist(), 0.4, 0.1, "exp", 2.0)
     eps = torch.tensor([0.4] + list(eps_fg), dtype=torch.float64)  # background: eps_head
@@ -448,8 +515,12 @@ def test_las_loss_exp_shape_value_and_gradient(make_batch, make_stats):
     ref = -(target * logits.log_softmax(1)).sum(1).mean()
     value = loss(logits, labels)
     torch.testing.assert_close(value, ref, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(torch.autograd.grad(value, logits)[0],
-                               torch.autograd.grad(ref, logits)[0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        torch.autograd.grad(value, logits)[0],
+        torch.autograd.grad(ref, logits)[0],
+        rtol=1e-6,
+        atol=1e-9,
+    )
     with pytest.raises(ValueError, match="power"):
         build_loss({"type": "las", "shape": "exp"}, num_classes=6, stats=stats)
     with pytest.raises(ValueError, match="power"):
@@ -460,13 +531,15 @@ def test_las_loss_exp_shape_value_and_gradient(make_batch, make_stats):
 # 6c. avg_factor with reduction "sum" is an error (mmdetection's weight_reduce_loss)
 # =============================================================================================
 
+
 def _accepts_avg_factor(cls):
     return "avg_factor" in inspect.signature(cls.forward).parameters
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in LOSSES.items() if _accepts_avg_factor(cls)))
-def test_avg_factor_with_sum_raises_for_every_loss(name, make_batch, make_boxes, make_deltas,
-                                                   make_stats, regression_losses):
+def test_avg_factor_with_sum_raises_for_every_loss(
+    name, make_batch, make_boxes, make_deltas, make_stats, regression_losses
+):
     loss = build_loss({"type": name}, num_classes=6, stats=make_stats()).double().eval()
     if name == "dfl":  # side distributions [P, 4, reg_max + 1], distances [P, 4]
         x = torch.randn(9, 4, loss.reg_max + 1, dtype=torch.float64).requires_grad_(True)

@@ -13,6 +13,7 @@ Sources (read for these tests):
   tztztztztz/eqlv2 (the EQLv2 numbers) configs/_base_/models/mask_rcnn_r50_fpn.py: L1Loss,
   rpn_proposal max_num 1000; mmdet/datasets/custom.py filter_empty_gt=True outside test mode.
 """
+
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,9 @@ from ltdet.engine.loaders import build_datasets
 ROOT = Path(__file__).resolve().parent.parent
 #: the Faster R-CNN recipe; the RetinaNet configs (EFL, GFL) follow their authors' recipes,
 #: checked in tests/test_efl_gfl.py
-LVIS_CONFIGS = sorted(p for p in (ROOT / "configs" / "lvis_v1").glob("*.yaml")
-                      if not p.stem.startswith("retinanet"))
+LVIS_CONFIGS = sorted(
+    p for p in (ROOT / "configs" / "lvis_v1").glob("*.yaml") if not p.stem.startswith("retinanet")
+)
 
 
 def test_every_lvis_config_is_checked():
@@ -37,10 +39,10 @@ def test_lvis_v1_config_follows_the_published_recipe(path):
     cfg = load_config(path)
     model, data = cfg["model"], cfg["data"]
     assert model["rpn"]["pre_nms_top_n_train"] == 2000
-    assert model["rpn"]["post_nms_top_n_train"] == 1000   # torchvision's default is 2000
+    assert model["rpn"]["post_nms_top_n_train"] == 1000  # torchvision's default is 2000
     assert model["rpn"]["pre_nms_top_n_test"] == 1000
     assert model["rpn"]["post_nms_top_n_test"] == 1000
-    assert model["box_loss"] == {"type": "l1"}             # torchvision's: smooth L1, beta 1/9
+    assert model["box_loss"] == {"type": "l1"}  # torchvision's: smooth L1, beta 1/9
     assert data["filter_empty"] is True
     assert model["roi_heads"]["batch_size_per_image"] == 512
     assert model["roi_heads"]["positive_fraction"] == 0.25
@@ -55,8 +57,10 @@ def test_lvis_recipe_reaches_the_torchvision_modules():
     from ltdet.losses.smooth_l1 import L1Loss
     from ltdet.models import build_detector
 
-    cfg = load_config(ROOT / "configs" / "lvis_v1" / "faster_rcnn_r50_fpn_1x.yaml",
-                      ["model.weights_backbone=null"])
+    cfg = load_config(
+        ROOT / "configs" / "lvis_v1" / "faster_rcnn_r50_fpn_1x.yaml",
+        ["model.weights_backbone=null"],
+    )
     model = build_detector(cfg, 1203)
     assert model.rpn._pre_nms_top_n == {"training": 2000, "testing": 1000}
     assert model.rpn._post_nms_top_n == {"training": 1000, "testing": 1000}
@@ -74,8 +78,7 @@ def test_filter_empty_drops_annotation_less_training_images_only(tmp_path, filte
     path, root, data = make_lvis(tmp_path)  # 6 images, the last one without annotations
     assert not any(a["image_id"] == 6 for a in data["annotations"])
     paths = {"train_json": path, "train_images": root, "val_json": path, "val_images": root}
-    cfg = load_config(schema_path(),
-                      [f"data.filter_empty={str(filter_empty).lower()}"])
+    cfg = load_config(schema_path(), [f"data.filter_empty={str(filter_empty).lower()}"])
     train_ds, val_ds = build_datasets(cfg, paths)
     expected = [1, 2, 3, 4, 5] if filter_empty else [1, 2, 3, 4, 5, 6]
     assert train_ds.image_ids == expected

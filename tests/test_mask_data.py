@@ -1,5 +1,6 @@
 """Instance masks in the data pipeline: read from LVIS / COCO json as `lvis` decodes them, moved by
 every transform exactly with the image and its boxes, refused with a useful error when bad."""
+
 import json
 import logging
 
@@ -66,9 +67,14 @@ def test_masks_decode_exactly_as_lvis_ann_to_mask(lvis_masks):
         assert masks.dtype == torch.uint8 and masks.shape[0] == len(ann_ids)
         for m, ann_id in zip(masks, ann_ids):
             ann = ref.anns[ann_id]
-            seen.add(type(ann["segmentation"]).__name__ + str(
-                type(ann["segmentation"].get("counts")).__name__
-                if isinstance(ann["segmentation"], dict) else ""))
+            seen.add(
+                type(ann["segmentation"]).__name__
+                + str(
+                    type(ann["segmentation"].get("counts")).__name__
+                    if isinstance(ann["segmentation"], dict)
+                    else ""
+                )
+            )
             assert np.array_equal(m.numpy(), ref.ann_to_mask(ann))
     assert len(seen) == 3  # polygons, uncompressed and compressed RLE all met
     image, target = ds[0]
@@ -101,12 +107,18 @@ def _decoded_sample(lvis_masks, i=0):
     image = ds.load_image(i)
     a, b = ds.annotations.ann_offsets[i], ds.annotations.ann_offsets[i + 1]
     ref = LVIS(path)
-    masks = torch.from_numpy(np.stack([ref.ann_to_mask(ref.anns[k])
-                                       for k in ds.annotations.ann_ids[a:b].tolist()]))
+    masks = torch.from_numpy(
+        np.stack([ref.ann_to_mask(ref.anns[k]) for k in ds.annotations.ann_ids[a:b].tolist()])
+    )
     xywh = torch.tensor([ref.anns[k]["bbox"] for k in ds.annotations.ann_ids[a:b].tolist()])
     boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1).float()
-    return image, {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64),
-                   "masks": masks, "scale": 1.0, "flipped": False}
+    return image, {
+        "boxes": boxes,
+        "labels": torch.ones(len(boxes), dtype=torch.int64),
+        "masks": masks,
+        "scale": 1.0,
+        "flipped": False,
+    }
 
 
 def test_resize_moves_masks_by_nearest_neighbour(lvis_masks):
@@ -156,8 +168,9 @@ def test_flip_mirrors_masks_with_the_boxes_and_twice_is_the_identity(lvis_masks)
     target = {**target, "boxes": _mask_boxes(target["masks"])}
     flip = RandomHorizontalFlip(1.0)
     out_image, out = flip(image, target)
-    assert torch.equal(out["masks"], torch.from_numpy(
-        np.ascontiguousarray(target["masks"].numpy()[:, :, ::-1])))
+    assert torch.equal(
+        out["masks"], torch.from_numpy(np.ascontiguousarray(target["masks"].numpy()[:, :, ::-1]))
+    )
     assert torch.equal(_mask_boxes(out["masks"]), out["boxes"])
     back_image, back = flip(out_image, out)
     assert torch.equal(back["masks"], target["masks"]) and np.array_equal(back_image, image)
@@ -168,8 +181,12 @@ def test_dataset_transforms_and_to_tensor_keep_masks_aligned(lvis_masks):
     path, root, _ = lvis_masks
     from ltdet.data.transforms import Compose
 
-    ds = build_dataset(path, root, masks=True, transforms=Compose([
-        ResizeShortestEdge(96, 200), RandomHorizontalFlip(1.0), ToTensor()]))
+    ds = build_dataset(
+        path,
+        root,
+        masks=True,
+        transforms=Compose([ResizeShortestEdge(96, 200), RandomHorizontalFlip(1.0), ToTensor()]),
+    )
     image, target = ds[0]
     assert target["masks"].shape[1:] == image.shape[1:]
     assert target["flipped"]
@@ -180,20 +197,25 @@ def test_mixup_pads_and_concatenates_masks():
     b = torch.rand(3, 14, 8)
     ma = (torch.rand(2, 10, 12) > 0.5).to(torch.uint8)
     mb = (torch.rand(1, 14, 8) > 0.5).to(torch.uint8)
-    ta = {"boxes": torch.tensor([[0., 0, 5, 5], [1, 1, 6, 6]]), "labels": torch.tensor([1, 2]),
-          "masks": ma}
-    tb = {"boxes": torch.tensor([[0., 0, 4, 4]]), "labels": torch.tensor([3]), "masks": mb}
-    images, targets = mixup_detection([a, b], [ta, tb], prob=1.0,
-                                      generator=torch.Generator().manual_seed(0))
+    ta = {
+        "boxes": torch.tensor([[0.0, 0, 5, 5], [1, 1, 6, 6]]),
+        "labels": torch.tensor([1, 2]),
+        "masks": ma,
+    }
+    tb = {"boxes": torch.tensor([[0.0, 0, 4, 4]]), "labels": torch.tensor([3]), "masks": mb}
+    images, targets = mixup_detection(
+        [a, b], [ta, tb], prob=1.0, generator=torch.Generator().manual_seed(0)
+    )
     for image, t, own, other in zip(images, targets, (ma, mb), (mb, ma)):
         h, w = image.shape[-2:]
         assert (h, w) == (14, 12)
         assert t["masks"].shape == (3, h, w) and t["masks"].dtype == torch.uint8
         assert len(t["masks"]) == len(t["boxes"]) == len(t["labels"])
         n = own.shape[0]
-        assert torch.equal(t["masks"][:n, :own.shape[1], :own.shape[2]], own)
-        assert torch.equal(t["masks"][n:, :other.shape[1], :other.shape[2]], other)
-        assert t["masks"][:n, own.shape[1]:].sum() == 0 and t["masks"][:n, :, own.shape[2]:].sum() == 0
+        assert torch.equal(t["masks"][:n, : own.shape[1], : own.shape[2]], own)
+        assert torch.equal(t["masks"][n:, : other.shape[1], : other.shape[2]], other)
+        assert t["masks"][:n, own.shape[1] :].sum() == 0
+        assert t["masks"][:n, :, own.shape[2] :].sum() == 0
 
 
 def test_mixup_refuses_a_batch_with_masks_on_some_images_only():
@@ -205,30 +227,35 @@ def test_mixup_refuses_a_batch_with_masks_on_some_images_only():
 def test_empty_image_has_zero_masks():
     masks = decode_masks([], 5, 7)
     assert masks.shape == (0, 5, 7)
-    _, out = ResizeShortestEdge(14, 100)(np.zeros((5, 7, 3), np.uint8),
-                                         {"boxes": torch.zeros(0, 4), "masks": masks})
+    _, out = ResizeShortestEdge(14, 100)(
+        np.zeros((5, 7, 3), np.uint8), {"boxes": torch.zeros(0, 4), "masks": masks}
+    )
     assert out["masks"].shape == (0, 14, 20)
-    _, out = RandomHorizontalFlip(1.0)(np.zeros((5, 7, 3), np.uint8),
-                                       {"boxes": torch.zeros(0, 4), "masks": masks})
+    _, out = RandomHorizontalFlip(1.0)(
+        np.zeros((5, 7, 3), np.uint8), {"boxes": torch.zeros(0, 4), "masks": masks}
+    )
     assert out["masks"].shape == (0, 5, 7)
 
 
 # -- bad input ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("seg, why", [
-    ([[1.0, 2.0, 3.0, 4.0, 5.0]], "coordinates"),
-    ([[1.0, 2.0, 3.0, 4.0]], "coordinates"),
-    ([], "empty polygon"),
-    ([[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]], "non-finite"),
-    ([[1.0, 2.0, "x", 4.0, 5.0, 6.0]], "non-numeric"),
-    ({"size": [10, 12], "counts": [120]}, "differs from its image"),
-    ({"size": [4, 5], "counts": [3, 4]}, "add up to 7"),
-    ({"size": [4, 5], "counts": [3, -1, 18]}, "non-negative"),
-    ({"size": [4, 5], "counts": "\x01\x02"}, "not a pycocotools RLE string"),
-    ({"size": [4, 5], "counts": "3"}, "add up to 3"),
-    ({"size": [4, 5], "counts": 7}, "not a string"),
-    ({"counts": "3"}, "neither a polygon"),
-    (None, "no 'segmentation'"),
-])
+@pytest.mark.parametrize(
+    "seg, why",
+    [
+        ([[1.0, 2.0, 3.0, 4.0, 5.0]], "coordinates"),
+        ([[1.0, 2.0, 3.0, 4.0]], "coordinates"),
+        ([], "empty polygon"),
+        ([[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]], "non-finite"),
+        ([[1.0, 2.0, "x", 4.0, 5.0, 6.0]], "non-numeric"),
+        ({"size": [10, 12], "counts": [120]}, "differs from its image"),
+        ({"size": [4, 5], "counts": [3, 4]}, "add up to 7"),
+        ({"size": [4, 5], "counts": [3, -1, 18]}, "non-negative"),
+        ({"size": [4, 5], "counts": "\x01\x02"}, "not a pycocotools RLE string"),
+        ({"size": [4, 5], "counts": "3"}, "add up to 3"),
+        ({"size": [4, 5], "counts": 7}, "not a string"),
+        ({"counts": "3"}, "neither a polygon"),
+        (None, "no 'segmentation'"),
+    ],
+)
 def test_segmentation_problems_are_named(seg, why):
     assert why in segmentation_problem(seg, 4, 5)
 
@@ -239,15 +266,19 @@ def test_valid_compressed_rle_passes():
     rle = mask_utils.encode(m)
     assert segmentation_problem({"size": [4, 5], "counts": rle["counts"].decode()}, 4, 5) is None
     assert segmentation_problem({"size": [4, 5], "counts": rle["counts"]}, 4, 5) is None
-    assert np.array_equal(decode_masks([{"size": [4, 5], "counts": rle["counts"].decode()}],
-                                       4, 5)[0].numpy(), m)
+    assert np.array_equal(
+        decode_masks([{"size": [4, 5], "counts": rle["counts"].decode()}], 4, 5)[0].numpy(), m
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    {"segmentation": [[1.0, 2.0, 3.0]]},
-    {"segmentation": {"size": [999, 999], "counts": [999 * 999]}},
-    {"segmentation": None},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"segmentation": [[1.0, 2.0, 3.0]]},
+        {"segmentation": {"size": [999, 999], "counts": [999 * 999]}},
+        {"segmentation": None},
+    ],
+)
 def test_bad_mask_error_names_file_annotation_and_fix(lvis_masks, bad):
     path, root, data = lvis_masks
     ann = data["annotations"][1]

@@ -1,6 +1,7 @@
 """Mask R-CNN (`model.arch: mask_rcnn`, `mask_rcnn_v2`) with every ltdet seam: losses, RoI
 samplers, LDS / FDS, `ltdet.patch`, stage 2 with the mask branch frozen or trained, TorchScript,
 and the inference path that pastes masks at the original image size."""
+
 import copy
 
 import pytest
@@ -23,20 +24,31 @@ C = 5
 SIZE = 64
 CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, ClassificationLoss))
 # dfl regresses side distributions of GFL's dense head (RetinaNet only), not RoI box deltas
-REGRESSION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, RegressionLoss)
-                    and n != "dfl")
-ALL_LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
-              "loss_rpn_box_reg"}
+REGRESSION = sorted(
+    n for n, cls in LOSSES.items() if issubclass(cls, RegressionLoss) and n != "dfl"
+)
+ALL_LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
 def _cfg(arch="mask_rcnn", **model):
-    return {"model": {"arch": arch, "backbone": "resnet18", "norm": "bn",
-                      "detections_per_img": 20,
-                      "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50,
-                              "pre_nms_top_n_test": 50, "post_nms_top_n_test": 20},
-                      "roi_heads": {"batch_size_per_image": 16},
-                      "mask_head": {"layers": [16, 16]}, **model},
-            "data": {"min_size": [SIZE], "max_size": SIZE}}
+    return {
+        "model": {
+            "arch": arch,
+            "backbone": "resnet18",
+            "norm": "bn",
+            "detections_per_img": 20,
+            "rpn": {
+                "pre_nms_top_n_train": 100,
+                "post_nms_top_n_train": 50,
+                "pre_nms_top_n_test": 50,
+                "post_nms_top_n_test": 20,
+            },
+            "roi_heads": {"batch_size_per_image": 16},
+            "mask_head": {"layers": [16, 16]},
+            **model,
+        },
+        "data": {"min_size": [SIZE], "max_size": SIZE},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +61,10 @@ def base_model():
 
 def _batch(empty=False):
     images = [torch.rand(3, SIZE, SIZE), torch.rand(3, SIZE, SIZE - 8)]
-    boxes = [torch.tensor([[4.0, 6.0, 36.0, 44.0], [24.0, 20.0, 60.0, 54.0]]),
-             torch.tensor([[10.0, 10.0, 40.0, 40.0]])]
+    boxes = [
+        torch.tensor([[4.0, 6.0, 36.0, 44.0], [24.0, 20.0, 60.0, 54.0]]),
+        torch.tensor([[10.0, 10.0, 40.0, 40.0]]),
+    ]
     labels = [torch.tensor([1, 3]), torch.tensor([5])]
     if empty:
         boxes[1], labels[1] = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
@@ -58,7 +72,7 @@ def _batch(empty=False):
     for image, b, lab in zip(images, boxes, labels):
         m = torch.zeros(len(b), *image.shape[1:], dtype=torch.uint8)
         for i, (x1, y1, x2, y2) in enumerate(b.long().tolist()):
-            m[i, y1:y2, x1:(x1 + x2) // 2] = 1  # the left half of the box
+            m[i, y1:y2, x1 : (x1 + x2) // 2] = 1  # the left half of the box
         targets.append({"boxes": b, "labels": lab, "masks": m})
     return images, targets
 
@@ -81,13 +95,17 @@ def test_archs_build_torchvisions_mask_rcnn():
         assert isinstance(model, MaskRCNN) and isinstance(model.roi_heads, LTRoIHeads)
         assert model.roi_heads.has_mask() and has_masks(arch)
         assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == C + 1
-        head_norm = [type(m) for m in model.roi_heads.mask_head.modules()
-                     if isinstance(m, torch.nn.BatchNorm2d)]
+        head_norm = [
+            type(m)
+            for m in model.roi_heads.mask_head.modules()
+            if isinstance(m, torch.nn.BatchNorm2d)
+        ]
         assert bool(head_norm) == (arch == "mask_rcnn_v2")  # torchvision's v2 mask head
     assert not has_masks({"model": {"arch": "faster_rcnn"}})
     light = build_detector(_cfg(), C).roi_heads
-    assert [m.out_channels for m in light.mask_head.modules()
-            if isinstance(m, torch.nn.Conv2d)] == [16, 16]
+    assert [
+        m.out_channels for m in light.mask_head.modules() if isinstance(m, torch.nn.Conv2d)
+    ] == [16, 16]
     assert light.mask_predictor.conv5_mask.in_channels == 16
     with pytest.raises(ValueError, match="mask_head.width is not a setting"):
         build_detector(_cfg(mask_head={"width": 3}), C)
@@ -98,8 +116,11 @@ def test_archs_build_torchvisions_mask_rcnn():
 @pytest.mark.parametrize("cls_loss", CLASSIFICATION)
 def test_training_step_with_every_classification_loss(cls_loss, base_model, make_stats):
     model = copy.deepcopy(base_model)
-    ltdet.patch(model, cls_loss={"type": cls_loss},
-                stats=make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0)))
+    ltdet.patch(
+        model,
+        cls_loss={"type": cls_loss},
+        stats=make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0)),
+    )
     _train_step(model)
 
 
@@ -139,13 +160,24 @@ def test_lds_and_fds_with_the_mask_branch():
 def test_patch_on_a_torchvision_mask_rcnn_keeps_its_mask_branch(make_stats):
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=C + 1,
-                                  min_size=SIZE, max_size=SIZE, rpn_post_nms_top_n_train=30,
-                                  box_batch_size_per_image=16, box_detections_per_img=5)
+    model = maskrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=C + 1,
+        min_size=SIZE,
+        max_size=SIZE,
+        rpn_post_nms_top_n_train=30,
+        box_batch_size_per_image=16,
+        box_detections_per_img=5,
+    )
     model.backbone.requires_grad_(False)
     mask_head = model.roi_heads.mask_head
-    ltdet.patch(model, cls_loss={"type": "eqlv2"}, sampler={"type": "ohem"},
-                stats=make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0)))
+    ltdet.patch(
+        model,
+        cls_loss={"type": "eqlv2"},
+        sampler={"type": "ohem"},
+        stats=make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0)),
+    )
     assert model.roi_heads.mask_head is mask_head
     _train_step(model)
     model.eval()
@@ -192,8 +224,13 @@ def test_stage2_freezes_or_trains_the_mask_branch(train_mask, base_model):
     model = build_detector(cfg, C)
     v2_stage1 = model.state_dict()
     setup = prepare_stage2(model, cfg, v2_stage1)
-    names = {n for g in setup.param_groups for p in g["params"]
-             for n, q in model.named_parameters() if q is p}
+    names = {
+        n
+        for g in setup.param_groups
+        for p in g["params"]
+        for n, q in model.named_parameters()
+        if q is p
+    }
     mask_params = {n for n, _ in model.named_parameters() if ".mask_" in n}
     assert (mask_params <= names) == train_mask and bool(mask_params & names) == train_mask
     assert ("loss_mask" in setup.loss_keys) == train_mask

@@ -1,5 +1,6 @@
 """Top-k-per-class inference (`test.topk_per_class`): the K best detections of each class over the
 whole set, in bounded memory, equal to a brute-force top-k; and the RLE masks that go with them."""
+
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
@@ -25,8 +26,11 @@ def _stream(seed, num_classes, images, max_per_image, ties):
     for i in range(images):
         n = int(torch.randint(0, max_per_image + 1, (1,), generator=g))
         labels = torch.randint(1, num_classes + 1, (n,), generator=g)
-        scores = (torch.randint(0, 8, (n,), generator=g).float() / 8 if ties
-                  else torch.rand(n, generator=g))
+        scores = (
+            torch.randint(0, 8, (n,), generator=g).float() / 8
+            if ties
+            else torch.rand(n, generator=g)
+        )
         yield i, labels, scores, torch.rand(n, 4, generator=g) * 100
 
 
@@ -42,8 +46,9 @@ def test_topk_equals_brute_force_with_bounded_memory(merge_every, ties):
     labels, scores, ids, boxes = (torch.cat(x) for x in zip(*every))
     ref = _brute_force(labels, scores, K)
     state = pool.state()
-    got = sorted(zip(state["labels"].tolist(), (-state["scores"]).tolist(),
-                     state["image_ids"].tolist()))
+    got = sorted(
+        zip(state["labels"].tolist(), (-state["scores"]).tolist(), state["image_ids"].tolist())
+    )
     want = sorted(zip(labels[ref].tolist(), (-scores[ref]).tolist(), ids[ref].tolist()))
     assert got == want
     # same entries with their boxes, in (label, score descending) order
@@ -58,10 +63,14 @@ def test_topk_equals_brute_force_with_bounded_memory(merge_every, ties):
 
 def test_candidates_below_a_full_class_are_refused_at_once():
     pool = TopKPerClass(2, 2, merge_every=1)
-    pool.add(torch.tensor([1, 1, 2]), torch.tensor([0.9, 0.8, 0.5]), torch.zeros(3),
-             torch.zeros(3, 4))
+    pool.add(
+        torch.tensor([1, 1, 2]), torch.tensor([0.9, 0.8, 0.5]), torch.zeros(3), torch.zeros(3, 4)
+    )
     assert pool.admits(torch.tensor([1, 1, 2]), torch.tensor([0.8, 0.85, 0.1])).tolist() == [
-        False, True, True]
+        False,
+        True,
+        True,
+    ]
     with pytest.raises(ValueError, match="labels must be in 1..2"):
         pool.admits(torch.tensor([3]), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="positive"):
@@ -94,8 +103,7 @@ def test_masks_travel_with_their_detections_and_group_by_image():
         segm = [{"size": [1, 1], "counts": f"{i}-{j}"} for j in range(4)]
         pool.add(labels, scores, torch.full((4,), 100 + i), torch.rand(4, 4), segm)
     state = pool.state()
-    for lab, img, seg in zip(state["labels"].tolist(), state["image_ids"].tolist(),
-                             state["segm"]):
+    for lab, img, seg in zip(state["labels"].tolist(), state["image_ids"].tolist(), state["segm"]):
         i, j = map(int, seg["counts"].split("-"))
         assert img == 100 + i and [1, 2, 3, 1][j] == lab
     per_image = pool.per_image(lut)
@@ -117,8 +125,10 @@ def test_encode_rle_matches_pycocotools():
     for m, r in zip(masks, ours):
         ref = mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8)))
         assert r["size"] == [13, 17] and r["counts"] == ref["counts"].decode()
-        assert np.array_equal(mask_utils.decode({"size": r["size"], "counts": r["counts"]}),
-                              m.numpy().astype(np.uint8))
+        assert np.array_equal(
+            mask_utils.decode({"size": r["size"], "counts": r["counts"]}),
+            m.numpy().astype(np.uint8),
+        )
     assert encode_rle(torch.zeros(0, 4, 4, dtype=torch.bool)) == []
 
 
@@ -139,9 +149,12 @@ def test_masks_to_rle_pastes_at_the_original_size_like_torchvision():
 def test_image_detections_caps_the_list_and_encodes_each_mask_once():
     g = torch.Generator().manual_seed(2)
     n = 12
-    out = {"labels": torch.randint(1, 4, (n,), generator=g), "scores": torch.rand(n, generator=g),
-           "boxes": torch.tensor([[2.0, 2.0, 20.0, 24.0]]).repeat(n, 1),
-           "masks": torch.rand(n, 1, 28, 28, generator=g)}
+    out = {
+        "labels": torch.randint(1, 4, (n,), generator=g),
+        "scores": torch.rand(n, generator=g),
+        "boxes": torch.tensor([[2.0, 2.0, 20.0, 24.0]]).repeat(n, 1),
+        "masks": torch.rand(n, 1, 28, 28, generator=g),
+    }
     tgt = {"image_id": 7, "scale": 2.0, "orig_size": (20, 16)}
     lut = torch.tensor([-1, 5, 6, 8])
     pool = TopKPerClass(3, 100)
@@ -155,6 +168,12 @@ def test_image_detections_caps_the_list_and_encodes_each_mask_once():
     by_score = {round(float(s), 6): m["counts"] for s, m in zip(state["scores"], state["segm"])}
     for s, m in zip(entry["scores"].tolist(), entry["segmentation"]):
         assert by_score[round(s, 6)] == m["counts"] and m["size"] == [20, 16]
-    plain = _image_detections({k: v for k, v in out.items() if k != "masks"}, tgt, lut,
-                              pasted=False, max_dets=None, topk=None)
+    plain = _image_detections(
+        {k: v for k, v in out.items() if k != "masks"},
+        tgt,
+        lut,
+        pasted=False,
+        max_dets=None,
+        topk=None,
+    )
     assert len(plain["scores"]) == n and "segmentation" not in plain

@@ -4,6 +4,7 @@ Every classification loss of the registry (`ltdet.losses.LOSSES`) defines how lo
 scores (`activation`); a scripted model compiles it into `postprocess_detections`. Training stays
 eager-only (`@torch.jit.unused`, as torchvision's own training paths are not what one scripts).
 """
+
 import io
 import logging
 
@@ -16,12 +17,12 @@ import ltdet
 from ltdet.losses import LOSSES, build_loss
 from ltdet.losses.base import ClassificationLoss
 
-
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 #: every classification loss of the registry, never a hand-kept list
-CLASSIFICATION_LOSSES = sorted(name for name, cls in LOSSES.items()
-                               if issubclass(cls, ClassificationLoss))
+CLASSIFICATION_LOSSES = sorted(
+    name for name, cls in LOSSES.items() if issubclass(cls, ClassificationLoss)
+)
 #: extra configurations of losses whose activation depends on a hyper-parameter
 VARIANTS = {"cb": [{"base": "sigmoid"}, {"base": "focal"}]}
 
@@ -90,8 +91,11 @@ def test_scripted_faster_rcnn_detects_as_eager(name, stats, tiny_detector):
     # seesaw's C+2, every other loss's C+1; scores C+1)
     logits = torch.randn(7, model.roi_heads.cls_loss.cls_channels) * 4
     assert model.roi_heads.box_predictor.cls_score.out_features == logits.shape[1]
-    torch.testing.assert_close(scripted.roi_heads.cls_loss.activation(logits),
-                               model.roi_heads.cls_loss.activation(logits), **TOLERANCE)
+    torch.testing.assert_close(
+        scripted.roi_heads.cls_loss.activation(logits),
+        model.roi_heads.cls_loss.activation(logits),
+        **TOLERANCE,
+    )
 
 
 class _Scorer(nn.Module):
@@ -105,24 +109,31 @@ class _Scorer(nn.Module):
         return self.loss.activation(logits)
 
 
-@pytest.mark.parametrize("cfg", [{"type": name} for name in CLASSIFICATION_LOSSES]
-                         + [{"type": name, **v} for name, vs in VARIANTS.items() for v in vs],
-                         ids=lambda cfg: "-".join(str(v) for v in cfg.values()))
+@pytest.mark.parametrize(
+    "cfg",
+    [{"type": name} for name in CLASSIFICATION_LOSSES]
+    + [{"type": name, **v} for name, vs in VARIANTS.items() for v in vs],
+    ids=lambda cfg: "-".join(str(v) for v in cfg.values()),
+)
 def test_every_activation_scripts_and_equals_eager(cfg, stats, tiny_num_classes):
     loss = build_loss(cfg, num_classes=tiny_num_classes, stats=stats).eval()
     scorer = torch.jit.script(_Scorer(loss))
     g = torch.Generator().manual_seed(0)
     width = loss.cls_channels  # seesaw: C+2 logits
-    for logits in (torch.randn(9, width, generator=g) * 6,
-                   torch.randn(0, width), torch.randn(4, width).double()):
+    for logits in (
+        torch.randn(9, width, generator=g) * 6,
+        torch.randn(0, width),
+        torch.randn(4, width).double(),
+    ):
         scores = scorer(logits)
         assert scores.shape == (logits.shape[0], tiny_num_classes + 1)
         torch.testing.assert_close(scores, loss.activation(logits), rtol=0, atol=0)
 
 
 def test_scripted_model_saves_loads_and_does_not_train(detection_batch, tiny_detector):
-    model = _spread_predictor(ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw"},
-                                          sampler={"type": "ohem"}))
+    model = _spread_predictor(
+        ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw"}, sampler={"type": "ohem"})
+    )
     images = _images()
     eager, _, scripted = _eager_and_scripted(model, images)
     buffer = io.BytesIO()
@@ -148,8 +159,9 @@ def test_non_linear_classifiers_script(predictor, tiny_detector, tiny_num_classe
     model = tiny_detector()
     old = model.roi_heads.box_predictor
     if predictor == "cosine":
-        model.roi_heads.box_predictor = CosinePredictor(old.cls_score.in_features,
-                                                        tiny_num_classes + 1)
+        model.roi_heads.box_predictor = CosinePredictor(
+            old.cls_score.in_features, tiny_num_classes + 1
+        )
     else:
         model.roi_heads.box_predictor = LWSPredictor(old)
         with torch.no_grad():
@@ -165,9 +177,13 @@ def test_lds_fds_hooks_do_not_block_scripting(tiny_detector):
 
     model = tiny_detector()
     in_features = model.roi_heads.box_predictor.bbox_pred.in_features
-    ltdet.patch(model, cls_loss={"type": "focal"}, box_loss={"type": "ghmr", "momentum": 0.7},
-                lds=build_lds({"enabled": True}, fg_iou_thresh=0.5),
-                fds=build_fds({"enabled": True}, in_features, fg_iou_thresh=0.5))
+    ltdet.patch(
+        model,
+        cls_loss={"type": "focal"},
+        box_loss={"type": "ghmr", "momentum": 0.7},
+        lds=build_lds({"enabled": True}, fg_iou_thresh=0.5),
+        fds=build_fds({"enabled": True}, in_features, fg_iou_thresh=0.5),
+    )
     _spread_predictor(model)
     eager, scripted, _ = _eager_and_scripted(model, _images())
     _assert_same_detections(eager, scripted)
@@ -178,17 +194,31 @@ def _tiny_retinanet(num_classes):
     from ltdet.models.build import build_torchvision_detector
 
     model = build_torchvision_detector(
-        {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn",
-                   "detections_per_img": 50, "score_thresh": 1e-3}}, num_classes)
+        {
+            "model": {
+                "arch": "retinanet",
+                "backbone": "resnet18",
+                "norm": "bn",
+                "detections_per_img": 50,
+                "score_thresh": 1e-3,
+            }
+        },
+        num_classes,
+    )
     old = model.transform
     model.transform = GeneralizedRCNNTransform(64, 64, old.image_mean, old.image_std)
     return model
 
 
-@pytest.mark.parametrize("cls_cfg,box_cfg", [({"type": "eqlv2"}, {"type": "giou"}),
-                                             ({"type": "ce"}, None),
-                                             (None, {"type": "ghmr", "momentum": 0.7})],
-                         ids=["eqlv2-giou", "ce", "box-only"])
+@pytest.mark.parametrize(
+    "cls_cfg,box_cfg",
+    [
+        ({"type": "eqlv2"}, {"type": "giou"}),
+        ({"type": "ce"}, None),
+        (None, {"type": "ghmr", "momentum": 0.7}),
+    ],
+    ids=["eqlv2-giou", "ce", "box-only"],
+)
 def test_scripted_patched_retinanet_detects_as_eager(cls_cfg, box_cfg, tiny_num_classes):
     model = ltdet.patch(_tiny_retinanet(tiny_num_classes), cls_loss=cls_cfg, box_loss=box_cfg)
     eager, scripted, _ = _eager_and_scripted(model, _images())
@@ -196,8 +226,9 @@ def test_scripted_patched_retinanet_detects_as_eager(cls_cfg, box_cfg, tiny_num_
 
 
 def test_scripted_mask_rcnn_detects_as_eager(tiny_detector):
-    model = _spread_predictor(ltdet.patch(tiny_detector("maskrcnn_resnet50_fpn"),
-                                          cls_loss={"type": "eqlv2"}))
+    model = _spread_predictor(
+        ltdet.patch(tiny_detector("maskrcnn_resnet50_fpn"), cls_loss={"type": "eqlv2"})
+    )
     eager, scripted, _ = _eager_and_scripted(model, _images())
     assert all("masks" in d for d in scripted)
     _assert_same_detections(eager, scripted)
@@ -206,8 +237,9 @@ def test_scripted_mask_rcnn_detects_as_eager(tiny_detector):
 def test_build_detector_model_scripts(tiny_num_classes):
     from ltdet.models.build import build_torchvision_detector
 
-    model = build_torchvision_detector({"model": {"arch": "faster_rcnn", "backbone": "resnet18",
-                                                  "norm": "bn"}}, tiny_num_classes)
+    model = build_torchvision_detector(
+        {"model": {"arch": "faster_rcnn", "backbone": "resnet18", "norm": "bn"}}, tiny_num_classes
+    )
     model = _spread_predictor(ltdet.patch(model, cls_loss={"type": "eqlv2"}))
     eager, scripted, _ = _eager_and_scripted(model, _images())
     assert sum(len(d["boxes"]) for d in eager) > 0  # the comparison below compares something

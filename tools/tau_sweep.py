@@ -14,6 +14,7 @@ stdout. The default taus are the authors' sweep, ``np.linspace(0, 2, 21)`` (0, 0
 ``tau = 0`` is the stage-1 model without the foreground biases (the stage-1 model itself with
 ``tau_keep_bias: true``). Runs under torchrun too (inference is sharded).
 """
+
 import argparse
 import json
 import os
@@ -32,7 +33,8 @@ def parse_taus(text: str) -> list[float]:
         taus = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--taus must be comma-separated numbers, got {text!r}") from None
+            f"--taus must be comma-separated numbers, got {text!r}"
+        ) from None
     if not taus or any(t < 0 for t in taus):
         raise argparse.ArgumentTypeError(f"--taus needs at least one value >= 0, got {text!r}")
     return taus
@@ -42,8 +44,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="stage-2 tau_norm config (its model section is stage 1's)")
     p.add_argument("--ckpt", required=True, help="stage-1 checkpoint")
-    p.add_argument("--taus", type=parse_taus, default=list(DEFAULT_TAUS),
-                   help="comma-separated tau values (default: the authors' 0,0.1,...,2)")
+    p.add_argument(
+        "--taus",
+        type=parse_taus,
+        default=list(DEFAULT_TAUS),
+        help="comma-separated tau values (default: the authors' 0,0.1,...,2)",
+    )
     p.add_argument("--metric", choices=METRICS, default="AP", help="metric that picks the best tau")
     p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     return p.parse_args(argv)
@@ -87,8 +93,9 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.ckpt)
     meta = ckpt.get("meta") or {}
     if meta.get("stage2"):
-        print(f"{args.ckpt} is a stage-2 checkpoint; tau_sweep needs the stage-1 one",
-              file=sys.stderr)
+        print(
+            f"{args.ckpt} is a stage-2 checkpoint; tau_sweep needs the stage-1 one", file=sys.stderr
+        )
         return 2
     paths = locate_or_generate_data(cfg)
     stats, label_to_cat_id = checkpoint_classes(ckpt, cfg, paths)
@@ -98,8 +105,9 @@ def main(argv=None) -> int:
     model.to(info.device)
     predictor = model.roi_heads.box_predictor
     stage1_weight = predictor.cls_score.weight.detach().clone()
-    stage1_bias = (predictor.cls_score.bias.detach().clone()
-                   if predictor.cls_score.bias is not None else None)
+    stage1_bias = (
+        predictor.cls_score.bias.detach().clone() if predictor.cls_score.bias is not None else None
+    )
     background = bool(cfg["refine"].get("normalize_background", False))
     keep_bias = bool(cfg["refine"].get("tau_keep_bias", False))
 
@@ -110,21 +118,39 @@ def main(argv=None) -> int:
             if stage1_bias is not None:
                 predictor.cls_score.bias.copy_(stage1_bias)
         tau_normalize(predictor, tau, normalize_background=background, keep_bias=keep_bias)
-        res = evaluate_model(model, val_ds, label_to_cat_id=label_to_cat_id,
-                             val_json=paths["val_json"], train_json=paths["train_json"],
-                             out_dir=out_root / f"tau_{tau:g}", device=info.device,
-                             max_dets=cfg["test"]["max_dets"], batch_size=cfg["data"]["batch_size"],
-                             num_workers=cfg["data"]["num_workers"], amp=cfg["solver"]["amp"])
+        res = evaluate_model(
+            model,
+            val_ds,
+            label_to_cat_id=label_to_cat_id,
+            val_json=paths["val_json"],
+            train_json=paths["train_json"],
+            out_dir=out_root / f"tau_{tau:g}",
+            device=info.device,
+            max_dets=cfg["test"]["max_dets"],
+            batch_size=cfg["data"]["batch_size"],
+            num_workers=cfg["data"]["num_workers"],
+            amp=cfg["solver"]["amp"],
+        )
         if info.is_main:
             rows.append({"tau": tau, **{m: float(res[m]) for m in METRICS}})
-            print(f"tau {tau:g}: " + ", ".join(f"{m} {100 * res[m]:.2f}" for m in METRICS),
-                  flush=True)
+            print(
+                f"tau {tau:g}: " + ", ".join(f"{m} {100 * res[m]:.2f}" for m in METRICS), flush=True
+            )
     if info.is_main:
         print(format_sweep(rows, args.metric))
         best = max(rows, key=lambda r: r[args.metric])
-        (out_root / "summary.json").write_text(json.dumps(
-            {"rows": rows, "metric": args.metric, "best_tau": best["tau"],
-             "normalize_background": background, "tau_keep_bias": keep_bias}, indent=2))
+        (out_root / "summary.json").write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "metric": args.metric,
+                    "best_tau": best["tau"],
+                    "normalize_background": background,
+                    "tau_keep_bias": keep_bias,
+                },
+                indent=2,
+            )
+        )
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -12,6 +12,7 @@ of `ltdet.frequency`: rare (``r``) 1-10 training images, common (``c``) 11-100, 
 repeat-factor sampling and the COCO-LT builder: it validates the json once and turns the list of
 annotation dicts into flat NumPy arrays, so every statistic is a vectorised reduction.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,16 +41,20 @@ def load_json_dict(path_or_dict: str | os.PathLike | Mapping) -> tuple[dict, str
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"annotation json {path!r} does not exist; check the data.train.json / data.val.json "
-            "path in your config (see docs/data.md for the expected layout)")
-    with open(path, "r", encoding="utf-8") as f:
+            "path in your config (see docs/data.md for the expected layout)"
+        )
+    with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"annotation json {path!r} is not valid JSON ({e}); re-download or "
-                             "regenerate it") from e
+            raise ValueError(
+                f"annotation json {path!r} is not valid JSON ({e}); re-download or regenerate it"
+            ) from e
     if not isinstance(data, dict):
-        raise ValueError(f"annotation json {path!r} holds a {type(data).__name__}, expected an "
-                         "object with 'images', 'annotations' and 'categories'")
+        raise ValueError(
+            f"annotation json {path!r} holds a {type(data).__name__}, expected an "
+            "object with 'images', 'annotations' and 'categories'"
+        )
     return data, path
 
 
@@ -78,13 +83,17 @@ def _describe(path: str | None) -> str:
 def _check_records(where: str, key: str, records) -> None:
     """`images` / `annotations` / `categories` must be lists of objects."""
     if not isinstance(records, list):
-        raise ValueError(f"annotation json {where}: {key!r} is a {type(records).__name__}, "
-                         f"expected a list of objects (LVIS / COCO format)")
+        raise ValueError(
+            f"annotation json {where}: {key!r} is a {type(records).__name__}, "
+            f"expected a list of objects (LVIS / COCO format)"
+        )
     kinds = set(map(type, records))
     if kinds - {dict}:
         bad = next(r for r in records if type(r) is not dict)
-        raise ValueError(f"annotation json {where}: {key!r} holds {bad!r} "
-                         f"({type(bad).__name__}); every entry must be an object")
+        raise ValueError(
+            f"annotation json {where}: {key!r} holds {bad!r} "
+            f"({type(bad).__name__}); every entry must be an object"
+        )
 
 
 def _field(where: str, key: str, records, name: str, kinds, what: str, entry=None):
@@ -95,12 +104,16 @@ def _field(where: str, key: str, records, name: str, kinds, what: str, entry=Non
         values = list(map(itemgetter(name), records))
     except KeyError:
         bad = next(r for r in records if name not in r)
-        raise ValueError(f"annotation json {where}: an entry of {key!r} lacks {name!r}: "
-                         f"{_entry(bad, entry)}; every entry needs it") from None
+        raise ValueError(
+            f"annotation json {where}: an entry of {key!r} lacks {name!r}: "
+            f"{_entry(bad, entry)}; every entry needs it"
+        ) from None
     if set(map(type, values)) - set(kinds):
         k = next(i for i, v in enumerate(values) if type(v) not in kinds)
-        raise ValueError(f"annotation json {where}: {key} entry {_entry(records[k], entry)} has "
-                         f"{name} {values[k]!r} ({type(values[k]).__name__}); expected {what}")
+        raise ValueError(
+            f"annotation json {where}: {key} entry {_entry(records[k], entry)} has "
+            f"{name} {values[k]!r} ({type(values[k]).__name__}); expected {what}"
+        )
     return values
 
 
@@ -155,28 +168,36 @@ class FlatAnnotations:
         return len(self.cat_ids)
 
     @classmethod
-    def from_json(cls, path_or_dict: str | os.PathLike | Mapping, *,
-                  skip_invalid: bool = False) -> "FlatAnnotations":
+    def from_json(
+        cls, path_or_dict: str | os.PathLike | Mapping, *, skip_invalid: bool = False
+    ) -> FlatAnnotations:
         data, path = load_json_dict(path_or_dict)
         return cls.from_dict(data, json_path=path, skip_invalid=skip_invalid)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, json_path: str | None = None,
-                  skip_invalid: bool = False) -> "FlatAnnotations":
+    def from_dict(
+        cls, data: Mapping[str, Any], *, json_path: str | None = None, skip_invalid: bool = False
+    ) -> FlatAnnotations:
         where = _describe(json_path)
         for key in ("images", "annotations", "categories"):
             if key not in data:
-                raise ValueError(f"annotation json {where} has no {key!r} field; it must be in "
-                                 "LVIS or COCO detection format")
+                raise ValueError(
+                    f"annotation json {where} has no {key!r} field; it must be in "
+                    "LVIS or COCO detection format"
+                )
         images, anns, cats = data["images"], data["annotations"], data["categories"]
         for key, records in (("images", images), ("annotations", anns), ("categories", cats)):
             _check_records(where, key, records)
         if len(images) == 0:
-            raise ValueError(f"annotation json {where} has no images: the data set is empty; "
-                             "point data.*.json at a non-empty LVIS / COCO json")
+            raise ValueError(
+                f"annotation json {where} has no images: the data set is empty; "
+                "point data.*.json at a non-empty LVIS / COCO json"
+            )
         if len(cats) == 0:
-            raise ValueError(f"annotation json {where} has no categories; a detection json needs "
-                             "its 'categories' list")
+            raise ValueError(
+                f"annotation json {where} has no categories; a detection json needs "
+                "its 'categories' list"
+            )
 
         _field(where, "categories", cats, "id", _INT, "an integer id")
         cats_sorted = sorted(cats, key=lambda c: c["id"])
@@ -184,43 +205,63 @@ class FlatAnnotations:
         if len(set(cat_ids)) != len(cat_ids):
             raise ValueError(f"annotation json {where} repeats a category id in 'categories'")
         names = [str(c.get("name", c["id"])) for c in cats_sorted]
-        frequency = ([str(c["frequency"]) for c in cats_sorted]
-                     if all("frequency" in c for c in cats_sorted) else None)
+        frequency = (
+            [str(c["frequency"]) for c in cats_sorted]
+            if all("frequency" in c for c in cats_sorted)
+            else None
+        )
 
-        raw_image_ids = np.fromiter(_field(where, "images", images, "id", _INT, "an integer id"),
-                                    np.int64, len(images))
+        raw_image_ids = np.fromiter(
+            _field(where, "images", images, "id", _INT, "an integer id"), np.int64, len(images)
+        )
         for name in ("width", "height"):
             if any(name in im for im in images):
-                _field(where, "images", [im for im in images if name in im], name, _NUMBER,
-                       "a number of pixels")
+                _field(
+                    where,
+                    "images",
+                    [im for im in images if name in im],
+                    name,
+                    _NUMBER,
+                    "a number of pixels",
+                )
         order = np.argsort(raw_image_ids, kind="stable")
         image_ids = raw_image_ids[order]
         if np.any(image_ids[1:] == image_ids[:-1]):
             dup = int(image_ids[1:][image_ids[1:] == image_ids[:-1]][0])
             raise ValueError(f"annotation json {where} lists image id {dup} twice in 'images'")
         widths = np.fromiter((im.get("width", 0) for im in images), np.float64, len(images))[order]
-        heights = np.fromiter((im.get("height", 0) for im in images), np.float64,
-                              len(images))[order]
+        heights = np.fromiter((im.get("height", 0) for im in images), np.float64, len(images))[
+            order
+        ]
 
         a = len(anns)
         # C-level map/itemgetter passes: ~3x faster than generator expressions on 1M+ dicts.
-        ids = {name: _field(where, "annotations", anns, name, _INT, "an integer id", _ann_entry)
-               for name in ("id", "image_id", "category_id")}
-        ann_ids, ann_img, ann_cat = (np.fromiter(ids[k], np.int64, a)
-                                     for k in ("id", "image_id", "category_id"))
-        bboxes = _field(where, "annotations", anns, "bbox", (list,),
-                        "a list [x, y, width, height]", _ann_entry)
+        ids = {
+            name: _field(where, "annotations", anns, name, _INT, "an integer id", _ann_entry)
+            for name in ("id", "image_id", "category_id")
+        }
+        ann_ids, ann_img, ann_cat = (
+            np.fromiter(ids[k], np.int64, a) for k in ("id", "image_id", "category_id")
+        )
+        bboxes = _field(
+            where, "annotations", anns, "bbox", (list,), "a list [x, y, width, height]", _ann_entry
+        )
         box_len = np.fromiter(map(len, bboxes), np.int64, a)
-        crowd = np.fromiter(map(dict.get, anns, repeat("iscrowd"), repeat(0)), np.int64,
-                            a).astype(bool)
+        crowd = np.fromiter(map(dict.get, anns, repeat("iscrowd"), repeat(0)), np.int64, a).astype(
+            bool
+        )
         if np.any(box_len != 4):
             bad = anns[int(np.flatnonzero(box_len != 4)[0])]
-            raise ValueError(f"annotation id {bad['id']} (image id {bad['image_id']}) in {where} "
-                             f"has bbox {bad.get('bbox')!r}; expected [x, y, width, height]")
+            raise ValueError(
+                f"annotation id {bad['id']} (image id {bad['image_id']}) in {where} "
+                f"has bbox {bad.get('bbox')!r}; expected [x, y, width, height]"
+            )
         if set(map(type, chain.from_iterable(bboxes))) - set(_NUMBER):
             k = next(i for i, b in enumerate(bboxes) if set(map(type, b)) - set(_NUMBER))
-            raise ValueError(f"{_ann_entry(anns[k])} in {where} has bbox {bboxes[k]!r}; expected "
-                             f"four numbers [x, y, width, height]")
+            raise ValueError(
+                f"{_ann_entry(anns[k])} in {where} has bbox {bboxes[k]!r}; expected "
+                f"four numbers [x, y, width, height]"
+            )
         boxes = np.fromiter(chain.from_iterable(bboxes), np.float64, 4 * a).reshape(a, 4)
 
         label_pos, unknown_cat = _positions(np.asarray(cat_ids, np.int64), ann_cat)
@@ -229,14 +270,16 @@ class FlatAnnotations:
             raise ValueError(
                 f"annotation id {ann_ids[k]} (image id {ann_img[k]}) in {where} has category_id "
                 f"{ann_cat[k]}, which is not in 'categories' ({int(unknown_cat.sum())} such "
-                "annotations); fix the json or add the category")
+                "annotations); fix the json or add the category"
+            )
         img_pos, unknown_img = _positions(image_ids, ann_img)
         if unknown_img.any():
             k = int(np.flatnonzero(unknown_img)[0])
             raise ValueError(
                 f"annotation id {ann_ids[k]} in {where} refers to image id {ann_img[k]}, which is "
                 f"not in 'images' ({int(unknown_img.sum())} such annotations); remove those "
-                "annotations or add the image entries")
+                "annotations or add the image entries"
+            )
 
         degenerate = ~(np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0))
         # A box is clipped to its image for training: one with nothing inside the image becomes
@@ -247,36 +290,59 @@ class FlatAnnotations:
         inside_w = np.minimum(boxes[:, 0] + boxes[:, 2], w_img) - np.maximum(boxes[:, 0], 0)
         inside_h = np.minimum(boxes[:, 1] + boxes[:, 3], h_img) - np.maximum(boxes[:, 1], 0)
         outside = ~degenerate & known & ~((inside_w > 0) & (inside_h > 0))
-        for invalid, why in ((degenerate, "zero/negative/non-finite width or height"),
-                             (outside, "no part inside its image")):
+        for invalid, why in (
+            (degenerate, "zero/negative/non-finite width or height"),
+            (outside, "no part inside its image"),
+        ):
             if not invalid.any():
                 continue
             idx = np.flatnonzero(invalid)
             k = int(idx[0])
             if not skip_invalid:
-                size = (f" on a {w_img[k]:g}x{h_img[k]:g} px image" if known[k] else "")
+                size = f" on a {w_img[k]:g}x{h_img[k]:g} px image" if known[k] else ""
                 raise ValueError(
                     f"annotation id {ann_ids[k]} (image id {ann_img[k]}) in {where} has bbox "
                     f"{boxes[k].tolist()}{size} with {why} ({idx.size} such annotations); fix "
                     "or remove them, or pass skip_invalid=True (config: data.skip_invalid: "
-                    "true) to drop them")
-            logger.warning("%s: dropped %d of %d annotations with %s (skip_invalid=True) on %d "
-                           "images; first: annotation id %d", where, idx.size, a, why,
-                           np.unique(ann_img[idx]).size, ann_ids[k])
+                    "true) to drop them"
+                )
+            logger.warning(
+                "%s: dropped %d of %d annotations with %s (skip_invalid=True) on %d "
+                "images; first: annotation id %d",
+                where,
+                idx.size,
+                a,
+                why,
+                np.unique(ann_img[idx]).size,
+                ann_ids[k],
+            )
         invalid = degenerate | outside
 
         keep = ~invalid & ~crowd
         img_index = img_pos[keep]
         # Group annotations by image (stable); many jsons already are, and then no sort is needed.
-        sort = (np.arange(img_index.size) if np.all(img_index[1:] >= img_index[:-1])
-                else np.argsort(img_index, kind="stable"))
+        sort = (
+            np.arange(img_index.size)
+            if np.all(img_index[1:] >= img_index[:-1])
+            else np.argsort(img_index, kind="stable")
+        )
         img_index = img_index[sort]
         offsets = np.zeros(len(image_ids) + 1, np.int64)
         np.cumsum(np.bincount(img_index, minlength=len(image_ids)), out=offsets[1:])
-        return cls(image_ids=image_ids, widths=widths, heights=heights, cat_ids=cat_ids,
-                   class_names=names, ann_ids=ann_ids[keep][sort], ann_image_index=img_index,
-                   ann_labels=label_pos[keep][sort] + 1, ann_boxes=boxes[keep][sort],
-                   ann_offsets=offsets, json_path=json_path, frequency=frequency)
+        return cls(
+            image_ids=image_ids,
+            widths=widths,
+            heights=heights,
+            cat_ids=cat_ids,
+            class_names=names,
+            ann_ids=ann_ids[keep][sort],
+            ann_image_index=img_index,
+            ann_labels=label_pos[keep][sort] + 1,
+            ann_boxes=boxes[keep][sort],
+            ann_offsets=offsets,
+            json_path=json_path,
+            frequency=frequency,
+        )
 
     def image_label_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Unique ``(image index, label)`` pairs: one entry per class present on an image."""
@@ -305,13 +371,18 @@ class ClassStats:
         self.instance_count = torch.as_tensor(self.instance_count, dtype=torch.float32).reshape(-1)
         c = self.image_count.numel()
         if self.instance_count.numel() != c:
-            raise ValueError(f"ClassStats: image_count has {c} classes but instance_count has "
-                             f"{self.instance_count.numel()}")
+            raise ValueError(
+                f"ClassStats: image_count has {c} classes but instance_count has "
+                f"{self.instance_count.numel()}"
+            )
         self.num_images = int(self.num_images)
         if self.frequency is None:
             self.frequency = frequency_from_counts(self.image_count)
-        for name, value in (("frequency", self.frequency), ("names", self.names),
-                            ("cat_ids", self.cat_ids)):
+        for name, value in (
+            ("frequency", self.frequency),
+            ("names", self.names),
+            ("cat_ids", self.cat_ids),
+        ):
             if value is not None and len(value) != c:
                 raise ValueError(f"ClassStats: {name} has {len(value)} entries for {c} classes")
         bad = sorted(set(self.frequency) - set(FREQ_GROUPS))
@@ -323,23 +394,28 @@ class ClassStats:
         return int(self.image_count.numel())
 
     @classmethod
-    def from_flat(cls, flat: FlatAnnotations) -> "ClassStats":
+    def from_flat(cls, flat: FlatAnnotations) -> ClassStats:
         c = flat.num_classes
         instance = np.bincount(flat.ann_labels - 1, minlength=c)
         _, pair_labels = flat.image_label_pairs()
         image = np.bincount(pair_labels - 1, minlength=c)
-        return cls(image_count=torch.from_numpy(image.astype(np.float32)),
-                   instance_count=torch.from_numpy(instance.astype(np.float32)),
-                   num_images=flat.num_images, frequency=flat.frequency,
-                   names=list(flat.class_names), cat_ids=list(flat.cat_ids))
+        return cls(
+            image_count=torch.from_numpy(image.astype(np.float32)),
+            instance_count=torch.from_numpy(instance.astype(np.float32)),
+            num_images=flat.num_images,
+            frequency=flat.frequency,
+            names=list(flat.class_names),
+            cat_ids=list(flat.cat_ids),
+        )
 
     @classmethod
-    def from_json(cls, path_or_dict: str | os.PathLike | Mapping, *,
-                  skip_invalid: bool = False) -> "ClassStats":
+    def from_json(
+        cls, path_or_dict: str | os.PathLike | Mapping, *, skip_invalid: bool = False
+    ) -> ClassStats:
         """Counts over the json's (non-crowd) annotations; LVIS or COCO format, path or dict."""
         return cls.from_flat(FlatAnnotations.from_json(path_or_dict, skip_invalid=skip_invalid))
 
     @classmethod
-    def from_dataset(cls, dataset) -> "ClassStats":
+    def from_dataset(cls, dataset) -> ClassStats:
         """Counts over the annotations a `LVISDetection` / `COCODetection` actually loaded."""
         return cls.from_flat(dataset.annotations)

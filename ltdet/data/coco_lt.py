@@ -18,6 +18,7 @@ remaining targets of all classes (then a seeded random tie-break), and the short
 c-instances cover ``d_c`` is taken. Costs are vectorised over (image, class) pairs; the loop is
 over classes only. Deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["bin_sizes", "build_coco_lt", "profile_from_counts", "zipf_profile"]
 
 
-def bin_sizes(instance_count: Sequence[float]) -> dict[str, int]:
+def bin_sizes(instance_count: Sequence[float] | np.ndarray) -> dict[str, int]:
     """Number of classes in each COCO-LT bin (`ltdet.frequency.coco_lt_bins`):
     ``{"AP1": n1, ..., "AP4": n4}``."""
     bins = coco_lt_bins(instance_count)
@@ -49,8 +50,9 @@ def zipf_profile(num_classes: int, head: float, imbalance: float) -> np.ndarray:
     if num_classes < 1:
         raise ValueError(f"zipf_profile: num_classes must be >= 1, got {num_classes}")
     if imbalance < 1:
-        raise ValueError(f"zipf_profile: imbalance is max/min instance count, must be >= 1, got "
-                         f"{imbalance}")
+        raise ValueError(
+            f"zipf_profile: imbalance is max/min instance count, must be >= 1, got {imbalance}"
+        )
     if num_classes == 1:
         return np.asarray([float(head)])
     s = math.log(imbalance) / math.log(num_classes)
@@ -77,9 +79,15 @@ def _pair_counts(flat: FlatAnnotations):
     return keys // c1, keys % c1, counts
 
 
-def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[float] | None = None,
-                  seed: int = 0, json_path: str | None = None,
-                  skip_invalid: bool = False) -> tuple[dict, dict]:
+def build_coco_lt(
+    data: Mapping,
+    *,
+    imbalance: float = 100.0,
+    profile: Sequence[float] | None = None,
+    seed: int = 0,
+    json_path: str | None = None,
+    skip_invalid: bool = False,
+) -> tuple[dict, dict]:
     """Select whole images of ``data`` (COCO format) to follow a long-tailed instance profile.
 
     Returns ``(subset json dict, summary)``; the summary holds ``target`` and ``achieved``
@@ -120,7 +128,7 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
         deficit = target[label] - current[label]
         if deficit <= 0:
             continue
-        own = by_class[starts[label]:starts[label + 1]]
+        own = by_class[starts[label] : starts[label + 1]]
         own = own[~selected[pair_img[own]]]
         if own.size == 0:
             continue
@@ -130,44 +138,61 @@ def build_coco_lt(data: Mapping, *, imbalance: float = 100.0, profile: Sequence[
         is_cand[cand_img] = True
         others = is_cand[pair_img] & (pair_lab != label)
         over = np.maximum(pair_cnt[others] - remaining[pair_lab[others]], 0)
-        cost = (np.bincount(pair_img[others], weights=over, minlength=num_images)[cand_img]
-                + np.maximum(cand_cnt - deficit, 0))
+        cost = np.bincount(pair_img[others], weights=over, minlength=num_images)[
+            cand_img
+        ] + np.maximum(cand_cnt - deficit, 0)
         order = np.lexsort((rng.random(own.size), cost))
         covered = np.cumsum(cand_cnt[order])
-        take = order[:int(np.searchsorted(covered, deficit)) + 1]
+        take = order[: int(np.searchsorted(covered, deficit)) + 1]
         new_imgs = cand_img[take]
         selected[new_imgs] = True
         newly = np.zeros(num_images, bool)
         newly[new_imgs] = True
-        current += np.bincount(pair_lab[newly[pair_img]], weights=pair_cnt[newly[pair_img]],
-                               minlength=num_classes + 1)
+        current += np.bincount(
+            pair_lab[newly[pair_img]], weights=pair_cnt[newly[pair_img]], minlength=num_classes + 1
+        )
 
     keep_ids = set(flat.image_ids[selected].tolist())
     out = copy.copy(dict(data))
     out["images"] = [im for im in data["images"] if im["id"] in keep_ids]
     valid = set(flat.ann_ids.tolist()) if skip_invalid else None
-    out["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep_ids
-                          and (valid is None or a["id"] in valid or a.get("iscrowd", 0))]
+    out["annotations"] = [
+        a
+        for a in data["annotations"]
+        if a["image_id"] in keep_ids and (valid is None or a["id"] in valid or a.get("iscrowd", 0))
+    ]
     sub = FlatAnnotations.from_dict(out, json_path=json_path)
     achieved = np.bincount(sub.ann_labels, minlength=num_classes + 1)[1:]
     _, lab = sub.image_label_pairs()
     image_count = np.bincount(lab, minlength=num_classes + 1)[1:]
     cats = sorted(data["categories"], key=lambda c: c["id"])
-    out["categories"] = [dict(c, image_count=int(ni), instance_count=int(na))
-                         for c, ni, na in zip(cats, image_count, achieved)]
+    out["categories"] = [
+        dict(c, image_count=int(ni), instance_count=int(na))
+        for c, ni, na in zip(cats, image_count, achieved)
+    ]
     info = dict(data.get("info") or {})
-    info["coco_lt"] = {"seed": int(seed), "imbalance": None if profile is not None else imbalance,
-                       "profile": "custom" if profile is not None else "zipf",
-                       "source": json_path}
+    info["coco_lt"] = {
+        "seed": int(seed),
+        "imbalance": None if profile is not None else imbalance,
+        "profile": "custom" if profile is not None else "zipf",
+        "source": json_path,
+    }
     out["info"] = info
     freq = frequency_from_counts(image_count)
     summary = {
-        "target": target[1:], "achieved": achieved, "image_count": image_count,
-        "num_images": len(out["images"]), "num_instances": int(achieved.sum()),
+        "target": target[1:],
+        "achieved": achieved,
+        "image_count": image_count,
+        "num_images": len(out["images"]),
+        "num_instances": int(achieved.sum()),
         "frequency_sizes": {g: freq.count(g) for g in FREQ_GROUPS},
         "bin_sizes": bin_sizes(achieved),
         "empty_classes": int((achieved == 0).sum()),
     }
-    logger.info("COCO-LT: %d of %d images, %d instances", summary["num_images"], num_images,
-                summary["num_instances"])
+    logger.info(
+        "COCO-LT: %d of %d images, %d instances",
+        summary["num_images"],
+        num_images,
+        summary["num_instances"],
+    )
     return out, summary

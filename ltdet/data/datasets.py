@@ -14,6 +14,7 @@
 Index ``i`` is the ``i``-th image by sorted image id. COCO crowd annotations (``iscrowd=1``) are
 not training targets and are dropped, as is done by torchvision's reference scripts.
 """
+
 from __future__ import annotations
 
 import abc
@@ -35,8 +36,15 @@ from .transforms import ToTensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COCODetection", "CorruptImageError", "LVISDetection", "build_dataset",
-           "detect_format", "label_to_cat_id_table", "truncation"]
+__all__ = [
+    "COCODetection",
+    "CorruptImageError",
+    "LVISDetection",
+    "build_dataset",
+    "detect_format",
+    "label_to_cat_id_table",
+    "truncation",
+]
 
 
 def label_to_cat_id_table(cat_ids: Sequence[int]) -> torch.Tensor:
@@ -95,16 +103,23 @@ class _LVISFromDict(LVIS):
 class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
     """Shared reader: flat validated annotations + image decoding; subclasses pick the json API."""
 
-    def __init__(self, json: str | os.PathLike | Mapping, image_root: str | os.PathLike,
-                 transforms: Callable | None = None,
-                 filter_empty: bool = False, *, skip_invalid: bool = False,
-                 json_path: str | None = None, masks: bool = False):
+    def __init__(
+        self,
+        json: str | os.PathLike | Mapping,
+        image_root: str | os.PathLike,
+        transforms: Callable | None = None,
+        filter_empty: bool = False,
+        *,
+        skip_invalid: bool = False,
+        json_path: str | None = None,
+        masks: bool = False,
+    ):
         # json_path names an in-memory dict's source file in error messages.
         data, path = load_json_dict(json)
         path = path if path is not None else json_path
         self.json_path = path
         self.skip_invalid = skip_invalid
-        self._corrupt_warned = set()
+        self._corrupt_warned: set[int] = set()
         self.image_root = os.fspath(image_root)
         self.transforms = transforms
         flat = FlatAnnotations.from_dict(data, json_path=path, skip_invalid=skip_invalid)
@@ -115,8 +130,10 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         if filter_empty:
             keep = np.flatnonzero(np.diff(flat.ann_offsets) > 0)
             if keep.size == 0:
-                raise ValueError(f"annotation json {path or '<dict>'}: no image has an annotation, "
-                                 "so filter_empty=True leaves an empty data set")
+                raise ValueError(
+                    f"annotation json {path or '<dict>'}: no image has an annotation, "
+                    "so filter_empty=True leaves an empty data set"
+                )
             flat = _subset(flat, keep)
         self.annotations = flat
         self.cat_ids = list(flat.cat_ids)
@@ -133,12 +150,14 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         annotation id and the fix; with ``skip_invalid`` the images holding such annotations
         are left out (one warning), before any statistic counts them."""
         where = self.json_path or "<in-memory dict>"
-        bad_images, first = set(), None
+        bad_images: set[int] = set()
+        first: tuple[Any, str] | None = None  # (annotation id, why) of the first bad one
         anns = self.api.anns
         heights = flat.heights[flat.ann_image_index].astype(np.int64)
         widths = flat.widths[flat.ann_image_index].astype(np.int64)
         for k, ann_id in enumerate(flat.ann_ids.tolist()):
             h, w = int(heights[k]), int(widths[k])
+            why: str | None
             if h <= 0 or w <= 0:
                 why = "its image has no 'height' / 'width' in the json to decode masks at"
             else:
@@ -146,21 +165,32 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
             if why is None:
                 continue
             if not self.skip_invalid:
-                raise MaskError(f"annotation id {ann_id} (image id "
-                                f"{int(flat.image_ids[flat.ann_image_index[k]])}) in {where}: "
-                                f"{why}; {MASK_FIX}")
+                raise MaskError(
+                    f"annotation id {ann_id} (image id "
+                    f"{int(flat.image_ids[flat.ann_image_index[k]])}) in {where}: "
+                    f"{why}; {MASK_FIX}"
+                )
             bad_images.add(int(flat.ann_image_index[k]))
             first = first or (ann_id, why)
         if not bad_images:
             return flat
+        assert first is not None  # set with the first bad image
         keep = np.setdiff1d(np.arange(flat.num_images), np.fromiter(bad_images, np.int64))
         if keep.size == 0:
-            raise MaskError(f"annotation json {where}: no image has a valid mask for every box, "
-                            f"so data.skip_invalid leaves no training image (first: annotation "
-                            f"id {first[0]}: {first[1]})")
-        logger.warning("%s: left out %d of %d images with boxes lacking a valid mask "
-                       "(data.skip_invalid); first: annotation id %d: %s", where, len(bad_images),
-                       flat.num_images, first[0], first[1])
+            raise MaskError(
+                f"annotation json {where}: no image has a valid mask for every box, "
+                f"so data.skip_invalid leaves no training image (first: annotation "
+                f"id {first[0]}: {first[1]})"
+            )
+        logger.warning(
+            "%s: left out %d of %d images with boxes lacking a valid mask "
+            "(data.skip_invalid); first: annotation id %d: %s",
+            where,
+            len(bad_images),
+            flat.num_images,
+            first[0],
+            first[1],
+        )
         return _subset(flat, keep)
 
     def load_masks(self, i: int) -> torch.Tensor:
@@ -187,9 +217,11 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         w, h = self.annotations.widths, self.annotations.heights
         if np.any(h <= 0) or np.any(w <= 0):
             k = int(np.flatnonzero((h <= 0) | (w <= 0))[0])
-            raise ValueError(f"image id {self.image_ids[k]} in {self.json_path or '<dict>'} has "
-                             f"width {w[k]} / height {h[k]}; aspect-ratio grouping needs the "
-                             "'width' and 'height' fields of every image")
+            raise ValueError(
+                f"image id {self.image_ids[k]} in {self.json_path or '<dict>'} has "
+                f"width {w[k]} / height {h[k]}; aspect-ratio grouping needs the "
+                "'width' and 'height' fields of every image"
+            )
         return torch.from_numpy(w / h)
 
     def image_labels(self, i: int) -> set[int]:
@@ -210,11 +242,15 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
         if "file_name" in info:
             return os.path.join(self.image_root, info["file_name"])
         if "coco_url" not in info:
-            raise ValueError(f"image id {self.image_ids[i]} in {self.json_path or '<dict>'} has "
-                             "neither 'file_name' nor 'coco_url'; add one of them")
+            raise ValueError(
+                f"image id {self.image_ids[i]} in {self.json_path or '<dict>'} has "
+                "neither 'file_name' nor 'coco_url'; add one of them"
+            )
         split, base = info["coco_url"].split("/")[-2:]
-        candidates = [os.path.join(self.image_root, split, base),
-                      os.path.join(self.image_root, base)]
+        candidates = [
+            os.path.join(self.image_root, split, base),
+            os.path.join(self.image_root, base),
+        ]
         return next((p for p in candidates if os.path.isfile(p)), candidates[0])
 
     def load_image(self, i: int) -> np.ndarray:
@@ -225,22 +261,28 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
             raise FileNotFoundError(
                 f"image file {path!r} (image id {image_id}, json {self.json_path or '<dict>'}) "
                 f"does not exist; check that image_root {self.image_root!r} holds the images "
-                "(see docs/data.md for the layout)")
+                "(see docs/data.md for the layout)"
+            )
         # Raw pixel order first, as torchvision's COCO reference (PIL without EXIF transpose)
         # reads COCO; a file whose json size matches only its EXIF-rotated view is read rotated.
         with open(path, "rb") as f:
             data = f.read()
-        fix = ("re-download it, remove the image from the json, or set data.skip_invalid: true "
-               "to skip it")
+        fix = (
+            "re-download it, remove the image from the json, or set data.skip_invalid: true "
+            "to skip it"
+        )
         cut = truncation(data)
         if cut is not None:
-            raise CorruptImageError(f"image file {path!r} (image id {image_id}) is corrupt: "
-                                    f"{cut}; {fix}")
+            raise CorruptImageError(
+                f"image file {path!r} (image id {image_id}) is corrupt: {cut}; {fix}"
+            )
         buffer = np.frombuffer(data, np.uint8)
         bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None:
-            raise CorruptImageError(f"could not decode image file {path!r} (image id "
-                                    f"{image_id}): the file is corrupt or not an image; {fix}")
+            raise CorruptImageError(
+                f"could not decode image file {path!r} (image id "
+                f"{image_id}): the file is corrupt or not an image; {fix}"
+            )
         jw, jh = self.annotations.widths[i], self.annotations.heights[i]
         if jw > 0 and jh > 0 and bgr.shape[:2] != (jh, jw):
             rotated = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
@@ -251,7 +293,8 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                 raise ValueError(
                     f"image file {path!r} (image id {image_id}) decodes to {w}x{h} but the json "
                     f"says {int(jw)}x{int(jh)}; the boxes would be misplaced - fix the json's "
-                    "width/height or the image file")
+                    "width/height or the image file"
+                )
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
     def _load_or_substitute(self, i: int):
@@ -267,8 +310,11 @@ class _JsonDetection(torch.utils.data.Dataset, abc.ABC):
                     raise
                 if j not in self._corrupt_warned:
                     self._corrupt_warned.add(j)
-                    logger.warning("%s; skipped (data.skip_invalid): the next image that "
-                                   "decodes takes its place in the batch", e)
+                    logger.warning(
+                        "%s; skipped (data.skip_invalid): the next image that "
+                        "decodes takes its place in the batch",
+                        e,
+                    )
         raise CorruptImageError(f"no image of {self.json_path or '<dict>'} decodes")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -307,11 +353,19 @@ def _subset(flat: FlatAnnotations, keep: np.ndarray) -> FlatAnnotations:
     offsets = np.zeros(keep.size + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     return FlatAnnotations(
-        image_ids=flat.image_ids[keep], widths=flat.widths[keep], heights=flat.heights[keep],
-        cat_ids=flat.cat_ids, class_names=flat.class_names, ann_ids=flat.ann_ids[ann_keep],
+        image_ids=flat.image_ids[keep],
+        widths=flat.widths[keep],
+        heights=flat.heights[keep],
+        cat_ids=flat.cat_ids,
+        class_names=flat.class_names,
+        ann_ids=flat.ann_ids[ann_keep],
         ann_image_index=new_index[flat.ann_image_index[ann_keep]],
-        ann_labels=flat.ann_labels[ann_keep], ann_boxes=flat.ann_boxes[ann_keep],
-        ann_offsets=offsets, json_path=flat.json_path, frequency=flat.frequency)
+        ann_labels=flat.ann_labels[ann_keep],
+        ann_boxes=flat.ann_boxes[ann_keep],
+        ann_offsets=offsets,
+        json_path=flat.json_path,
+        frequency=flat.frequency,
+    )
 
 
 class LVISDetection(_JsonDetection):
@@ -339,20 +393,31 @@ def detect_format(data: Mapping) -> str:
     images = data.get("images", [])
     first = images[0] if images else {}
     cats = data.get("categories", [])
-    if ("neg_category_ids" in first or "not_exhaustive_category_ids" in first
-            or (cats and "frequency" in cats[0]) or ("coco_url" in first and "file_name" not in first)):
+    if (
+        "neg_category_ids" in first
+        or "not_exhaustive_category_ids" in first
+        or (cats and "frequency" in cats[0])
+        or ("coco_url" in first and "file_name" not in first)
+    ):
         return "lvis"
     return "coco"
 
 
-def build_dataset(json: str | os.PathLike | Mapping, image_root: str | os.PathLike,
-                  format: str = "auto", transforms: Callable | None = None,
-                  **kwargs: Any) -> "LVISDetection | COCODetection":
+def build_dataset(
+    json: str | os.PathLike | Mapping,
+    image_root: str | os.PathLike,
+    format: str = "auto",
+    transforms: Callable | None = None,
+    **kwargs: Any,
+) -> LVISDetection | COCODetection:
     """`LVISDetection` or `COCODetection` for ``format`` in auto | lvis | coco; ``kwargs`` go to
     the constructor (``filter_empty``, ``skip_invalid``, ``masks``)."""
     data, path = load_json_dict(json)
     fmt = detect_format(data) if format == "auto" else format
-    classes = {"lvis": LVISDetection, "coco": COCODetection}
+    classes: dict[str, type[LVISDetection] | type[COCODetection]] = {
+        "lvis": LVISDetection,
+        "coco": COCODetection,
+    }
     if fmt not in classes:
         raise ValueError(f"data.format must be one of auto, lvis, coco; got {format!r}")
     return classes[fmt](data, image_root, transforms, json_path=path, **kwargs)

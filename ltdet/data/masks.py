@@ -13,6 +13,7 @@ error naming the json, the annotation id and the fix (`MaskError`).
 Shapes: ``decode_masks`` returns uint8 ``[K, H, W]`` (0 / 1), torchvision Mask R-CNN's
 ``targets[i]["masks"]`` layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ import torch
 
 __all__ = ["MASK_FIX", "MaskError", "ann_to_rle", "decode_masks", "segmentation_problem"]
 
-MASK_FIX = ("fix or remove the annotation, or set data.skip_invalid: true to leave its image out "
-            "of training")
+MASK_FIX = (
+    "fix or remove the annotation, or set data.skip_invalid: true to leave its image out "
+    "of training"
+)
 
 # The alphabet of pycocotools' compressed RLE strings (maskApi.c rleToString): 6-bit groups + 48.
 _RLE_MIN, _RLE_MAX = 48, 48 + 63
@@ -40,8 +43,10 @@ def _polygon_problem(poly: Any) -> str | None:
     if not isinstance(poly, (list, tuple)):
         return f"a polygon is a {type(poly).__name__}, not a list of coordinates"
     if len(poly) < 6 or len(poly) % 2:
-        return (f"a polygon has {len(poly)} coordinates; a polygon is a flat list "
-                "[x1, y1, x2, y2, ...] of at least 3 points (an even number >= 6)")
+        return (
+            f"a polygon has {len(poly)} coordinates; a polygon is a flat list "
+            "[x1, y1, x2, y2, ...] of at least 3 points (an even number >= 6)"
+        )
     try:
         # bool is an int to isfinite; a json coordinate is never one
         if not all(map(math.isfinite, poly)) or any(type(v) is bool for v in poly):
@@ -92,15 +97,20 @@ def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
                 return f"its 'segmentation' is not a valid polygon list: {why}"
         return None
     if not isinstance(seg, Mapping) or "counts" not in seg or "size" not in seg:
-        return (f"its 'segmentation' is a {type(seg).__name__} that is neither a polygon list "
-                "nor an RLE {'size': [height, width], 'counts': ...}")
+        return (
+            f"its 'segmentation' is a {type(seg).__name__} that is neither a polygon list "
+            "nor an RLE {'size': [height, width], 'counts': ...}"
+        )
     size = seg["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(type(v) is int for v in size)):
+    if not (
+        isinstance(size, (list, tuple)) and len(size) == 2 and all(type(v) is int for v in size)
+    ):
         return f"its RLE 'size' is {size!r}; expected [height, width]"
     if list(size) != [height, width]:
-        return (f"its RLE size [height, width] {list(size)} differs from its image's "
-                f"[{height}, {width}] (masks must be in the image's pixels)")
+        return (
+            f"its RLE size [height, width] {list(size)} differs from its image's "
+            f"[{height}, {width}] (masks must be in the image's pixels)"
+        )
     counts = seg["counts"]
     if isinstance(counts, list):
         if not all(type(v) is int and v >= 0 for v in counts):
@@ -117,8 +127,10 @@ def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
     else:
         return f"its RLE counts are a {type(counts).__name__}, not a string or a list of ints"
     if sum(runs) != height * width:
-        return (f"its RLE run lengths add up to {sum(runs)} pixels, not height * width = "
-                f"{height * width}")
+        return (
+            f"its RLE run lengths add up to {sum(runs)} pixels, not height * width = "
+            f"{height * width}"
+        )
     return None
 
 
@@ -129,8 +141,10 @@ def ann_to_rle(seg: Any, height: int, width: int) -> dict:
     if isinstance(seg["counts"], list):
         return mask_utils.frPyObjects(seg, height, width)
     counts = seg["counts"]
-    return {"size": list(seg["size"]),
-            "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return {
+        "size": list(seg["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def decode_masks(segs: Sequence[Any], height: int, width: int) -> torch.Tensor:

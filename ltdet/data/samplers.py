@@ -15,11 +15,12 @@ The list is computed in ``set_epoch``, which makes ``__len__`` exact.
 - `GroupedBatchSampler`: batches of one aspect-ratio group (w >= h vs w < h), finite.
 - `InferenceSampler`: contiguous shards for distributed evaluation, no duplicates.
 """
+
 from __future__ import annotations
 
 import abc
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, Sized, cast
 
 import numpy as np
 import torch
@@ -30,9 +31,19 @@ from ltdet.spec import SpecError, build_from_spec, check_number, spec_keys
 
 from .class_stats import FlatAnnotations
 
-__all__ = ["ClassAwareSampler", "DATA_SAMPLERS", "DATA_SAMPLER_KEYS", "GroupedBatchSampler",
-           "InferenceSampler", "RepeatFactorSampler", "aspect_ratio_group_ids",
-           "build_train_sampler", "class_repeat_factors", "group_batches", "repeat_factors"]
+__all__ = [
+    "ClassAwareSampler",
+    "DATA_SAMPLERS",
+    "DATA_SAMPLER_KEYS",
+    "GroupedBatchSampler",
+    "InferenceSampler",
+    "RepeatFactorSampler",
+    "aspect_ratio_group_ids",
+    "build_train_sampler",
+    "class_repeat_factors",
+    "group_batches",
+    "repeat_factors",
+]
 
 
 def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -43,8 +54,10 @@ def _resolve_world(num_replicas: int | None, rank: int | None) -> tuple[int, int
         rank = dist.get_rank() if initialised else 0
     num_replicas, rank = int(num_replicas), int(rank)
     if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(f"sampler: need num_replicas >= 1 and 0 <= rank < num_replicas, got "
-                         f"num_replicas={num_replicas}, rank={rank}")
+        raise ValueError(
+            f"sampler: need num_replicas >= 1 and 0 <= rank < num_replicas, got "
+            f"num_replicas={num_replicas}, rank={rank}"
+        )
     return num_replicas, rank
 
 
@@ -81,8 +94,9 @@ def _class_repeat_factors(img, lab, num_classes, threshold, sqrt) -> torch.Tenso
     return (torch.sqrt(ratio) if sqrt else ratio).clamp(min=1.0)
 
 
-def class_repeat_factors(json_or_dataset, threshold: float = 1e-3,
-                         sqrt: bool = True) -> torch.Tensor:
+def class_repeat_factors(
+    json_or_dataset, threshold: float = 1e-3, sqrt: bool = True
+) -> torch.Tensor:
     """Per-class repeat factors ``r_c``, float64 ``[C]`` (index i = label i + 1); see
     `repeat_factors` for the definition."""
     if threshold <= 0:
@@ -138,7 +152,7 @@ class _EpochSampler(Sampler[int], abc.ABC):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self._indices = self.epoch_indices(self.epoch)[self.rank::self.num_replicas].tolist()
+        self._indices = self.epoch_indices(self.epoch)[self.rank :: self.num_replicas].tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices)
@@ -155,16 +169,26 @@ class RepeatFactorSampler(_EpochSampler):
     #: The `data.sampler` keys of ``type: repeat_factor``; their defaults are `repeat_factors`'s.
     SPEC_KEYS = ("threshold", "sqrt")
 
-    def __init__(self, repeat_factors: torch.Tensor | Sequence[float], seed: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None, shuffle: bool = True):
+    def __init__(
+        self,
+        repeat_factors: torch.Tensor | Sequence[float],
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+    ):
         super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
         rf = torch.as_tensor(repeat_factors, dtype=torch.float64).reshape(-1)
         if rf.numel() == 0:
-            raise ValueError("RepeatFactorSampler: empty repeat factors (the data set has no images)")
+            raise ValueError(
+                "RepeatFactorSampler: empty repeat factors (the data set has no images)"
+            )
         if not torch.isfinite(rf).all() or (rf < 0).any():
             raise ValueError("RepeatFactorSampler: repeat factors must be finite and >= 0")
         if rf.sum() <= 0:
-            raise ValueError("RepeatFactorSampler: all repeat factors are 0, an epoch would be empty")
+            raise ValueError(
+                "RepeatFactorSampler: all repeat factors are 0, an epoch would be empty"
+            )
         self.repeat_factors = rf
         self.shuffle = bool(shuffle)
         self._int_part = torch.floor(rf)
@@ -172,8 +196,9 @@ class RepeatFactorSampler(_EpochSampler):
         self.set_epoch(0)
 
     @classmethod
-    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
-                    rank: int) -> "RepeatFactorSampler":
+    def from_config(
+        cls, spec: Mapping, *, dataset, seed: int, num_replicas: int, rank: int
+    ) -> RepeatFactorSampler:
         """``data.sampler: {type: repeat_factor, threshold, sqrt}`` over ``dataset``."""
         options = {k: v for k, v in spec.items() if k != "type"}
         if "threshold" in options:
@@ -181,8 +206,9 @@ class RepeatFactorSampler(_EpochSampler):
             options["threshold"] = float(options["threshold"])
         if "sqrt" in options and not isinstance(options["sqrt"], bool):
             raise SpecError(f"data.sampler.sqrt must be true or false, got {options['sqrt']!r}")
-        return cls(repeat_factors(dataset, **options), seed=seed, num_replicas=num_replicas,
-                   rank=rank)
+        return cls(
+            repeat_factors(dataset, **options), seed=seed, num_replicas=num_replicas, rank=rank
+        )
 
     def _draw(self, generator):
         extra = torch.rand(self._frac_part.shape, generator=generator, dtype=torch.float64)
@@ -204,13 +230,21 @@ class ClassAwareSampler(_EpochSampler):
     #: The `data.sampler` keys of ``type: class_aware``; their defaults are ``__init__``'s.
     SPEC_KEYS = ("num_samples",)
 
-    def __init__(self, dataset_or_image_labels, num_samples: int | None = None, seed: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None):
+    def __init__(
+        self,
+        dataset_or_image_labels,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
         super().__init__(seed=seed, num_replicas=num_replicas, rank=rank)
         img, lab, num_images, _ = _image_label_pairs(dataset_or_image_labels)
         if img.size == 0:
-            raise ValueError("ClassAwareSampler: no image has an annotation, there is no class "
-                             "to sample from; use data.sampler.type: default")
+            raise ValueError(
+                "ClassAwareSampler: no image has an annotation, there is no class "
+                "to sample from; use data.sampler.type: default"
+            )
         order = np.lexsort((img, lab))
         self._images = torch.from_numpy(img[order])
         classes, starts, counts = np.unique(lab[order], return_index=True, return_counts=True)
@@ -223,8 +257,9 @@ class ClassAwareSampler(_EpochSampler):
         self.set_epoch(0)
 
     @classmethod
-    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
-                    rank: int) -> "ClassAwareSampler":
+    def from_config(
+        cls, spec: Mapping, *, dataset, seed: int, num_replicas: int, rank: int
+    ) -> ClassAwareSampler:
         """``data.sampler: {type: class_aware, num_samples}`` over ``dataset``."""
         options = {k: v for k, v in spec.items() if k != "type"}
         return cls(dataset, seed=seed, num_replicas=num_replicas, rank=rank, **options)
@@ -233,8 +268,11 @@ class ClassAwareSampler(_EpochSampler):
         # Draw a full multiple of num_replicas: i.i.d. draws need no padding duplicates.
         n = math.ceil(self.num_samples / self.num_replicas) * self.num_replicas
         cls = torch.randint(self.classes.numel(), (n,), generator=generator)
-        offset = (torch.rand(n, generator=generator, dtype=torch.float64)
-                  * self._counts[cls]).long().clamp(max=self._counts[cls] - 1)
+        offset = (
+            (torch.rand(n, generator=generator, dtype=torch.float64) * self._counts[cls])
+            .long()
+            .clamp(max=self._counts[cls] - 1)
+        )
         return self._images[self._starts[cls] + offset]
 
 
@@ -273,8 +311,9 @@ class GroupedBatchSampler(Sampler[list]):
     sampler is yielded exactly once and ``len == ceil(len(sampler) / batch_size)``, which is
     equal across ranks when the sampler's shards are. ``group_ids=None``: one group."""
 
-    def __init__(self, sampler: Sampler, group_ids: Sequence[int] | torch.Tensor | None,
-                 batch_size: int):
+    def __init__(
+        self, sampler: Sampler, group_ids: Sequence[int] | torch.Tensor | None, batch_size: int
+    ):
         if int(batch_size) < 1:
             raise ValueError(f"GroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
@@ -296,10 +335,11 @@ class GroupedBatchSampler(Sampler[list]):
                 buckets[g] = []
         leftovers = [i for _, i in sorted(p for b in buckets.values() for p in b)]
         for k in range(0, len(leftovers), self.batch_size):
-            yield leftovers[k:k + self.batch_size]
+            yield leftovers[k : k + self.batch_size]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
+        # torch's Sampler declares no __len__; the wrapped one must have it (docstring)
+        return math.ceil(len(cast(Sized, self.sampler)) / self.batch_size)
 
 
 class _ShuffledSampler(DistributedSampler):
@@ -309,22 +349,32 @@ class _ShuffledSampler(DistributedSampler):
     SPEC_KEYS = ()
 
     @classmethod
-    def from_config(cls, spec: Mapping, *, dataset, seed: int, num_replicas: int,
-                    rank: int) -> "_ShuffledSampler":
-        return cls(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                   drop_last=False)
+    def from_config(
+        cls, spec: Mapping, *, dataset, seed: int, num_replicas: int, rank: int
+    ) -> _ShuffledSampler:
+        return cls(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
 
 
 #: `data.sampler.type` -> its index sampler (built by `build_from_spec`).
-DATA_SAMPLERS = {"default": _ShuffledSampler, "repeat_factor": RepeatFactorSampler,
-                 "class_aware": ClassAwareSampler}
+DATA_SAMPLERS = {
+    "default": _ShuffledSampler,
+    "repeat_factor": RepeatFactorSampler,
+    "class_aware": ClassAwareSampler,
+}
 #: `data.sampler.type` -> the keys it accepts besides `type` (also checked at config load,
 #: `ltdet.component_check`)
 DATA_SAMPLER_KEYS = {name: tuple(spec_keys(cls)) for name, cls in DATA_SAMPLERS.items()}
 
 
-def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = None,
-                        rank: int | None = None, seed: int = 0) -> GroupedBatchSampler:
+def build_train_sampler(
+    cfg_data: Mapping,
+    dataset,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+) -> GroupedBatchSampler:
     """Batch sampler for ``cfg_data["sampler"]`` (`DATA_SAMPLERS`):
 
     ``{type: default}`` (shuffled, seeded, sharded, finite: torch's `DistributedSampler`),
@@ -337,15 +387,25 @@ def build_train_sampler(cfg_data: Mapping, dataset, num_replicas: int | None = N
     if len(dataset) == 0:
         raise ValueError("build_train_sampler: the training data set is empty")
     # a null spec (`data.sampler: null`) is the default sampler
-    sampler = build_from_spec(DATA_SAMPLERS, "data.sampler", cfg_data["sampler"] or {},
-                              default_type="default", dataset=dataset, seed=seed,
-                              num_replicas=num_replicas, rank=rank)
+    sampler = build_from_spec(
+        DATA_SAMPLERS,
+        "data.sampler",
+        cfg_data["sampler"] or {},
+        default_type="default",
+        dataset=dataset,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
     return group_batches(sampler, dataset, cfg_data)
 
 
 def group_batches(sampler: Sampler, dataset, cfg_data: Mapping) -> GroupedBatchSampler:
     """An index sampler -> batches of ``cfg_data["batch_size"]``, grouped by aspect ratio when
     ``cfg_data["aspect_ratio_grouping"]``."""
-    groups = (aspect_ratio_group_ids(dataset.aspect_ratios())
-              if cfg_data["aspect_ratio_grouping"] else None)
+    groups = (
+        aspect_ratio_group_ids(dataset.aspect_ratios())
+        if cfg_data["aspect_ratio_grouping"]
+        else None
+    )
     return GroupedBatchSampler(sampler, groups, cfg_data["batch_size"])

@@ -12,6 +12,7 @@ identity).
 
 Random choices use torch's global generator, which the DataLoader seeds per worker.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Sequence
@@ -21,8 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Compose", "RandomHorizontalFlip", "ResizeShortestEdge", "ToTensor", "build_transforms",
-           "resize_masks"]
+__all__ = [
+    "Compose",
+    "RandomHorizontalFlip",
+    "ResizeShortestEdge",
+    "ToTensor",
+    "build_transforms",
+    "resize_masks",
+]
 
 
 class Compose:
@@ -48,7 +55,8 @@ def resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if masks.shape[0] == 0:
         return masks.new_zeros((0, height, width))
     return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(
-        masks.dtype)
+        masks.dtype
+    )
 
 
 class ResizeShortestEdge:
@@ -64,9 +72,13 @@ class ResizeShortestEdge:
     def __init__(self, min_sizes: int | Sequence[int], max_size: int):
         sizes = (min_sizes,) if isinstance(min_sizes, (int, np.integer)) else tuple(min_sizes)
         if len(sizes) == 0 or any(int(s) <= 0 for s in sizes):
-            raise ValueError(f"ResizeShortestEdge: min_sizes must be positive sizes, got {min_sizes!r}")
+            raise ValueError(
+                f"ResizeShortestEdge: min_sizes must be positive sizes, got {min_sizes!r}"
+            )
         if max_size is None or int(max_size) <= 0:
-            raise ValueError(f"ResizeShortestEdge: max_size must be a positive size, got {max_size!r}")
+            raise ValueError(
+                f"ResizeShortestEdge: max_size must be a positive size, got {max_size!r}"
+            )
         self.min_sizes = tuple(int(s) for s in sizes)
         self.max_size = int(max_size)
 
@@ -131,7 +143,9 @@ class ToTensor:
     """HWC uint8 RGB ndarray -> FloatTensor ``[3, H, W]`` in ``[0, 1]``."""
 
     def __call__(self, image: np.ndarray, target: dict):
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        tensor = (
+            torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        )
         return tensor, target
 
     def __repr__(self):

@@ -10,6 +10,7 @@ Checkpoint contents (a dict saved with `torch.save`):
   optimizer steps done), config, and `rank_states`: one entry per rank with its data position
   (epoch, batches consumed in that epoch) and its python / numpy / torch (CPU and CUDA) RNG states.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,11 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -72,7 +76,7 @@ class Checkpointer:
         logger.info("saved checkpoint %s", path)
         if self.keep is not None:
             keep = {Path(p) for p in protect} | {path}
-            for old in self.checkpoints()[:-self.keep]:
+            for old in self.checkpoints()[: -self.keep]:
                 if old not in keep:
                     old.unlink()
                     logger.info("removed %s (solver.keep_checkpoints=%d)", old, self.keep)
@@ -102,7 +106,8 @@ class Checkpointer:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{pointer} names {name}, which does not exist in {self.folder}; delete the "
-                "pointer to start from scratch, or write the name of an existing checkpoint in it")
+                "pointer to start from scratch, or write the name of an existing checkpoint in it"
+            )
         return path
 
     def load_last(self) -> tuple[Path | None, dict | None]:
@@ -127,12 +132,17 @@ class Checkpointer:
                 errors.append(f"{path.name}: {e}")
                 continue
             if errors:
-                logger.warning("--resume: %s; resuming from %s, the newest checkpoint that "
-                               "loads", "; ".join(errors), path)
+                logger.warning(
+                    "--resume: %s; resuming from %s, the newest checkpoint that loads",
+                    "; ".join(errors),
+                    path,
+                )
             return path, ckpt
-        raise CheckpointError(f"--resume: no checkpoint in {self.folder} loads "
-                              f"({'; '.join(errors)}); start a new run (another output_dir, "
-                              f"or --overwrite)")
+        raise CheckpointError(
+            f"--resume: no checkpoint in {self.folder} loads "
+            f"({'; '.join(errors)}); start a new run (another output_dir, "
+            f"or --overwrite)"
+        )
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -141,11 +151,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # Checkpoints hold RNG states and the config (numpy / python objects), hence not weights_only.
+        # Checkpoints hold RNG states and the config (numpy / python objects), hence not
+        # weights_only.
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}; the file is damaged or not a "
-                           "torch checkpoint") from e
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e}; the file is damaged or not a torch checkpoint"
+        ) from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not an ltdet checkpoint (no 'model' entry)")
     return ckpt

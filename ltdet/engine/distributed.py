@@ -36,6 +36,7 @@ the calls here return before the GPU work completes, so they rarely see the erro
 The default of 1800 s leaves room for a slow evaluation on rank 0 while the other ranks wait at a
 barrier; lower `dist_timeout` to notice a stalled rank sooner, raise it for very long evaluations.
 """
+
 import contextlib
 import datetime
 import logging
@@ -56,9 +57,11 @@ _timeout_s = None
 
 # Backend messages meaning "some rank did not take part within the timeout" / "a peer is gone".
 _TIMEOUT_RE = re.compile(r"timed out|timeout", re.IGNORECASE)
-_PEER_LOST_RE = re.compile(r"connection (closed|reset) by peer|broken pipe|connection refused"
-                           r"|(read|write) error|socket closed|peer .*(closed|crashed)",
-                           re.IGNORECASE)
+_PEER_LOST_RE = re.compile(
+    r"connection (closed|reset) by peer|broken pipe|connection refused"
+    r"|(read|write) error|socket closed|peer .*(closed|crashed)",
+    re.IGNORECASE,
+)
 _SOURCE_PREFIX_RE = re.compile(r"^\s*\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*")
 
 
@@ -69,8 +72,9 @@ class CollectiveTimeout(RuntimeError):
     group timeout, None if unknown) and `peer_lost` (True when a peer's connection closed rather
     than the timeout expiring). The backend's exception is the `__cause__`."""
 
-    def __init__(self, message: str, *, rank: int, op: str, timeout_s=None,
-                 peer_lost: bool = False):
+    def __init__(
+        self, message: str, *, rank: int, op: str, timeout_s=None, peer_lost: bool = False
+    ):
         super().__init__(message)
         self.rank, self.op, self.timeout_s, self.peer_lost = rank, op, timeout_s, peer_lost
 
@@ -131,15 +135,22 @@ def _classify(exc: BaseException):
 
 
 def _message(kind: str, op: str, rank: int, timeout_s, backend_msg: str) -> str:
-    setting = (f"process group timeout dist_timeout={_fmt_s(timeout_s)}" if timeout_s is not None
-               else "process group timeout dist_timeout")
+    setting = (
+        f"process group timeout dist_timeout={_fmt_s(timeout_s)}"
+        if timeout_s is not None
+        else "process group timeout dist_timeout"
+    )
     within = f" within {_fmt_s(timeout_s)} s" if timeout_s is not None else ""
     if kind == "peer_lost":
-        what = (f"failed: the connection to another rank was lost (it died or exited) before "
-                f"the operation completed ({setting})")
+        what = (
+            f"failed: the connection to another rank was lost (it died or exited) before "
+            f"the operation completed ({setting})"
+        )
     else:
-        what = (f"did not complete{within}: another rank stalled or died ({setting}; raise it "
-                f"if a rank is legitimately that slow, e.g. a long evaluation on rank 0)")
+        what = (
+            f"did not complete{within}: another rank stalled or died ({setting}; raise it "
+            f"if a rank is legitimately that slow, e.g. a long evaluation on rank 0)"
+        )
     backend_msg = " ".join(_SOURCE_PREFIX_RE.sub("", backend_msg).split())
     if len(backend_msg) > 200:
         backend_msg = backend_msg[:200] + "..."
@@ -157,8 +168,13 @@ def _guard(op: str, rank=None):
             raise
         rank = get_rank() if rank is None else rank
         timeout_s = _pg_timeout_s()
-        raise CollectiveTimeout(_message(kind, op, rank, timeout_s, str(e)), rank=rank, op=op,
-                                timeout_s=timeout_s, peer_lost=kind == "peer_lost") from e
+        raise CollectiveTimeout(
+            _message(kind, op, rank, timeout_s, str(e)),
+            rank=rank,
+            op=op,
+            timeout_s=timeout_s,
+            peer_lost=kind == "peer_lost",
+        ) from e
 
 
 def barrier(op: str = "barrier") -> None:
@@ -175,8 +191,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was requested but torch.cuda.is_available() is False;"
-                               " set device: auto or cpu")
+            raise RuntimeError(
+                "device: cuda was requested but torch.cuda.is_available() is False;"
+                " set device: auto or cpu"
+            )
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
@@ -201,11 +219,17 @@ def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         rank = int(os.environ.get("RANK", "0"))
         with _guard("init_process_group (rendezvous of all ranks)", rank=rank):
-            dist.init_process_group(backend=backend, init_method="env://",
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(
+                backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s)
+            )
         _timeout_s = timeout_s
-        logger.info("initialised %s process group: rank %d of %d (timeout %s s)", backend,
-                    get_rank(), world_size, _fmt_s(timeout_s))
+        logger.info(
+            "initialised %s process group: rank %d of %d (timeout %s s)",
+            backend,
+            get_rank(),
+            world_size,
+            _fmt_s(timeout_s),
+        )
     return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev)
 
 

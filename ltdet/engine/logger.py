@@ -12,6 +12,7 @@ CUDA memory, or peak process RSS on CPU). A window whose steps were all skipped 
 `solver.skip_nonfinite`) has no loss keys. Evaluation lines hold `iter` and `eval` (the metrics
 dict); `{"iter", "skipped", "nonfinite"}` lines record each skipped step.
 """
+
 import json
 import logging
 import math
@@ -20,8 +21,12 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional, TextIO
 
 import torch
+
+if TYPE_CHECKING:  # a heavy import, done at run time only by the main process (see __init__)
+    from torch.utils.tensorboard import SummaryWriter
 
 _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 
@@ -30,10 +35,21 @@ def setup_console_logging(rank: int = 0) -> None:
     """For command-line tools: one stderr handler on the root logger (INFO on rank 0, WARNING on
     the others). Installed before anything else configures logging (the `lvis` package calls
     `logging.basicConfig` when imported; this pre-empts it), so every line prints once."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=_FORMAT,
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=_FORMAT,
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     # lvis logs every json load at INFO ("Loading annotations", "Creating index", ...)
     logging.getLogger("lvis").setLevel(logging.WARNING)
+
+
+class _RunFileHandler(logging.FileHandler):
+    """The log.txt handler of `setup_logging`; `_ltdet` marks it for removal by the next call."""
+
+    _ltdet = True
 
 
 def setup_logging(output_dir=None, rank: int = 0) -> None:
@@ -48,10 +64,9 @@ def setup_logging(output_dir=None, rank: int = 0) -> None:
             h.close()
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        h = logging.FileHandler(Path(output_dir) / "log.txt")
-        h.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
-        h._ltdet = True
-        root.addHandler(h)
+        handler = _RunFileHandler(Path(output_dir) / "log.txt")
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -88,14 +103,26 @@ def _truncate_jsonl(path: Path, start_iter: int) -> None:
 class TrainLogger:
     """Collects per-iteration losses and timings; writes log.jsonl, TensorBoard and the bar."""
 
-    def __init__(self, output_dir, *, max_iter: int, start_iter: int, log_period: int,
-                 enabled: bool = True, progress: bool = True):
+    # None until __init__ opens them (main process only)
+    _writer: Optional["SummaryWriter"]
+    _jsonl: Optional[TextIO]
+
+    def __init__(
+        self,
+        output_dir,
+        *,
+        max_iter: int,
+        start_iter: int,
+        log_period: int,
+        enabled: bool = True,
+        progress: bool = True,
+    ):
         self.enabled = enabled
         self.max_iter = max_iter
         self.log_period = max(int(log_period), 1)
-        self._window = defaultdict(list)
-        self._counts = defaultdict(int)
-        self.count_totals = defaultdict(int)
+        self._window: defaultdict[str, list[float]] = defaultdict(list)
+        self._counts: defaultdict[str, int] = defaultdict(int)
+        self.count_totals: defaultdict[str, int] = defaultdict(int)
         self._start_time = time.perf_counter()
         self._start_iter = start_iter
         self._bar = None
@@ -108,17 +135,35 @@ class TrainLogger:
         _truncate_jsonl(out / "log.jsonl", start_iter)
         self._jsonl = open(out / "log.jsonl", "a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter  # heavy import: main process only
+
         self._writer = SummaryWriter(log_dir=str(out), purge_step=start_iter or None)
         if progress:
             from tqdm import tqdm
-            tty = sys.stderr.isatty()
-            self._bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it",
-                             dynamic_ncols=True, mininterval=1.0 if tty else 30.0,
-                             file=sys.stderr)
 
-    def update(self, it: int, *, epoch: int, lr: float, losses: dict | None, time_s: float,
-               data_time_s: float, device: torch.device, counts: dict | None = None,
-               grad_norm: float | None = None) -> None:
+            tty = sys.stderr.isatty()
+            self._bar = tqdm(
+                total=max_iter,
+                initial=start_iter,
+                desc="train",
+                unit="it",
+                dynamic_ncols=True,
+                mininterval=1.0 if tty else 30.0,
+                file=sys.stderr,
+            )
+
+    def update(
+        self,
+        it: int,
+        *,
+        epoch: int,
+        lr: float,
+        losses: dict | None,
+        time_s: float,
+        data_time_s: float,
+        device: torch.device,
+        counts: dict | None = None,
+        grad_norm: float | None = None,
+    ) -> None:
         """Record iteration `it` (steps done so far, 1-based); write a line every log_period.
 
         losses are averaged over the log window; `counts` (e.g. sampled instances per frequency
@@ -128,6 +173,7 @@ class TrainLogger:
         """
         if not self.enabled:
             return
+        jsonl, writer = self._outputs()
         for k, v in (losses or {}).items():
             self._window[k].append(v)
         if grad_norm is not None and math.isfinite(grad_norm):
@@ -142,8 +188,9 @@ class TrainLogger:
         if it % self.log_period and it != self.max_iter:
             return
         avg = {k: sum(v) / len(v) for k, v in self._window.items()}
-        peak = {f"{k}_max": max(self._window[k]) for k in ("loss", "grad_norm")
-                if self._window.get(k)}
+        peak = {
+            f"{k}_max": max(self._window[k]) for k in ("loss", "grad_norm") if self._window.get(k)
+        }
         loss_keys = [k for k in self._window if k not in ("time", "data_time", "grad_norm")]
         self._window.clear()
         done = it - self._start_iter
@@ -156,13 +203,17 @@ class TrainLogger:
         record.update(peak)
         record.update(self._counts)
         self._counts.clear()
-        record.update(time=avg["time"], data_time=avg["data_time"], eta_seconds=eta,
-                      memory_mb=peak_memory_mb(device))
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        record.update(
+            time=avg["time"],
+            data_time=avg["data_time"],
+            eta_seconds=eta,
+            memory_mb=peak_memory_mb(device),
+        )
+        jsonl.write(json.dumps(record) + "\n")
+        jsonl.flush()
         for k, v in record.items():
             if k not in ("iter", "epoch"):
-                self._writer.add_scalar(f"train/{k}", v, it)
+                writer.add_scalar(f"train/{k}", v, it)
         if self._bar is not None:
             shown = {k: f"{avg[k]:.3f}" for k in loss_keys if k == "loss" or len(loss_keys) <= 4}
             shown["lr"] = f"{lr:.2e}"
@@ -173,30 +224,42 @@ class TrainLogger:
         """One log.jsonl line for a step skipped because `terms` were non-finite."""
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"iter": it, "skipped": True, "nonfinite": list(terms)}) + "\n")
-        self._jsonl.flush()
+        jsonl, writer = self._outputs()
+        jsonl.write(json.dumps({"iter": it, "skipped": True, "nonfinite": list(terms)}) + "\n")
+        jsonl.flush()
 
     def log_eval(self, it: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        jsonl, writer = self._outputs()
         scalars = _flat_scalars(metrics)
-        self._jsonl.write(json.dumps({"iter": it, "eval": scalars}) + "\n")
-        self._jsonl.flush()
+        jsonl.write(json.dumps({"iter": it, "eval": scalars}) + "\n")
+        jsonl.flush()
         for k, v in scalars.items():
-            self._writer.add_scalar(f"eval/{k}", v, it)
+            writer.add_scalar(f"eval/{k}", v, it)
 
     def log_count_totals(self, it: int) -> None:
         """One log.jsonl line with the counts summed since this process started training (since
         the resumed iteration after --resume), and the same on the console."""
         if not self.enabled or not self.count_totals:
             return
+        jsonl, writer = self._outputs()
         totals = dict(self.count_totals)
-        self._jsonl.write(json.dumps({"iter": it, "since_iter": self._start_iter,
-                                      "count_totals": totals}) + "\n")
-        self._jsonl.flush()
+        jsonl.write(
+            json.dumps({"iter": it, "since_iter": self._start_iter, "count_totals": totals}) + "\n"
+        )
+        jsonl.flush()
         logging.getLogger("ltdet.engine").info(
-            "sampled instances per frequency group, iterations %d-%d: %s", self._start_iter + 1,
-            it, ", ".join(f"{k}={v}" for k, v in totals.items()))
+            "sampled instances per frequency group, iterations %d-%d: %s",
+            self._start_iter + 1,
+            it,
+            ", ".join(f"{k}={v}" for k, v in totals.items()),
+        )
+
+    def _outputs(self) -> tuple[TextIO, "SummaryWriter"]:
+        """log.jsonl and the TensorBoard writer, which `__init__` opens whenever enabled."""
+        assert self._jsonl is not None and self._writer is not None
+        return self._jsonl, self._writer
 
     def close_progress(self) -> None:
         if self._bar is not None:
@@ -221,4 +284,3 @@ def _flat_scalars(metrics: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)):
             out[f"{prefix}{k}"] = v
     return out
-

@@ -17,6 +17,7 @@ far (the best, not the initial loss: from scratch the initial loss is the run's 
 diverging run passes through it on the way up). The advice names the newest healthy checkpoint
 that still exists, or says to restart when there is none.
 """
+
 import math
 from pathlib import Path
 
@@ -93,12 +94,15 @@ def is_healthy(health) -> bool:
         return False
     recent = health["recent_loss"]
     best = health.get("best_loss", health.get("initial_loss"))
-    return (math.isfinite(recent) and best is not None and math.isfinite(best)
-            and recent <= HEALTHY_LOSS_RATIO * best)
+    return (
+        math.isfinite(recent)
+        and best is not None
+        and math.isfinite(best)
+        and recent <= HEALTHY_LOSS_RATIO * best
+    )
 
 
-def advice(*, lr: float, base_lr: float, clip, checkpoints: list,
-           config="CONFIG") -> str:
+def advice(*, lr: float, base_lr: float, clip, checkpoints: list, config="CONFIG") -> str:
     """How to continue after a non-finite stop, as a command to run as it is.
 
     checkpoints: [(path, health)], oldest first; config: the run's resolved config.yaml (the
@@ -106,25 +110,45 @@ def advice(*, lr: float, base_lr: float, clip, checkpoints: list,
     healthy = [path for path, health in checkpoints if is_healthy(health) and Path(path).is_file()]
     new_clip = ADVISED_CLIP if clip is None else clip / 2
     opts = f"--opts solver.lr={base_lr / 2:g} solver.clip_grad_norm={new_clip:g}"
-    text = (f"Training stopped; no step with a non-finite loss or gradient was applied or "
-            f"checkpointed. The lr was {lr:.4g} (solver.lr {base_lr:g}).")
+    text = (
+        f"Training stopped; no step with a non-finite loss or gradient was applied or "
+        f"checkpointed. The lr was {lr:.4g} (solver.lr {base_lr:g})."
+    )
     if healthy:
-        return text + (f" Continue from {healthy[-1]} (the newest checkpoint whose loss was "
-                       f"within {HEALTHY_LOSS_RATIO:g}x of the run's best) with a lower "
-                       f"solver.lr and a gradient cap: tools/train.py {config} --resume-from "
-                       f"{healthy[-1]} {opts}")
-    return text + (f" No checkpoint of this run predates the divergence: restart with a lower "
-                   f"solver.lr, a longer solver.warmup_iters and a gradient cap, e.g. "
-                   f"tools/train.py {config} {opts} output_dir=NEW_DIR")
+        return text + (
+            f" Continue from {healthy[-1]} (the newest checkpoint whose loss was "
+            f"within {HEALTHY_LOSS_RATIO:g}x of the run's best) with a lower "
+            f"solver.lr and a gradient cap: tools/train.py {config} --resume-from "
+            f"{healthy[-1]} {opts}"
+        )
+    return text + (
+        f" No checkpoint of this run predates the divergence: restart with a lower "
+        f"solver.lr, a longer solver.warmup_iters and a gradient cap, e.g. "
+        f"tools/train.py {config} {opts} output_dir=NEW_DIR"
+    )
 
 
-def stop_message(*, it: int, epoch: int, terms: list, lr: float, base_lr: float, clip,
-                 streak: int, allowed: int, checkpoints: list, config="CONFIG") -> str:
+def stop_message(
+    *,
+    it: int,
+    epoch: int,
+    terms: list,
+    lr: float,
+    base_lr: float,
+    clip,
+    streak: int,
+    allowed: int,
+    checkpoints: list,
+    config="CONFIG",
+) -> str:
     """The message of the NonFiniteLossError raised at iteration `it` (1-based)."""
     what = ", ".join(terms)
     if allowed:
-        head = (f"{streak} non-finite steps in a row at iteration {it} (epoch {epoch}; "
-                f"solver.skip_nonfinite={allowed}): {what}.")
+        head = (
+            f"{streak} non-finite steps in a row at iteration {it} (epoch {epoch}; "
+            f"solver.skip_nonfinite={allowed}): {what}."
+        )
     else:
         head = f"non-finite loss at iteration {it} (epoch {epoch}): {what}."
-    return f"{head} {advice(lr=lr, base_lr=base_lr, clip=clip, checkpoints=checkpoints, config=config)}."
+    hint = advice(lr=lr, base_lr=base_lr, clip=clip, checkpoints=checkpoints, config=config)
+    return f"{head} {hint}."

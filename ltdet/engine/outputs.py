@@ -9,6 +9,7 @@ chunk of masks at a time so that no ``[N, H, W]`` float tensor of a whole image 
 already pasted at the model's input size (a model whose transform pastes) are resized to the
 original size (bilinear) before thresholding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,12 +53,15 @@ def encode_rle(masks: Tensor) -> list[dict[str, Any]]:
         return []
     # [N, W, H] C-contiguous is the memory of a Fortran-ordered [H, W, N] array
     arr = masks.to(torch.uint8).transpose(1, 2).contiguous().cpu().numpy().transpose(2, 1, 0)
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
-            for r in mask_utils.encode(np.asfortranarray(arr))]
+    return [
+        {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+        for r in mask_utils.encode(np.asfortranarray(arr))
+    ]
 
 
-def masks_to_rle(masks: Tensor, boxes: Tensor, size: tuple[int, int], *,
-                 pasted: bool = False) -> list[dict[str, Any]]:
+def masks_to_rle(
+    masks: Tensor, boxes: Tensor, size: tuple[int, int], *, pasted: bool = False
+) -> list[dict[str, Any]]:
     """RLE masks in the original image (``size`` = (h, w)) of ``masks``: ``[N, 1, M, M]`` head
     probabilities pasted with ``boxes`` (``[N, 4]`` xyxy, original pixels), or with ``pasted``
     ``[N, 1, h', w']`` probabilities already pasted at the model's input size, resized;
@@ -65,9 +69,9 @@ def masks_to_rle(masks: Tensor, boxes: Tensor, size: tuple[int, int], *,
     h, w = int(size[0]), int(size[1])
     out: list[dict[str, Any]] = []
     for a in range(0, masks.shape[0], _CHUNK):
-        m = masks[a:a + _CHUNK].float()
+        m = masks[a : a + _CHUNK].float()
         if not pasted:
-            m = paste_masks_in_image(m, boxes[a:a + _CHUNK].to(m.device).float(), (h, w))
+            m = paste_masks_in_image(m, boxes[a : a + _CHUNK].to(m.device).float(), (h, w))
         elif tuple(m.shape[-2:]) != (h, w):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
         out.extend(encode_rle(m[:, 0] > MASK_THRESHOLD))

@@ -32,6 +32,7 @@ directly) and the loss keys it sums (``Trainer.train(param_groups=..., loss_keys
 evaluate a saved stage-2 checkpoint, build the detector
 and call :func:`install_refine_head` with ``initialise=False`` before ``load_state_dict``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,17 @@ from ltdet.spec import SpecError, check_choice, check_keys, check_number
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEADS", "RefineOptions", "Stage2Setup", "freeze_module", "install_refine_head",
-           "prepare_stage2", "refine_options", "stage2_loss_keys", "trainable_parameter_names"]
+__all__ = [
+    "HEADS",
+    "RefineOptions",
+    "Stage2Setup",
+    "freeze_module",
+    "install_refine_head",
+    "prepare_stage2",
+    "refine_options",
+    "stage2_loss_keys",
+    "trainable_parameter_names",
+]
 
 HEADS = ("crt", "lws", "tau_norm", "cosine")
 #: the ``refine.cosine`` keys: :class:`CosinePredictor`'s keyword arguments (its defaults)
@@ -66,8 +76,14 @@ _COSINE_KEYS = ("scale", "learn_scale")
 _COSINE_LEARN_SCALE = inspect.signature(CosinePredictor).parameters["learn_scale"].default
 # State-dict prefixes that make up the stage-1 detector proper; everything else under roi_heads
 # (loss state, LDS/FDS statistics) may legitimately differ between the two stages' configs.
-_DETECTOR_PREFIXES = ("backbone.", "rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.",
-                      "roi_heads.mask_", "roi_heads.keypoint_")
+_DETECTOR_PREFIXES = (
+    "backbone.",
+    "rpn.",
+    "roi_heads.box_head.",
+    "roi_heads.box_predictor.",
+    "roi_heads.mask_",
+    "roi_heads.keypoint_",
+)
 _PREDICTOR_PREFIX = "roi_heads.box_predictor."
 
 
@@ -113,11 +129,15 @@ def refine_options(cfg: Mapping) -> RefineOptions:
     check_number("refine.tau", options.tau, low=0.0)
     check_keys("refine.cosine", options.cosine or {}, _COSINE_KEYS)
     if options.head == "tau_norm" and options.box:
-        raise ValueError("refine.box=true re-trains the box regressor, but refine.head=tau_norm "
-                         "trains nothing; use head crt/lws/cosine, or box=false")
+        raise ValueError(
+            "refine.box=true re-trains the box regressor, but refine.head=tau_norm "
+            "trains nothing; use head crt/lws/cosine, or box=false"
+        )
     if options.head == "tau_norm" and options.mask:
-        raise ValueError("refine.mask=true re-trains the mask branch, but refine.head=tau_norm "
-                         "trains nothing; use head crt/lws/cosine, or mask=false")
+        raise ValueError(
+            "refine.mask=true re-trains the mask branch, but refine.head=tau_norm "
+            "trains nothing; use head crt/lws/cosine, or mask=false"
+        )
     return dataclasses.replace(options, cosine=dict(options.cosine or {}))
 
 
@@ -147,8 +167,11 @@ def stage2_loss_keys(cfg: Mapping) -> tuple[str, ...]:
     (``loss_objectness``, ``loss_rpn_box_reg``) and a frozen branch's loss are dropped: nothing
     they could train is trainable."""
     options = refine_options(cfg)
-    return (("loss_classifier",) + (("loss_box_reg",) if options.box else ())
-            + (("loss_mask",) if options.mask else ()))
+    return (
+        ("loss_classifier",)
+        + (("loss_box_reg",) if options.box else ())
+        + (("loss_mask",) if options.mask else ())
+    )
 
 
 def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = True) -> nn.Module:
@@ -174,9 +197,12 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
             # The regressor and the classifier read the same features: its shape gives D and C+1;
             # the classifier's width is the stage-2 loss's (seesaw: C + 2). refine.cosine holds
             # checked keys only: CosinePredictor's keyword arguments.
-            new = CosinePredictor(predictor.bbox_pred.in_features,
-                                  predictor.bbox_pred.out_features // 4,
-                                  cls_channels=_cls_channels(roi_heads), **options.cosine)
+            new = CosinePredictor(
+                predictor.bbox_pred.in_features,
+                predictor.bbox_pred.out_features // 4,
+                cls_channels=_cls_channels(roi_heads),
+                **options.cosine,
+            )
             new.bbox_pred = predictor.bbox_pred
             roi_heads.box_predictor = new.to(predictor.bbox_pred.weight.device)
     elif initialise and head == "crt":
@@ -184,9 +210,12 @@ def install_refine_head(model: nn.Module, cfg: Mapping, *, initialise: bool = Tr
         # A stage-2 sigmoid loss needs the prior init, not bias 0 (model.cls_prior_prob).
         init_classifier_for_loss(model, prior_prob_from_cfg(cfg.get("model")))
     elif initialise and head == "tau_norm":
-        tau_normalize(predictor, float(options.tau),
-                      normalize_background=bool(options.normalize_background),
-                      keep_bias=bool(options.tau_keep_bias))
+        tau_normalize(
+            predictor,
+            float(options.tau),
+            normalize_background=bool(options.normalize_background),
+            keep_bias=bool(options.tau_keep_bias),
+        )
     return model
 
 
@@ -205,32 +234,51 @@ def _load_stage1(model: nn.Module, state_dict: Mapping, fresh_classifier: bool =
     outputs, refined with seesaw, C + 2, or the reverse) and is skipped, logged."""
     state = unwrap_state_dict(state_dict)
     own = model.state_dict()
-    required = [k for k in own if k.startswith(_DETECTOR_PREFIXES)
-                and not k.endswith("num_batches_tracked")]
+    required = [
+        k for k in own if k.startswith(_DETECTOR_PREFIXES) and not k.endswith("num_batches_tracked")
+    ]
     missing = [k for k in required if k not in state]
     classifier = _PREDICTOR_PREFIX + "cls_score."
     # same classes (C from the regressor), the other loss layout: C + 1 against seesaw's C + 2
-    num_classes = own[_PREDICTOR_PREFIX + "bbox_pred.weight"].shape[0] // 4 - 1 \
-        if _PREDICTOR_PREFIX + "bbox_pred.weight" in own else None
-    other_width = [k for k in required if k.startswith(classifier) and k in state
-                   and state[k].shape != own[k].shape and num_classes is not None
-                   and state[k].shape[1:] == own[k].shape[1:]
-                   and {state[k].shape[0], own[k].shape[0]} == {num_classes + 1, num_classes + 2}]
+    num_classes = (
+        own[_PREDICTOR_PREFIX + "bbox_pred.weight"].shape[0] // 4 - 1
+        if _PREDICTOR_PREFIX + "bbox_pred.weight" in own
+        else None
+    )
+    other_width = [
+        k
+        for k in required
+        if k.startswith(classifier)
+        and k in state
+        and state[k].shape != own[k].shape
+        and num_classes is not None
+        and state[k].shape[1:] == own[k].shape[1:]
+        and {state[k].shape[0], own[k].shape[0]} == {num_classes + 1, num_classes + 2}
+    ]
     if fresh_classifier and other_width:
-        logger.info("stage 2: the stage-1 classifier has another width (%s vs %s outputs: another "
-                    "loss's cls_channels); the stage-2 classifier starts fresh anyway",
-                    state[other_width[0]].shape[0], own[other_width[0]].shape[0])
+        logger.info(
+            "stage 2: the stage-1 classifier has another width (%s vs %s outputs: another "
+            "loss's cls_channels); the stage-2 classifier starts fresh anyway",
+            state[other_width[0]].shape[0],
+            own[other_width[0]].shape[0],
+        )
         state = {k: v for k, v in state.items() if k not in other_width}
         required = [k for k in required if k not in other_width]
-    wrong = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in required
-             if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+        for k in required
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or wrong:
-        hint = ("the box predictor differs: give the stage-2 config the stage-1 model.classifier "
-                "and number of classes (and, for refine.head lws / tau_norm, which keep the "
-                "stage-1 classifier, a cls_loss of the same classifier width: seesaw's C + 2 or "
-                "C + 1 for every other loss)" if any(k.startswith(_PREDICTOR_PREFIX) for k in missing)
-                or any(w.startswith(_PREDICTOR_PREFIX) for w in wrong)
-                else "check model.arch / model.backbone / model.norm against stage 1")
+        hint = (
+            "the box predictor differs: give the stage-2 config the stage-1 model.classifier "
+            "and number of classes (and, for refine.head lws / tau_norm, which keep the "
+            "stage-1 classifier, a cls_loss of the same classifier width: seesaw's C + 2 or "
+            "C + 1 for every other loss)"
+            if any(k.startswith(_PREDICTOR_PREFIX) for k in missing)
+            or any(w.startswith(_PREDICTOR_PREFIX) for w in wrong)
+            else "check model.arch / model.backbone / model.norm against stage 1"
+        )
         raise ValueError(
             f"stage-1 checkpoint does not fit the stage-2 model ({len(missing)} missing, "
             f"{len(wrong)} of another shape, e.g. {(missing + wrong)[:3]}): {hint}"
@@ -278,12 +326,12 @@ def prepare_stage2(model: nn.Module, cfg: Mapping, stage1_state_dict: Mapping) -
         names = shift_batchnorm(roi_heads.box_head)
         if not names:
             raise ValueError(
-                "refine.shifted_bn=true, but roi_heads.box_head has no BatchNorm layer (the default "
-                "TwoMLPHead); use model.arch=faster_rcnn_v2, whose box head has BatchNorm"
+                "refine.shifted_bn=true, but roi_heads.box_head has no BatchNorm layer (the "
+                "default TwoMLPHead); use model.arch=faster_rcnn_v2, whose box head has BatchNorm"
             )
         logger.info("stage 2: shifted BN in %d box-head BatchNorm layers", len(names))
 
-    groups = []
+    groups: list[dict[str, Any]] = []
     cls_score = predictor.cls_score
     head = options.head
     if head == "lws":
@@ -296,8 +344,9 @@ def prepare_stage2(model: nn.Module, cfg: Mapping, stage1_state_dict: Mapping) -
         groups.append({"params": weights, "name": "classifier"})
         if isinstance(cls_score, CosineClassifier) and options.learn_cosine_scale:
             cls_score.scale.requires_grad_(True)
-            groups.append({"params": [cls_score.scale], "weight_decay": 0.0,
-                           "name": "cosine_scale"})
+            groups.append(
+                {"params": [cls_score.scale], "weight_decay": 0.0, "name": "cosine_scale"}
+            )
     if options.box:
         box = list(predictor.bbox_pred.parameters())
         for p in box:
@@ -305,22 +354,27 @@ def prepare_stage2(model: nn.Module, cfg: Mapping, stage1_state_dict: Mapping) -
         groups.append({"params": box, "name": "box_regressor"})
     if options.mask:
         if getattr(roi_heads, "mask_predictor", None) is None:
-            raise ValueError("refine.mask=true re-trains the mask branch, but the model has none "
-                             "(use model.arch=mask_rcnn or mask_rcnn_v2, or refine.mask=false)")
-        mask = [p for m in (roi_heads.mask_head, roi_heads.mask_predictor)
-                for p in m.parameters()]
+            raise ValueError(
+                "refine.mask=true re-trains the mask branch, but the model has none "
+                "(use model.arch=mask_rcnn or mask_rcnn_v2, or refine.mask=false)"
+            )
+        mask = [p for m in (roi_heads.mask_head, roi_heads.mask_predictor) for p in m.parameters()]
         for p in mask:
             p.requires_grad_(True)
         groups.append({"params": mask, "name": "mask_branch"})
 
     loss_keys = stage2_loss_keys(cfg)
     n_train = sum(p.numel() for g in groups for p in g["params"])
-    logger.info("stage 2 (%s): %d trainable parameters in %s; summed losses: %s", head, n_train,
-                [g["name"] for g in groups] or "none (post-hoc head)", list(loss_keys))
+    logger.info(
+        "stage 2 (%s): %d trainable parameters in %s; summed losses: %s",
+        head,
+        n_train,
+        [g["name"] for g in groups] or "none (post-hoc head)",
+        list(loss_keys),
+    )
     return Stage2Setup(param_groups=groups, loss_keys=loss_keys)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that will receive gradients (for logs and tests)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
-

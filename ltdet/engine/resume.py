@@ -6,6 +6,7 @@ logged. Every other key defines the model, the data or the sampling (arch, backb
 losses, samplers, data files, batch size, seed, ...): a difference stops the run, with one message
 listing each differing key and both values, before anything in output_dir is written.
 """
+
 import logging
 
 from ltdet.config import ConfigError, load_schema
@@ -14,12 +15,28 @@ logger = logging.getLogger(__name__)
 
 #: Dotted keys (or prefixes ending in ".") that may differ between a checkpoint and its resume.
 RESUMABLE = (
-    "solver.lr", "solver.momentum", "solver.weight_decay", "solver.max_iter",
-    "solver.warmup_iters", "solver.warmup_factor", "solver.schedule", "solver.steps",
-    "solver.gamma", "solver.clip_grad_norm", "solver.skip_nonfinite", "solver.checkpoint_period",
-    "solver.eval_period", "solver.log_period", "solver.keep_checkpoints",
+    "solver.lr",
+    "solver.momentum",
+    "solver.weight_decay",
+    "solver.max_iter",
+    "solver.warmup_iters",
+    "solver.warmup_factor",
+    "solver.schedule",
+    "solver.steps",
+    "solver.gamma",
+    "solver.clip_grad_norm",
+    "solver.skip_nonfinite",
+    "solver.checkpoint_period",
+    "solver.eval_period",
+    "solver.log_period",
+    "solver.keep_checkpoints",
     # evaluation and loading only: nothing the weights or the training samples depend on
-    "data.val.", "data.test_min_size", "data.num_workers", "test.", "device", "output_dir",
+    "data.val.",
+    "data.test_min_size",
+    "data.num_workers",
+    "test.",
+    "device",
+    "output_dir",
     "dist_timeout",
     # only the initial weights depend on it, and on resume they come from the checkpoint
     "model.cls_prior_prob",
@@ -60,9 +77,11 @@ def compare_configs(saved: dict, new: dict, checkpoint) -> dict:
     for key in set(new_flat) - set(old_flat):
         if key in defaults:
             old_flat[key] = defaults[key]
-    changed = {k: (old_flat.get(k, _MISSING), new_flat.get(k, _MISSING))
-               for k in sorted(set(old_flat) | set(new_flat))
-               if old_flat.get(k, _MISSING) != new_flat.get(k, _MISSING)}
+    changed = {
+        k: (old_flat.get(k, _MISSING), new_flat.get(k, _MISSING))
+        for k in sorted(set(old_flat) | set(new_flat))
+        if old_flat.get(k, _MISSING) != new_flat.get(k, _MISSING)
+    }
     fixed = {k: v for k, v in changed.items() if not _resumable(k)}
     if fixed:
         lines = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in fixed.items())
@@ -70,7 +89,8 @@ def compare_configs(saved: dict, new: dict, checkpoint) -> dict:
             f"--resume from {checkpoint}: the config changes {len(fixed)} key(s) that define the "
             f"model or the data and cannot change on resume: {lines}. Resume with the "
             f"checkpoint's values (its config.yaml), or start a new run in another output_dir "
-            f"(stage 2 / model.weights to start from these weights). Nothing was written.")
+            f"(stage 2 / model.weights to start from these weights). Nothing was written."
+        )
     return {k: v for k, v in changed.items() if _resumable(k)}
 
 

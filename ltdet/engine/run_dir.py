@@ -4,6 +4,7 @@ overwrite a previous run by accident, or delete it on purpose (``--overwrite``).
 `open_run_dir` is called by every rank with the same arguments; only rank 0 writes, and every
 rank leaves it after the barrier that follows rank 0's cleaning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,12 +25,22 @@ logger = logging.getLogger(__name__)
 
 #: What --overwrite deletes besides the checkpoints: the previous run's log and results, so
 #: that nothing stale (e.g. its metrics.json) is read as this run's.
-RUN_FILES = ("log.jsonl", "metrics.json", "detections.json", "per_class_ap.csv",
-             "ap_vs_frequency.png", "demo_summary.json",
-             # a mask model's segm report, test.topk_per_class's Fixed AP report
-             "per_class_ap_segm.csv", "ap_vs_frequency_segm.png", "detections_topk.json",
-             "per_class_ap_fixed.csv", "ap_vs_frequency_fixed.png",
-             "per_class_ap_segm_fixed.csv", "ap_vs_frequency_segm_fixed.png")
+RUN_FILES = (
+    "log.jsonl",
+    "metrics.json",
+    "detections.json",
+    "per_class_ap.csv",
+    "ap_vs_frequency.png",
+    "demo_summary.json",
+    # a mask model's segm report, test.topk_per_class's Fixed AP report
+    "per_class_ap_segm.csv",
+    "ap_vs_frequency_segm.png",
+    "detections_topk.json",
+    "per_class_ap_fixed.csv",
+    "ap_vs_frequency_fixed.png",
+    "per_class_ap_segm_fixed.csv",
+    "ap_vs_frequency_segm_fixed.png",
+)
 
 
 class OutputDirError(ConfigError):
@@ -46,8 +57,16 @@ class ResumePoint:
     changes: dict = field(default_factory=dict)
 
 
-def open_run_dir(cfg: dict, output_dir: Path, checkpointer: Checkpointer, *, resume: bool,
-                 resume_from=None, overwrite: bool, is_main: bool) -> ResumePoint:
+def open_run_dir(
+    cfg: dict,
+    output_dir: Path,
+    checkpointer: Checkpointer,
+    *,
+    resume: bool,
+    resume_from=None,
+    overwrite: bool,
+    is_main: bool,
+) -> ResumePoint:
     """Check and prepare ``output_dir`` for a run; returns where a resumed run continues.
 
     resume: continue from the last checkpoint of ``output_dir`` (or ``resume_from``); its config
@@ -64,7 +83,7 @@ def open_run_dir(cfg: dict, output_dir: Path, checkpointer: Checkpointer, *, res
             outside = point.path.resolve().parent != checkpointer.folder.resolve()
         else:
             point.path, point.checkpoint = checkpointer.load_last()
-        if point.path is not None:
+        if point.path is not None and point.checkpoint is not None:  # both or neither
             point.changes = compare_configs(point.checkpoint["config"], cfg, point.path)
     if not resume or outside:
         # a fresh run, or one continuing another run's checkpoint, writes into output_dir
@@ -73,7 +92,8 @@ def open_run_dir(cfg: dict, output_dir: Path, checkpointer: Checkpointer, *, res
             raise OutputDirError(
                 f"output_dir {output_dir} holds a previous run ({', '.join(previous)}); "
                 f"continue it with --resume, choose another output_dir, or pass --overwrite "
-                f"to delete its checkpoints and log.jsonl and start again")
+                f"to delete its checkpoints and log.jsonl and start again"
+            )
     if is_main:
         remove_stale_tmp(output_dir)
         checkpointer.remove_stale_tmp()
@@ -102,14 +122,21 @@ def _previous_run(output_dir: Path, checkpointer: Checkpointer) -> list:
 
 
 def _delete_previous_run(output_dir: Path, checkpointer: Checkpointer) -> None:
-    files = [p for p in checkpointer.checkpoints()
-             + [checkpointer.folder / "last_checkpoint"]
-             + [output_dir / name for name in RUN_FILES] if p.is_file()]
+    files = [
+        p
+        for p in checkpointer.checkpoints()
+        + [checkpointer.folder / "last_checkpoint"]
+        + [output_dir / name for name in RUN_FILES]
+        if p.is_file()
+    ]
     for path in files:
         path.unlink()
     if (output_dir / "eval").is_dir():
         shutil.rmtree(output_dir / "eval")
         files.append(output_dir / "eval")
     if files:
-        logger.warning("--overwrite: deleted the previous run in %s: %s", output_dir,
-                       ", ".join(p.name for p in files))
+        logger.warning(
+            "--overwrite: deleted the previous run in %s: %s",
+            output_dir,
+            ", ".join(p.name for p in files),
+        )

@@ -19,6 +19,7 @@ order (the earlier candidate first), whatever `merge_every` is.
 Entries are columns: ``labels`` int64 (``1..C``), ``scores`` float32, ``image_ids`` int64,
 ``boxes`` float32 ``[N, 4]``, and optionally ``segm``, a NumPy object array of RLE dicts.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,12 +60,15 @@ class TopKPerClass:
 
     def __init__(self, num_classes: int, k: int, merge_every: int | None = None):
         if int(k) <= 0:
-            raise ValueError(f"test.topk_per_class must be a positive number of detections per "
-                             f"class (0 = off), got {k!r}")
+            raise ValueError(
+                f"test.topk_per_class must be a positive number of detections per "
+                f"class (0 = off), got {k!r}"
+            )
         self.num_classes = int(num_classes)
         self.k = int(k)
-        self.merge_every = int(merge_every if merge_every is not None
-                               else max(self.num_classes * self.k, 1 << 16))
+        self.merge_every = int(
+            merge_every if merge_every is not None else max(self.num_classes * self.k, 1 << 16)
+        )
         # index = label; label 0 (background) never holds detections
         self._threshold = torch.full((self.num_classes + 1,), -float("inf"))
         self._pool: dict[str, Any] = self._empty()
@@ -75,11 +79,13 @@ class TopKPerClass:
         self.seen = 0
 
     def _empty(self) -> dict[str, Any]:
-        return {"labels": torch.zeros(0, dtype=torch.int64),
-                "scores": torch.zeros(0, dtype=torch.float32),
-                "image_ids": torch.zeros(0, dtype=torch.int64),
-                "boxes": torch.zeros((0, 4), dtype=torch.float32),
-                "segm": np.empty(0, dtype=object)}
+        return {
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "scores": torch.zeros(0, dtype=torch.float32),
+            "image_ids": torch.zeros(0, dtype=torch.int64),
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "segm": np.empty(0, dtype=object),
+        }
 
     def __len__(self) -> int:
         return int(self._pool["labels"].numel()) + self._buffered
@@ -89,12 +95,15 @@ class TopKPerClass:
         (score above the class's current K-th score)."""
         labels = labels.cpu().long()
         if labels.numel() and (int(labels.min()) < 1 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"TopKPerClass: labels must be in 1..{self.num_classes}, got "
-                             f"{int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"TopKPerClass: labels must be in 1..{self.num_classes}, got "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
         return scores.cpu().float() > self._threshold[labels]
 
-    def add(self, labels: Tensor, scores: Tensor, image_ids: Tensor, boxes: Tensor,
-            segm: Any = None) -> None:
+    def add(
+        self, labels: Tensor, scores: Tensor, image_ids: Tensor, boxes: Tensor, segm: Any = None
+    ) -> None:
         """Offer candidates (CPU or not; copied to CPU). Those `admits` refuses are dropped
         here; ``segm`` (a sequence of RLE dicts, one per candidate) only with mask models."""
         labels = labels.cpu().long().reshape(-1)
@@ -108,33 +117,49 @@ class TopKPerClass:
         if not bool(keep.any()):
             return
         idx = torch.where(keep)[0]
-        entry = {"labels": labels[idx], "scores": scores.cpu().float().reshape(-1)[idx],
-                 "image_ids": image_ids.cpu().long().reshape(-1)[idx],
-                 "boxes": boxes.cpu().float().reshape(-1, 4)[idx],
-                 "segm": (_object_array(segm, n)[idx.numpy()] if segm is not None
-                          else np.empty(idx.numel(), dtype=object))}
+        entry = {
+            "labels": labels[idx],
+            "scores": scores.cpu().float().reshape(-1)[idx],
+            "image_ids": image_ids.cpu().long().reshape(-1)[idx],
+            "boxes": boxes.cpu().float().reshape(-1, 4)[idx],
+            "segm": (
+                _object_array(segm, n)[idx.numpy()]
+                if segm is not None
+                else np.empty(idx.numel(), dtype=object)
+            ),
+        }
         self._buffer.append(entry)
         self._buffered += int(idx.numel())
         self.peak_size = max(self.peak_size, len(self))
         if self._buffered >= self.merge_every:
             self.merge()
 
-    def add_pool(self, other: "TopKPerClass | dict") -> None:
+    def add_pool(self, other: TopKPerClass | dict) -> None:
         """Merge another instance's (or its `state`'s) entries in: the other ranks' pools."""
         state = other.state() if isinstance(other, TopKPerClass) else other
         if len(state["labels"]) == 0:
             return
-        self.add(torch.as_tensor(state["labels"]), torch.as_tensor(state["scores"]),
-                 torch.as_tensor(state["image_ids"]), torch.as_tensor(state["boxes"]),
-                 state["segm"] if state.get("segm") is not None else None)
+        self.add(
+            torch.as_tensor(state["labels"]),
+            torch.as_tensor(state["scores"]),
+            torch.as_tensor(state["image_ids"]),
+            torch.as_tensor(state["boxes"]),
+            state["segm"] if state.get("segm") is not None else None,
+        )
 
     def merge(self) -> None:
         """Fold the buffer into the pool, keeping the top ``k`` per class; updates thresholds."""
         if not self._buffer:
             return
         parts = [self._pool] + self._buffer
-        cat = {f: (np.concatenate([p[f] for p in parts]) if f == "segm"
-                   else torch.cat([p[f] for p in parts])) for f in self._FIELDS}
+        cat: dict[str, Any] = {  # segm: a numpy array of RLEs; the other fields: tensors
+            f: (
+                np.concatenate([p[f] for p in parts])
+                if f == "segm"
+                else torch.cat([p[f] for p in parts])
+            )
+            for f in self._FIELDS
+        }
         keep = topk_per_class_indices(cat["labels"], cat["scores"], self.k)
         self._pool = {f: (v[keep.numpy()] if f == "segm" else v[keep]) for f, v in cat.items()}
         self._buffer, self._buffered = [], 0
@@ -166,9 +191,12 @@ class TopKPerClass:
         unique, counts = torch.unique_consecutive(ids, return_counts=True)
         out = []
         for img, rows in zip(unique.tolist(), torch.split(order, counts.tolist())):
-            d = {"image_id": int(img), "boxes": state["boxes"][rows],
-                 "scores": state["scores"][rows],
-                 "category_ids": label_to_cat_id[state["labels"][rows]]}
+            d = {
+                "image_id": int(img),
+                "boxes": state["boxes"][rows],
+                "scores": state["scores"][rows],
+                "category_ids": label_to_cat_id[state["labels"][rows]],
+            }
             if state["segm"] is not None:
                 d["segmentation"] = list(state["segm"][rows.numpy()])
             out.append(d)

@@ -15,6 +15,7 @@ detections of each class over the set (`ltdet.engine.topk`) go to detections_top
 scored with Fixed AP (`protocol="fixed"`): metrics.json["fixed"][iou type],
 per_class_ap[_segm]_fixed.csv, ap_vs_frequency[_segm]_fixed.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,14 @@ from .outputs import masks_to_rle, unpasted_masks
 from .refine import install_refine_head
 from .topk import TopKPerClass
 
-__all__ = ["checkpoint_classes", "evaluate_checkpoint", "evaluate_detections", "evaluate_model",
-           "inference", "to_lvis_results"]
+__all__ = [
+    "checkpoint_classes",
+    "evaluate_checkpoint",
+    "evaluate_detections",
+    "evaluate_model",
+    "inference",
+    "to_lvis_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +63,15 @@ def _category_table(label_to_cat_id: dict) -> torch.Tensor:
     return label_to_cat_id_table([label_to_cat_id[k] for k in labels])
 
 
-def _image_detections(out: dict, tgt: dict, lut: torch.Tensor, *, pasted: bool,
-                      max_dets: int | None, topk: TopKPerClass | None) -> dict:
+def _image_detections(
+    out: dict,
+    tgt: dict,
+    lut: torch.Tensor,
+    *,
+    pasted: bool,
+    max_dets: int | None,
+    topk: TopKPerClass | None,
+) -> dict:
     """One image's evaluation entry from the model's output (boxes to original pixels, masks
     encoded); the image's candidates are offered to `topk` as well."""
     labels = out["labels"].cpu()
@@ -66,8 +80,11 @@ def _image_detections(out: dict, tgt: dict, lut: torch.Tensor, *, pasted: bool,
     masks = out.get("masks")
     n = scores.numel()
     # the per-image list: every detection, or the top max_dets as the evaluator's cap keeps them
-    keep = (torch.sort(scores, descending=True, stable=True).indices[:max_dets]
-            if max_dets is not None and n > max_dets else None)
+    keep = (
+        torch.sort(scores, descending=True, stable=True).indices[:max_dets]
+        if max_dets is not None and n > max_dets
+        else None
+    )
     admitted = torch.where(topk.admits(labels, scores))[0] if topk is not None else None
     image_rle = topk_rle = None
     if masks is not None:
@@ -80,24 +97,40 @@ def _image_detections(out: dict, tgt: dict, lut: torch.Tensor, *, pasted: bool,
         image_rle = [rle[i] for i in at[rows].tolist()]
         if admitted is not None:
             topk_rle = [rle[i] for i in at[admitted].tolist()]
-    if topk is not None:
-        topk.add(labels[admitted], scores[admitted],
-                 torch.full((admitted.numel(),), int(tgt["image_id"])), boxes[admitted],
-                 topk_rle)
+    if topk is not None and admitted is not None:  # admitted is set whenever topk is
+        topk.add(
+            labels[admitted],
+            scores[admitted],
+            torch.full((admitted.numel(),), int(tgt["image_id"])),
+            boxes[admitted],
+            topk_rle,
+        )
     if keep is not None:
         labels, scores, boxes = labels[keep], scores[keep], boxes[keep]
-    entry = {"image_id": int(tgt["image_id"]), "boxes": boxes, "scores": scores,
-             "category_ids": lut[labels]}
+    entry = {
+        "image_id": int(tgt["image_id"]),
+        "boxes": boxes,
+        "scores": scores,
+        "category_ids": lut[labels],
+    }
     if image_rle is not None:
         entry["segmentation"] = image_rle
     return entry
 
 
 @torch.no_grad()
-def inference(model: torch.nn.Module, dataset: Any, *, label_to_cat_id: dict,
-              device: torch.device, batch_size: int = 1, num_workers: int = 0,
-              amp: bool = False, max_dets: int | None = None,
-              topk: TopKPerClass | None = None) -> list:
+def inference(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    label_to_cat_id: dict,
+    device: torch.device,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: bool = False,
+    max_dets: int | None = None,
+    topk: TopKPerClass | None = None,
+) -> list:
     """Run `model` (eval mode) over this rank's shard of `dataset` (an `ltdet.data` detection data
     set); all ranks' detections are gathered on rank 0 (other ranks get []). Returns per-image
     dicts of CPU tensors (with RLE "segmentation" lists for a mask model).
@@ -107,8 +140,13 @@ def inference(model: torch.nn.Module, dataset: Any, *, label_to_cat_id: dict,
     topk: a `TopKPerClass` that every image's detections are offered to (before max_dets
     applies); on rank 0 it ends up holding the top K per class of all ranks."""
     sampler = InferenceSampler(len(dataset), du.get_world_size(), du.get_rank())
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_detection)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+    )
     lut = _category_table(label_to_cat_id)
     was_training = model.training
     model.eval()
@@ -117,12 +155,14 @@ def inference(model: torch.nn.Module, dataset: Any, *, label_to_cat_id: dict,
         with unpasted_masks(model) as unpasted:
             for images, targets in loader:
                 images = [im.to(device, non_blocking=True) for im in images]
-                with torch.autocast(device_type=device.type,
-                                    enabled=amp and device.type == "cuda"):
+                with torch.autocast(device_type=device.type, enabled=amp and device.type == "cuda"):
                     outputs = model(images)
                 for out, tgt in zip(outputs, targets):
-                    results.append(_image_detections(out, tgt, lut, pasted=not unpasted,
-                                                     max_dets=max_dets, topk=topk))
+                    results.append(
+                        _image_detections(
+                            out, tgt, lut, pasted=not unpasted, max_dets=max_dets, topk=topk
+                        )
+                    )
     finally:
         model.train(was_training)
     if topk is not None:
@@ -149,9 +189,15 @@ def to_lvis_results(dets: list) -> list:
     for d in dets:
         b = d["boxes"]
         xywh = torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1).tolist()
-        rows = ({"image_id": d["image_id"], "category_id": c, "bbox": [round(v, 2) for v in bb],
-                 "score": round(s, 5)}
-                for c, bb, s in zip(d["category_ids"].tolist(), xywh, d["scores"].tolist()))
+        rows = (
+            {
+                "image_id": d["image_id"],
+                "category_id": c,
+                "bbox": [round(v, 2) for v in bb],
+                "score": round(s, 5),
+            }
+            for c, bb, s in zip(d["category_ids"].tolist(), xywh, d["scores"].tolist())
+        )
         if "segmentation" in d:
             rows = ({**r, "segmentation": m} for r, m in zip(rows, d["segmentation"]))
         out.extend(rows)
@@ -169,14 +215,23 @@ def _type_report(res: dict, out_dir: Path, suffix: str) -> None:
 
 def _log_summary(res: dict, what: str) -> None:
     logging.getLogger(__name__ + ".table").info("%s\n%s", what, format_table(res))
-    logger.info("%s: AP %.4f  AP50 %.4f  APr %.4f  APc %.4f  APf %.4f", what,
-                *(res.get(k, float("nan")) for k in ("AP", "AP50", "APr", "APc", "APf")))
+    logger.info(
+        "%s: AP %.4f  AP50 %.4f  APr %.4f  APc %.4f  APf %.4f",
+        what,
+        *(res.get(k, float("nan")) for k in ("AP", "AP50", "APr", "APc", "APf")),
+    )
 
 
-def evaluate_detections(dets: list, *, val_json: str | os.PathLike,
-                        train_json: str | os.PathLike | None = None, out_dir: str | os.PathLike,
-                        max_dets: int = 300, topk_dets: list | None = None,
-                        topk_per_class: int = 0) -> dict:
+def evaluate_detections(
+    dets: list,
+    *,
+    val_json: str | os.PathLike,
+    train_json: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike,
+    max_dets: int = 300,
+    topk_dets: list | None = None,
+    topk_per_class: int = 0,
+) -> dict:
     """Write detections.json, compute metrics (AP and D-ECE by group), write metrics.json /
     per_class_ap.csv / ap_vs_frequency.png / reliability.png; entries with "segmentation" (a
     mask model) are also scored with mask AP, and `topk_dets` (the top `topk_per_class` of each
@@ -195,59 +250,92 @@ def evaluate_detections(dets: list, *, val_json: str | os.PathLike,
     # records); the CLIs print it on stdout as well.
     logger.info("evaluation of %d images, %d detections -> %s", len(dets), len(results), out_dir)
     logging.getLogger(__name__ + ".table").info("\n%s", format_table(res))
-    logger.info("AP %.4f  AP50 %.4f  APr %.4f  APc %.4f  APf %.4f",
-                *(res.get(k, float("nan")) for k in ("AP", "AP50", "APr", "APc", "APf")))
+    logger.info(
+        "AP %.4f  AP50 %.4f  APr %.4f  APc %.4f  APf %.4f",
+        *(res.get(k, float("nan")) for k in ("AP", "AP50", "APr", "APc", "APf")),
+    )
     with_masks = any("segmentation" in d for d in dets) or (
-        topk_dets is not None and any("segmentation" in d for d in topk_dets))
+        topk_dets is not None and any("segmentation" in d for d in topk_dets)
+    )
     if not with_masks and topk_dets is None:
         return res  # a box model's report, exactly as before
     keyed = {"bbox": scalar_metrics(res)}
     if with_masks:
-        res["segm"] = evaluate_lvis(val_json, results, iou_type="segm", max_dets=max_dets,
-                                    train=train_json)
+        res["segm"] = evaluate_lvis(
+            val_json, results, iou_type="segm", max_dets=max_dets, train=train_json
+        )
         _type_report(res["segm"], out_dir, "_segm")
         _log_summary(res["segm"], "mask AP (segm)")
         keyed["segm"] = scalar_metrics(res["segm"])
     if topk_dets is not None:
         fixed_results = to_lvis_results(topk_dets)
-        atomic_write(out_dir / "detections_topk.json",
-                     lambda f: f.write(json.dumps(fixed_results).encode()))
+        atomic_write(
+            out_dir / "detections_topk.json", lambda f: f.write(json.dumps(fixed_results).encode())
+        )
         res["fixed"] = {}
         for iou_type in ("bbox", "segm") if with_masks else ("bbox",):
-            fixed = evaluate_lvis(val_json, topk_dets if iou_type == "bbox" else fixed_results,
-                                  iou_type=iou_type, train=train_json, protocol="fixed",
-                                  dets_per_class=int(topk_per_class))
+            fixed = evaluate_lvis(
+                val_json,
+                topk_dets if iou_type == "bbox" else fixed_results,
+                iou_type=iou_type,
+                train=train_json,
+                protocol="fixed",
+                dets_per_class=int(topk_per_class),
+            )
             res["fixed"][iou_type] = fixed
             _type_report(fixed, out_dir, ("" if iou_type == "bbox" else "_segm") + "_fixed")
             _log_summary(fixed, f"Fixed AP ({iou_type}, top {topk_per_class} per class)")
         keyed["fixed"] = {t: scalar_metrics(r) for t, r in res["fixed"].items()}
     # metrics.json keyed by iou type, the bbox metrics also flat as for a box model
-    atomic_write(out_dir / "metrics.json",
-                 lambda f: f.write(json.dumps({**scalar_metrics(res), **keyed},
-                                              indent=2).encode()))
+    atomic_write(
+        out_dir / "metrics.json",
+        lambda f: f.write(json.dumps({**scalar_metrics(res), **keyed}, indent=2).encode()),
+    )
     return res
 
 
-def evaluate_model(model: torch.nn.Module, dataset: Any, *, label_to_cat_id: dict,
-                   val_json: str | os.PathLike, train_json: str | os.PathLike | None,
-                   out_dir: str | os.PathLike, device: torch.device, max_dets: int = 300,
-                   batch_size: int = 1, num_workers: int = 0, amp: bool = False,
-                   topk_per_class: int = 0) -> dict:
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    label_to_cat_id: dict,
+    val_json: str | os.PathLike,
+    train_json: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    device: torch.device,
+    max_dets: int = 300,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    amp: bool = False,
+    topk_per_class: int = 0,
+) -> dict:
     """Inference on all ranks, metrics and report on rank 0 (others return {}).
     `topk_per_class` K > 0: also the top K detections of each class over the set, scored with
     Fixed AP (`evaluate_detections`); the per-image lists keep their best `max_dets`."""
-    topk = (TopKPerClass(len(label_to_cat_id), topk_per_class) if topk_per_class > 0
-            else None)
-    dets = inference(model, dataset, label_to_cat_id=label_to_cat_id, device=device,
-                     batch_size=batch_size, num_workers=num_workers, amp=amp,
-                     max_dets=max_dets if topk is not None else None, topk=topk)
+    topk = TopKPerClass(len(label_to_cat_id), topk_per_class) if topk_per_class > 0 else None
+    dets = inference(
+        model,
+        dataset,
+        label_to_cat_id=label_to_cat_id,
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        amp=amp,
+        max_dets=max_dets if topk is not None else None,
+        topk=topk,
+    )
     res = {}
     if du.is_main_process():
-        topk_dets = (topk.per_image(_category_table(label_to_cat_id)) if topk is not None
-                     else None)
-        res = evaluate_detections(dets, val_json=val_json, train_json=train_json,
-                                  out_dir=out_dir, max_dets=max_dets, topk_dets=topk_dets,
-                                  topk_per_class=topk_per_class)
+        topk_dets = topk.per_image(_category_table(label_to_cat_id)) if topk is not None else None
+        res = evaluate_detections(
+            dets,
+            val_json=val_json,
+            train_json=train_json,
+            out_dir=out_dir,
+            max_dets=max_dets,
+            topk_dets=topk_dets,
+            topk_per_class=topk_per_class,
+        )
     du.barrier()
     return res
 
@@ -264,8 +352,7 @@ def checkpoint_classes(ckpt: dict, cfg: dict, paths: dict) -> tuple[ClassStats, 
     return train_ds.stats, train_ds.label_to_cat_id
 
 
-def evaluate_checkpoint(cfg: dict, ckpt_path: str | Path,
-                        out_dir: str | os.PathLike) -> dict:
+def evaluate_checkpoint(cfg: dict, ckpt_path: str | Path, out_dir: str | os.PathLike) -> dict:
     """Evaluate a saved checkpoint on `cfg`'s validation set; writes the report to `out_dir`.
 
     The class list and statistics come from the checkpoint (saved by the trainer), so the
@@ -277,8 +364,12 @@ def evaluate_checkpoint(cfg: dict, ckpt_path: str | Path,
     stats, label_to_cat_id = checkpoint_classes(ckpt, cfg, paths)
     val_ds: Any
     _, val_ds = build_datasets(cfg, paths, train=False)
-    check_val_categories(list(label_to_cat_id.values()), val_ds.cat_ids,
-                         f"{ckpt_path} (its training classes)", paths["val_json"])
+    check_val_categories(
+        list(label_to_cat_id.values()),
+        val_ds.cat_ids,
+        f"{ckpt_path} (its training classes)",
+        paths["val_json"],
+    )
     model = build_detector(cfg, len(label_to_cat_id), stats)
     if (ckpt.get("meta") or {}).get("stage2"):
         install_refine_head(model, cfg, initialise=False)
@@ -289,12 +380,20 @@ def evaluate_checkpoint(cfg: dict, ckpt_path: str | Path,
         raise CheckpointError(
             f"checkpoint {ckpt_path} does not fit the model built from the config: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}; evaluate it with the config it was "
-            "trained with (its config.yaml)")
+            "trained with (its config.yaml)"
+        )
     model.to(info.device)
-    return evaluate_model(model, val_ds, label_to_cat_id=label_to_cat_id,
-                          val_json=paths["val_json"], train_json=paths["train_json"],
-                          out_dir=out_dir, device=info.device, max_dets=cfg["test"]["max_dets"],
-                          topk_per_class=cfg["test"].get("topk_per_class", 0),
-                          batch_size=cfg["data"]["batch_size"],
-                          num_workers=cfg["data"]["num_workers"],
-                          amp=cfg["solver"]["amp"])
+    return evaluate_model(
+        model,
+        val_ds,
+        label_to_cat_id=label_to_cat_id,
+        val_json=paths["val_json"],
+        train_json=paths["train_json"],
+        out_dir=out_dir,
+        device=info.device,
+        max_dets=cfg["test"]["max_dets"],
+        topk_per_class=cfg["test"].get("topk_per_class", 0),
+        batch_size=cfg["data"]["batch_size"],
+        num_workers=cfg["data"]["num_workers"],
+        amp=cfg["solver"]["amp"],
+    )

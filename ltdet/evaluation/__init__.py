@@ -1,4 +1,5 @@
 """LVIS-style evaluation (exact against the official `lvis` package), reports."""
+
 from .calibration import evaluate_calibration
 from .ground_truth import GroundTruthFormatError
 from .lvis_eval import evaluate_lvis

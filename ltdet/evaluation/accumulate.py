@@ -10,6 +10,7 @@ computation with a pool of classes in place of a class: the detections of all cl
 pool in one ranking (ties: image order, then class order, then the per-(image, class) order), the
 non-ignored gts of all its classes as positives.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,15 @@ from .grouping import rank_in_group, stable_order
 from .params import AREA_RNGS, EPS, IOU_THRS, REC_THRS
 
 
-def accumulate(det: dict, matched: torch.Tensor, matched_ig: torch.Tensor, num_gt: torch.Tensor,
-               num_cats: int, device: torch.device, pool: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulate(
+    det: dict,
+    matched: torch.Tensor,
+    matched_ig: torch.Tensor,
+    num_gt: torch.Tensor,
+    num_cats: int,
+    device: torch.device,
+    pool: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class precision averaged over the R recall points [T, A, K] and recall [T, A, K]
     (-1 where a class has no gt). With ``pool`` (int64 [N], the pool of each detection, -1: in
     none), the same per pool: ``num_gt`` [A, num_cats] then holds each pool's gts and
@@ -41,8 +48,15 @@ def accumulate(det: dict, matched: torch.Tensor, matched_ig: torch.Tensor, num_g
         # LVISPooledEval: per pool, (image, class, per-image order) concatenated, then a stable
         # sort by descending score.
         inside = torch.nonzero(pool >= 0).flatten()
-        order = inside[stable_order(det["orig"][inside], det["cat"][inside],
-                                    det["img"][inside], -det["score"][inside], pool[inside])]
+        order = inside[
+            stable_order(
+                det["orig"][inside],
+                det["cat"][inside],
+                det["img"][inside],
+                -det["score"][inside],
+                pool[inside],
+            )
+        ]
         cat = pool[order]
     tp, fp = tp[:, :, order], fp[:, :, order]
     _, seg_start = rank_in_group(cat)
@@ -65,8 +79,11 @@ def accumulate(det: dict, matched: torch.Tensor, matched_ig: torch.Tensor, num_g
     tak = (t_i * A + a_i) * K + c_at
     # Only (threshold, area, class) rows with a TP have non-zero precision: compact them.
     rows, row_of = torch.unique(tak, return_inverse=True)
-    curve = torch.zeros(rows.shape[0] * R, dtype=torch.float64, device=device).scatter_reduce(
-        0, row_of * R + bucket, pr, "amax").view(-1, R)
+    curve = (
+        torch.zeros(rows.shape[0] * R, dtype=torch.float64, device=device)
+        .scatter_reduce(0, row_of * R + bucket, pr, "amax")
+        .view(-1, R)
+    )
     curve = curve.flip(1).cummax(1).values.flip(1)
     prec = torch.zeros(T * A * K, dtype=torch.float64, device=device)
     prec[rows] = curve.mean(1)

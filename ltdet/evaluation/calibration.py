@@ -34,6 +34,7 @@ training set; applied to any detections, keyed by json category id):
 Both minimise the binary cross-entropy of the calibrated score against the TP label (L-BFGS,
 float64, all groups / classes at once: their losses are separable).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,11 +56,24 @@ from .prepare import gt_tensors, select_detections, sort_detections
 from .results_io import DetColumns, load_detections
 
 __all__ = [
-    "BINNINGS", "CALIBRATORS", "REPORT_KEYS", "PlattScaling", "TemperatureScaling",
+    "BINNINGS",
+    "CALIBRATORS",
+    "REPORT_KEYS",
+    "PlattScaling",
+    "TemperatureScaling",
     "apply_calibrator",
-    "build_calibrator", "calibration_error", "calibration_metrics", "calibrator_from_state",
-    "columns_to_results", "dece_metrics", "detection_outcomes", "evaluate_calibration",
-    "fit_calibrator", "load_calibrator", "plot_reliability", "save_calibrator",
+    "build_calibrator",
+    "calibration_error",
+    "calibration_metrics",
+    "calibrator_from_state",
+    "columns_to_results",
+    "dece_metrics",
+    "detection_outcomes",
+    "evaluate_calibration",
+    "fit_calibrator",
+    "load_calibrator",
+    "plot_reliability",
+    "save_calibrator",
 ]
 
 BINNINGS = ("uniform", "equal_mass")
@@ -72,8 +86,9 @@ _LOGIT_EPS = 1e-12
 # TP / FP status from the evaluator's matching
 
 
-def detection_outcomes(gt, dets, iou_thr: float = 0.5, max_dets: int = 300, device=None,
-                       iou_type: str = "bbox") -> dict:
+def detection_outcomes(
+    gt, dets, iou_thr: float = 0.5, max_dets: int = 300, device=None, iou_type: str = "bbox"
+) -> dict:
     """Status of every detection the evaluator keeps, at one IoU threshold, area range "all".
 
     Args: ``gt`` an LVIS / COCO json path or dict, or a loaded :class:`GroundTruth`; ``dets`` any
@@ -100,8 +115,9 @@ def detection_outcomes(gt, dets, iou_thr: float = 0.5, max_dets: int = 300, devi
     a_lo, a_hi = AREA_RNGS[0]
     unmatched_ignored = (det["area"] < a_lo) | (det["area"] > a_hi) | det["nel"]
     ignored = mig | (~m & unmatched_ignored)
-    status = torch.where(ignored, torch.full_like(det["cat"], IGNORED),
-                         (m & ~mig).to(det["cat"].dtype))
+    status = torch.where(
+        ignored, torch.full_like(det["cat"], IGNORED), (m & ~mig).to(det["cat"].dtype)
+    )
     back = torch.argsort(det["orig"])  # back to input order
     return dict(
         index=det["orig"][back].cpu().numpy(),
@@ -115,8 +131,10 @@ def detection_outcomes(gt, dets, iou_thr: float = 0.5, max_dets: int = 300, devi
 def _iou_index(iou_thr: float) -> int:
     hit = np.flatnonzero(np.isclose(IOU_THRS, iou_thr))
     if hit.size != 1:
-        raise ValueError(f"iou_thr must be one of the evaluator's thresholds "
-                         f"{np.round(IOU_THRS, 2).tolist()}, got {iou_thr!r}")
+        raise ValueError(
+            f"iou_thr must be one of the evaluator's thresholds "
+            f"{np.round(IOU_THRS, 2).tolist()}, got {iou_thr!r}"
+        )
     return int(hit[0])
 
 
@@ -169,9 +187,15 @@ def calibration_error(conf, correct, num_bins: int = 10, binning: str = "uniform
     def per_bin(x):
         return [float(v) if ok else None for v, ok in zip(x.tolist(), nz.tolist())]
 
-    out = {"D-ECE": dece, "MCE": mce, "count": count.long().tolist(),
-           "confidence": per_bin(mean_conf), "precision": per_bin(prec),
-           "lo": per_bin(lo), "hi": per_bin(hi)}
+    out = {
+        "D-ECE": dece,
+        "MCE": mce,
+        "count": count.long().tolist(),
+        "confidence": per_bin(mean_conf),
+        "precision": per_bin(prec),
+        "lo": per_bin(lo),
+        "hi": per_bin(hi),
+    }
     if binning == "uniform":
         out["edges"] = edges.tolist()
     return out
@@ -193,9 +217,18 @@ def _key(metric: str, group: str) -> str:
     return metric if group == "all" else f"{metric}_{group}"
 
 
-def evaluate_calibration(gt, dets, iou_thr: float = 0.5, num_bins: int = 10,
-                         binning: str = "uniform", max_dets: int = 300, device=None,
-                         train=None, min_score: float = 0.0, iou_type: str = "bbox") -> dict:
+def evaluate_calibration(
+    gt,
+    dets,
+    iou_thr: float = 0.5,
+    num_bins: int = 10,
+    binning: str = "uniform",
+    max_dets: int = 300,
+    device=None,
+    train=None,
+    min_score: float = 0.0,
+    iou_type: str = "bbox",
+) -> dict:
     """D-ECE and MCE overall, per r / c / f group and per COCO-LT bin, with reliability data.
 
     Args: as ``evaluate_lvis`` (``gt`` json path or dict; ``dets`` a result json path, result
@@ -216,11 +249,17 @@ def evaluate_calibration(gt, dets, iou_thr: float = 0.5, num_bins: int = 10,
         raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
     if not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
-    if device is None and isinstance(dets, (list, tuple)) and dets and isinstance(dets[0], dict) \
-            and isinstance(dets[0].get("boxes"), torch.Tensor):
+    if (
+        device is None
+        and isinstance(dets, (list, tuple))
+        and dets
+        and isinstance(dets[0], dict)
+        and isinstance(dets[0].get("boxes"), torch.Tensor)
+    ):
         device = dets[0]["boxes"].device
-    out = detection_outcomes(gt, dets, iou_thr=iou_thr, max_dets=max_dets, device=device,
-                             iou_type=iou_type)
+    out = detection_outcomes(
+        gt, dets, iou_thr=iou_thr, max_dets=max_dets, device=device, iou_type=iou_type
+    )
     freq, instance_count = _groups(out["gt"], train)
     counted = out["status"] != IGNORED
     if min_score > 0:  # with the default every score counts, 0 included
@@ -234,10 +273,16 @@ def evaluate_calibration(gt, dets, iou_thr: float = 0.5, num_bins: int = 10,
         res[_key("MCE", g)] = ce["MCE"]
         reliability[g] = ce
         num_dets[g], num_tp[g] = int(mask.sum()), int(tp[mask].sum())
-    res.update(num_dets=num_dets, num_tp=num_tp,
-               num_ignored=int((out["status"] == IGNORED).sum()), reliability=reliability,
-               iou_thr=float(iou_thr), num_bins=num_bins, binning=binning,
-               min_score=float(min_score))
+    res.update(
+        num_dets=num_dets,
+        num_tp=num_tp,
+        num_ignored=int((out["status"] == IGNORED).sum()),
+        reliability=reliability,
+        iou_thr=float(iou_thr),
+        num_bins=num_bins,
+        binning=binning,
+        min_score=float(min_score),
+    )
     return res
 
 
@@ -253,8 +298,9 @@ REPORT_KEYS = ("D-ECE", "D-ECE_r", "D-ECE_c", "D-ECE_f", "MCE")
 def calibration_metrics(cal: dict, coco_lt_bins: bool = False) -> dict:
     """The entries of a result that go into metrics.json and the metric table: D-ECE overall
     and per r / c / f, MCE, and D-ECE per COCO-LT bin when ``coco_lt_bins``."""
-    keys = list(REPORT_KEYS) + ([f"D-ECE_{n[2:]}" for n in COCO_LT_BIN_NAMES]
-                                if coco_lt_bins else [])
+    keys = list(REPORT_KEYS) + (
+        [f"D-ECE_{n[2:]}" for n in COCO_LT_BIN_NAMES] if coco_lt_bins else []
+    )
     return {k: float(cal[k]) for k in keys if k in cal}
 
 
@@ -269,8 +315,14 @@ def _logit(s: torch.Tensor) -> torch.Tensor:
 
 def _lbfgs(params: torch.Tensor, loss_fn, max_iter: int = 200) -> torch.Tensor:
     params = params.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
-                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [params],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -295,8 +347,12 @@ class TemperatureScaling:
 
     type = "temperature"
 
-    def __init__(self, per_group: bool = False, temperature: Mapping[str, float] | None = None,
-                 groups: Mapping[int, str] | None = None):
+    def __init__(
+        self,
+        per_group: bool = False,
+        temperature: Mapping[str, float] | None = None,
+        groups: Mapping[int, str] | None = None,
+    ):
         self.per_group = bool(per_group)
         self.temperature = dict(temperature or {})
         self.groups = {int(k): v for k, v in (groups or {}).items()}
@@ -308,7 +364,7 @@ class TemperatureScaling:
         lut = {g: i for i, g in enumerate(names)}
         ids = np.asarray(category_id, np.int64)
         uniq, inv = np.unique(ids, return_inverse=True)
-        gi = np.array([lut.get(self.groups.get(int(c)), -1) for c in uniq], np.int64)
+        gi = np.array([lut.get(self.groups.get(int(c), "?"), -1) for c in uniq], np.int64)
         return gi[inv].reshape(-1), names
 
     def fit(self, scores, category_id, correct) -> TemperatureScaling:
@@ -323,27 +379,35 @@ class TemperatureScaling:
 
         def loss(log_t):  # sum over groups of each group's mean BCE: separable
             per = _bce_logits(z * torch.exp(-log_t[g]), y)
-            return (torch.zeros(G, dtype=torch.float64).index_add(0, g, per)
-                    / n_g.clamp(min=1)).sum()
+            return (
+                torch.zeros(G, dtype=torch.float64).index_add(0, g, per) / n_g.clamp(min=1)
+            ).sum()
 
-        log_t = _lbfgs(torch.zeros(G, dtype=torch.float64), loss) if z.numel() else \
-            torch.zeros(G, dtype=torch.float64)
+        log_t = (
+            _lbfgs(torch.zeros(G, dtype=torch.float64), loss)
+            if z.numel()
+            else torch.zeros(G, dtype=torch.float64)
+        )
         # A group without fit data keeps T = 1.
-        self.temperature = {name: (float(torch.exp(log_t[i])) if n_g[i] > 0 else 1.0)
-                            for i, name in enumerate(names)}
+        self.temperature = {
+            name: (float(torch.exp(log_t[i])) if n_g[i] > 0 else 1.0)
+            for i, name in enumerate(names)
+        }
         return self
 
     def transform(self, scores, category_id) -> torch.Tensor:
         gi, names = self._group_index(np.asarray(category_id))
-        t = torch.tensor([self.temperature.get(n, 1.0) for n in names] + [1.0],
-                         dtype=torch.float64)
+        t = torch.tensor([self.temperature.get(n, 1.0) for n in names] + [1.0], dtype=torch.float64)
         z = _logit(torch.as_tensor(scores, dtype=torch.float64).reshape(-1))
         return torch.sigmoid(z / t[torch.from_numpy(np.where(gi >= 0, gi, len(names)))])
 
     def state_dict(self) -> dict:
-        return {"type": self.type, "per_group": self.per_group,
-                "temperature": dict(self.temperature),
-                "groups": {str(k): v for k, v in self.groups.items()}}
+        return {
+            "type": self.type,
+            "per_group": self.per_group,
+            "temperature": dict(self.temperature),
+            "groups": {str(k): v for k, v in self.groups.items()},
+        }
 
 
 class PlattScaling:
@@ -353,9 +417,14 @@ class PlattScaling:
 
     type = "platt"
 
-    def __init__(self, missing: str = "zero", l2: float = 1e-3,
-                 params: Mapping[int, Sequence[float]] | None = None,
-                 zero: Sequence[int] = (), category_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        missing: str = "zero",
+        l2: float = 1e-3,
+        params: Mapping[int, Sequence[float]] | None = None,
+        zero: Sequence[int] = (),
+        category_ids: Sequence[int] = (),
+    ):
         if missing not in ("zero", "keep"):
             raise ValueError(f"missing must be 'zero' or 'keep', got {missing!r}")
         self.missing, self.l2 = missing, float(l2)
@@ -363,8 +432,9 @@ class PlattScaling:
         self.zero = sorted(int(c) for c in zero)
         self.category_ids = [int(c) for c in category_ids]
 
-    def fit(self, scores, category_id, correct,
-            category_ids: Sequence[int] | None = None) -> PlattScaling:
+    def fit(
+        self, scores, category_id, correct, category_ids: Sequence[int] | None = None
+    ) -> PlattScaling:
         """Fit one (a, b) per class; ``category_ids``: every class of the data set (those absent
         from the fit data get the ``missing`` rule)."""
         cid = np.asarray(category_id, np.int64).reshape(-1)
@@ -380,15 +450,15 @@ class PlattScaling:
             a, b = p[:K], p[K:]
             per = _bce_logits(a[c] * z + b[c], y)
             nll = torch.zeros(K, dtype=torch.float64).index_add(0, c, per) / n_c.clamp(min=1)
-            return (nll + self.l2 * ((a - 1) ** 2 + b ** 2)).sum()
+            return (nll + self.l2 * ((a - 1) ** 2 + b**2)).sum()
 
         init = torch.cat([torch.ones(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)])
         p = _lbfgs(init, loss) if K else init
         has_tp = (tp_c > 0).tolist()
-        self.params = {int(u): (float(p[i]), float(p[K + i]))
-                       for i, u in enumerate(uniq.tolist()) if has_tp[i]}
-        self.category_ids = sorted(set(int(x) for x in (category_ids or [])) | set(
-            uniq.tolist()))
+        self.params = {
+            int(u): (float(p[i]), float(p[K + i])) for i, u in enumerate(uniq.tolist()) if has_tp[i]
+        }
+        self.category_ids = sorted(set(int(x) for x in (category_ids or [])) | set(uniq.tolist()))
         if self.missing == "zero":
             self.zero = [u for u in self.category_ids if u not in self.params]
         else:
@@ -399,10 +469,12 @@ class PlattScaling:
         cid = np.asarray(category_id, np.int64).reshape(-1)
         uniq, inv = np.unique(cid, return_inverse=True)
         zero = set(self.zero)
-        a = torch.tensor([self.params.get(int(u), (1.0, 0.0))[0] for u in uniq],
-                         dtype=torch.float64)
-        b = torch.tensor([self.params.get(int(u), (1.0, 0.0))[1] for u in uniq],
-                         dtype=torch.float64)
+        a = torch.tensor(
+            [self.params.get(int(u), (1.0, 0.0))[0] for u in uniq], dtype=torch.float64
+        )
+        b = torch.tensor(
+            [self.params.get(int(u), (1.0, 0.0))[1] for u in uniq], dtype=torch.float64
+        )
         zmask = torch.tensor([int(u) in zero for u in uniq], dtype=torch.bool)
         c = torch.from_numpy(inv.reshape(-1))
         z = _logit(torch.as_tensor(scores, dtype=torch.float64).reshape(-1))
@@ -410,9 +482,14 @@ class PlattScaling:
         return torch.where(zmask[c], torch.zeros_like(out), out) if cid.size else out
 
     def state_dict(self) -> dict:
-        return {"type": self.type, "missing": self.missing, "l2": self.l2,
-                "params": {str(k): list(v) for k, v in self.params.items()},
-                "zero": list(self.zero), "category_ids": list(self.category_ids)}
+        return {
+            "type": self.type,
+            "missing": self.missing,
+            "l2": self.l2,
+            "params": {str(k): list(v) for k, v in self.params.items()},
+            "zero": list(self.zero),
+            "category_ids": list(self.category_ids),
+        }
 
 
 CALIBRATORS = {"temperature": TemperatureScaling, "platt": PlattScaling}
@@ -427,20 +504,28 @@ def build_calibrator(method: str, groups: Mapping[int, str] | None = None):
         return TemperatureScaling(per_group=True, groups=groups)
     if method == "platt":
         return PlattScaling()
-    raise ValueError(f"calibration method must be 'temperature', 'temperature_group' or "
-                     f"'platt', got {method!r}")
+    raise ValueError(
+        f"calibration method must be 'temperature', 'temperature_group' or 'platt', got {method!r}"
+    )
 
 
 def calibrator_from_state(state: Mapping[str, Any]):
     """Rebuild a calibrator from its ``state_dict()``."""
     kind = state.get("type")
     if kind == "temperature":
-        return TemperatureScaling(per_group=state["per_group"], temperature=state["temperature"],
-                                  groups={int(k): v for k, v in state.get("groups", {}).items()})
+        return TemperatureScaling(
+            per_group=state["per_group"],
+            temperature=state["temperature"],
+            groups={int(k): v for k, v in state.get("groups", {}).items()},
+        )
     if kind == "platt":
-        return PlattScaling(missing=state["missing"], l2=state["l2"],
-                            params={int(k): v for k, v in state["params"].items()},
-                            zero=state["zero"], category_ids=state.get("category_ids", ()))
+        return PlattScaling(
+            missing=state["missing"],
+            l2=state["l2"],
+            params={int(k): v for k, v in state["params"].items()},
+            zero=state["zero"],
+            category_ids=state.get("category_ids", ()),
+        )
     raise ValueError(f"unknown calibrator type {kind!r}; expected one of {sorted(CALIBRATORS)}")
 
 
@@ -484,10 +569,20 @@ def apply_calibrator(calibrator, dets) -> DetColumns:
 
 def columns_to_results(cols: DetColumns) -> list:
     """:class:`DetColumns` -> LVIS result dicts (for writing a calibrated result json)."""
-    return [{"image_id": int(i), "category_id": int(c), "bbox": [float(v) for v in b],
-             "score": float(s)}
-            for i, c, b, s in zip(cols.image_id.tolist(), cols.category_id.tolist(),
-                                  cols.bbox.tolist(), cols.score.tolist())]
+    return [
+        {
+            "image_id": int(i),
+            "category_id": int(c),
+            "bbox": [float(v) for v in b],
+            "score": float(s),
+        }
+        for i, c, b, s in zip(
+            cols.image_id.tolist(),
+            cols.category_id.tolist(),
+            cols.bbox.tolist(),
+            cols.score.tolist(),
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,8 +591,9 @@ def columns_to_results(cols: DetColumns) -> list:
 _PANEL_NAMES = {"all": "all classes", "r": "rare", "c": "common", "f": "frequent"}
 
 
-def plot_reliability(cal: dict, path, groups: Sequence[str] = ("r", "c", "f"),
-                     title: str | None = None) -> None:
+def plot_reliability(
+    cal: dict, path, groups: Sequence[str] = ("r", "c", "f"), title: str | None = None
+) -> None:
     """Reliability diagram PNG: one column per group (r / c / f), precision per confidence bin
     against the diagonal (top) and the confidence histogram (bottom)."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
@@ -506,8 +602,9 @@ def plot_reliability(cal: dict, path, groups: Sequence[str] = ("r", "c", "f"),
 
     fig = Figure(figsize=(3.6 * len(groups), 6.0), dpi=110)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, len(groups), squeeze=False, sharex=True,
-                        gridspec_kw={"height_ratios": [3, 1]})
+    axes = fig.subplots(
+        2, len(groups), squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     for j, g in enumerate(groups):
         top, bottom = axes[0, j], axes[1, j]
         rel = cal["reliability"].get(g)
@@ -524,13 +621,31 @@ def plot_reliability(cal: dict, path, groups: Sequence[str] = ("r", "c", "f"),
             prec = np.array([v if v is not None else 0.0 for v in rel["precision"]])
             conf = np.array([v if v is not None else np.nan for v in rel["confidence"]])
             count = np.asarray(rel["count"], np.float64)
-            top.bar(left, prec, width=width, align="edge", color="tab:blue", alpha=0.75,
-                    edgecolor="k", lw=0.4, label="precision")
+            top.bar(
+                left,
+                prec,
+                width=width,
+                align="edge",
+                color="tab:blue",
+                alpha=0.75,
+                edgecolor="k",
+                lw=0.4,
+                label="precision",
+            )
             # The red mark is the bin's mean confidence: its distance to the bar top is the gap.
-            top.scatter(left + width / 2, conf, s=12, marker="_", color="tab:red", zorder=3,
-                        linewidths=2, label="mean confidence")
-            bottom.bar(left, count, width=width, align="edge", color="tab:gray", edgecolor="k",
-                       lw=0.4)
+            top.scatter(
+                left + width / 2,
+                conf,
+                s=12,
+                marker="_",
+                color="tab:red",
+                zorder=3,
+                linewidths=2,
+                label="mean confidence",
+            )
+            bottom.bar(
+                left, count, width=width, align="edge", color="tab:gray", edgecolor="k", lw=0.4
+            )
             if count.sum() > 0:
                 bottom.set_yscale("log")  # most detections sit in the lowest bin
             d = cal.get(_key("D-ECE", g), -1)
@@ -544,7 +659,10 @@ def plot_reliability(cal: dict, path, groups: Sequence[str] = ("r", "c", "f"),
         bottom.set_ylabel("detections (log)")
         if j == 0:
             top.legend(loc="upper left", fontsize=7)
-    fig.suptitle(title or f"Reliability at IoU {cal.get('iou_thr', 0.5):g} "
-                          f"({cal.get('binning', 'uniform')} bins)", fontsize=10)
+    fig.suptitle(
+        title
+        or f"Reliability at IoU {cal.get('iou_thr', 0.5):g} ({cal.get('binning', 'uniform')} bins)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(os.fspath(path))

@@ -7,6 +7,7 @@ annotations' geometry (boxes; for ``iou_type="segm"`` also the masks as compress
 the images' height / width), area, ignore and crowd flags. :func:`class_groups` gives each
 category its r / c / f group and training counts (from the json, or from a training json).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from .masks import MaskColumn, gt_masks
 
 logger = logging.getLogger(__name__)
 
+
 class GroundTruthFormatError(ValueError):
     """The ground-truth json is malformed; the message names the field / entry."""
 
@@ -31,6 +33,7 @@ class GroundTruthFormatError(ValueError):
 class GroundTruth:
     """Ground truth as columns. Annotation arrays are in json order; for LVIS gt they hold only
     the annotations LVISEval evaluates (0 < area < inf)."""
+
     is_lvis: bool
     img_ids: np.ndarray  # int64 [I] sorted
     cat_ids: np.ndarray  # int64 [K] sorted
@@ -73,13 +76,15 @@ def _id_array(values, describe, field, error_cls=None):
             i = next(i for i, v in enumerate(values) if type(v) in bad)
             v = values[i]
             raise error_cls(
-                f"{describe(i)} has {field} {v!r} ({type(v).__name__}); ids are integers")
+                f"{describe(i)} has {field} {v!r} ({type(v).__name__}); ids are integers"
+            )
     try:
         return np.array(values, dtype=np.int64).reshape(len(values))
     except OverflowError:
         i = next(i for i, v in enumerate(values) if not -(1 << 63) <= int(v) < (1 << 63))
-        raise error_cls(f"{describe(i)} has {field} {values[i]!r}, outside the int64 range") \
-            from None
+        raise error_cls(
+            f"{describe(i)} has {field} {values[i]!r}, outside the int64 range"
+        ) from None
 
 
 def _field_list(records, key, describe):
@@ -90,8 +95,9 @@ def _field_list(records, key, describe):
     except (KeyError, TypeError, IndexError):
         for i, r in enumerate(records):
             if not isinstance(r, dict):
-                raise GroundTruthFormatError(f"{describe(i)} is a {type(r).__name__}, not a dict") \
-                    from None
+                raise GroundTruthFormatError(
+                    f"{describe(i)} is a {type(r).__name__}, not a dict"
+                ) from None
             if key not in r:
                 raise GroundTruthFormatError(f"{describe(i)} misses {key!r}") from None
         raise
@@ -106,10 +112,16 @@ def load_ground_truth(gt: str | os.PathLike | dict, iou_type: str = "bbox") -> G
         if key not in doc:
             raise GroundTruthFormatError(f"{src}: missing top-level key {key!r}")
     images, anns, cats = doc["images"], doc["annotations"], doc["categories"]
-    raw_img_ids = _id_array(_field_list(images, "id", lambda i: f"image #{i} in {src}"),
-                            lambda i: f"image #{i} in {src}", "id")
-    raw_cat_ids = _id_array(_field_list(cats, "id", lambda i: f"category #{i} in {src}"),
-                            lambda i: f"category #{i} ({cats[i].get('name')!r}) in {src}", "id")
+    raw_img_ids = _id_array(
+        _field_list(images, "id", lambda i: f"image #{i} in {src}"),
+        lambda i: f"image #{i} in {src}",
+        "id",
+    )
+    raw_cat_ids = _id_array(
+        _field_list(cats, "id", lambda i: f"category #{i} in {src}"),
+        lambda i: f"category #{i} ({cats[i].get('name')!r}) in {src}",
+        "id",
+    )
     lvis_fields = ("neg_category_ids", "not_exhaustive_category_ids")
     has = [all(k in im for k in lvis_fields) for im in images]
     is_lvis = bool(images) and all(has)
@@ -170,9 +182,16 @@ def load_ground_truth(gt: str | os.PathLike | dict, iou_type: str = "bbox") -> G
     img_hw = segm = None
     if iou_type == "segm":
         img_hw = _image_sizes(images, img_ids, raw_img_ids, src)
-        segm = gt_masks(anns, ann_img, img_hw, lambda i: (
-            f"{src}: annotation #{i} (id {anns[i].get('id')}, image_id {anns[i]['image_id']}, "
-            f"category_id {anns[i]['category_id']})"), GroundTruthFormatError)
+        segm = gt_masks(
+            anns,
+            ann_img,
+            img_hw,
+            lambda i: (
+                f"{src}: annotation #{i} (id {anns[i].get('id')}, image_id {anns[i]['image_id']}, "
+                f"category_id {anns[i]['category_id']})"
+            ),
+            GroundTruthFormatError,
+        )
     neg = nel = np.zeros(0, np.int64)
     if is_lvis:
         neg = _image_category_pairs(images, "neg_category_ids", img_ids, cat_ids, src)
@@ -184,15 +203,34 @@ def load_ground_truth(gt: str | os.PathLike | dict, iou_type: str = "bbox") -> G
         # filter: pycocotools/cocoeval.py:96 calls getAnnIds without areaRng.)
         keep = (a_area > 0) & (a_area < np.inf)
         if not keep.all():
-            logger.info("%s: %d gt annotations with area <= 0 (or not finite) are not evaluated "
-                        "(as in lvis)", src, int((~keep).sum()))
+            logger.info(
+                "%s: %d gt annotations with area <= 0 (or not finite) are not evaluated "
+                "(as in lvis)",
+                src,
+                int((~keep).sum()),
+            )
             ann_img, ann_cat, a_box, a_area, a_ign, a_crowd, a_id = (
-                x[keep] for x in (ann_img, ann_cat, a_box, a_area, a_ign, a_crowd, a_id))
+                x[keep] for x in (ann_img, ann_cat, a_box, a_area, a_ign, a_crowd, a_id)
+            )
             if segm is not None:
                 segm = segm.take(np.flatnonzero(keep))
     return GroundTruth(
-        is_lvis, img_ids, cat_ids, cats, ann_img, ann_cat, a_box, a_area, a_ign, a_crowd,
-        neg, nel, a_id, src, img_hw, segm,
+        is_lvis,
+        img_ids,
+        cat_ids,
+        cats,
+        ann_img,
+        ann_cat,
+        a_box,
+        a_area,
+        a_ign,
+        a_crowd,
+        neg,
+        nel,
+        a_id,
+        src,
+        img_hw,
+        segm,
     )
 
 
@@ -201,8 +239,11 @@ def _image_sizes(images, img_ids, raw_img_ids, src) -> np.ndarray:
     try:
         hw = np.array([[im["height"], im["width"]] for im in images], dtype=np.int64)
     except (KeyError, TypeError, ValueError):
-        bad = next(im for im in images if not isinstance(im.get("height"), int)
-                   or not isinstance(im.get("width"), int))
+        bad = next(
+            im
+            for im in images
+            if not isinstance(im.get("height"), int) or not isinstance(im.get("width"), int)
+        )
         raise GroundTruthFormatError(
             f"{src}: image {bad.get('id')!r} lacks an integer 'height' / 'width'; "
             f"iou_type='segm' needs both on every image (masks are checked against them)"
@@ -212,8 +253,13 @@ def _image_sizes(images, img_ids, raw_img_ids, src) -> np.ndarray:
     return out
 
 
-def index_of(sorted_ids: np.ndarray, ids: np.ndarray, field: str, describe: Callable[[int], str],
-             error_cls: type[Exception]) -> np.ndarray:
+def index_of(
+    sorted_ids: np.ndarray,
+    ids: np.ndarray,
+    field: str,
+    describe: Callable[[int], str],
+    error_cls: type[Exception],
+) -> np.ndarray:
     """Positions of ``ids`` in ``sorted_ids``; an unknown id raises ``error_cls`` naming the first
     offending entry (``describe(i)``)."""
     if len(sorted_ids) and 0 <= sorted_ids[0] and sorted_ids[-1] < 64 * len(sorted_ids) + (1 << 20):
@@ -252,8 +298,9 @@ def _image_category_pairs(images, key, img_ids, cat_ids, src="gt"):
     return np.unique(img[known] * K + pos[known])
 
 
-def training_counts(train: str | os.PathLike | dict,
-                    cat_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def training_counts(
+    train: str | os.PathLike | dict, cat_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-category (image_count, instance_count) int64 [K] from a training json (path or dict)."""
     doc, src = _read_json(train, "train")
     anns = doc["annotations"]
@@ -276,6 +323,7 @@ def training_counts(train: str | os.PathLike | dict,
 class ClassGroups:
     """Per category (ground-truth order): r / c / f group (None when undefined) and training
     image / instance counts (int64 [K], -1 where the json lacks them; None when unknown)."""
+
     frequency: list
     image_count: np.ndarray | None
     instance_count: np.ndarray | None

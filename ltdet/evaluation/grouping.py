@@ -3,6 +3,7 @@
 Every (image, class) group is a run of equal keys in a sorted column; these helpers turn the
 references' per-group Python loops into whole-column tensor operations.
 """
+
 from __future__ import annotations
 
 from typing import Callable

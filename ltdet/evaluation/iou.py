@@ -16,6 +16,7 @@ A type is one :class:`IouType` entry: where its geometry lives, its area and its
 (:class:`.masks.MaskColumn`), area = foreground pixels (``maskUtils.area``), IoU through
 ``pycocotools.mask.iou`` once per non-empty (image, class) block.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,13 @@ def box_area(boxes: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
     return box[:, 2] * box[:, 3]
 
 
-def box_iou(dt_boxes: np.ndarray, gt_boxes: np.ndarray, dt_rows: torch.Tensor,
-            gt_rows: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
+def box_iou(
+    dt_boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    dt_rows: torch.Tensor,
+    gt_rows: torch.Tensor,
+    gt_crowd: torch.Tensor,
+) -> torch.Tensor:
     """pycocotools' ``bbIou`` on paired rows -> float64 [P]: detection ``dt_rows[p]`` against gt
     ``gt_rows[p]``; ``gt_crowd`` bool [P]: that gt is a crowd region (union = detection area).
 
@@ -69,13 +75,19 @@ def mask_area(masks: MaskColumn, rows: torch.Tensor) -> torch.Tensor:
     area, ok = rle_stats(masks, rows.cpu().numpy())
     if not ok.all():
         bad = np.flatnonzero(~ok)
-        raise InvalidGeometry(int(bad[0]), bad.size, "'segmentation' is not a valid compressed "
-                              "RLE of its size")
+        raise InvalidGeometry(
+            int(bad[0]), bad.size, "'segmentation' is not a valid compressed RLE of its size"
+        )
     return torch.from_numpy(area.astype(np.float64)).to(rows.device)
 
 
-def mask_iou(dt_masks: MaskColumn, gt_masks: MaskColumn, dt_rows: torch.Tensor,
-             gt_rows: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
+def mask_iou(
+    dt_masks: MaskColumn,
+    gt_masks: MaskColumn,
+    dt_rows: torch.Tensor,
+    gt_rows: torch.Tensor,
+    gt_crowd: torch.Tensor,
+) -> torch.Tensor:
     """``pycocotools.mask.iou`` on the candidate pairs, one call per (image, class) block.
 
     The pairs of a block are its full detection x gt matrix, row-major (the module docstring):
@@ -102,8 +114,11 @@ def mask_iou(dt_masks: MaskColumn, gt_masks: MaskColumn, dt_rows: torch.Tensor,
     out = []
     d0 = g0 = 0
     for nd, ng in zip(n_det.tolist(), n_gt.tolist()):
-        out.append(np.asarray(mask_utils.iou(dts[d0:d0 + nd], gts[g0:g0 + ng],
-                                             crowd_l[g0:g0 + ng])).ravel())
+        out.append(
+            np.asarray(
+                mask_utils.iou(dts[d0 : d0 + nd], gts[g0 : g0 + ng], crowd_l[g0 : g0 + ng])
+            ).ravel()
+        )
         d0 += nd
         g0 += ng
     return torch.from_numpy(np.concatenate(out)).to(device)
@@ -117,6 +132,7 @@ def mask_size(masks: MaskColumn) -> np.ndarray:
 class IouType:
     """One IoU type: the attribute holding its geometry on :class:`DetColumns` and on
     :class:`GroundTruth`, the detection area and the pairwise IoU (see the module docstring)."""
+
     det_field: str
     gt_field: str
     area: Callable[[Any, torch.Tensor], torch.Tensor]
@@ -127,15 +143,18 @@ class IouType:
 
 IOU_TYPES = {
     "bbox": IouType(det_field="bbox", gt_field="ann_bbox", area=box_area, iou=box_iou),
-    "segm": IouType(det_field="segm", gt_field="ann_segm", area=mask_area, iou=mask_iou,
-                    size=mask_size),
+    "segm": IouType(
+        det_field="segm", gt_field="ann_segm", area=mask_area, iou=mask_iou, size=mask_size
+    ),
 }
 
 
 def check_iou_type(iou_type: str) -> IouType:
     if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type {iou_type!r} is not supported; ltdet evaluates "
-                         f"{' / '.join(repr(t) for t in IOU_TYPES)}")
+        raise ValueError(
+            f"iou_type {iou_type!r} is not supported; ltdet evaluates "
+            f"{' / '.join(repr(t) for t in IOU_TYPES)}"
+        )
     return IOU_TYPES[iou_type]
 
 
@@ -160,8 +179,14 @@ def detection_size(iou_type: str, dt_geom: Any) -> np.ndarray | None:
     return None if size is None else size(dt_geom)
 
 
-def compute_iou(iou_type: str, dt_geom: Any, gt_geom: Any, dt_rows: torch.Tensor,
-                gt_rows: torch.Tensor, gt_crowd: torch.Tensor) -> torch.Tensor:
+def compute_iou(
+    iou_type: str,
+    dt_geom: Any,
+    gt_geom: Any,
+    dt_rows: torch.Tensor,
+    gt_rows: torch.Tensor,
+    gt_crowd: torch.Tensor,
+) -> torch.Tensor:
     """float64 [P] IoU of the candidate pairs (``dt_rows[p]``, ``gt_rows[p]``), rows into the
     geometry of :func:`detection_geometry` / :func:`gt_geometry`; ``gt_crowd`` bool [P] marks
     pairs whose gt is a COCO ``iscrowd`` region (IoU = intersection / detection area)."""

@@ -39,6 +39,7 @@ caps, filters, sorted tensors), :mod:`.iou` (the ``compute_iou(iou_type)`` seam)
 :mod:`.accumulate`, :mod:`.summary`. Everything runs in float64 with the reference's operation
 order, so results are bit-for-bit the reference's up to summation order in the final means.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,17 +65,26 @@ from .prepare import gt_tensors, select_detections, sort_detections
 from .results_io import DetColumns, load_detections
 from .summary import mean_valid, summarize
 
-__all__ = ["GroundTruthFormatError", "PROTOCOLS", "evaluate_arrays", "evaluate_lvis",
-           "match_detections"]
+__all__ = [
+    "GroundTruthFormatError",
+    "PROTOCOLS",
+    "evaluate_arrays",
+    "evaluate_lvis",
+    "match_detections",
+]
 
 PROTOCOLS = ("standard", "fixed")
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets: int = 300,
-                    device: torch.device | str | None = None,
-                    iou_type: str = "bbox") -> tuple[np.ndarray, np.ndarray]:
+def evaluate_arrays(
+    gt: GroundTruth,
+    cols: DetColumns,
+    max_dets: int = 300,
+    device: torch.device | str | None = None,
+    iou_type: str = "bbox",
+) -> tuple[np.ndarray, np.ndarray]:
     """Core: returns (precision [T, A, K] averaged over the 101 recall points, recall [T, A, K])
     as float64 numpy arrays; -1 marks classes without gt in that area range."""
     device = torch.device(device or "cpu")
@@ -83,24 +93,36 @@ def evaluate_arrays(gt: GroundTruth, cols: DetColumns, max_dets: int = 300,
     return prec.cpu().numpy(), recall.cpu().numpy()
 
 
-def match_detections(gt: GroundTruth, cols: DetColumns, max_dets: int = 300,
-                     device: torch.device | str | None = None, iou_type: str = "bbox",
-                     protocol: str = "standard", dets_per_class: int = 10000,
-                     ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+def match_detections(
+    gt: GroundTruth,
+    cols: DetColumns,
+    max_dets: int = 300,
+    device: torch.device | str | None = None,
+    iou_type: str = "bbox",
+    protocol: str = "standard",
+    dets_per_class: int = 10000,
+) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lvis-api's ``evaluate`` phase: the kept detections (:func:`.prepare.select_detections`'
     columns, sorted by :func:`.prepare.sort_detections`), ``matched`` / ``matched_ignored`` bool
     [T, A, N] in that order, and the number of non-ignored gts int64 [A, K]."""
     device = torch.device(device or "cpu")
     dt_geom, gt_geom = detection_geometry(iou_type, cols), gt_geometry(iou_type, gt)
-    det = sort_detections(select_detections(gt, cols, max_dets, iou_type, dt_geom, device,
-                                            protocol, dets_per_class))
+    det = sort_detections(
+        select_detections(gt, cols, max_dets, iou_type, dt_geom, device, protocol, dets_per_class)
+    )
     gt_t, num_gt = gt_tensors(gt, device)
     matched, matched_ig = match(det, gt_t, iou_type, dt_geom, gt_geom, device)
     return det, matched, matched_ig, num_gt
 
 
-def pooled_ap(det: dict, matched: torch.Tensor, matched_ig: torch.Tensor, num_gt: torch.Tensor,
-              groups: ClassGroups, device: torch.device) -> dict:
+def pooled_ap(
+    det: dict,
+    matched: torch.Tensor,
+    matched_ig: torch.Tensor,
+    num_gt: torch.Tensor,
+    groups: ClassGroups,
+    device: torch.device,
+) -> dict:
     """APpool over all classes and over each r / c / f group (-1: no gt in the pool)."""
     freq = np.array([f or "" for f in groups.frequency])
     # A class is in "all" and in at most one group: two passes of the accumulation ("all"; then
@@ -110,24 +132,33 @@ def pooled_ap(det: dict, matched: torch.Tensor, matched_ig: torch.Tensor, num_gt
     for p, g in enumerate(FREQ_GROUPS):
         group_of[torch.from_numpy(freq == g)] = p
     group_of = group_of.to(device)
-    for keys, pool_of_cat in ((["APpool"], torch.zeros_like(group_of)),
-                              ([f"APpool{g}" for g in FREQ_GROUPS], group_of)):
+    for keys, pool_of_cat in (
+        (["APpool"], torch.zeros_like(group_of)),
+        ([f"APpool{g}" for g in FREQ_GROUPS], group_of),
+    ):
         n = len(keys)
         gt_pool = torch.zeros(num_gt.shape[0], n, dtype=num_gt.dtype, device=device)
         inside = pool_of_cat >= 0
         gt_pool.index_add_(1, pool_of_cat[inside], num_gt[:, inside])
-        prec, _ = accumulate(det, matched, matched_ig, gt_pool, n, device,
-                             pool=pool_of_cat[det["cat"]])
-        prec = prec.cpu().numpy()
+        prec, _ = accumulate(
+            det, matched, matched_ig, gt_pool, n, device, pool=pool_of_cat[det["cat"]]
+        )
+        prec_np = prec.cpu().numpy()
         for j, k in enumerate(keys):
-            res[k] = mean_valid(prec[:, 0, j])
+            res[k] = mean_valid(prec_np[:, 0, j])
     return res
 
 
-def evaluate_lvis(gt: str | os.PathLike | dict, dets: Any, iou_type: str = "bbox",
-                  max_dets: int = 300, device: torch.device | str | None = None,
-                  train: str | os.PathLike | dict | None = None, protocol: str = "standard",
-                  dets_per_class: int = 10000) -> dict:
+def evaluate_lvis(
+    gt: str | os.PathLike | dict,
+    dets: Any,
+    iou_type: str = "bbox",
+    max_dets: int = 300,
+    device: torch.device | str | None = None,
+    train: str | os.PathLike | dict | None = None,
+    protocol: str = "standard",
+    dets_per_class: int = 10000,
+) -> dict:
     """LVIS-style (or, for COCO-format ``gt``, COCOeval-style) box or mask AP.
 
     Args:
@@ -165,8 +196,11 @@ def evaluate_lvis(gt: str | os.PathLike | dict, dets: Any, iou_type: str = "bbox
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if not isinstance(max_dets, int) or isinstance(max_dets, bool) or max_dets <= 0:
         raise ValueError(f"max_dets must be a positive int, got {max_dets!r}")
-    if not isinstance(dets_per_class, int) or isinstance(dets_per_class, bool) \
-            or dets_per_class <= 0:
+    if (
+        not isinstance(dets_per_class, int)
+        or isinstance(dets_per_class, bool)
+        or dets_per_class <= 0
+    ):
         raise ValueError(f"dets_per_class must be a positive int, got {dets_per_class!r}")
     if device is None and isinstance(dets, (list, tuple)) and dets and isinstance(dets[0], dict):
         t = dets[0].get("masks" if iou_type == "segm" else "boxes")
@@ -176,27 +210,45 @@ def evaluate_lvis(gt: str | os.PathLike | dict, dets: Any, iou_type: str = "bbox
     cols = load_detections(dets, iou_type=iou_type)
     device = torch.device(device or "cpu")
     det, matched, matched_ig, num_gt = match_detections(
-        gtd, cols, max_dets, device, iou_type, protocol, dets_per_class)
+        gtd, cols, max_dets, device, iou_type, protocol, dets_per_class
+    )
     prec, recall = accumulate(det, matched, matched_ig, num_gt, len(gtd.cat_ids), device)
     groups = class_groups(gtd, train)
     fixed = protocol == "fixed"
-    res = summarize(prec.cpu().numpy(), recall.cpu().numpy(), gtd.categories, groups,
-                    -1 if fixed else max_dets, gtd.is_lvis)
+    res = summarize(
+        prec.cpu().numpy(),
+        recall.cpu().numpy(),
+        gtd.categories,
+        groups,
+        -1 if fixed else max_dets,
+        gtd.is_lvis,
+    )
     res["iou_type"], res["protocol"] = iou_type, protocol
     if fixed:
         res["dets_per_class"] = dets_per_class
         res.update(pooled_ap(det, matched, matched_ig, num_gt, groups, device))
-        counts = np.bincount(np.searchsorted(gtd.cat_ids, cols.category_id),
-                             minlength=len(gtd.cat_ids)) if len(cols) else \
-            np.zeros(len(gtd.cat_ids), np.int64)
+        counts = (
+            np.bincount(np.searchsorted(gtd.cat_ids, cols.category_id), minlength=len(gtd.cat_ids))
+            if len(cols)
+            else np.zeros(len(gtd.cat_ids), np.int64)
+        )
         n_short = int((counts < dets_per_class).sum())
         if n_short:
             logger.warning(
                 "Fixed AP: %d of %d classes have fewer than %d detections; AP is lower than the "
                 "detector's (output the top %d per class over the set, e.g. test.topk_per_class)",
-                n_short, len(gtd.cat_ids), dets_per_class, dets_per_class)
+                n_short,
+                len(gtd.cat_ids),
+                dets_per_class,
+                dets_per_class,
+            )
     logger.info(
-        "evaluated %d detections on %d images, %d classes (%s, %s): AP %.4f", len(cols),
-        len(gtd.img_ids), len(gtd.cat_ids), iou_type, protocol, res["AP"],
+        "evaluated %d detections on %d images, %d classes (%s, %s): AP %.4f",
+        len(cols),
+        len(gtd.img_ids),
+        len(gtd.cat_ids),
+        iou_type,
+        protocol,
+        res["AP"],
     )
     return res

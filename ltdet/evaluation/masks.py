@@ -12,6 +12,7 @@ Ground truth follows ``lvis.LVIS.ann_to_rle`` (lvis/lvis.py) and pycocotools' ``
 polygon list -> ``frPyObjects(polys, h, w)`` then ``merge``; an uncompressed RLE (``counts`` a
 list) -> ``frPyObjects``; a compressed RLE is used as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,15 +27,18 @@ _RLE_MIN, _RLE_MAX = 48, 48 + 63
 # rle_stats works on at most this many characters at a time (int64 temporaries of ~8 bytes each).
 _STATS_CHARS = 1 << 22
 
-RLE_FIX = ("encode masks with pycocotools.mask.encode(np.asfortranarray(mask_uint8)) and store "
-           "{'size': [height, width], 'counts': rle['counts'].decode()}, or pass the model's "
-           "'masks' tensors directly")
+RLE_FIX = (
+    "encode masks with pycocotools.mask.encode(np.asfortranarray(mask_uint8)) and store "
+    "{'size': [height, width], 'counts': rle['counts'].decode()}, or pass the model's "
+    "'masks' tensors directly"
+)
 
 
 @dataclass
 class MaskColumn:
     """Compressed RLE masks as columns: ``counts`` uint8 [total bytes] (every string back to
     back), ``offsets`` int64 [N + 1], ``size`` int64 [N, 2] (height, width)."""
+
     counts: np.ndarray
     offsets: np.ndarray
     size: np.ndarray
@@ -43,14 +47,19 @@ class MaskColumn:
         return int(self.size.shape[0])
 
     def string(self, i: int) -> bytes:
-        return self.counts[self.offsets[i]:self.offsets[i + 1]].tobytes()
+        return self.counts[self.offsets[i] : self.offsets[i + 1]].tobytes()
 
     def rles(self, rows: np.ndarray) -> list:
         """pycocotools RLE dicts (``counts`` bytes) of ``rows``."""
         counts = self.counts
-        return [{"size": s, "counts": counts[a:b].tobytes()} for s, a, b in
-                zip(self.size[rows].tolist(), self.offsets[rows].tolist(),
-                    self.offsets[rows + 1].tolist())]
+        return [
+            {"size": s, "counts": counts[a:b].tobytes()}
+            for s, a, b in zip(
+                self.size[rows].tolist(),
+                self.offsets[rows].tolist(),
+                self.offsets[rows + 1].tolist(),
+            )
+        ]
 
     def take(self, rows: np.ndarray) -> MaskColumn:
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
@@ -95,19 +104,24 @@ def concat_mask_columns(parts: list) -> MaskColumn:
     if not parts:
         return empty_mask_column()
     shift = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
-    offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s
-                                                       for p, s in zip(parts, shift)])
-    return MaskColumn(np.concatenate([p.counts for p in parts]), offsets.astype(np.int64),
-                      np.concatenate([p.size for p in parts]).reshape(-1, 2))
+    offsets = np.concatenate(
+        [parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shift)]
+    )
+    return MaskColumn(
+        np.concatenate([p.counts for p in parts]),
+        offsets.astype(np.int64),
+        np.concatenate([p.size for p in parts]).reshape(-1, 2),
+    )
 
 
 def bad_characters(col: MaskColumn) -> np.ndarray:
     """Rows whose string holds a character outside the RLE alphabet (or is empty)."""
     c = col.counts
-    bad_char = (c < _RLE_MIN) | (c > _RLE_MAX)
     lens = np.diff(col.offsets)
     bad = lens == 0
-    if bad_char.any():
+    # min / max first: no temporary the size of the buffer unless a character is out of range.
+    if c.size and (int(c.min()) < _RLE_MIN or int(c.max()) > _RLE_MAX):
+        bad_char = (c < _RLE_MIN) | (c > _RLE_MAX)
         pos = np.flatnonzero(bad_char)
         bad[np.searchsorted(col.offsets, pos, side="right") - 1] = True
     return np.flatnonzero(bad)
@@ -206,12 +220,19 @@ def encode_tensor_masks(masks: torch.Tensor, threshold: float = 0.5) -> list:
 
 def encode_masks(masks: torch.Tensor, threshold: float = 0.5) -> list:
     """Result-json form of :func:`encode_tensor_masks`: ``{"size": [h, w], "counts": str}``."""
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
-            for r in encode_tensor_masks(masks, threshold)]
+    return [
+        {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+        for r in encode_tensor_masks(masks, threshold)
+    ]
 
 
-def gt_masks(anns: list, ann_img: np.ndarray, img_hw: np.ndarray,
-             describe: Callable[[int], str], error_cls: type[Exception]) -> MaskColumn:
+def gt_masks(
+    anns: list,
+    ann_img: np.ndarray,
+    img_hw: np.ndarray,
+    describe: Callable[[int], str],
+    error_cls: type[Exception],
+) -> MaskColumn:
     """Ground-truth ``segmentation`` fields -> compressed RLE, as ``lvis``' ``ann_to_rle``
     (polygons: ``frPyObjects`` then ``merge``; uncompressed RLE: ``frPyObjects``; compressed RLE
     as is). Polygons of one image go through one ``frPyObjects`` call (a single-polygon mask is
@@ -229,21 +250,27 @@ def gt_masks(anns: list, ann_img: np.ndarray, img_hw: np.ndarray,
                 raise error_cls(
                     f"{describe(i)}: 'segmentation' is not a valid polygon list (each polygon a "
                     f"list of an even number >= 6 of finite x, y coordinates); fix or drop the "
-                    f"annotation")
+                    f"annotation"
+                )
             poly_of_img.setdefault(int(ann_img[i]), []).append(i)
         elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
             size = seg["size"]
-            if not (isinstance(size, (list, tuple)) and len(size) == 2
-                    and [int(size[0]), int(size[1])] == [h, w]):
+            if not (
+                isinstance(size, (list, tuple))
+                and len(size) == 2
+                and [int(size[0]), int(size[1])] == [h, w]
+            ):
                 raise error_cls(
                     f"{describe(i)}: RLE size {size!r} differs from its image's [height, width] "
-                    f"[{h}, {w}]; masks must be in original image pixels")
+                    f"[{h}, {w}]; masks must be in original image pixels"
+                )
             counts = seg["counts"]
             if isinstance(counts, list):
                 if not all(type(v) is int and v >= 0 for v in counts) or sum(counts) != h * w:
                     raise error_cls(
                         f"{describe(i)}: uncompressed RLE counts must be non-negative integers "
-                        f"adding up to height * width = {h * w}")
+                        f"adding up to height * width = {h * w}"
+                    )
                 strings[i] = mask_utils.frPyObjects(seg, h, w)["counts"]
             elif isinstance(counts, (str, bytes)):
                 strings[i] = counts
@@ -253,7 +280,8 @@ def gt_masks(anns: list, ann_img: np.ndarray, img_hw: np.ndarray,
         else:
             raise error_cls(
                 f"{describe(i)}: iou_type='segm' needs a 'segmentation' (polygons or RLE) on "
-                f"every annotation, got {type(seg).__name__}")
+                f"every annotation, got {type(seg).__name__}"
+            )
     for img, rows in poly_of_img.items():
         h, w = (int(v) for v in img_hw[img])
         flat = [p for i in rows for p in anns[i]["segmentation"]]
@@ -261,8 +289,9 @@ def gt_masks(anns: list, ann_img: np.ndarray, img_hw: np.ndarray,
         pos = 0
         for i in rows:
             k = len(anns[i]["segmentation"])
-            strings[i] = rles[pos]["counts"] if k == 1 else \
-                mask_utils.merge(rles[pos:pos + k])["counts"]
+            strings[i] = (
+                rles[pos]["counts"] if k == 1 else mask_utils.merge(rles[pos : pos + k])["counts"]
+            )
             pos += k
     try:
         col = mask_column(strings, img_hw[ann_img] if n else np.zeros((0, 2)))
@@ -273,8 +302,10 @@ def gt_masks(anns: list, ann_img: np.ndarray, img_hw: np.ndarray,
         _, ok = rle_stats(col, np.array(given, np.int64))
         if not ok.all():
             i = given[int(np.flatnonzero(~ok)[0])]
-            raise error_cls(f"{describe(i)}: 'segmentation' is not a valid compressed RLE of "
-                            f"its size ({int((~ok).sum())} such annotations)")
+            raise error_cls(
+                f"{describe(i)}: 'segmentation' is not a valid compressed RLE of "
+                f"its size ({int((~ok).sum())} such annotations)"
+            )
     return col
 
 

@@ -7,6 +7,7 @@ number of times. Matching is sequential only inside a group, so the loop runs ov
 detection inside its group, handling that rank in all groups, thresholds and area ranges at once
 (state ``gt_matched`` [T, A, G]).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,9 @@ from .iou import compute_iou
 from .params import AREA_RNGS, IOU_THRS
 
 
-def match(det: dict, gt_t: dict, iou_type: str, dt_geom: Any, gt_geom: Any,
-          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def match(
+    det: dict, gt_t: dict, iou_type: str, dt_geom: Any, gt_geom: Any, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy COCO/LVIS matching for all (image, class) groups at once.
 
     ``det`` tensors are sorted by (pair, -score, input order), ``gt_t`` by (pair, json order)
@@ -43,8 +45,9 @@ def match(det: dict, gt_t: dict, iou_type: str, dt_geom: Any, gt_geom: Any,
     d_rep = torch.repeat_interleave(torch.arange(N, device=device), n_g)
     offs = torch.cumsum(n_g, 0) - n_g
     g_idx = gstart[pos][d_rep] + torch.arange(d_rep.shape[0], device=device) - offs[d_rep]
-    iou = compute_iou(iou_type, dt_geom, gt_geom, det["orig"][d_rep], gt_t["rows"][g_idx],
-                      gt_t["crowd"][g_idx])
+    iou = compute_iou(
+        iou_type, dt_geom, gt_geom, det["orig"][d_rep], gt_t["rows"][g_idx], gt_t["crowd"][g_idx]
+    )
     thrs = torch.tensor(np.minimum(IOU_THRS, 1 - 1e-10), dtype=torch.float64, device=device)
     keep = iou >= thrs.min()
     d_rep, g_idx, iou = d_rep[keep], g_idx[keep], iou[keep]
@@ -81,20 +84,22 @@ def match(det: dict, gt_t: dict, iou_type: str, dt_geom: Any, gt_geom: Any,
         nig = ~gt_ig[:, pg]  # [A, P]
         # A detection prefers non-ignored gts; only without one does it take an ignored gt.
         has_nig = torch.zeros(T, A, L, dtype=torch.int32, device=device).scatter_reduce(
-            2, inv3, (cand & nig).to(torch.int32), "amax")
+            2, inv3, (cand & nig).to(torch.int32), "amax"
+        )
         elig = cand & (nig.to(torch.int32)[None] == has_nig.gather(2, inv3))
         iou_e = torch.where(elig, piou.expand(T, A, P), torch.full_like(piou, -1.0))
         best = torch.full((T, A, L), -1.0, dtype=torch.float64, device=device).scatter_reduce(
-            2, inv3, iou_e, "amax")
+            2, inv3, iou_e, "amax"
+        )
         # Equal IoU: the reference keeps the later gt in its (ignore-last, json) order.
         win = elig & (iou_e == best.gather(2, inv3))
         gsel = torch.where(win, pg.expand(T, A, P), torch.full_like(pg, -1))
         bestg = torch.full((T, A, L), -1, dtype=torch.int64, device=device).scatter_reduce(
-            2, inv3, gsel, "amax")
+            2, inv3, gsel, "amax"
+        )
         ok = bestg >= 0
         g_safe = bestg.clamp(min=0)
         gt_matched[t_ar.expand_as(g_safe)[ok], a_ar.expand_as(g_safe)[ok], g_safe[ok]] = True
         matched[:, :, ldet] = ok & counts_as_match[g_safe]
         matched_ig[:, :, ldet] = ok & gt_ig[a_ar, g_safe]
     return matched, matched_ig
-

@@ -3,6 +3,7 @@
 ``protocol="fixed"``, the top detections of each class over the whole set -, the federated
 filter, LVIS's ``0 < area`` filter, and the area-range ignore flags of the gt.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,9 +18,16 @@ from .params import AREA_RNGS
 from .results_io import DetColumns, DetectionFormatError
 
 
-def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type: str,
-                      dt_geom: Any, device: torch.device, protocol: str = "standard",
-                      dets_per_class: int = 10000) -> dict:
+def select_detections(
+    gt: GroundTruth,
+    cols: DetColumns,
+    max_dets: int,
+    iou_type: str,
+    dt_geom: Any,
+    device: torch.device,
+    protocol: str = "standard",
+    dets_per_class: int = 10000,
+) -> dict:
     """Validate ids, apply the cap and the federated filter. Returns tensors on ``device`` for
     the kept detections, in input order: ``orig`` (row in ``cols``), ``img`` / ``cat`` (indices
     into the gt's ids), ``pair`` (``img * K + cat``), ``score``, ``area``, ``nel`` (class not
@@ -33,6 +41,7 @@ def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type
     cat = index_of(gt.cat_ids, cols.category_id, "category_id", describe, DetectionFormatError)
     size = detection_size(iou_type, dt_geom)
     if size is not None and len(img):
+        assert gt.img_hw is not None  # segm ground truth always records image sizes
         bad = np.flatnonzero((size != gt.img_hw[img]).any(axis=1))
         if bad.size:
             i = int(bad[0])
@@ -40,7 +49,8 @@ def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type
                 f"{describe(i)}: mask size [height, width] {size[i].tolist()} differs from its "
                 f"image's {gt.img_hw[img[i]].tolist()} ({bad.size} such entries); masks must be "
                 f"in original image pixels (paste them into the full image, as torchvision's "
-                f"postprocess does)")
+                f"postprocess does)"
+            )
     t_img = torch.from_numpy(img).to(device)
     t_cat = torch.from_numpy(cat).to(device)
     score = torch.from_numpy(cols.score).to(device)
@@ -51,8 +61,11 @@ def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type
         group, cap, n_groups = t_cat, dets_per_class, K
     else:
         # LVISResults caps per image (sorted by score, stable); COCOeval per (image, class).
-        group, cap, n_groups = (t_img, max_dets, len(gt.img_ids)) if gt.is_lvis \
+        group, cap, n_groups = (
+            (t_img, max_dets, len(gt.img_ids))
+            if gt.is_lvis
             else (pair, max_dets, len(gt.img_ids) * K)
+        )
     keep = torch.arange(pair.shape[0], device=device)
     if pair.numel() and int(group_sizes(group, n_groups).max()) > cap:
         order = stable_order(-score, group)
@@ -60,11 +73,13 @@ def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type
         keep = torch.sort(order[rank < cap]).values
     if gt.is_lvis:
         pos_pairs = torch.from_numpy(gt.ann_img * K + gt.ann_cat).to(device)
-        allowed = pair_lookup(torch.cat([pos_pairs, torch.from_numpy(gt.neg_pairs).to(device)]),
-                              len(gt.img_ids) * K)
+        allowed = pair_lookup(
+            torch.cat([pos_pairs, torch.from_numpy(gt.neg_pairs).to(device)]), len(gt.img_ids) * K
+        )
         keep = keep[allowed(pair[keep])]
-        nel = pair_lookup(torch.from_numpy(gt.not_exhaustive_pairs).to(device),
-                          len(gt.img_ids) * K)(pair[keep])
+        nel = pair_lookup(
+            torch.from_numpy(gt.not_exhaustive_pairs).to(device), len(gt.img_ids) * K
+        )(pair[keep])
     else:
         nel = torch.zeros(keep.shape[0], dtype=torch.bool, device=device)
     try:
@@ -80,8 +95,15 @@ def select_detections(gt: GroundTruth, cols: DetColumns, max_dets: int, iou_type
         ok = (area > 0) & (area < float("inf"))
         if not bool(ok.all()):
             keep, area, nel = keep[ok], area[ok], nel[ok]
-    return dict(orig=keep, img=t_img[keep], cat=t_cat[keep], pair=pair[keep], score=score[keep],
-                area=area, nel=nel)
+    return dict(
+        orig=keep,
+        img=t_img[keep],
+        cat=t_cat[keep],
+        pair=pair[keep],
+        score=score[keep],
+        area=area,
+        nel=nel,
+    )
 
 
 def sort_detections(det: dict) -> dict:
@@ -111,5 +133,6 @@ def gt_tensors(gt: GroundTruth, device: torch.device) -> tuple[dict, torch.Tenso
     )
     g_cat = torch.from_numpy(gt.ann_cat).to(device)[g_order]
     num_gt = torch.zeros(len(AREA_RNGS), K, dtype=torch.int64, device=device).scatter_add(
-        1, g_cat.expand(len(AREA_RNGS), -1), (~gt_t["ignore_area"]).long())
+        1, g_cat.expand(len(AREA_RNGS), -1), (~gt_t["ignore_area"]).long()
+    )
     return gt_t, num_gt

@@ -7,6 +7,7 @@
 - ``ap_vs_frequency.png``: per-class AP against training images (log x), coloured by r / c / f.
 Metrics of -1 are undefined (no class in that group / area has ground truth), as in ``lvis``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,28 @@ import os
 
 from ltdet.frequency import COMMON_MAX_IMAGES, FREQ_GROUPS, RARE_MAX_IMAGES
 
-SUMMARY_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
-                 "AP50r", "AP50c", "AP50f", "AP1", "AP2", "AP3", "AP4",
-                 "APpool", "APpoolr", "APpoolc", "APpoolf")
+SUMMARY_ORDER = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "APr",
+    "APc",
+    "APf",
+    "AP50r",
+    "AP50c",
+    "AP50f",
+    "AP1",
+    "AP2",
+    "AP3",
+    "AP4",
+    "APpool",
+    "APpoolr",
+    "APpoolc",
+    "APpoolf",
+)
 # Settings recorded in a result, not metrics (iou_type / protocol are strings).
 SETTING_KEYS = ("dets_per_class",)
 FREQ_COLOURS = {"r": "tab:red", "c": "tab:orange", "f": "tab:blue", None: "tab:gray"}
@@ -28,8 +48,11 @@ def scalar_metrics(res: dict) -> dict:
     """The float metrics of a result, in reporting order (AP block, then AR block)."""
     keys = [k for k in SUMMARY_ORDER if k in res]
     keys += [k for k in res if k.startswith("AR") and k not in keys]
-    keys += [k for k in res if k not in keys and k not in SETTING_KEYS
-             and isinstance(res[k], (int, float))]
+    keys += [
+        k
+        for k in res
+        if k not in keys and k not in SETTING_KEYS and isinstance(res[k], (int, float))
+    ]
     return {k: float(res[k]) for k in keys}
 
 
@@ -40,8 +63,10 @@ def format_table(res: dict) -> str:
     width = max((len(k) for k in metrics), default=2)
     lines = []
     if res.get("protocol") == "fixed":
-        lines.append(f"Fixed AP protocol: top {res.get('dets_per_class')} detections per class "
-                     f"over the set, no per-image cap")
+        lines.append(
+            f"Fixed AP protocol: top {res.get('dets_per_class')} detections per class "
+            f"over the set, no per-image cap"
+        )
     lines += [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     for k, v in metrics.items():
         lines.append(f"{k:<{width}}  {'n/a' if v == -1 else f'{v:.4f}'}")
@@ -53,8 +78,9 @@ def format_table(res: dict) -> str:
                 counts[c["frequency"]] = counts.get(c["frequency"], 0) + 1
         evaluated = sum(counts.values())
         groups = ", ".join(f"{g}: {counts[g]}" for g in FREQ_GROUPS if g in counts)
-        lines.append(f"classes with gt: {evaluated} of {len(per_class)}"
-                     + (f" ({groups})" if groups else ""))
+        lines.append(
+            f"classes with gt: {evaluated} of {len(per_class)}" + (f" ({groups})" if groups else "")
+        )
     return "\n".join(lines)
 
 
@@ -73,10 +99,16 @@ def write_report(res: dict, out_dir: str | os.PathLike) -> dict:
         w = csv.writer(f)
         w.writerow(["id", "class", "frequency", "training_images", "training_instances", "AP"])
         for c in per_class:
-            w.writerow([c["id"], c["name"], c["frequency"] or "",
-                        "" if c["image_count"] is None else c["image_count"],
-                        "" if c["instance_count"] is None else c["instance_count"],
-                        "" if c["AP"] is None else f"{c['AP']:.6f}"])
+            w.writerow(
+                [
+                    c["id"],
+                    c["name"],
+                    c["frequency"] or "",
+                    "" if c["image_count"] is None else c["image_count"],
+                    "" if c["instance_count"] is None else c["instance_count"],
+                    "" if c["AP"] is None else f"{c['AP']:.6f}",
+                ]
+            )
     _plot_ap_vs_frequency(per_class, paths["plot"])
     return paths
 
@@ -97,8 +129,14 @@ def _plot_ap_vs_frequency(per_class: list, path: str) -> None:
             continue
         xs = [c["image_count"] if have_counts else i for i, c in enumerate(pts)]
         label = {"r": "rare", "c": "common", "f": "frequent", None: "no group"}[group]
-        ax.scatter(xs, [100 * c["AP"] for c in pts], s=10, alpha=0.7, c=FREQ_COLOURS[group],
-                   label=f"{label} ({len(pts)})")
+        ax.scatter(
+            xs,
+            [100 * c["AP"] for c in pts],
+            s=10,
+            alpha=0.7,
+            c=FREQ_COLOURS[group],
+            label=f"{label} ({len(pts)})",
+        )
     if have_counts:
         ax.set_xscale("log")
         ax.set_xlabel("training images of the class (log)")

@@ -20,6 +20,7 @@ dicts of tensors ``{"image_id": int, "boxes": [K, 4] xyxy, "scores": [K], "categ
 as the training loop produces them (for segm: ``"masks"`` [K, 1, H, W] probabilities, encoded at
 0.5 as torchvision's references do; ``"boxes"`` optional).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ import re
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -50,8 +52,10 @@ logger = logging.getLogger(__name__)
 RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 TENSOR_KEYS = ("image_id", "boxes", "scores", "category_ids")
 SEGM_TENSOR_KEYS = ("image_id", "masks", "scores", "category_ids")
-MIXED_FIX = ("the results mix box-only and mask entries: iou_type='segm' needs a compressed RLE "
-             "'segmentation' on every result (evaluate box-only results with iou_type='bbox')")
+MIXED_FIX = (
+    "the results mix box-only and mask entries: iou_type='segm' needs a compressed RLE "
+    "'segmentation' on every result (evaluate box-only results with iou_type='bbox')"
+)
 
 # Decode chunks of about this many bytes: the chunk's structs (about 2.5x the text) stay a few MB,
 # below the noise of the peak memory, and the per-chunk overhead is negligible (docs/evaluation.md,
@@ -82,26 +86,38 @@ class DetColumns:
 
     def entry(self, i: int) -> dict:
         """Detection ``i`` as a result dict, for error messages (a mask's counts shortened)."""
-        d = {"image_id": int(self.image_id[i]), "category_id": int(self.category_id[i])}
+        d: dict[str, Any] = {
+            "image_id": int(self.image_id[i]),
+            "category_id": int(self.category_id[i]),
+        }
         if self.segm is None:
             d["bbox"] = [float(v) for v in self.bbox[i]]
         else:
             c = self.segm.string(i).decode("ascii", "replace")
-            d["segmentation"] = {"size": self.segm.size[i].tolist(),
-                                 "counts": c if len(c) <= 24 else c[:20] + "..."}
+            d["segmentation"] = {
+                "size": self.segm.size[i].tolist(),
+                "counts": c if len(c) <= 24 else c[:20] + "...",
+            }
         d["score"] = float(self.score[i])
         return d
 
 
 def empty_columns(source: str = "detections", iou_type: str = "bbox") -> DetColumns:
     return DetColumns(
-        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), source,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros((0, 4)),
+        np.zeros(0),
+        source,
         empty_mask_column() if iou_type == "segm" else None,
     )
 
 
-def load_detections(dets: str | os.PathLike | DetColumns | list | tuple,
-                    source: str | None = None, iou_type: str = "bbox") -> DetColumns:
+def load_detections(
+    dets: str | os.PathLike | DetColumns | list | tuple,
+    source: str | None = None,
+    iou_type: str = "bbox",
+) -> DetColumns:
     """Any accepted detection input -> validated-shape :class:`DetColumns` (ids not yet checked).
     ``iou_type="segm"`` reads the masks (every entry needs one) instead of the boxes."""
     segm = iou_type == "segm"
@@ -155,11 +171,11 @@ def _load_result_json(path: str, segm: bool = False) -> DetColumns:
 
 
 def _parse_result_text(path: str, text: mmap.mmap, segm: bool) -> DetColumns:
-    start = _SPACE.match(text).end()
-    if text[start:start + 1] != b"[":
-        text = text[:]
+    space = _SPACE.match(text)
+    start = space.end() if space is not None else 0
+    if text[start : start + 1] != b"[":
         try:
-            doc = json.loads(text)
+            doc = json.loads(text[:])
         except json.JSONDecodeError as e:
             raise DetectionFormatError(f"{path}: malformed json ({e})") from None
         raise DetectionFormatError(
@@ -169,8 +185,9 @@ def _parse_result_text(path: str, text: mmap.mmap, segm: bool) -> DetColumns:
     if _EMPTY_REST.match(text, start + 1):
         return empty_columns(path, "segm" if segm else "bbox")
     parts = []
-    decoder, to_columns = (_SEGM_DECODER, _columns_from_segm_structs) if segm else \
-        (_DECODER, _columns_from_structs)
+    decoder, to_columns = (
+        (_SEGM_DECODER, _columns_from_segm_structs) if segm else (_DECODER, _columns_from_structs)
+    )
     n = 0
     # segm: every chunk's strings go straight into one buffer (the strings are shorter than
     # the file), so the column is never concatenated (a second copy) at the end.
@@ -181,23 +198,38 @@ def _parse_result_text(path: str, text: mmap.mmap, segm: bool) -> DetColumns:
             part = to_columns(decoder.decode(piece), path, n)
             if segm:
                 m = part.segm
-                counts[n_bytes:n_bytes + m.counts.size] = m.counts
+                assert m is not None and counts is not None  # segm chunks carry masks
+                counts[n_bytes : n_bytes + m.counts.size] = m.counts
                 part.segm = MaskColumn(np.zeros(0, np.uint8), m.offsets + n_bytes, m.size)
                 n_bytes += m.counts.size
             parts.append(part)
             n += len(part)
     except (_NotChunkable, msgspec.DecodeError, OverflowError, _NotRle):
         return _load_result_json_whole(path, text[:], segm)
-    cols = _concat(parts, path)
-    if segm:
-        offsets = np.concatenate([parts[0].segm.offsets[:1]]
-                                 + [p.segm.offsets[1:] for p in parts])
-        cols.segm = MaskColumn(counts[:n_bytes], offsets, cols.segm.size)
-    return cols
+    if not segm:
+        return _concat(parts, path)
+    masks = [p.segm for p in parts if p.segm is not None]
+    assert counts is not None and len(masks) == len(parts)  # every segm chunk carries masks
+    offsets = np.concatenate([masks[0].offsets[:1]] + [m.offsets[1:] for m in masks])
+    size = np.concatenate([m.size for m in masks])
+    image_id = np.concatenate([p.image_id for p in parts])
+    category_id = np.concatenate([p.category_id for p in parts])
+    score = np.concatenate([p.score for p in parts])
+    del parts
+    # np.zeros: pages that are only read stay unallocated (segm never reads boxes).
+    return DetColumns(
+        image_id,
+        category_id,
+        np.zeros((n, 4)),
+        score,
+        path,
+        MaskColumn(counts[:n_bytes], offsets, size),
+    )
 
 
 class _ResultStruct(msgspec.Struct, gc=False):
     """One result dict as msgspec decodes it (``gc=False``: no cycles, no GC tracking)."""
+
     image_id: int
     category_id: int
     bbox: tuple[float, float, float, float]
@@ -215,6 +247,7 @@ class _RleStruct(msgspec.Struct, gc=False):
 class _SegmResultStruct(msgspec.Struct, gc=False):
     """A segm result: ``bbox`` (and any other key) is skipped; a missing ``segmentation`` is
     None (named by :func:`_columns_from_segm_structs`)."""
+
     image_id: int
     category_id: int
     score: float
@@ -222,6 +255,9 @@ class _SegmResultStruct(msgspec.Struct, gc=False):
 
 
 _SEGM_DECODER = msgspec.json.Decoder(list[_SegmResultStruct])
+
+
+_NO_BOXES = np.zeros((0, 4))  # chunk columns of a segm file: boxes are made once, at the end
 
 
 class _NotRle(Exception):
@@ -232,21 +268,22 @@ class _NotChunkable(Exception):
     """The top-level list cannot be cut into chunks of whole objects."""
 
 
-def _list_chunks(text: bytes, pos: int):
+def _list_chunks(text: bytes | mmap.mmap, pos: int):
     """``[obj, obj, ...]`` of about ``_CHUNK_BYTES`` each from the list body starting at ``pos``
     (cut at a ``}`` ``,`` ``{`` boundary; the last piece runs to the closing ``]``)."""
     end = len(text)
     close = text.rfind(b"]")
-    if close < pos or text[close + 1:].strip():
+    if close < pos or text[close + 1 :].strip():
         raise _NotChunkable
     released = 0
     while True:
-        cut = _BOUNDARY.search(text, pos + _CHUNK_BYTES, close) \
-            if pos + _CHUNK_BYTES < end else None
+        cut = (
+            _BOUNDARY.search(text, pos + _CHUNK_BYTES, close) if pos + _CHUNK_BYTES < end else None
+        )
         if cut is None:
             yield b"[" + text[pos:close] + b"]"
             return
-        yield b"[" + text[pos:cut.start() + 1] + b"]"
+        yield b"[" + text[pos : cut.start() + 1] + b"]"
         pos = cut.end()
         page = pos - pos % mmap.PAGESIZE
         if isinstance(text, mmap.mmap) and page - released >= _CHUNK_BYTES:
@@ -264,18 +301,23 @@ def _columns_from_segm_structs(items: list, source: str, base: int = 0) -> DetCo
         d = items[i]
         raise DetectionFormatError(
             f"{source}: detection #{base + i} (image_id {d.image_id}, category_id "
-            f"{d.category_id}) has no 'segmentation'; {MIXED_FIX}")
+            f"{d.category_id}) has no 'segmentation'; {MIXED_FIX}"
+        )
     try:
-        masks = mask_column(list(map(attrgetter("counts"), segs)),
-                            np.fromiter(chain.from_iterable(map(attrgetter("size"), segs)),
-                                        np.int64, 2 * n))
+        masks = mask_column(
+            list(map(attrgetter("counts"), segs)),
+            np.fromiter(chain.from_iterable(map(attrgetter("size"), segs)), np.int64, 2 * n),
+        )
     except ValueError:
         raise _NotRle from None
     return DetColumns(
         np.fromiter(map(attrgetter("image_id"), items), np.int64, n),
         np.fromiter(map(attrgetter("category_id"), items), np.int64, n),
-        np.zeros((n, 4)), np.fromiter(map(attrgetter("score"), items), np.float64, n),
-        source, masks)
+        _NO_BOXES,
+        np.fromiter(map(attrgetter("score"), items), np.float64, n),
+        source,
+        masks,
+    )
 
 
 def _columns_from_structs(items: list, source: str, base: int = 0) -> DetColumns:
@@ -285,8 +327,9 @@ def _columns_from_structs(items: list, source: str, base: int = 0) -> DetColumns
     image_id = np.fromiter(map(attrgetter("image_id"), items), np.int64, n)
     category_id = np.fromiter(map(attrgetter("category_id"), items), np.int64, n)
     score = np.fromiter(map(attrgetter("score"), items), np.float64, n)
-    bbox = np.fromiter(chain.from_iterable(map(attrgetter("bbox"), items)), np.float64,
-                       4 * n).reshape(n, 4)
+    bbox = np.fromiter(
+        chain.from_iterable(map(attrgetter("bbox"), items)), np.float64, 4 * n
+    ).reshape(n, 4)
     return DetColumns(image_id, category_id, bbox, score, source)
 
 
@@ -309,7 +352,8 @@ def _concat(parts, source) -> DetColumns:
         np.concatenate([p.category_id for p in parts]),
         np.concatenate([p.bbox for p in parts]),
         np.concatenate([p.score for p in parts]),
-        source, segm,
+        source,
+        segm,
     )
 
 
@@ -332,28 +376,38 @@ def _columns_from_result_dicts(items, source: str, segm: bool = False) -> DetCol
 def _columns_from_segm_dicts(items, source: str) -> DetColumns:
     """Segm result dicts -> columns; an entry without a compressed RLE ``segmentation``, or
     with a malformed one, raises naming it (position, image_id, category_id) and the fix."""
+
     def name(i):
         d = items[i]
-        return (f"{source}: detection #{i} (image_id {d.get('image_id')!r}, category_id "
-                f"{d.get('category_id')!r})")
+        return (
+            f"{source}: detection #{i} (image_id {d.get('image_id')!r}, category_id "
+            f"{d.get('category_id')!r})"
+        )
 
     for i, d in enumerate(items):
         if not isinstance(d, dict):
-            raise DetectionFormatError(f"{source}: detection #{i} is a {type(d).__name__}, "
-                                       f"expected a result dict")
+            raise DetectionFormatError(
+                f"{source}: detection #{i} is a {type(d).__name__}, expected a result dict"
+            )
         seg = d.get("segmentation")
         if seg is None:
             raise DetectionFormatError(f"{name(i)} has no 'segmentation'; {MIXED_FIX}")
         if isinstance(seg, list):
             raise DetectionFormatError(
                 f"{name(i)}: 'segmentation' is a polygon list; segm results must be compressed "
-                f"RLE (as lvis and pycocotools require): {RLE_FIX}")
-        if not (isinstance(seg, dict) and isinstance(seg.get("counts"), (str, bytes))
-                and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2
-                and all(type(v) is int or isinstance(v, np.integer) for v in seg["size"])):
+                f"RLE (as lvis and pycocotools require): {RLE_FIX}"
+            )
+        if not (
+            isinstance(seg, dict)
+            and isinstance(seg.get("counts"), (str, bytes))
+            and isinstance(seg.get("size"), (list, tuple))
+            and len(seg["size"]) == 2
+            and all(type(v) is int or isinstance(v, np.integer) for v in seg["size"])
+        ):
             raise DetectionFormatError(
                 f"{name(i)}: 'segmentation' must be a compressed RLE {{'size': [height, width], "
-                f"'counts': str}}, got {_short(seg)}: {RLE_FIX}")
+                f"'counts': str}}, got {_short(seg)}: {RLE_FIX}"
+            )
         for k in ("image_id", "category_id", "score"):
             if k not in d:
                 raise DetectionFormatError(f"{name(i)} misses key {k!r}")
@@ -363,12 +417,15 @@ def _columns_from_segm_dicts(items, source: str) -> DetColumns:
         i = next(i for i, d in enumerate(items) if not isinstance(d["score"], (int, float)))
         raise DetectionFormatError(f"{name(i)}: score must be a number") from None
     try:
-        masks = mask_column([d["segmentation"]["counts"] for d in items],
-                            [d["segmentation"]["size"] for d in items])
+        masks = mask_column(
+            [d["segmentation"]["counts"] for d in items], [d["segmentation"]["size"] for d in items]
+        )
     except ValueError as e:
         i = int(str(e)[1:].split(":")[0])
-        raise DetectionFormatError(f"{name(i)}: 'segmentation' counts hold non-ASCII "
-                                   f"characters, not a compressed RLE: {RLE_FIX}") from None
+        raise DetectionFormatError(
+            f"{name(i)}: 'segmentation' counts hold non-ASCII "
+            f"characters, not a compressed RLE: {RLE_FIX}"
+        ) from None
     image_id = _int_ids([d["image_id"] for d in items], "image_id", items, source)
     category_id = _int_ids([d["category_id"] for d in items], "category_id", items, source)
     return DetColumns(image_id, category_id, np.zeros((len(items), 4)), score, source, masks)
@@ -376,7 +433,7 @@ def _columns_from_segm_dicts(items, source: str) -> DetColumns:
 
 def _short(v, n=60):
     r = repr(v)
-    return r if len(r) <= n else r[:n - 3] + "..."
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def _is_int_type(t) -> bool:
@@ -402,8 +459,7 @@ def _int_ids(values, name, items, source):
     except OverflowError:
         i = next(i for i, v in enumerate(values) if not -(1 << 63) <= int(v) < (1 << 63))
         raise DetectionFormatError(
-            f"{source}: detection #{i} {items[i]!r}: {name} {values[i]} is outside the "
-            f"int64 range"
+            f"{source}: detection #{i} {items[i]!r}: {name} {values[i]} is outside the int64 range"
         ) from None
 
 
@@ -472,7 +528,8 @@ def _columns_from_tensors(items, segm: bool = False) -> DetColumns:
                     raise DetectionFormatError(
                         f"detections[{n}] (image_id {d['image_id']!r}): masks must be "
                         f"[K, 1, H, W] (or [K, H, W]) with K = {s.shape[0]} scores; got "
-                        f"{tuple(m.shape)}")
+                        f"{tuple(m.shape)}"
+                    )
             rles = encode_tensor_masks(m)
             masks.append(mask_column([r["counts"] for r in rles], [r["size"] for r in rles]))
         xywh = b.clone()
@@ -480,8 +537,12 @@ def _columns_from_tensors(items, segm: bool = False) -> DetColumns:
         boxes.append(xywh.numpy())
         scores.append(s.numpy())
     return DetColumns(
-        np.concatenate(ids), np.concatenate(cats), np.concatenate(boxes).reshape(-1, 4),
-        np.concatenate(scores), "detections", concat_mask_columns(masks) if segm else None,
+        np.concatenate(ids),
+        np.concatenate(cats),
+        np.concatenate(boxes).reshape(-1, 4),
+        np.concatenate(scores),
+        "detections",
+        concat_mask_columns(masks) if segm else None,
     )
 
 
@@ -519,8 +580,9 @@ def _check_values(cols: DetColumns):
             )
     if cols.segm is not None:
         if len(cols.segm) != len(cols):
-            raise DetectionFormatError(f"{cols.source}: {len(cols.segm)} masks for {len(cols)} "
-                                       f"detections")
+            raise DetectionFormatError(
+                f"{cols.source}: {len(cols.segm)} masks for {len(cols)} detections"
+            )
         # One pass over the bytes; full validity (whole tokens, counts adding up to h * w) is
         # checked on the detections that are evaluated (ltdet.evaluation.prepare).
         bad = bad_characters(cols.segm)
@@ -529,4 +591,5 @@ def _check_values(cols: DetColumns):
             raise DetectionFormatError(
                 f"{cols.source}: detection #{i} {cols.entry(i)}: 'segmentation' counts is not a "
                 f"compressed RLE string (empty, or a character outside '0'..'o'; {bad.size} such "
-                f"entries): {RLE_FIX}")
+                f"entries): {RLE_FIX}"
+            )

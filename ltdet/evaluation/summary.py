@@ -1,5 +1,6 @@
 """Precision / recall arrays -> the metrics dict of :func:`ltdet.evaluation.evaluate_lvis`
 (lvis-api's ``summarize``, plus AP50 per frequency group, COCO-LT bins and per-class AP)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,14 @@ def mean_valid(x: np.ndarray) -> float:
     return float(v.mean()) if v.size else -1.0
 
 
-def summarize(prec: np.ndarray, recall: np.ndarray, categories: list, groups: ClassGroups,
-              max_dets: int, is_lvis: bool) -> dict:
+def summarize(
+    prec: np.ndarray,
+    recall: np.ndarray,
+    categories: list,
+    groups: ClassGroups,
+    max_dets: int,
+    is_lvis: bool,
+) -> dict:
     """``prec`` [T, A, K] (averaged over recall points) and ``recall`` [T, A, K] -> metrics.
 
     Returns AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AP50r, AP50c, AP50f, AR@, ARs@, ARm@,
@@ -52,18 +59,23 @@ def summarize(prec: np.ndarray, recall: np.ndarray, categories: list, groups: Cl
             res[name] = mean_valid(prec[:, 0, bins == b])
 
     # A class is valid (has gt) at every threshold or at none.
-    per_class_ap = [a if ok else None for a, ok in
-                    zip(prec[:, 0].mean(0).tolist(), (recall[0, 0] > -1).tolist())]
-    per_class_ap50 = [a if ok else None for a, ok in
-                      zip(prec[0, 0].tolist(), (recall[0, 0] > -1).tolist())]
+    per_class_ap = [
+        a if ok else None
+        for a, ok in zip(prec[:, 0].mean(0).tolist(), (recall[0, 0] > -1).tolist())
+    ]
+    per_class_ap50 = [
+        a if ok else None for a, ok in zip(prec[0, 0].tolist(), (recall[0, 0] > -1).tolist())
+    ]
     res["per_class"] = [
         {
             "id": int(c["id"]),
             "name": c.get("name", str(c["id"])),
             "frequency": freq[k],
-            "image_count": None if image_count is None or image_count[k] < 0
+            "image_count": None
+            if image_count is None or image_count[k] < 0
             else int(image_count[k]),
-            "instance_count": None if instance_count is None or instance_count[k] < 0
+            "instance_count": None
+            if instance_count is None or instance_count[k] < 0
             else int(instance_count[k]),
             "AP": per_class_ap[k],
             "AP50": per_class_ap50[k],

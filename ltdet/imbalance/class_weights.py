@@ -11,6 +11,7 @@ Effective Number of Samples", CVPR 2019); the loss that applies them is
 
 Model-agnostic: the same weights serve a classifier's loss or a sampler.
 """
+
 import math
 
 import torch
@@ -36,14 +37,16 @@ def class_balanced_weights(counts: Tensor, mode: str = "effective", beta: float 
         raise ValueError(f"class-balanced beta must be in [0, 1), got {beta}")
     counts = torch.as_tensor(counts)
     if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"class counts must be a non-empty 1-D tensor [C], got shape "
-                         f"{list(counts.shape)}")
+        raise ValueError(
+            f"class counts must be a non-empty 1-D tensor [C], got shape {list(counts.shape)}"
+        )
     out_dtype = counts.dtype if counts.is_floating_point() else torch.float32
     n = counts.to(torch.float64).clamp_min(1.0)
     if mode == "effective":
         # 1 - beta^n computed as -expm1(n log beta): exact for beta close to 1 and large n.
-        weights = ((1.0 - beta) / -torch.expm1(n * math.log(beta)) if beta > 0
-                   else torch.ones_like(n))
+        weights = (
+            (1.0 - beta) / -torch.expm1(n * math.log(beta)) if beta > 0 else torch.ones_like(n)
+        )
     elif mode == "inverse":
         weights = 1.0 / n
     else:

@@ -27,6 +27,7 @@ Statistics live in buffers (checkpointed); ``start_update`` / ``start_smooth`` c
 
 Shapes: ``features [R, D]``, ``ious [R]`` -> ``[R, D]``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -67,13 +68,36 @@ class RoIFDS(nn.Module):
     steps: Tensor
 
     #: The keys of ``model.fds`` (``enabled`` and the constructor's keyword arguments but eps).
-    SPEC_KEYS = ("enabled", "bins", "lo", "hi", "kernel", "ks", "sigma", "momentum",
-                 "start_update", "start_smooth", "clip")
+    SPEC_KEYS = (
+        "enabled",
+        "bins",
+        "lo",
+        "hi",
+        "kernel",
+        "ks",
+        "sigma",
+        "momentum",
+        "start_update",
+        "start_smooth",
+        "clip",
+    )
 
-    def __init__(self, feature_dim: int, *, bins: int = 50, lo: float = 0.5, hi: float = 1.0,
-                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                 momentum: float = 0.9, start_update: int = 0, start_smooth: int = 100,
-                 clip: Sequence[float] = (0.1, 10.0), eps: float = 1e-6):
+    def __init__(
+        self,
+        feature_dim: int,
+        *,
+        bins: int = 50,
+        lo: float = 0.5,
+        hi: float = 1.0,
+        kernel: str = "gaussian",
+        ks: int = 5,
+        sigma: float = 2.0,
+        momentum: float = 0.9,
+        start_update: int = 0,
+        start_smooth: int = 100,
+        clip: Sequence[float] = (0.1, 10.0),
+        eps: float = 1e-6,
+    ):
         super().__init__()
         check_number("model.fds feature_dim", feature_dim, low=1, integer=True)
         check_number("model.fds.bins", bins, low=1, integer=True)
@@ -86,9 +110,12 @@ class RoIFDS(nn.Module):
         check_number("model.fds.sigma", sigma)
         check_number("model.fds.start_update", start_update, integer=True)
         check_number("model.fds.start_smooth", start_smooth, integer=True)
-        if (not isinstance(clip, Sequence) or len(clip) != 2
-                or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)
-                or not 0 < clip[0] <= clip[1]):
+        if (
+            not isinstance(clip, Sequence)
+            or len(clip) != 2
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)
+            or not 0 < clip[0] <= clip[1]
+        ):
             raise SpecError(f"model.fds.clip must be [low, high] with 0 < low <= high, got {clip}")
         self.feature_dim, self.bins = int(feature_dim), int(bins)
         self.lo, self.hi = float(lo), float(hi)
@@ -96,8 +123,9 @@ class RoIFDS(nn.Module):
         self.start_update, self.start_smooth = int(start_update), int(start_smooth)
         self.clip = (float(clip[0]), float(clip[1]))
         self.eps = float(eps)
-        self.register_buffer("kernel", smoothing_kernel(kernel, int(ks), float(sigma)),
-                             persistent=False)
+        self.register_buffer(
+            "kernel", smoothing_kernel(kernel, int(ks), float(sigma)), persistent=False
+        )
         self.register_buffer("running_mean", torch.zeros(self.bins, self.feature_dim))
         self.register_buffer("running_var", torch.ones(self.bins, self.feature_dim))
         self.register_buffer("bin_updates", torch.zeros(self.bins, dtype=torch.long))
@@ -110,8 +138,9 @@ class RoIFDS(nn.Module):
                 "model.fds must sit on the flattened box-head output"
             )
         if ious.shape != features.shape[:1]:
-            raise ValueError(f"RoIFDS: ious {list(ious.shape)} must be [R] for features "
-                             f"{list(features.shape)}")
+            raise ValueError(
+                f"RoIFDS: ious {list(ious.shape)} must be [R] for features {list(features.shape)}"
+            )
         positive = ious >= self.lo
         return positive, bin_index(ious, self.lo, self.hi, self.bins)
 
@@ -188,14 +217,16 @@ class RoIFDS(nn.Module):
         self.bin_updates += present.long()
 
     def extra_repr(self) -> str:
-        return (f"feature_dim={self.feature_dim}, bins={self.bins}, range=[{self.lo}, {self.hi}], "
-                f"momentum={self.momentum}, start_update={self.start_update}, "
-                f"start_smooth={self.start_smooth}")
-
+        return (
+            f"feature_dim={self.feature_dim}, bins={self.bins}, range=[{self.lo}, {self.hi}], "
+            f"momentum={self.momentum}, start_update={self.start_update}, "
+            f"start_smooth={self.start_smooth}"
+        )
 
     @classmethod
-    def from_config(cls, spec: Mapping, *, feature_dim: int,
-                    fg_iou_thresh: float | None = None) -> RoIFDS:
+    def from_config(
+        cls, spec: Mapping, *, feature_dim: int, fg_iou_thresh: float | None = None
+    ) -> RoIFDS:
         """``RoIFDS`` from a ``model.fds`` spec: every key but ``enabled`` is a constructor
         argument; an unset ``lo`` is the RoI head's foreground IoU threshold when given."""
         kwargs = {k: v for k, v in spec.items() if k not in ("type", "enabled")}
@@ -204,8 +235,9 @@ class RoIFDS(nn.Module):
         return cls(feature_dim, **kwargs)
 
 
-def build_fds(cfg: Mapping | None, feature_dim: int, *, fg_iou_thresh: float | None = None
-              ) -> RoIFDS | None:
+def build_fds(
+    cfg: Mapping | None, feature_dim: int, *, fg_iou_thresh: float | None = None
+) -> RoIFDS | None:
     """``RoIFDS`` from ``model.fds``, or ``None`` when absent or ``enabled: false``.
 
     Keys: ``enabled`` and the keyword arguments of :class:`RoIFDS` but ``eps`` (with its
@@ -214,5 +246,11 @@ def build_fds(cfg: Mapping | None, feature_dim: int, *, fg_iou_thresh: float | N
     """
     if not cfg or not cfg.get("enabled", False):
         return None
-    return build_from_spec({"fds": RoIFDS}, "model", cfg, default_type="fds",
-                           feature_dim=feature_dim, fg_iou_thresh=fg_iou_thresh)
+    return build_from_spec(
+        {"fds": RoIFDS},
+        "model",
+        cfg,
+        default_type="fds",
+        feature_dim=feature_dim,
+        fg_iou_thresh=fg_iou_thresh,
+    )

@@ -13,6 +13,7 @@ power=p)`), and the soft target of a sample of class y over K classes is `1 - ep
 `eps_y / (K - 1)` on every other class (the paper's formula; the released code spreads
 `eps_y / K` over all K).
 """
+
 import math
 from typing import Optional
 
@@ -24,8 +25,13 @@ __all__ = ["LAS_SHAPES", "label_aware_smoothing"]
 LAS_SHAPES = ("concave", "linear", "convex", "exp")
 
 
-def label_aware_smoothing(counts: Tensor, eps_head: float = 0.4, eps_tail: float = 0.1,
-                          shape: str = "concave", power: Optional[float] = None) -> Tensor:
+def label_aware_smoothing(
+    counts: Tensor,
+    eps_head: float = 0.4,
+    eps_tail: float = 0.1,
+    shape: str = "concave",
+    power: Optional[float] = None,
+) -> Tensor:
     """Per-class smoothing factors `[C]` from per-class training counts `[C]`.
 
     The most frequent class gets `eps_head` (eps_1), the rarest `eps_tail` (eps_K). When all
@@ -41,15 +47,17 @@ def label_aware_smoothing(counts: Tensor, eps_head: float = 0.4, eps_tail: float
         except (TypeError, ValueError):
             p = math.nan
         if not (math.isfinite(p) and p > 0):
-            raise ValueError(f"label-aware smoothing shape 'exp' needs a finite power > 0, "
-                             f"got {power!r}")
+            raise ValueError(
+                f"label-aware smoothing shape 'exp' needs a finite power > 0, got {power!r}"
+            )
     for name, value in (("eps_head", eps_head), ("eps_tail", eps_tail)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"label-aware smoothing {name} must be in [0, 1), got {value}")
     counts = torch.as_tensor(counts)
     if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"class counts must be a non-empty 1-D tensor [C], got shape "
-                         f"{list(counts.shape)}")
+        raise ValueError(
+            f"class counts must be a non-empty 1-D tensor [C], got shape {list(counts.shape)}"
+        )
     n = counts.to(torch.float64)
     n_head, n_tail = n.max(), n.min()
     if n_head > n_tail:
@@ -66,4 +74,3 @@ def label_aware_smoothing(counts: Tensor, eps_head: float = 0.4, eps_tail: float
         h = 1.0 - torch.cos(x * (math.pi / 2))
     eps = eps_tail + (eps_head - eps_tail) * h
     return eps.to(counts.dtype if counts.is_floating_point() else torch.float32)
-

@@ -28,6 +28,7 @@ positives on LVIS: ~2,000 per iteration at 16 images x 512 RoIs x 25%), so a fix
 put every populated bin at 1000 within the first hundred iterations and make the weights
 uniform; no clip is applied here.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -134,9 +135,18 @@ class RoILDS(nn.Module):
     #: The keys of ``model.lds`` (``enabled`` and the constructor's arguments).
     SPEC_KEYS = ("enabled", "bins", "lo", "hi", "target", "kernel", "ks", "sigma", "reweight")
 
-    def __init__(self, *, bins: int = 50, lo: float = 0.5, hi: float = 1.0, target: str = "iou",
-                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                 reweight: str = "sqrt_inv"):
+    def __init__(
+        self,
+        *,
+        bins: int = 50,
+        lo: float = 0.5,
+        hi: float = 1.0,
+        target: str = "iou",
+        kernel: str = "gaussian",
+        ks: int = 5,
+        sigma: float = 2.0,
+        reweight: str = "sqrt_inv",
+    ):
         super().__init__()
         check_number("model.lds.bins", bins, integer=True)
         if bins < 1:  # the wording config errors have always used
@@ -151,8 +161,9 @@ class RoILDS(nn.Module):
         check_number("model.lds.sigma", sigma)
         self.bins, self.lo, self.hi = int(bins), float(lo), float(hi)
         self.target, self.reweight = target, reweight
-        self.register_buffer("kernel", smoothing_kernel(kernel, int(ks), float(sigma)),
-                             persistent=False)
+        self.register_buffer(
+            "kernel", smoothing_kernel(kernel, int(ks), float(sigma)), persistent=False
+        )
         # Exact counts; int64 does not saturate over a long LVIS schedule as float32 would.
         self.register_buffer("counts", torch.zeros(self.bins, dtype=torch.long))
 
@@ -207,9 +218,10 @@ class RoILDS(nn.Module):
         return per_bin[self.bin_index(values.detach()).to(values.device)].float()
 
     def extra_repr(self) -> str:
-        return (f"bins={self.bins}, range=[{self.lo}, {self.hi}], target={self.target}, "
-                f"reweight={self.reweight}")
-
+        return (
+            f"bins={self.bins}, range=[{self.lo}, {self.hi}], target={self.target}, "
+            f"reweight={self.reweight}"
+        )
 
     @classmethod
     def from_config(cls, spec: Mapping, *, fg_iou_thresh: float | None = None) -> RoILDS:
@@ -235,5 +247,6 @@ def build_lds(cfg: Mapping | None, *, fg_iou_thresh: float | None = None) -> RoI
     """
     if not cfg or not cfg.get("enabled", False):
         return None
-    return build_from_spec({"lds": RoILDS}, "model", cfg, default_type="lds",
-                           fg_iou_thresh=fg_iou_thresh)
+    return build_from_spec(
+        {"lds": RoILDS}, "model", cfg, default_type="lds", fg_iou_thresh=fg_iou_thresh
+    )

@@ -13,6 +13,7 @@ Shapes: ``images`` list of ``[3, H_k, W_k]`` float tensors; ``targets`` list of 
 ``masks [K, H_k, W_k]`` (Mask R-CNN: each image's masks are zero-padded to the canvas, anchored at
 the top-left as the image, and concatenated like the boxes).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -41,9 +42,14 @@ def _pad_to(image: Tensor, height: int, width: int) -> Tensor:
     return torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]))
 
 
-def mixup_detection(images: Sequence[Tensor], targets: Sequence[Mapping], *, alpha: float = 1.5,
-                    prob: float = 0.5, generator: torch.Generator | None = None
-                    ) -> tuple[list[Tensor], list[dict]]:
+def mixup_detection(
+    images: Sequence[Tensor],
+    targets: Sequence[Mapping],
+    *,
+    alpha: float = 1.5,
+    prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], list[dict]]:
     """Mix each image of a batch, with probability ``prob``, with another image of the batch.
 
     Pairing: a random cyclic shift ``s in [1, B-1]`` pairs image ``i`` with image ``(i + s) % B``
@@ -78,8 +84,10 @@ def mixup_detection(images: Sequence[Tensor], targets: Sequence[Mapping], *, alp
     with_masks = ["masks" in t for t in targets]
     if any(with_masks) and not all(with_masks):
         k = with_masks.index(False)
-        raise ValueError(f"mixup_detection: target {k} (image_id {targets[k].get('image_id')}) "
-                         "has no 'masks' while others have; give every image masks or none")
+        raise ValueError(
+            f"mixup_detection: target {k} (image_id {targets[k].get('image_id')}) "
+            "has no 'masks' while others have; give every image masks or none"
+        )
     n = len(images)
     out_images = list(images)
     out_targets = [{**t, "weights": _box_weights(t)} for t in targets]
@@ -106,6 +114,7 @@ def mixup_detection(images: Sequence[Tensor], targets: Sequence[Mapping], *, alp
             "weights": torch.cat([lam * _box_weights(ti), (1.0 - lam) * wj]),
         }
         if "masks" in ti:
-            out_targets[i]["masks"] = torch.cat([_pad_to(ti["masks"], h, w),
-                                                 _pad_to(tj["masks"].to(ti["masks"]), h, w)])
+            out_targets[i]["masks"] = torch.cat(
+                [_pad_to(ti["masks"], h, w), _pad_to(tj["masks"].to(ti["masks"]), h, w)]
+            )
     return out_images, out_targets

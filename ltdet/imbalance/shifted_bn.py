@@ -12,6 +12,7 @@
 
 Both work on any ``nn.Module`` (feature maps ``[N, C, H, W]`` for the frozen variant).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -23,7 +24,7 @@ __all__ = ["freeze_batchnorm", "shift_batchnorm"]
 
 
 def _frozen_copy(bn: BatchNormBase, name: str) -> FrozenBatchNorm2d:
-    if not bn.track_running_stats or bn.running_mean is None:
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"freeze_batchnorm: BatchNorm {name!r} has no running statistics "
             "(track_running_stats=False); it cannot be frozen into inference mode"

@@ -6,6 +6,7 @@ The normalisation layer is a choice (`NORMS`): `frozen_bn` (torchvision's, for p
 weights), `bn` or `gn` (GroupNorm, 32 groups, to train from scratch). Backbone weights are a
 torchvision weights name or a local checkpoint path (`ltdet.models.weights`).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,15 +29,24 @@ from ltdet.compat import mobilenet_extractor, resnet_fpn_extractor
 
 from .weights import is_checkpoint_path, load_checkpoint_state_dict, resolve_weights
 
-__all__ = ["BACKBONES", "BACKBONE_WEIGHTS", "NORMS", "NORM_LAYERS", "build_backbone",
-           "max_trainable_layers"]
+__all__ = [
+    "BACKBONES",
+    "BACKBONE_WEIGHTS",
+    "NORMS",
+    "NORM_LAYERS",
+    "build_backbone",
+    "max_trainable_layers",
+]
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
 NORMS = ("frozen_bn", "bn", "gn")
 
 BACKBONE_WEIGHTS = {
-    "resnet18": ResNet18_Weights, "resnet34": ResNet34_Weights, "resnet50": ResNet50_Weights,
-    "resnet101": ResNet101_Weights, "mobilenet_v3_large": MobileNet_V3_Large_Weights,
+    "resnet18": ResNet18_Weights,
+    "resnet34": ResNet34_Weights,
+    "resnet50": ResNet50_Weights,
+    "resnet101": ResNet101_Weights,
+    "mobilenet_v3_large": MobileNet_V3_Large_Weights,
 }
 
 
@@ -47,7 +57,10 @@ def _group_norm(num_channels: int) -> nn.GroupNorm:
 
 
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
-    "frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": _group_norm}
+    "frozen_bn": FrozenBatchNorm2d,
+    "bn": nn.BatchNorm2d,
+    "gn": _group_norm,
+}
 
 
 def max_trainable_layers(backbone: str) -> int:
@@ -58,22 +71,30 @@ def max_trainable_layers(backbone: str) -> int:
 def _load_backbone_checkpoint(body: nn.Module, backbone: str, path: str) -> None:
     # The classification layer (`fc` / `classifier`) is not part of the detection backbone.
     classifier = ("fc.", "classifier.")
-    state = {k: v for k, v in load_checkpoint_state_dict(path, "model.weights_backbone").items()
-             if not k.startswith(classifier)}
+    state = {
+        k: v
+        for k, v in load_checkpoint_state_dict(path, "model.weights_backbone").items()
+        if not k.startswith(classifier)
+    }
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"model.weights_backbone={path!r} is not a {backbone} "
-                         f"state_dict: {e}") from e
-    missing = [k for k in missing if not k.startswith(classifier)
-               and not k.endswith("num_batches_tracked")]
+        raise ValueError(
+            f"model.weights_backbone={path!r} is not a {backbone} state_dict: {e}"
+        ) from e
+    missing = [
+        k for k in missing if not k.startswith(classifier) and not k.endswith("num_batches_tracked")
+    ]
     if missing or unexpected:
-        raise ValueError(f"model.weights_backbone={path!r} is not a {backbone} "
-                         f"state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"model.weights_backbone={path!r} is not a {backbone} "
+            f"state_dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
-def build_backbone(arch: str, backbone: str, norm: str, weights_backbone: str | None,
-                   trainable_layers: int) -> tuple[nn.Module, AnchorGenerator | None]:
+def build_backbone(
+    arch: str, backbone: str, norm: str, weights_backbone: str | None, trainable_layers: int
+) -> tuple[nn.Module, AnchorGenerator | None]:
     """Backbone + FPN of `arch` as torchvision's builders make them; returns (module, anchor
     generator, or None where the detector's default anchors apply)."""
     norm_layer = NORM_LAYERS[norm]
@@ -83,8 +104,9 @@ def build_backbone(arch: str, backbone: str, norm: str, weights_backbone: str | 
         if is_checkpoint_path(weights_backbone):
             backbone_path = weights_backbone
         else:
-            backbone_enum = resolve_weights(weights_backbone, BACKBONE_WEIGHTS[backbone],
-                                            "model.weights_backbone")
+            backbone_enum = resolve_weights(
+                weights_backbone, BACKBONE_WEIGHTS[backbone], "model.weights_backbone"
+            )
     body = getattr(torchvision.models, backbone)(weights=backbone_enum, norm_layer=norm_layer)
     if backbone_path is not None:
         _load_backbone_checkpoint(body, backbone, backbone_path)
@@ -98,8 +120,12 @@ def build_backbone(arch: str, backbone: str, norm: str, weights_backbone: str | 
             return resnet_fpn_extractor(body, trainable_layers, norm_layer=fpn_norm), None
         # RetinaNet skips P2 (too many anchors) and adds P6/P7: from P5 in v1, from C5 in v2.
         p6_in = 256 if arch == "retinanet" else body.inplanes
-        return resnet_fpn_extractor(body, trainable_layers, returned_layers=[2, 3, 4],
-                                    extra_blocks=LastLevelP6P7(p6_in, 256)), None
+        return resnet_fpn_extractor(
+            body,
+            trainable_layers,
+            returned_layers=[2, 3, 4],
+            extra_blocks=LastLevelP6P7(p6_in, 256),
+        ), None
     if not dense:
         # torchvision's fasterrcnn_mobilenet_v3_large_fpn: the last two stages + max-pool level,
         # every anchor size on every level.
@@ -108,5 +134,10 @@ def build_backbone(arch: str, backbone: str, norm: str, weights_backbone: str | 
         return mobilenet_extractor(body, True, trainable_layers), anchors
     # RetinaNet on MobileNetV3: the stride 8, 16 and 32 stages + P6/P7 give the same P3-P7
     # strides as on ResNet, so torchvision's default RetinaNet anchors apply.
-    return mobilenet_extractor(body, True, trainable_layers, returned_layers=[2, 3, 5],
-                               extra_blocks=LastLevelP6P7(256, 256)), None
+    return mobilenet_extractor(
+        body,
+        True,
+        trainable_layers,
+        returned_layers=[2, 3, 5],
+        extra_blocks=LastLevelP6P7(256, 256),
+    ), None

@@ -27,13 +27,14 @@ recorded on the transform only: it does not resize) are the keyword arguments of
 merges the schema); a hand-written dict may leave some out, and those take the functions'
 defaults, the one place the Python API keeps them.
 """
+
 from __future__ import annotations
 
 import inspect
 import logging
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ from torchvision.models.detection import (
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
 from torchvision.models.detection.transform import (
     GeneralizedRCNNTransform,
     resize_boxes,
@@ -83,24 +84,44 @@ from .weights import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHS", "DETECTION_WEIGHTS", "MASK_ARCHS", "NoResizeTransform", "build_detector",
-           "build_torchvision_detector", "has_masks", "install_ltdet_parts",
-           "torchvision_detector"]
+__all__ = [
+    "ARCHS",
+    "DETECTION_WEIGHTS",
+    "MASK_ARCHS",
+    "NoResizeTransform",
+    "build_detector",
+    "build_torchvision_detector",
+    "has_masks",
+    "install_ltdet_parts",
+    "torchvision_detector",
+]
 
-ARCHS = ("faster_rcnn", "faster_rcnn_v2", "mask_rcnn", "mask_rcnn_v2", "retinanet",
-         "retinanet_v2")
+ARCHS = ("faster_rcnn", "faster_rcnn_v2", "mask_rcnn", "mask_rcnn_v2", "retinanet", "retinanet_v2")
 #: the archs with a mask branch: their data sets load instance masks, their runs evaluate segm
 MASK_ARCHS = ("mask_rcnn", "mask_rcnn_v2")
 #: the archs whose box and mask heads are torchvision's v2 ones (Li et al., 2021)
 _V2_TWO_STAGE = ("faster_rcnn_v2", "mask_rcnn_v2")
 
 # Config key -> torchvision constructor keyword. Keys outside these maps are errors.
-_RPN_KWARGS = {k: f"rpn_{k}" for k in (
-    "pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test",
-    "batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh", "nms_thresh",
-    "score_thresh")}
-_ROI_KWARGS = {k: f"box_{k}" for k in (
-    "batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")}
+_RPN_KWARGS = {
+    k: f"rpn_{k}"
+    for k in (
+        "pre_nms_top_n_train",
+        "pre_nms_top_n_test",
+        "post_nms_top_n_train",
+        "post_nms_top_n_test",
+        "batch_size_per_image",
+        "positive_fraction",
+        "fg_iou_thresh",
+        "bg_iou_thresh",
+        "nms_thresh",
+        "score_thresh",
+    )
+}
+_ROI_KWARGS = {
+    k: f"box_{k}"
+    for k in ("batch_size_per_image", "positive_fraction", "fg_iou_thresh", "bg_iou_thresh")
+}
 
 # `cfg["data"]` keys that are `torchvision_detector` arguments (recorded on the transform).
 _DATA_KEYS = ("min_size", "max_size")
@@ -117,8 +138,11 @@ DETECTION_WEIGHTS = {
 }
 # The two legacy COCO checkpoints were trained before pytorch/vision#2933 fixed FrozenBatchNorm2d's
 # eps; torchvision's builders reset eps to 0 after loading them, and so do we.
-_ZERO_EPS_WEIGHTS = (FasterRCNN_ResNet50_FPN_Weights.COCO_V1, MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
-                     RetinaNet_ResNet50_FPN_Weights.COCO_V1)
+_ZERO_EPS_WEIGHTS = (
+    FasterRCNN_ResNet50_FPN_Weights.COCO_V1,
+    MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+    RetinaNet_ResNet50_FPN_Weights.COCO_V1,
+)
 
 
 def has_masks(cfg_or_arch: Mapping[str, Any] | str) -> bool:
@@ -147,19 +171,22 @@ class NoResizeTransform(GeneralizedRCNNTransform):
         #: would interpolate twice, and hold [N, H, W] floats of the resized image as well.
         self.paste_masks = True
 
-    def resize(self, image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]] = None
-               ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:  # scriptable
+    def resize(
+        self, image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:  # scriptable
         return image, target
 
-    def postprocess(self, result: List[Dict[str, torch.Tensor]],
-                    image_shapes: List[Tuple[int, int]],
-                    original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
+    def postprocess(
+        self,
+        result: List[Dict[str, torch.Tensor]],
+        image_shapes: List[Tuple[int, int]],
+        original_image_sizes: List[Tuple[int, int]],
+    ) -> List[Dict[str, torch.Tensor]]:
         """torchvision's postprocess (boxes and keypoints to the input size: the identity here;
         masks pasted into the image), masks left unpasted when `paste_masks` is False."""
         if self.training:
             return result
-        for i, (pred, im_s, o_im_s) in enumerate(zip(result, image_shapes,
-                                                      original_image_sizes)):
+        for i, (pred, im_s, o_im_s) in enumerate(zip(result, image_shapes, original_image_sizes)):
             boxes = resize_boxes(pred["boxes"], im_s, o_im_s)
             result[i]["boxes"] = boxes
             if "masks" in pred and self.paste_masks:
@@ -172,8 +199,11 @@ class NoResizeTransform(GeneralizedRCNNTransform):
 def _arguments(section: Mapping[str, Any], fn: Callable) -> dict[str, Any]:
     """The keys of a config section that are keyword-only arguments of `fn` (config -> call)."""
     params = inspect.signature(fn).parameters
-    return {name: section[name] for name, p in params.items()
-            if p.kind is p.KEYWORD_ONLY and name in section}
+    return {
+        name: section[name]
+        for name, p in params.items()
+        if p.kind is p.KEYWORD_ONLY and name in section
+    }
 
 
 def _sections(cfg: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
@@ -183,15 +213,24 @@ def _sections(cfg: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, A
     return cfg.get("model", cfg), {k: data[k] for k in _DATA_KEYS if k in data}
 
 
-def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
-                         backbone: str = "resnet50", norm: str = "frozen_bn",
-                         weights: Optional[str] = None, weights_backbone: Optional[str] = None,
-                         trainable_backbone_layers: Optional[int] = 3,
-                         detections_per_img: int = 300, score_thresh: float = 1e-4,
-                         nms_thresh: float = 0.5, rpn: Optional[Mapping[str, Any]] = None,
-                         roi_heads: Optional[Mapping[str, Any]] = None,
-                         mask_head: Optional[Mapping[str, Any]] = None, min_size: Any = 800,
-                         max_size: int = 1333) -> nn.Module:
+def torchvision_detector(
+    num_classes: int,
+    *,
+    arch: str = "faster_rcnn",
+    backbone: str = "resnet50",
+    norm: str = "frozen_bn",
+    weights: Optional[str] = None,
+    weights_backbone: Optional[str] = None,
+    trainable_backbone_layers: Optional[int] = 3,
+    detections_per_img: int = 300,
+    score_thresh: float = 1e-4,
+    nms_thresh: float = 0.5,
+    rpn: Optional[Mapping[str, Any]] = None,
+    roi_heads: Optional[Mapping[str, Any]] = None,
+    mask_head: Optional[Mapping[str, Any]] = None,
+    min_size: Any = 800,
+    max_size: int = 1333,
+) -> nn.Module:
     """The plain torchvision detector with `num_classes + 1` outputs, a `NoResizeTransform`, and
     torchvision detection weights when `weights` names them (the `model.*` keys of the same
     names; `rpn` / `roi_heads`: torchvision's `rpn_*` / `box_*` settings without the prefix;
@@ -199,8 +238,7 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
     (1), ignored by the other archs).
 
     Losses, sampler, classifier and local checkpoints are `build_detector`'s business."""
-    check_number("num_classes (the number of foreground classes)", num_classes, low=1,
-                 integer=True)
+    check_number("num_classes (the number of foreground classes)", num_classes, low=1, integer=True)
     check_choice("model.arch", arch, ARCHS)
     check_choice("model.backbone", backbone, BACKBONES)
     check_choice("model.norm", norm, NORMS)
@@ -209,11 +247,14 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
     if weights is not None and not is_checkpoint_path(weights):
         if (arch, backbone) not in DETECTION_WEIGHTS:
             have = ", ".join(f"{a}+{b}" for a, b in DETECTION_WEIGHTS)
-            raise ValueError(f"model.weights={weights!r}: torchvision publishes no detection "
-                             f"weights for {arch} with {backbone} (it has: {have}); use "
-                             f"model.weights_backbone or a local checkpoint path")
-        detection_enum = resolve_weights(weights, DETECTION_WEIGHTS[(arch, backbone)],
-                                         "model.weights")
+            raise ValueError(
+                f"model.weights={weights!r}: torchvision publishes no detection "
+                f"weights for {arch} with {backbone} (it has: {have}); use "
+                f"model.weights_backbone or a local checkpoint path"
+            )
+        detection_enum = resolve_weights(
+            weights, DETECTION_WEIGHTS[(arch, backbone)], "model.weights"
+        )
         # As torchvision's builders: full detection weights supersede backbone weights.
         weights_backbone = None
 
@@ -223,25 +264,35 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
         # Freezing randomly initialised layers only removes capacity (torchvision does the same).
         trainable = max_layers
     else:
-        check_number("model.trainable_backbone_layers", trainable, low=0, high=max_layers,
-                     integer=True)
+        check_number(
+            "model.trainable_backbone_layers", trainable, low=0, high=max_layers, integer=True
+        )
+        assert trainable is not None  # check_number refuses None
 
     if norm == "frozen_bn" and weights is None and weights_backbone is None:
-        logger.warning("model.norm=frozen_bn without model.weights / model.weights_backbone: the "
-                       "backbone's normalisation layers stay fixed at their initial identity; set "
-                       "model.norm: bn or gn to train from scratch")
+        logger.warning(
+            "model.norm=frozen_bn without model.weights / model.weights_backbone: the "
+            "backbone's normalisation layers stay fixed at their initial identity; set "
+            "model.norm: bn or gn to train from scratch"
+        )
     body, anchor_generator = build_backbone(arch, backbone, norm, weights_backbone, trainable)
     if not arch.startswith("retinanet"):
-        kwargs = {"box_detections_per_img": detections_per_img,
-                  "box_score_thresh": score_thresh, "box_nms_thresh": nms_thresh}
+        kwargs = {
+            "box_detections_per_img": detections_per_img,
+            "box_score_thresh": score_thresh,
+            "box_nms_thresh": nms_thresh,
+        }
         if backbone == "mobilenet_v3_large":
             kwargs["rpn_score_thresh"] = 0.05  # torchvision's MobileNet builder default
-        for section, settings, table in (("rpn", rpn, _RPN_KWARGS),
-                                         ("roi_heads", roi_heads, _ROI_KWARGS)):
+        for section, settings, table in (
+            ("rpn", rpn, _RPN_KWARGS),
+            ("roi_heads", roi_heads, _ROI_KWARGS),
+        ):
             for key, value in (settings or {}).items():
                 if key not in table:
-                    raise ValueError(f"model.{section}.{key} is not a setting; valid keys: "
-                                     f"{', '.join(table)}")
+                    raise ValueError(
+                        f"model.{section}.{key} is not a setting; valid keys: {', '.join(table)}"
+                    )
                 kwargs[table[key]] = value
         if arch in _V2_TWO_STAGE:
             # torchvision's fasterrcnn_resnet50_fpn_v2 / maskrcnn_resnet50_fpn_v2 heads: two-conv
@@ -250,28 +301,43 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
             # Transformers").
             if anchor_generator is None:
                 anchor_generator = default_rpn_anchorgen()
-            kwargs["rpn_head"] = RPNHead(body.out_channels,
-                                         anchor_generator.num_anchors_per_location()[0],
-                                         conv_depth=2)
-            kwargs["box_head"] = FastRCNNConvFCHead((body.out_channels, 7, 7), [256] * 4, [1024],
-                                                    norm_layer=nn.BatchNorm2d)
+            kwargs["rpn_head"] = RPNHead(
+                body.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2
+            )
+            kwargs["box_head"] = FastRCNNConvFCHead(
+                (body.out_channels, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d
+            )
             if arch == "mask_rcnn_v2":
-                kwargs["mask_head"] = MaskRCNNHeads(body.out_channels, [256] * 4, 1,
-                                                    norm_layer=nn.BatchNorm2d)
+                kwargs["mask_head"] = MaskRCNNHeads(
+                    body.out_channels, [256] * 4, 1, norm_layer=nn.BatchNorm2d
+                )
         # MaskRCNN is torchvision's FasterRCNN plus its default mask branch (RoIAlign 14x14,
         # four 3x3 convs, a 2x deconv and a per-class 28x28 mask predictor), as its builders.
         detector = MaskRCNN if arch in MASK_ARCHS else FasterRCNN
-        model = detector(body, num_classes=num_classes + 1, min_size=min_size,
-                         max_size=max_size, rpn_anchor_generator=anchor_generator, **kwargs)
+        model = detector(
+            body,
+            num_classes=num_classes + 1,
+            min_size=min_size,
+            max_size=max_size,
+            rpn_anchor_generator=anchor_generator,
+            **kwargs,
+        )
     else:
-        kwargs = {"detections_per_img": detections_per_img, "score_thresh": score_thresh,
-                  "nms_thresh": nms_thresh}
+        kwargs = {
+            "detections_per_img": detections_per_img,
+            "score_thresh": score_thresh,
+            "nms_thresh": nms_thresh,
+        }
         if arch == "retinanet_v2":
             # torchvision's retinanet_resnet50_fpn_v2: GroupNorm heads and a GIoU box loss
             # (the box loss is replaced by model.box_loss when build_detector patches it).
             anchor_generator = default_retinanet_anchorgen()
-            head = RetinaNetHead(body.out_channels, anchor_generator.num_anchors_per_location()[0],
-                                 num_classes + 1, norm_layer=partial(nn.GroupNorm, 32))
+            head = RetinaNetHead(
+                body.out_channels,
+                anchor_generator.num_anchors_per_location()[0],
+                num_classes + 1,
+                norm_layer=partial(nn.GroupNorm, 32),
+            )
             set_retinanet_box_loss_type(head.regression_head, "giou")
             kwargs.update(head=head, anchor_generator=anchor_generator)
         model = RetinaNet(body, num_classes + 1, min_size=min_size, max_size=max_size, **kwargs)
@@ -279,8 +345,9 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
     if arch in MASK_ARCHS:
         _set_mask_head(model, mask_head, num_classes, v2=arch == "mask_rcnn_v2")
     old = model.transform
-    model.transform = NoResizeTransform(old.min_size, old.max_size, old.image_mean, old.image_std,
-                                        size_divisible=old.size_divisible)
+    model.transform = NoResizeTransform(
+        old.min_size, old.max_size, old.image_mean, old.image_std, size_divisible=old.size_divisible
+    )
     if detection_enum is not None:
         state = detection_enum.get_state_dict(progress=False, check_hash=True)
         load_detector_state_dict(model, state, f"model.weights={weights!r}", reinit_predictor=True)
@@ -292,106 +359,147 @@ def torchvision_detector(num_classes: int, *, arch: str = "faster_rcnn",
 _MASK_HEAD_DEFAULTS = {"layers": [256, 256, 256, 256], "dilation": 1}
 
 
-def _set_mask_head(model: nn.Module, spec: Optional[Mapping[str, Any]], num_classes: int,
-                   v2: bool) -> None:
+def _set_mask_head(
+    model: nn.Module, spec: Optional[Mapping[str, Any]], num_classes: int, v2: bool
+) -> None:
     """A mask head of other conv widths than torchvision's (`model.mask_head.layers`) replaces
     the default one, with a `MaskRCNNPredictor` reading its last width (a lighter head for small
     CPU runs: the 256-wide head costs ~0.7 GFLOPs per detection at inference)."""
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(_MASK_HEAD_DEFAULTS))
     if unknown:
-        raise ValueError(f"model.mask_head.{unknown[0]} is not a setting; valid keys: "
-                         f"{', '.join(_MASK_HEAD_DEFAULTS)}")
+        raise ValueError(
+            f"model.mask_head.{unknown[0]} is not a setting; valid keys: "
+            f"{', '.join(_MASK_HEAD_DEFAULTS)}"
+        )
     layers = list(spec.get("layers", _MASK_HEAD_DEFAULTS["layers"]))
     dilation = spec.get("dilation", _MASK_HEAD_DEFAULTS["dilation"])
     if not layers or not all(isinstance(v, int) and v > 0 for v in layers):
-        raise ValueError(f"model.mask_head.layers must be a non-empty list of positive conv "
-                         f"widths, got {layers!r}")
+        raise ValueError(
+            f"model.mask_head.layers must be a non-empty list of positive conv "
+            f"widths, got {layers!r}"
+        )
     check_number("model.mask_head.dilation", dilation, low=1, integer=True)
     if layers == _MASK_HEAD_DEFAULTS["layers"] and dilation == _MASK_HEAD_DEFAULTS["dilation"]:
         return  # torchvision's own head, as its builder made it
-    in_channels = model.backbone.out_channels
-    model.roi_heads.mask_head = MaskRCNNHeads(in_channels, layers, dilation,
-                                              norm_layer=nn.BatchNorm2d if v2 else None)
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(layers[-1], layers[-1], num_classes + 1)
+    # nn.Module types its submodules as `Tensor | Module`: name the torchvision classes here
+    mask_rcnn = cast(MaskRCNN, model)
+    in_channels = mask_rcnn.backbone.out_channels
+    mask_rcnn.roi_heads.mask_head = MaskRCNNHeads(
+        in_channels, layers, dilation, norm_layer=nn.BatchNorm2d if v2 else None
+    )
+    mask_rcnn.roi_heads.mask_predictor = MaskRCNNPredictor(layers[-1], layers[-1], num_classes + 1)
 
 
 def build_torchvision_detector(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """`torchvision_detector` of `cfg["model"]` (and `cfg["data"]` min_size / max_size)."""
     model_cfg, data_cfg = _sections(cfg)
-    return torchvision_detector(num_classes, **_arguments(model_cfg, torchvision_detector),
-                                **_arguments(data_cfg, torchvision_detector))
+    return torchvision_detector(
+        num_classes,
+        **_arguments(model_cfg, torchvision_detector),
+        **_arguments(data_cfg, torchvision_detector),
+    )
 
 
-def _install_classifier(model: nn.Module, classifier: Optional[Mapping[str, Any]],
-                        num_classes: int, cls_channels: Optional[int] = None) -> None:
+def _install_classifier(
+    model: nn.Module,
+    classifier: Optional[Mapping[str, Any]],
+    num_classes: int,
+    cls_channels: Optional[int] = None,
+) -> None:
     """The `model.classifier` box predictor, its `cls_score` with the loss's `cls_channels`
     outputs (None = C + 1; seesaw's C + 2: a linear one at mmdetection's `fc_cls` init)."""
     kind = (classifier or {}).get("type", "linear")
     if not hasattr(model, "roi_heads"):
         if kind != "linear":
-            raise ValueError(f"model.classifier.type={kind!r} replaces the box predictor of a "
-                             f"two-stage detector; RetinaNet has none (use "
-                             f"model.classifier.type=linear)")
+            raise ValueError(
+                f"model.classifier.type={kind!r} replaces the box predictor of a "
+                f"two-stage detector; RetinaNet has none (use "
+                f"model.classifier.type=linear)"
+            )
         return
-    predictor = model.roi_heads.box_predictor
+    roi_heads = cast(RoIHeads, model.roi_heads)  # nn.Module types it `Tensor | Module`
+    predictor = roi_heads.box_predictor
     in_features = predictor.cls_score.in_features
     if kind != "linear":
-        model.roi_heads.box_predictor = build_predictor(classifier, in_features, num_classes,
-                                                        cls_channels)
+        roi_heads.box_predictor = build_predictor(
+            classifier, in_features, num_classes, cls_channels
+        )
     elif cls_channels is not None and cls_channels != predictor.cls_score.out_features:
         # only the classifier; the regressor (and the random stream before it) stay torchvision's
         predictor.cls_score = normal_linear(in_features, cls_channels)
-        logger.info("box classifier with %d outputs (the loss's cls_channels, C = %d): weight "
-                    "N(0, 0.01^2), bias 0", cls_channels, num_classes)
+        logger.info(
+            "box classifier with %d outputs (the loss's cls_channels, C = %d): weight "
+            "N(0, 0.01^2), bias 0",
+            cls_channels,
+            num_classes,
+        )
 
 
-def install_ltdet_parts(model: nn.Module, num_classes: int, stats: Any = None, *,
-                        cls_loss: Any = None, box_loss: Any = None,
-                        sampler: Optional[Mapping[str, Any]] = None,
-                        classifier: Optional[Mapping[str, Any]] = None,
-                        lds: Optional[Mapping[str, Any]] = None,
-                        fds: Optional[Mapping[str, Any]] = None,
-                        dfl: Optional[Mapping[str, Any]] = None,
-                        cls_prior_prob: Optional[float] = DEFAULT_PRIOR_PROB,
-                        weights: Optional[str] = None) -> nn.Module:
+def install_ltdet_parts(
+    model: nn.Module,
+    num_classes: int,
+    stats: Any = None,
+    *,
+    cls_loss: Any = None,
+    box_loss: Any = None,
+    sampler: Optional[Mapping[str, Any]] = None,
+    classifier: Optional[Mapping[str, Any]] = None,
+    lds: Optional[Mapping[str, Any]] = None,
+    fds: Optional[Mapping[str, Any]] = None,
+    dfl: Optional[Mapping[str, Any]] = None,
+    cls_prior_prob: Optional[float] = DEFAULT_PRIOR_PROB,
+    weights: Optional[str] = None,
+) -> nn.Module:
     """Install ltdet's parts in a `torchvision_detector`, in place (the `model.*` keys of the
     same names): the box classifier, the losses and RoI sampler (`ltdet.patch`), the LDS / FDS
-    hooks (two-stage), GFL's distribution regression head (`dfl`, RetinaNet), the sigmoid prior init, and a local checkpoint `weights` (loaded last, so
-    the losses' state in it is restored too). Returns the model."""
+    hooks (two-stage), GFL's distribution regression head (`dfl`, RetinaNet), the sigmoid prior
+    init, and a local checkpoint `weights` (loaded last, so the losses' state in it is restored
+    too). Returns the model."""
     cls_channels = None
     if isinstance(model, FasterRCNN):
         # The loss first: its cls_channels sizes the box classifier (seesaw: C + 2).
         if not isinstance(cls_loss, nn.Module):
-            cls_loss = build_loss(cls_loss or DEFAULT_CLS_LOSS, num_classes=num_classes,
-                                  stats=stats)
+            cls_loss = build_loss(
+                cls_loss or DEFAULT_CLS_LOSS, num_classes=num_classes, stats=stats
+            )
         cls_channels = cls_loss.get_cls_channels(num_classes)
     _install_classifier(model, classifier, num_classes, cls_channels)
     base_keys = set(model.state_dict())
-    hooks = {}
+    hooks: dict[str, Any] = {}
     if (dfl or {}).get("enabled", False):
         if not isinstance(model, RetinaNet):
-            raise ValueError("model.dfl.enabled: the distribution regression head (GFL) is a "
-                             "dense-head option; a two-stage detector has none (set enabled: "
-                             "false or use a RetinaNet arch)")
+            raise ValueError(
+                "model.dfl.enabled: the distribution regression head (GFL) is a "
+                "dense-head option; a two-stage detector has none (set enabled: "
+                "false or use a RetinaNet arch)"
+            )
         hooks["dfl"] = dfl
     if isinstance(model, RetinaNet):
         # A dense detector learns from all anchors: there is no RoI sampler to replace.
         if sampler and sampler.get("type", "random") != "random":
-            raise ValueError(f"model.sampler.type={sampler.get('type')!r} samples RoIs of a "
-                             f"two-stage detector; RetinaNet has none (use random)")
+            raise ValueError(
+                f"model.sampler.type={sampler.get('type')!r} samples RoIs of a "
+                f"two-stage detector; RetinaNet has none (use random)"
+            )
         sampler = None
         for key, spec in (("lds", lds), ("fds", fds)):
             if (spec or {}).get("enabled", False):
-                raise ValueError(f"model.{key}.enabled: {key.upper()} acts on the RoI box head of a "
-                                 f"two-stage detector; RetinaNet has none (set enabled: false)")
+                raise ValueError(
+                    f"model.{key}.enabled: {key.upper()} acts on the RoI box head of a "
+                    f"two-stage detector; RetinaNet has none (set enabled: false)"
+                )
     else:
         # LDS re-weights and FDS smooths the RoI box regression over IoU bins that start at the
         # foreground threshold (METHODS.md, "At RoI level").
-        fg_iou = model.roi_heads.proposal_matcher.high_threshold
-        built = {"lds": build_lds(lds, fg_iou_thresh=fg_iou),
-                 "fds": build_fds(fds, model.roi_heads.box_predictor.bbox_pred.in_features,
-                                  fg_iou_thresh=fg_iou)}
+        roi_heads = cast(RoIHeads, model.roi_heads)  # nn.Module types it `Tensor | Module`
+        fg_iou = roi_heads.proposal_matcher.high_threshold
+        built = {
+            "lds": build_lds(lds, fg_iou_thresh=fg_iou),
+            "fds": build_fds(
+                fds, roi_heads.box_predictor.bbox_pred.in_features, fg_iou_thresh=fg_iou
+            ),
+        }
         hooks = {k: v for k, v in built.items() if v is not None}
     patch(model, cls_loss=cls_loss, box_loss=box_loss, sampler=sampler, stats=stats, **hooks)
     # A sigmoid-trained classifier starts at the authors' prior (before a checkpoint overrides it).
@@ -418,5 +526,6 @@ def build_detector(cfg: Mapping[str, Any], num_classes: int, stats: Any = None) 
     """
     model_cfg, _ = _sections(cfg)
     model = build_torchvision_detector(cfg, num_classes)
-    return install_ltdet_parts(model, num_classes, stats,
-                               **_arguments(model_cfg, install_ltdet_parts))
+    return install_ltdet_parts(
+        model, num_classes, stats, **_arguments(model_cfg, install_ltdet_parts)
+    )

@@ -4,7 +4,8 @@ Every predictor keeps torchvision's ``FastRCNNPredictor`` layout, so it drops in
 ``model.roi_heads.box_predictor`` unchanged:
 
 - ``predictor.cls_score``: module mapping features ``[R, D]`` to logits ``[R, C+1]``;
-- ``predictor.bbox_pred``: ``nn.Linear`` mapping ``[R, D]`` to class-specific deltas ``[R, 4*(C+1)]``;
+- ``predictor.bbox_pred``: ``nn.Linear`` mapping ``[R, D]`` to class-specific deltas
+  ``[R, 4*(C+1)]``;
 - ``predictor(x) -> (scores [R, C+1], deltas [R, 4*(C+1)])``; a 4-D input ``[R, D, 1, 1]`` is
   flattened as torchvision does.
 
@@ -31,6 +32,7 @@ Classifier for Long-Tailed Recognition", ICLR 2020):
 - LWS: :class:`LWSPredictor` learns one scale per class on the frozen stage-1 classifier;
 - tau-norm: :func:`tau_normalize` rescales the classifier rows by ``1 / ||w_c||^tau``, no training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,8 +93,15 @@ class CosineClassifier(nn.Module):
     mirror ``nn.Linear`` so every ``cls_score`` exposes its width the same way.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, scale: float = 20.0,
-                 learn_scale: bool = True, eps: float = 1e-6):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        scale: float = 20.0,
+        learn_scale: bool = True,
+        eps: float = 1e-6,
+    ):
         super().__init__()
         if scale <= 0:
             raise ValueError(f"CosineClassifier: scale must be > 0, got {scale}")
@@ -130,12 +139,22 @@ class CosinePredictor(nn.Module):
             ``num_classes`` (seesaw: ``C + 2``); the box regressor keeps ``4 * num_classes``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, scale: float = 20.0,
-                 learn_scale: bool = True, cls_channels: Optional[int] = None):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        scale: float = 20.0,
+        learn_scale: bool = True,
+        cls_channels: Optional[int] = None,
+    ):
         super().__init__()
-        self.cls_score = CosineClassifier(in_channels, num_classes if cls_channels is None
-                                          else int(cls_channels), scale=scale,
-                                          learn_scale=learn_scale)
+        self.cls_score = CosineClassifier(
+            in_channels,
+            num_classes if cls_channels is None else int(cls_channels),
+            scale=scale,
+            learn_scale=learn_scale,
+        )
         self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,8 +180,13 @@ class ScaledClassifier(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         ref = next(self.base.parameters(), None)
-        self.scales = nn.Parameter(torch.ones(num_classes, device=None if ref is None else ref.device,
-                                              dtype=None if ref is None else ref.dtype))
+        self.scales = nn.Parameter(
+            torch.ones(
+                num_classes,
+                device=None if ref is None else ref.device,
+                dtype=None if ref is None else ref.dtype,
+            )
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) * self.scales
@@ -208,8 +232,9 @@ def _num_outputs(cls_score: nn.Module) -> int:
 
 
 @torch.no_grad()
-def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool = False,
-                  keep_bias: bool = False) -> nn.Module:
+def tau_normalize(
+    predictor: nn.Module, tau: float, normalize_background: bool = False, keep_bias: bool = False
+) -> nn.Module:
     """Post-hoc tau-normalisation ``w_c <- w_c / ||w_c||^tau`` of a linear classifier, in place.
 
     Kang et al., ICLR 2020, Sec. 4.2, eq. (3). ``tau = 1`` makes the rows unit-norm; the authors
@@ -257,8 +282,11 @@ def tau_normalize(predictor: nn.Module, tau: float, normalize_background: bool =
     if not normalize_background:
         rows[0] = False
         bbox_pred = getattr(predictor, "bbox_pred", None)
-        if (isinstance(bbox_pred, nn.Linear) and bbox_pred.out_features > 4
-                and cls_score.out_features == bbox_pred.out_features // 4 + 1):
+        if (
+            isinstance(bbox_pred, nn.Linear)
+            and bbox_pred.out_features > 4
+            and cls_score.out_features == bbox_pred.out_features // 4 + 1
+        ):
             rows[-1] = False  # seesaw's objectness "foreground" row
     if not keep_bias and cls_score.bias is not None:
         cls_score.bias[rows] = 0.0
@@ -307,8 +335,9 @@ def normal_linear(in_features: int, out_features: int, std: float = 0.01, **kwar
 
 
 @torch.no_grad()
-def resize_cls_score(predictor: nn.Module, channels: int, *, std: float = 0.01,
-                     reason: str = "") -> bool:
+def resize_cls_score(
+    predictor: nn.Module, channels: int, *, std: float = 0.01, reason: str = ""
+) -> bool:
     """Give ``predictor.cls_score`` ``channels`` outputs, in place; returns whether it changed.
 
     Nothing happens when it already has them. Otherwise only ``cls_score`` is re-created, fresh,
@@ -324,25 +353,43 @@ def resize_cls_score(predictor: nn.Module, channels: int, *, std: float = 0.01,
     channels = int(channels)
     if old == channels:
         return False
+    new: nn.Module
     if isinstance(cls_score, nn.Linear):
-        new = normal_linear(cls_score.in_features, channels, std, bias=cls_score.bias is not None,
-                             device=cls_score.weight.device, dtype=cls_score.weight.dtype)
+        new = normal_linear(
+            cls_score.in_features,
+            channels,
+            std,
+            bias=cls_score.bias is not None,
+            device=cls_score.weight.device,
+            dtype=cls_score.weight.dtype,
+        )
     elif isinstance(cls_score, CosineClassifier):
-        new = CosineClassifier(cls_score.in_features, channels, scale=float(cls_score.scale),
-                               learn_scale=cls_score.scale.requires_grad, eps=cls_score.eps)
+        new = CosineClassifier(
+            cls_score.in_features,
+            channels,
+            scale=float(cls_score.scale),
+            learn_scale=cls_score.scale.requires_grad,
+            eps=cls_score.eps,
+        )
         new = new.to(device=cls_score.weight.device, dtype=cls_score.weight.dtype)
     else:
         raise TypeError(
-            f"the box classifier ({type(cls_score).__name__}) has {old} outputs but {reason or 'the loss'} "
-            f"needs {channels}; only a linear or cosine cls_score can be re-created (an LWS head "
-            f"scales a trained classifier of a fixed width: build it on a classifier of "
-            f"{channels} outputs)")
+            f"the box classifier ({type(cls_score).__name__}) has {old} outputs but "
+            f"{reason or 'the loss'} needs {channels}; only a linear or cosine cls_score can be "
+            f"re-created (an LWS head scales a trained classifier of a fixed width: build it on a "
+            f"classifier of {channels} outputs)"
+        )
     predictor.cls_score = new
-    logger.warning("box predictor: cls_score re-created with %d outputs instead of %d%s (a fresh "
-                   "%s: its old weights are not used)", channels, old,
-                   f" for {reason}" if reason else "",
-                   "linear layer, weight N(0, %g^2), bias 0" % std if isinstance(new, nn.Linear)
-                   else "cosine classifier")
+    logger.warning(
+        "box predictor: cls_score re-created with %d outputs instead of %d%s (a fresh "
+        "%s: its old weights are not used)",
+        channels,
+        old,
+        f" for {reason}" if reason else "",
+        f"linear layer, weight N(0, {std:g}^2), bias 0"
+        if isinstance(new, nn.Linear)
+        else "cosine classifier",
+    )
     return True
 
 
@@ -355,8 +402,9 @@ _PREDICTOR_KEYS = {
 }
 
 
-def build_predictor(cfg: Mapping | None, in_features: int, num_classes: int,
-                    cls_channels: Optional[int] = None) -> nn.Module:
+def build_predictor(
+    cfg: Mapping | None, in_features: int, num_classes: int, cls_channels: Optional[int] = None
+) -> nn.Module:
     """Box predictor from ``model.classifier``.
 
     ``{type: linear}`` (default), ``{type: cosine, scale: 20.0, learn_scale: true}``, or

@@ -50,12 +50,13 @@ RetinaNet needs nothing: torchvision's ``RetinaNetClassificationHead`` already i
 ``cls_logits`` with ``N(0, 0.01)`` weights and the prior 0.01 (Lin et al., ICCV 2017), and ltdet
 leaves it as it is.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Mapping
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -65,8 +66,15 @@ from .classifiers import CosineClassifier, ScaledClassifier
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_PRIOR_PROB", "DEFAULT_WEIGHT_STD", "init_sigmoid_classifier",
-           "init_classifier_for_loss", "prior_logit", "prior_prob_from_cfg", "resolve_prior_prob"]
+__all__ = [
+    "DEFAULT_PRIOR_PROB",
+    "DEFAULT_WEIGHT_STD",
+    "init_sigmoid_classifier",
+    "init_classifier_for_loss",
+    "prior_logit",
+    "prior_prob_from_cfg",
+    "resolve_prior_prob",
+]
 
 #: eqlv2's ``bias_init_with_prob(0.001)``, eql.detectron2's ``PRIOR_PROB: 0.001``.
 DEFAULT_PRIOR_PROB = 0.001
@@ -79,42 +87,51 @@ def prior_logit(prior_prob: float) -> float:
     """The logit whose sigmoid is ``prior_prob``: ``-log((1 - p) / p)``; ``p`` in ``(0, 1)``."""
     p = float(prior_prob)
     if not 0.0 < p < 1.0 or not math.isfinite(p):
-        raise ValueError(f"cls_prior_prob must lie strictly between 0 and 1 (a probability), "
-                         f"got {prior_prob!r}")
+        raise ValueError(
+            f"cls_prior_prob must lie strictly between 0 and 1 (a probability), got {prior_prob!r}"
+        )
     return -math.log((1.0 - p) / p)
 
 
 def _classifier_linear(module: nn.Module):
     """(linear layer, LWS wrapper or None) of a detector, RoI head, box predictor or layer."""
     if isinstance(module, RetinaNet):
-        raise TypeError("init_sigmoid_classifier: torchvision already initialises RetinaNet's "
-                        "classification head at a prior (cls_logits bias -log(99), p = 0.01, Lin "
-                        "et al.); it applies to the box classifier of a two-stage detector")
+        raise TypeError(
+            "init_sigmoid_classifier: torchvision already initialises RetinaNet's "
+            "classification head at a prior (cls_logits bias -log(99), p = 0.01, Lin "
+            "et al.); it applies to the box classifier of a two-stage detector"
+        )
+    # the casts: nn.Module types its submodules as `Tensor | Module`
     target = module
     if hasattr(target, "roi_heads"):
-        target = target.roi_heads
+        target = cast(nn.Module, target.roi_heads)
     if hasattr(target, "box_predictor"):
-        target = target.box_predictor
+        target = cast(nn.Module, target.box_predictor)
     if hasattr(target, "cls_score"):
-        target = target.cls_score
+        target = cast(nn.Module, target.cls_score)
     scaled = None
     if isinstance(target, ScaledClassifier):
         scaled, target = target, target.base
     if isinstance(target, CosineClassifier):
-        raise TypeError("init_sigmoid_classifier: a cosine classifier (s * cos(x, w_c)) has no "
-                        "bias, so it cannot start at a prior probability; use a linear "
-                        "classifier with a sigmoid loss, or a softmax loss with a cosine one")
+        raise TypeError(
+            "init_sigmoid_classifier: a cosine classifier (s * cos(x, w_c)) has no "
+            "bias, so it cannot start at a prior probability; use a linear "
+            "classifier with a sigmoid loss, or a softmax loss with a cosine one"
+        )
     if not isinstance(target, nn.Linear) or target.bias is None:
-        raise TypeError(f"init_sigmoid_classifier: expected a two-stage detector, its roi_heads, "
-                        f"a box predictor with a `cls_score` nn.Linear (with bias), or that "
-                        f"nn.Linear; got {type(module).__name__} (classifier "
-                        f"{type(target).__name__})")
+        raise TypeError(
+            f"init_sigmoid_classifier: expected a two-stage detector, its roi_heads, "
+            f"a box predictor with a `cls_score` nn.Linear (with bias), or that "
+            f"nn.Linear; got {type(module).__name__} (classifier "
+            f"{type(target).__name__})"
+        )
     return target, scaled
 
 
 @torch.no_grad()
-def init_sigmoid_classifier(module: nn.Module, prior_prob: float = DEFAULT_PRIOR_PROB, *,
-                            std: float = DEFAULT_WEIGHT_STD) -> nn.Module:
+def init_sigmoid_classifier(
+    module: nn.Module, prior_prob: float = DEFAULT_PRIOR_PROB, *, std: float = DEFAULT_WEIGHT_STD
+) -> nn.Module:
     """Start a box classifier trained with a sigmoid loss at ``prior_prob``, in place.
 
     Weight ~ ``N(0, std^2)``, bias = ``-log((1 - prior_prob) / prior_prob)`` in every column,
@@ -157,8 +174,10 @@ def resolve_prior_prob(value: Optional[float]) -> Optional[float]:
     if value is None or (not isinstance(value, bool) and value == 0):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"model.cls_prior_prob must be a probability in (0, 1), or 0 to keep "
-                         f"torchvision's classifier init; got {value!r}")
+        raise ValueError(
+            f"model.cls_prior_prob must be a probability in (0, 1), or 0 to keep "
+            f"torchvision's classifier init; got {value!r}"
+        )
     prior_logit(value)  # range check
     return float(value)
 
@@ -167,8 +186,9 @@ def prior_prob_from_cfg(model_cfg: Optional[Mapping]) -> Optional[float]:
     """``resolve_prior_prob`` of a config's ``model.cls_prior_prob`` (a dict without it: the
     authors' ``DEFAULT_PRIOR_PROB``)."""
     model_cfg = model_cfg or {}
-    return resolve_prior_prob(model_cfg["cls_prior_prob"] if "cls_prior_prob" in model_cfg
-                              else DEFAULT_PRIOR_PROB)
+    return resolve_prior_prob(
+        model_cfg["cls_prior_prob"] if "cls_prior_prob" in model_cfg else DEFAULT_PRIOR_PROB
+    )
 
 
 def init_classifier_for_loss(model: nn.Module, prior_prob: Optional[float]) -> bool:
@@ -189,12 +209,20 @@ def init_classifier_for_loss(model: nn.Module, prior_prob: Optional[float]) -> b
     cls_score = predictor.cls_score
     base = cls_score.base if isinstance(cls_score, ScaledClassifier) else cls_score
     if isinstance(base, CosineClassifier):
-        logger.warning("model.cls_prior_prob: the cosine classifier has no bias, so its sigmoid "
-                       "scores start near 0.5 instead of %g; a linear classifier (or a softmax "
-                       "loss) avoids the large first-step loss", prior_prob)
+        logger.warning(
+            "model.cls_prior_prob: the cosine classifier has no bias, so its sigmoid "
+            "scores start near 0.5 instead of %g; a linear classifier (or a softmax "
+            "loss) avoids the large first-step loss",
+            prior_prob,
+        )
         return False
     init_sigmoid_classifier(predictor, prior_prob)
-    logger.info("box classifier initialised for the sigmoid loss %s: weight N(0, %g^2), bias "
-                "%.4f (prior %g)", type(roi_heads.cls_loss).__name__, DEFAULT_WEIGHT_STD,
-                prior_logit(prior_prob), prior_prob)
+    logger.info(
+        "box classifier initialised for the sigmoid loss %s: weight N(0, %g^2), bias "
+        "%.4f (prior %g)",
+        type(cls_loss).__name__,
+        DEFAULT_WEIGHT_STD,
+        prior_logit(prior_prob),
+        prior_prob,
+    )
     return True

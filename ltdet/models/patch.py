@@ -56,8 +56,9 @@ def patch(model: nn.Module, cls_loss: Any = None, box_loss: Any = None, sampler:
     (two-stage models only). stats: `ClassStats` for losses that need class frequencies; its class
     count must equal the model's C. lds / fds: built LDS / FDS modules (keyword-only extension, used
     by `build_detector`). dfl (keyword-only, RetinaNet only): GFL's distribution regression head,
-    `{"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}` (`patch_retinanet`). cls_prior_prob (keyword-only, default None = weights untouched): also
-    re-initialise the box classifier for a sigmoid loss at this prior, e.g. 0.001
+    `{"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}` (`patch_retinanet`).
+    cls_prior_prob (keyword-only, default None = weights untouched): also re-initialise the box
+    classifier for a sigmoid loss at this prior, e.g. 0.001
     (`ltdet.models.init.init_sigmoid_classifier`; a fresh classifier only, never trained weights).
     A classification loss whose `cls_channels` differs from the box classifier's width (seesaw:
     `C + 2`) gets a fresh `cls_score` of that width (module docstring; logged).

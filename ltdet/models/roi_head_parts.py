@@ -7,6 +7,7 @@ refuse parts that do not declare what the head uses or do not fit the predictor;
 classification loss trains (`get_cls_channels`: seesaw's C + 2). `gt_weights` / `product` make
 the per-RoI weights the head's losses take.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,9 +20,18 @@ from ltdet.losses import build_loss
 
 from .classifiers import resize_cls_score
 
-__all__ = ["BOX_LOSS_ATTRIBUTES", "CLS_LOSS_ATTRIBUTES", "check_classifier_width", "check_hooks",
-           "check_loss_contract", "fit_classifier", "gt_weights", "predictor_num_classes",
-           "product", "resolve_loss"]
+__all__ = [
+    "BOX_LOSS_ATTRIBUTES",
+    "CLS_LOSS_ATTRIBUTES",
+    "check_classifier_width",
+    "check_hooks",
+    "check_loss_contract",
+    "fit_classifier",
+    "gt_weights",
+    "predictor_num_classes",
+    "product",
+    "resolve_loss",
+]
 
 #: what the head reads of its losses (declared by `ltdet.losses.base`'s loss classes)
 CLS_LOSS_ATTRIBUTES = ("activation", "use_sigmoid", "get_cls_channels", "num_classes")
@@ -39,13 +49,21 @@ def predictor_num_classes(box_predictor: nn.Module) -> int:
     cls_score = getattr(box_predictor, "cls_score", None)
     out = getattr(cls_score, "out_features", None)
     if out is None:
-        raise TypeError(f"box predictor {type(box_predictor).__name__} does not follow torchvision "
-                        "FastRCNNPredictor's layout (a cls_score layer with out_features = C+1)")
+        raise TypeError(
+            f"box predictor {type(box_predictor).__name__} does not follow torchvision "
+            "FastRCNNPredictor's layout (a cls_score layer with out_features = C+1)"
+        )
     return int(out) - 1
 
 
-def resolve_loss(spec: Any, previous: nn.Module | None, default: Mapping[str, Any],
-                 num_classes: int, stats: Any, name: str) -> nn.Module:
+def resolve_loss(
+    spec: Any,
+    previous: nn.Module | None,
+    default: Mapping[str, Any],
+    num_classes: int,
+    stats: Any,
+    name: str,
+) -> nn.Module:
     """The loss module of `spec` (a built module, a `build_loss` config, or None: `previous`,
     else `default`)."""
     if spec is None:
@@ -53,20 +71,26 @@ def resolve_loss(spec: Any, previous: nn.Module | None, default: Mapping[str, An
     if isinstance(spec, nn.Module):
         return spec
     if not isinstance(spec, Mapping):
-        raise TypeError(f"{name} must be a config dict like {{'type': ...}} or a loss module, "
-                        f"got {type(spec).__name__}")
+        raise TypeError(
+            f"{name} must be a config dict like {{'type': ...}} or a loss module, "
+            f"got {type(spec).__name__}"
+        )
     return build_loss(spec, num_classes=num_classes, stats=stats)
 
 
 def check_loss_contract(cls_loss: Any, box_loss: Any) -> None:
     """TypeError unless both losses are modules declaring what the head reads of them."""
-    for name, module, attrs in (("cls_loss", cls_loss, CLS_LOSS_ATTRIBUTES),
-                                ("box_loss", box_loss, BOX_LOSS_ATTRIBUTES)):
+    for name, module, attrs in (
+        ("cls_loss", cls_loss, CLS_LOSS_ATTRIBUTES),
+        ("box_loss", box_loss, BOX_LOSS_ATTRIBUTES),
+    ):
         missing = [a for a in attrs if not hasattr(module, a)]
         if not isinstance(module, nn.Module) or missing:
-            raise TypeError(f"{name} must be an nn.Module from ltdet.losses.build_loss (with "
-                            f"{', '.join(attrs)}); {type(module).__name__} lacks "
-                            f"{missing or 'nn.Module'}")
+            raise TypeError(
+                f"{name} must be an nn.Module from ltdet.losses.build_loss (with "
+                f"{', '.join(attrs)}); {type(module).__name__} lacks "
+                f"{missing or 'nn.Module'}"
+            )
 
 
 def check_classifier_width(box_predictor: nn.Module, cls_loss: Any) -> None:
@@ -74,32 +98,40 @@ def check_classifier_width(box_predictor: nn.Module, cls_loss: Any) -> None:
     classifier of another width than its `cls_score`."""
     num_classes = predictor_num_classes(box_predictor)
     if cls_loss.num_classes is not None and int(cls_loss.num_classes) != num_classes:
-        raise ValueError(f"cls_loss was built for num_classes={cls_loss.num_classes} but the box "
-                         f"predictor has {num_classes} classes (bbox_pred.out_features = "
-                         f"4 * (C+1) = {4 * (num_classes + 1)}); build it with "
-                         f"num_classes={num_classes}")
+        raise ValueError(
+            f"cls_loss was built for num_classes={cls_loss.num_classes} but the box "
+            f"predictor has {num_classes} classes (bbox_pred.out_features = "
+            f"4 * (C+1) = {4 * (num_classes + 1)}); build it with "
+            f"num_classes={num_classes}"
+        )
     channels = int(cls_loss.get_cls_channels(num_classes))
     have = getattr(getattr(box_predictor, "cls_score", None), "out_features", None)
     if have is not None and int(have) != channels:
-        raise ValueError(f"{type(cls_loss).__name__} trains a classifier of {channels} outputs "
-                         f"(cls_channels, C = {num_classes}) but the box predictor's "
-                         f"cls_score has {have}; ltdet.patch / LTRoIHeads.from_roi_heads "
-                         f"re-create a linear or cosine cls_score of the right width")
+        raise ValueError(
+            f"{type(cls_loss).__name__} trains a classifier of {channels} outputs "
+            f"(cls_channels, C = {num_classes}) but the box predictor's "
+            f"cls_score has {have}; ltdet.patch / LTRoIHeads.from_roi_heads "
+            f"re-create a linear or cosine cls_score of the right width"
+        )
 
 
 def check_hooks(box_predictor: nn.Module, lds: Any, fds: Any) -> None:
     """TypeError unless `lds` has weights / update and `fds` is callable on a predictor with
     torchvision's FastRCNNPredictor layout (None: no hook)."""
-    if lds is not None and not (callable(getattr(lds, "weights", None))
-                                and callable(getattr(lds, "update", None))):
+    if lds is not None and not (
+        callable(getattr(lds, "weights", None)) and callable(getattr(lds, "update", None))
+    ):
         raise TypeError(f"lds must have weights(ious) and update(ious); got {type(lds).__name__}")
     if fds is not None:
         if not callable(fds):
-            raise TypeError(f"fds must be callable as fds(features, ious); got "
-                            f"{type(fds).__name__}")
+            raise TypeError(
+                f"fds must be callable as fds(features, ious); got {type(fds).__name__}"
+            )
         if not all(hasattr(box_predictor, a) for a in ("cls_score", "bbox_pred")):
-            raise TypeError("fds needs a box predictor with torchvision FastRCNNPredictor's layout "
-                            f"(cls_score, bbox_pred); got {type(box_predictor).__name__}")
+            raise TypeError(
+                "fds needs a box predictor with torchvision FastRCNNPredictor's layout "
+                f"(cls_score, bbox_pred); got {type(box_predictor).__name__}"
+            )
 
 
 def fit_classifier(box_predictor: nn.Module, cls_loss: Any, num_classes: int) -> None:
@@ -114,8 +146,11 @@ def fit_classifier(box_predictor: nn.Module, cls_loss: Any, num_classes: int) ->
     channels = int(cls_loss.get_cls_channels(num_classes))
     if getattr(getattr(box_predictor, "cls_score", None), "out_features", channels) == channels:
         return
-    resize_cls_score(box_predictor, channels, reason=f"{type(cls_loss).__name__} "
-                     f"(cls_channels = {channels} for C = {num_classes})")
+    resize_cls_score(
+        box_predictor,
+        channels,
+        reason=f"{type(cls_loss).__name__} (cls_channels = {channels} for C = {num_classes})",
+    )
 
 
 def gt_weights(targets: list[dict[str, Tensor]], dtype: torch.dtype) -> list[Tensor] | None:
@@ -130,8 +165,10 @@ def gt_weights(targets: list[dict[str, Tensor]], dtype: torch.dtype) -> list[Ten
         if w is None:
             w = t["boxes"].new_ones(num)
         if w.shape != (num,) or not w.is_floating_point():
-            raise ValueError(f"targets[{i}]['weights'] must be a float tensor of shape [{num}] "
-                             f"(one weight per box), got {tuple(w.shape)} {w.dtype}")
+            raise ValueError(
+                f"targets[{i}]['weights'] must be a float tensor of shape [{num}] "
+                f"(one weight per box), got {tuple(w.shape)} {w.dtype}"
+            )
         weights.append(w.to(dtype))
     return weights
 

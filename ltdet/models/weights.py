@@ -9,6 +9,7 @@
 - `torchvision_state_dict`: a patched model's state dict without ltdet's additions
   (`LTDET_STATE_PREFIXES`), which the unpatched torchvision model loads with `strict=True`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,19 +27,36 @@ from ltdet.compat import filter_state_dict_metadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_SUFFIXES", "LTDET_STATE_PREFIXES", "PREDICTOR_PREFIXES",
-           "is_checkpoint_path", "load_checkpoint_state_dict", "load_detector_state_dict",
-           "resolve_weights", "torchvision_state_dict", "unwrap_state_dict"]
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "LTDET_STATE_PREFIXES",
+    "PREDICTOR_PREFIXES",
+    "is_checkpoint_path",
+    "load_checkpoint_state_dict",
+    "load_detector_state_dict",
+    "resolve_weights",
+    "torchvision_state_dict",
+    "unwrap_state_dict",
+]
 
 #: state-dict prefixes of the modules `ltdet.patch` adds (two-stage: losses, RoI sampler, LDS /
 #: FDS; RetinaNet: the heads' losses); torchvision's models have no such entries
-LTDET_STATE_PREFIXES = ("roi_heads.cls_loss.", "roi_heads.box_loss.", "roi_heads.sampler.",
-                        "roi_heads.lds.", "roi_heads.fds.", "head.classification_head.loss.",
-                        "head.regression_head.loss.")
+LTDET_STATE_PREFIXES = (
+    "roi_heads.cls_loss.",
+    "roi_heads.box_loss.",
+    "roi_heads.sampler.",
+    "roi_heads.lds.",
+    "roi_heads.fds.",
+    "head.classification_head.loss.",
+    "head.regression_head.loss.",
+)
 #: state-dict prefixes of the class-specific predictors (box; Mask R-CNN's per-class mask
 #: logits), re-initialised for `num_classes`
-PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
-                      "head.classification_head.cls_logits.")
+PREDICTOR_PREFIXES = (
+    "roi_heads.box_predictor.",
+    "roi_heads.mask_predictor.mask_fcn_logits.",
+    "head.classification_head.cls_logits.",
+)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin")
 _DDP_PREFIX = "module."
 
@@ -46,8 +64,12 @@ _DDP_PREFIX = "module."
 def is_checkpoint_path(value: str) -> bool:
     """Whether a `model.weights` / `model.weights_backbone` value names a local file rather than
     torchvision weights."""
-    return (os.path.exists(value) or os.sep in value or "/" in value
-            or value.endswith(CHECKPOINT_SUFFIXES))
+    return (
+        os.path.exists(value)
+        or os.sep in value
+        or "/" in value
+        or value.endswith(CHECKPOINT_SUFFIXES)
+    )
 
 
 def resolve_weights(name: str, enum_cls: type[WeightsEnum], field: str) -> WeightsEnum:
@@ -61,13 +83,17 @@ def resolve_weights(name: str, enum_cls: type[WeightsEnum], field: str) -> Weigh
     if "." in name:
         prefix, _, short = name.rpartition(".")
         if prefix != enum_cls.__name__:
-            raise ValueError(f"{field}={name!r} names weights of {prefix}, but this model takes "
-                             f"{enum_cls.__name__}; valid values: {', '.join(valid)} "
-                             f"(or the short member name, or a local checkpoint path)")
+            raise ValueError(
+                f"{field}={name!r} names weights of {prefix}, but this model takes "
+                f"{enum_cls.__name__}; valid values: {', '.join(valid)} "
+                f"(or the short member name, or a local checkpoint path)"
+            )
     if short not in enum_cls.__members__:
-        raise ValueError(f"{field}={name!r} is not a torchvision weights name for this model; "
-                         f"valid values: {', '.join(valid)} (or the short member name, or a "
-                         f"local checkpoint path)")
+        raise ValueError(
+            f"{field}={name!r} is not a torchvision weights name for this model; "
+            f"valid values: {', '.join(valid)} (or the short member name, or a "
+            f"local checkpoint path)"
+        )
     return enum_cls[short]
 
 
@@ -78,7 +104,7 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Any]:
         obj = obj["model"]
     state = dict(obj)
     if state and all(k.startswith(_DDP_PREFIX) for k in state):
-        state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+        state = {k[len(_DDP_PREFIX) :]: v for k, v in state.items()}
     return state
 
 
@@ -86,27 +112,36 @@ def load_checkpoint_state_dict(path: str, field: str = "model.weights") -> dict[
     """The model state_dict stored at `path`: a plain state_dict or an ltdet checkpoint dict with
     a "model" key; a DistributedDataParallel "module." prefix is removed."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{field}: checkpoint {path!r} does not exist; give a "
-                                f"torchvision weights name or the path of a saved state_dict / "
-                                f"ltdet checkpoint")
+        raise FileNotFoundError(
+            f"{field}: checkpoint {path!r} does not exist; give a "
+            f"torchvision weights name or the path of a saved state_dict / "
+            f"ltdet checkpoint"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as safe_error:
         # ltdet checkpoints also carry optimizer and RNG state (NumPy arrays), which the
         # weights-only unpickler refuses; they are the user's own files, so load them fully.
-        logger.info("%s: %s is not a weights-only file (%s); loading it fully", field, path,
-                    safe_error)
+        logger.info(
+            "%s: %s is not a weights-only file (%s); loading it fully", field, path, safe_error
+        )
         obj = torch.load(path, map_location="cpu", weights_only=False)
     state = unwrap_state_dict(obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{field}: {path!r} holds neither a state_dict nor a checkpoint dict with "
-                         f"a 'model' state_dict")
+        raise ValueError(
+            f"{field}: {path!r} holds neither a state_dict nor a checkpoint dict with "
+            f"a 'model' state_dict"
+        )
     return state
 
 
-def load_detector_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str,
-                             reinit_predictor: bool = False,
-                             base_keys: Iterable[str] | None = None) -> None:
+def load_detector_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str,
+    reinit_predictor: bool = False,
+    base_keys: Iterable[str] | None = None,
+) -> None:
     """Load `state_dict` into `model`, strictly except for the class-specific predictor.
 
     Predictor entries (box predictor / RetinaNet `cls_logits`) whose shapes or names differ are
@@ -136,30 +171,47 @@ def load_detector_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor],
             other_loss_state.append(key)
             del state_dict[key]
         elif mismatched:
-            raise ValueError(f"{source}: {key} has shape {list(state_dict[key].shape)} in the "
-                             f"checkpoint but {list(own[key].shape)} in the model; check "
-                             f"model.arch / model.backbone / model.norm")
+            raise ValueError(
+                f"{source}: {key} has shape {list(state_dict[key].shape)} in the "
+                f"checkpoint but {list(own[key].shape)} in the model; check "
+                f"model.arch / model.backbone / model.norm"
+            )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k in base_keys and not k.startswith(PREDICTOR_PREFIXES)
-               and not k.endswith("num_batches_tracked")]
+    missing = [
+        k
+        for k in missing
+        if k in base_keys
+        and not k.startswith(PREDICTOR_PREFIXES)
+        and not k.endswith("num_batches_tracked")
+    ]
     # Extra head entries the model lacks are the state of another loss (a checkpoint trained with
     # EQLv2 loaded into a model patched with CE): nothing of the network itself.
     unexpected = [k for k in unexpected if not k.startswith(("roi_heads.", "head."))]
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected entries, e.g. missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); check model.arch / model.backbone / "
-                         f"model.norm")
+        raise ValueError(
+            f"{source} does not fit this model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected entries, e.g. missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); check model.arch / model.backbone / "
+            f"model.norm"
+        )
     if skipped:
-        logger.info("%s: predictor entries left at this model's fresh initialisation (other "
-                    "classes or classifier width): %s", source, ", ".join(skipped))
+        logger.info(
+            "%s: predictor entries left at this model's fresh initialisation (other "
+            "classes or classifier width): %s",
+            source,
+            ", ".join(skipped),
+        )
     if other_loss_state:
-        logger.info("%s: loss state of another shape (another loss) not loaded, fresh here: %s",
-                    source, ", ".join(other_loss_state))
+        logger.info(
+            "%s: loss state of another shape (another loss) not loaded, fresh here: %s",
+            source,
+            ", ".join(other_loss_state),
+        )
 
 
-def torchvision_state_dict(model_or_state_dict: nn.Module | Mapping[str, Tensor]
-                           ) -> OrderedDict[str, Tensor]:
+def torchvision_state_dict(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor],
+) -> OrderedDict[str, Tensor]:
     """A patched model's state dict that the unpatched torchvision model loads with `strict=True`.
 
     `model_or_state_dict`: a patched model (DataParallel / DistributedDataParallel unwrapped) or
@@ -177,13 +229,12 @@ def torchvision_state_dict(model_or_state_dict: nn.Module | Mapping[str, Tensor]
     if isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         source = source.module
     state = source.state_dict() if isinstance(source, nn.Module) else source
-    kept = OrderedDict((key, value) for key, value in state.items()
-                       if not _is_ltdet_key(key))
+    kept = OrderedDict((key, value) for key, value in state.items() if not _is_ltdet_key(key))
     filter_state_dict_metadata(state, kept, lambda key: not _is_ltdet_key(key))
     return kept
 
 
 def _is_ltdet_key(key: str) -> bool:
     if key.startswith(_DDP_PREFIX):
-        key = key[len(_DDP_PREFIX):]
+        key = key[len(_DDP_PREFIX) :]
     return key.startswith(LTDET_STATE_PREFIXES)

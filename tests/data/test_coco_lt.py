@@ -1,5 +1,6 @@
 """COCO-LT builder (profiles, greedy whole-image selection, determinism, bins) and the two data
 CLIs (tools/make_coco_lt.py, tools/dataset_stats.py)."""
+
 import json
 import math
 
@@ -9,6 +10,7 @@ import pytest
 from ltdet.data import COCODetection, repeat_factors
 from ltdet.data.coco_lt import bin_sizes, build_coco_lt, profile_from_counts, zipf_profile
 from ltdet.frequency import coco_lt_bins
+
 
 def _source_json(n_images=3000, n_classes=20, seed=0):
     """Balanced COCO-format source: one main class per image (1-3 boxes), sometimes a second."""
@@ -21,12 +23,28 @@ def _source_json(n_images=3000, n_classes=20, seed=0):
             classes.append(int(rng.integers(n_classes)))
         for c in classes:
             for _ in range(int(rng.integers(1, 4))):
-                anns.append({"id": k, "image_id": i, "category_id": 100 + c, "iscrowd": 0,
-                             "bbox": [1.0, 1.0, 10.0, 10.0], "area": 100.0})
+                anns.append(
+                    {
+                        "id": k,
+                        "image_id": i,
+                        "category_id": 100 + c,
+                        "iscrowd": 0,
+                        "bbox": [1.0, 1.0, 10.0, 10.0],
+                        "area": 100.0,
+                    }
+                )
                 k += 1
         if i % 50 == 0:  # crowd regions: kept with their image, never counted
-            anns.append({"id": k, "image_id": i, "category_id": 100, "iscrowd": 1,
-                         "bbox": [0.0, 0.0, 30.0, 30.0], "area": 900.0})
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": i,
+                    "category_id": 100,
+                    "iscrowd": 1,
+                    "bbox": [0.0, 0.0, 30.0, 30.0],
+                    "area": 900.0,
+                }
+            )
             k += 1
     cats = [{"id": 100 + c, "name": f"c{c}", "supercategory": "x"} for c in range(n_classes)]
     return {"images": images, "annotations": anns, "categories": cats, "info": {"year": 2017}}
@@ -55,7 +73,7 @@ def test_profile_from_counts_resamples_sorted_counts():
 
 
 def test_instance_bins():
-    counts = [0, 1, 19, 20, 399, 400, 7999, 8000, 10 ** 6]
+    counts = [0, 1, 19, 20, 399, 400, 7999, 8000, 10**6]
     assert coco_lt_bins(counts).tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, 3]
     assert bin_sizes(counts) == {"AP1": 2, "AP2": 2, "AP3": 2, "AP4": 2}
 
@@ -71,24 +89,41 @@ def test_build_coco_lt_follows_zipf_and_keeps_whole_images():
     assert sorted(a["id"] for a in out["annotations"]) == want
     # achieved counts, recomputed here from the output json (non-crowd only)
     cat_ids = sorted(c["id"] for c in data["categories"])
-    achieved = np.array([sum(1 for a in out["annotations"]
-                             if a["category_id"] == c and not a["iscrowd"]) for c in cat_ids])
+    achieved = np.array(
+        [
+            sum(1 for a in out["annotations"] if a["category_id"] == c and not a["iscrowd"])
+            for c in cat_ids
+        ]
+    )
     assert np.array_equal(achieved, s["achieved"])
     assert [c["instance_count"] for c in out["categories"]] == achieved.tolist()
     target = s["target"]
     # the head keeps its available count, the tail target is head / imbalance
-    available = np.array([sum(1 for a in data["annotations"]
-                              if a["category_id"] == c and not a["iscrowd"]) for c in cat_ids])
+    available = np.array(
+        [
+            sum(1 for a in data["annotations"] if a["category_id"] == c and not a["iscrowd"])
+            for c in cat_ids
+        ]
+    )
     assert target.max() == available.max()
     assert target.min() == round(available.max() / 100.0)
     assert np.all(achieved >= target)  # the greedy covers every target
     # The head's target is its whole supply, so all its images (and their other classes) are
     # forced in; beyond that, overshoot is at most one image's extra boxes (<= 2 here).
     head = cat_ids[int(np.argmax(target))]
-    head_imgs = {a["image_id"] for a in data["annotations"]
-                 if a["category_id"] == head and not a["iscrowd"]}
-    forced = np.array([sum(1 for a in data["annotations"] if a["image_id"] in head_imgs
-                           and a["category_id"] == c and not a["iscrowd"]) for c in cat_ids])
+    head_imgs = {
+        a["image_id"] for a in data["annotations"] if a["category_id"] == head and not a["iscrowd"]
+    }
+    forced = np.array(
+        [
+            sum(
+                1
+                for a in data["annotations"]
+                if a["image_id"] in head_imgs and a["category_id"] == c and not a["iscrowd"]
+            )
+            for c in cat_ids
+        ]
+    )
     assert np.all(achieved <= np.maximum(target, forced) + 2)
     assert achieved.max() / achieved.min() > 25
     assert out["info"]["coco_lt"]["seed"] == 0 and out["info"]["year"] == 2017
@@ -99,10 +134,20 @@ def test_zipf_head_is_the_largest_feasible():
     images, anns = [], []
     for i in range(302):
         images.append({"id": i + 1, "width": 8, "height": 8, "file_name": "x.jpg"})
-        anns.append({"id": i + 1, "image_id": i + 1, "category_id": min(i // 100, 3),
-                     "bbox": [0, 0, 2, 2], "iscrowd": 0})
-    data = {"images": images, "annotations": anns,
-            "categories": [{"id": c, "name": str(c)} for c in range(4)]}
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": i + 1,
+                "category_id": min(i // 100, 3),
+                "bbox": [0, 0, 2, 2],
+                "iscrowd": 0,
+            }
+        )
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": str(c)} for c in range(4)],
+    }
     _, s = build_coco_lt(data, imbalance=10.0, seed=0)
     law = 20.0 / np.arange(1, 5) ** (math.log(10) / math.log(4))
     assert np.allclose(np.sort(s["target"])[::-1], np.round(law))
@@ -148,8 +193,9 @@ def test_make_coco_lt_cli(tmp_path, capsys, load_tool):
     src = tmp_path / "train.json"
     src.write_text(json.dumps(_source_json(n_images=1500)))
     out = tmp_path / "sub" / "coco_lt.json"
-    load_tool("make_coco_lt").main([str(src), "--out", str(out), "--imbalance", "30",
-                                    "--seed", "1"])
+    load_tool("make_coco_lt").main(
+        [str(src), "--out", str(out), "--imbalance", "30", "--seed", "1"]
+    )
     text = capsys.readouterr().out
     sub = json.loads(out.read_text())
     n = len(sub["images"])
@@ -159,8 +205,11 @@ def test_make_coco_lt_cli(tmp_path, capsys, load_tool):
     assert f"AP1={b['AP1']} AP2={b['AP2']} AP3={b['AP3']} AP4={b['AP4']}" in text
     ds = COCODetection(str(out), str(tmp_path))
     img = np.array([ds.stats.image_count.numpy()]).ravel()
-    groups = {"r": int((img <= 10).sum()), "c": int(((img > 10) & (img <= 100)).sum()),
-              "f": int((img > 100).sum())}
+    groups = {
+        "r": int((img <= 10).sum()),
+        "c": int(((img > 10) & (img <= 100)).sum()),
+        "f": int((img > 100).sum()),
+    }
     assert f"r={groups['r']} c={groups['c']} f={groups['f']}" in text
     assert len(ds) == n
 

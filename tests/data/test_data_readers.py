@@ -1,4 +1,5 @@
 """LVIS / COCO readers on generated json + real JPEGs, ClassStats, label mapping, bad input."""
+
 import json
 import logging
 import os
@@ -9,8 +10,14 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from ltdet.data import (COCODetection, ClassStats, LVISDetection, build_dataset,
-                        build_transforms, collate_detection)
+from ltdet.data import (
+    ClassStats,
+    COCODetection,
+    LVISDetection,
+    build_dataset,
+    build_transforms,
+    collate_detection,
+)
 from ltdet.frequency import frequency_from_counts
 
 
@@ -18,10 +25,13 @@ def _expected_targets(data, image_id):
     """Boxes (xyxy) and labels of an image's non-crowd annotations, computed by hand."""
     label = {c: i + 1 for i, c in enumerate(sorted(c["id"] for c in data["categories"]))}
     anns = [a for a in data["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
-    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-             for a in anns]
+    boxes = [
+        [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+        for a in anns
+    ]
     return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(
-        [label[a["category_id"]] for a in anns], dtype=torch.int64)
+        [label[a["category_id"]] for a in anns], dtype=torch.int64
+    )
 
 
 def test_lvis_reader_targets_and_image(tmp_path, image_sizes, make_lvis):
@@ -75,8 +85,10 @@ def test_coco_reader_drops_crowd(tmp_path, cat_ids, make_coco):
     assert target["boxes"].shape == (2, 4)  # 2 regular + 1 crowd annotation in the json
     assert torch.equal(target["boxes"], boxes) and torch.equal(target["labels"], labels)
     # stats count the loaded (non-crowd) annotations only
-    n_inst = [sum(1 for a in data["annotations"] if a["category_id"] == c and not a["iscrowd"])
-              for c in sorted(cat_ids)]
+    n_inst = [
+        sum(1 for a in data["annotations"] if a["category_id"] == c and not a["iscrowd"])
+        for c in sorted(cat_ids)
+    ]
     assert ds.stats.instance_count.tolist() == n_inst
 
 
@@ -107,8 +119,9 @@ def test_class_stats_counts_and_frequency(tmp_path, cat_ids, make_coco, make_lvi
     stats = ClassStats.from_json(path)
     cats = sorted(cat_ids)
     inst = [sum(a["category_id"] == c for a in data["annotations"]) for c in cats]
-    imgs = [len({a["image_id"] for a in data["annotations"] if a["category_id"] == c})
-            for c in cats]
+    imgs = [
+        len({a["image_id"] for a in data["annotations"] if a["category_id"] == c}) for c in cats
+    ]
     assert stats.instance_count.tolist() == inst and stats.image_count.tolist() == imgs
     assert stats.image_count.dtype == torch.float32
     assert stats.num_images == 6 and stats.num_classes == 3
@@ -123,8 +136,15 @@ def test_class_stats_counts_and_frequency(tmp_path, cat_ids, make_coco, make_lvi
 
 
 def test_frequency_thresholds_and_dataclass():
-    assert frequency_from_counts([0, 1, 10, 11, 100, 101, 5000]) == ["r", "r", "r", "c", "c",
-                                                                      "f", "f"]
+    assert frequency_from_counts([0, 1, 10, 11, 100, 101, 5000]) == [
+        "r",
+        "r",
+        "r",
+        "c",
+        "c",
+        "f",
+        "f",
+    ]
     s = ClassStats(image_count=[5, 50, 500], instance_count=[6, 60, 600], num_images=600)
     assert s.frequency == ["r", "c", "f"] and s.num_classes == 3
     with pytest.raises(ValueError, match="instance_count"):
@@ -156,6 +176,7 @@ def test_transforms_through_dataset_and_collate(tmp_path, make_lvis):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def _rewrite(path, data):
     with open(path, "w") as f:
@@ -194,8 +215,11 @@ def test_degenerate_box_error_and_skip(tmp_path, caplog, wh, make_lvis):
     data["annotations"][5]["bbox"][2:] = list(wh)
     _rewrite(path, data)
     ann, img = data["annotations"][3]["id"], data["annotations"][3]["image_id"]
-    with pytest.raises(ValueError, match=rf"annotation id {ann} \(image id {img}\).*"
-                                         rf"{os.path.basename(path)}.*2 such.*skip_invalid=True"):
+    with pytest.raises(
+        ValueError,
+        match=rf"annotation id {ann} \(image id {img}\).*"
+        rf"{os.path.basename(path)}.*2 such.*skip_invalid=True",
+    ):
         LVISDetection(path, root)
     with caplog.at_level(logging.WARNING, logger="ltdet.data.class_stats"):
         ds = LVISDetection(path, root, skip_invalid=True)
@@ -209,8 +233,11 @@ def test_unknown_category_and_image(tmp_path, make_lvis):
     path, root, data = make_lvis(tmp_path, write=False)
     bad = json.loads(json.dumps(data))
     bad["annotations"][2]["category_id"] = 999
-    with pytest.raises(ValueError, match=r"annotation id 102 \(image id 2\).*category_id 999.*"
-                                         r"not in 'categories'"):
+    with pytest.raises(
+        ValueError,
+        match=r"annotation id 102 \(image id 2\).*category_id 999.*"
+        r"not in 'categories'",
+    ):
         LVISDetection(bad, root)
     bad = json.loads(json.dumps(data))
     bad["annotations"][4]["image_id"] = 77
@@ -281,8 +308,9 @@ def test_truncated_png_is_an_error(tmp_path, image_sizes, make_coco):
         COCODetection(path, img_dir)[1]
 
 
-def test_truncated_image_is_skipped_with_one_warning_under_skip_invalid(tmp_path, caplog,
-                                                                        make_coco):
+def test_truncated_image_is_skipped_with_one_warning_under_skip_invalid(
+    tmp_path, caplog, make_coco
+):
     path, img_dir, data = make_coco(tmp_path)
     _truncate(os.path.join(img_dir, "000000000002.jpg"))
     ds = COCODetection(path, img_dir, skip_invalid=True)
@@ -294,21 +322,29 @@ def test_truncated_image_is_skipped_with_one_warning_under_skip_invalid(tmp_path
     assert len(warnings) == 1 and "skip" in warnings[0].getMessage()
 
 
-@pytest.mark.parametrize("where,key,value,expect", [
-    ("annotations", "category_id", 2.9, r"annotation id 100 \(image id 1\).*category_id 2\.9 "
-                                         r"\(float\).*integer"),
-    ("annotations", "category_id", 3.0, r"category_id 3\.0 \(float\)"),
-    ("annotations", "image_id", 1.7, r"annotation id 100.*image_id 1\.7"),
-    ("annotations", "image_id", "1", r"image_id '1' \(str\)"),
-    ("annotations", "id", True, r"id True \(bool\)"),
-    ("images", "id", "abc", r"images entry.*id 'abc' \(str\)"),
-    ("images", "id", 1.5, r"images entry.*id 1\.5"),
-    ("categories", "id", 3.5, r"categories entry.*id 3\.5"),
-    ("annotations", "category_id", None, r"annotation id 100.*category_id None"),
-    ("annotations", "bbox", None, r"annotation id 100.*bbox None.*\[x, y, width, height\]"),
-    ("annotations", "bbox", ["a", 1, 2, 3], r"annotation id 100.*bbox \['a', 1, 2, 3\]"),
-    ("images", "width", "64", r"images entry.*width '64'"),
-])
+@pytest.mark.parametrize(
+    "where,key,value,expect",
+    [
+        (
+            "annotations",
+            "category_id",
+            2.9,
+            r"annotation id 100 \(image id 1\).*category_id 2\.9 "
+            r"\(float\).*integer",
+        ),
+        ("annotations", "category_id", 3.0, r"category_id 3\.0 \(float\)"),
+        ("annotations", "image_id", 1.7, r"annotation id 100.*image_id 1\.7"),
+        ("annotations", "image_id", "1", r"image_id '1' \(str\)"),
+        ("annotations", "id", True, r"id True \(bool\)"),
+        ("images", "id", "abc", r"images entry.*id 'abc' \(str\)"),
+        ("images", "id", 1.5, r"images entry.*id 1\.5"),
+        ("categories", "id", 3.5, r"categories entry.*id 3\.5"),
+        ("annotations", "category_id", None, r"annotation id 100.*category_id None"),
+        ("annotations", "bbox", None, r"annotation id 100.*bbox None.*\[x, y, width, height\]"),
+        ("annotations", "bbox", ["a", 1, 2, 3], r"annotation id 100.*bbox \['a', 1, 2, 3\]"),
+        ("images", "width", "64", r"images entry.*width '64'"),
+    ],
+)
 def test_bad_json_fields_name_the_entry(tmp_path, where, key, value, expect, make_coco):
     path, img_dir, data = make_coco(tmp_path)
     data[where][0][key] = value
@@ -322,7 +358,9 @@ def test_missing_field_and_wrong_container_name_the_file(tmp_path, make_coco):
     path, img_dir, data = make_coco(tmp_path)
     del data["annotations"][2]["category_id"]
     _rewrite(path, data)
-    with pytest.raises(ValueError, match=r"coco_train.json.*lacks 'category_id'.*annotation id 102"):
+    with pytest.raises(
+        ValueError, match=r"coco_train.json.*lacks 'category_id'.*annotation id 102"
+    ):
         COCODetection(path, img_dir)
     path, img_dir, data = make_coco(tmp_path / "b")
     data["images"] = {str(im["id"]): im for im in data["images"]}
@@ -337,8 +375,11 @@ def test_box_outside_its_image_is_caught_at_load_time(tmp_path, caplog, make_coc
     path, img_dir, data = make_coco(tmp_path)
     data["annotations"][1]["bbox"] = [200.0, 200.0, 10.0, 10.0]  # image 1 is 64x48
     _rewrite(path, data)
-    with pytest.raises(ValueError, match=r"annotation id 101 \(image id 1\).*64x48 px image.*"
-                                         r"no part inside its image.*skip_invalid"):
+    with pytest.raises(
+        ValueError,
+        match=r"annotation id 101 \(image id 1\).*64x48 px image.*"
+        r"no part inside its image.*skip_invalid",
+    ):
         COCODetection(path, img_dir)
     with caplog.at_level(logging.WARNING, logger="ltdet"):
         ds = COCODetection(path, img_dir, skip_invalid=True)
@@ -348,8 +389,9 @@ def test_box_outside_its_image_is_caught_at_load_time(tmp_path, caplog, make_coc
     assert len(boxes) == 1 and bool(((boxes[:, 2:] - boxes[:, :2]) > 0).all())
 
 
-def test_jpeg_with_data_after_its_end_marker_is_not_called_truncated(tmp_path, image_sizes,
-                                                                     make_coco):
+def test_jpeg_with_data_after_its_end_marker_is_not_called_truncated(
+    tmp_path, image_sizes, make_coco
+):
     """Maker trailers / motion photos append data after EOI: the file is valid."""
     path, img_dir, data = make_coco(tmp_path)
     jpg = os.path.join(img_dir, "000000000002.jpg")

@@ -1,18 +1,23 @@
 """Box arithmetic of each transform, checked against hand-computed numbers."""
+
 import numpy as np
 import pytest
 import torch
 
-from ltdet.data import (Compose, RandomHorizontalFlip, ResizeShortestEdge, ToTensor,
-                        build_transforms)
+from ltdet.data import Compose, RandomHorizontalFlip, ResizeShortestEdge, ToTensor, build_transforms
 
 
 def _sample(h=40, w=60):
     image = np.zeros((h, w, 3), np.uint8)
     image[:, :10] = 255  # a white stripe on the left edge, to see the flip
-    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0], [15.5, 5.0, 60.0, 40.0]]),
-              "labels": torch.tensor([1, 2]), "image_id": 7, "orig_size": (h, w),
-              "scale": 1.0, "flipped": False}
+    target = {
+        "boxes": torch.tensor([[0.0, 0.0, 10.0, 20.0], [15.5, 5.0, 60.0, 40.0]]),
+        "labels": torch.tensor([1, 2]),
+        "image_id": 7,
+        "orig_size": (h, w),
+        "scale": 1.0,
+        "flipped": False,
+    }
     return image, target
 
 
@@ -21,7 +26,9 @@ def test_resize_shortest_edge_scale():
     out, t = ResizeShortestEdge((80,), 1000)(image, target)
     assert out.shape == (80, 120, 3)
     assert t["scale"] == 2.0
-    assert torch.equal(t["boxes"], torch.tensor([[0.0, 0.0, 20.0, 40.0], [31.0, 10.0, 120.0, 80.0]]))
+    assert torch.equal(
+        t["boxes"], torch.tensor([[0.0, 0.0, 20.0, 40.0], [31.0, 10.0, 120.0, 80.0]])
+    )
     assert torch.equal(t["labels"], target["labels"]) and t["orig_size"] == (40, 60)
     assert target["scale"] == 1.0  # input target untouched
 
@@ -38,7 +45,7 @@ def test_resize_max_size_cap():
     image, target = _sample(h=30, w=70)  # 30 -> 60 gives 140 > 120: scale = 120 / 70
     out, t = ResizeShortestEdge(60, 120)(image, target)
     assert t["scale"] == pytest.approx(120 / 70) and out.shape == (int(30 * 120 / 70 + 0.5), 120, 3)
-    expected = (torch.tensor([[0.0, 0.0, 10.0, 20.0], [15.5, 5.0, 60.0, 40.0]]) * (120 / 70))
+    expected = torch.tensor([[0.0, 0.0, 10.0, 20.0], [15.5, 5.0, 60.0, 40.0]]) * (120 / 70)
     expected[:, 1::2] = expected[:, 1::2].clamp(max=out.shape[0])
     assert torch.allclose(t["boxes"], expected)
 

@@ -1,5 +1,6 @@
 """Image samplers: repeat factors vs an independent loop, RFS statistics, seeding, sharding,
 class-aware uniformity, aspect-ratio grouping, inference shards, the config builder."""
+
 import json
 import math
 import time
@@ -9,8 +10,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ltdet.data import (ClassAwareSampler, GroupedBatchSampler, InferenceSampler, LVISDetection,
-                        RepeatFactorSampler, build_train_sampler, repeat_factors)
+from ltdet.data import (
+    ClassAwareSampler,
+    GroupedBatchSampler,
+    InferenceSampler,
+    LVISDetection,
+    RepeatFactorSampler,
+    build_train_sampler,
+    repeat_factors,
+)
 
 
 def _random_json(n_images=300, n_classes=20, seed=0, empty_every=7):
@@ -25,8 +33,16 @@ def _random_json(n_images=300, n_classes=20, seed=0, empty_every=7):
         if i % empty_every == 0:
             continue
         for c in rng.choice(n_classes, rng.integers(1, 5), p=p):
-            anns.append({"id": k, "image_id": i, "category_id": int(c) * 2 + 1,
-                         "bbox": [1.0, 1.0, 5.0, 6.0], "area": 30.0, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": k,
+                    "image_id": i,
+                    "category_id": int(c) * 2 + 1,
+                    "bbox": [1.0, 1.0, 5.0, 6.0],
+                    "area": 30.0,
+                    "iscrowd": 0,
+                }
+            )
             k += 1
     cats = [{"id": c * 2 + 1, "name": f"c{c}"} for c in range(n_classes)]
     return {"images": images, "annotations": anns, "categories": cats}
@@ -82,11 +98,15 @@ def test_repeat_factors_use_loaded_annotations(tmp_path):
     # Image 1's only box of class 5 is degenerate: dropped with skip_invalid, so class 5 no
     # longer exists and image 1 gets factor 1 (images 2-4 carry class 1 only). Image 1 then has
     # no annotation and leaves f_c's denominator (detectron2): f_1 = 3 / 3.
-    data = {"images": [{"id": i, "width": 10, "height": 10, "file_name": "x"} for i in range(1, 5)],
-            "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 0, 3]}]
-            + [{"id": 1 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 3]}
-               for i in range(2, 5)]}
+    data = {
+        "images": [{"id": i, "width": 10, "height": 10, "file_name": "x"} for i in range(1, 5)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 0, 3]}]
+        + [
+            {"id": 1 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 2, 3]}
+            for i in range(2, 5)
+        ],
+    }
     ds = LVISDetection(data, str(tmp_path), skip_invalid=True)
     rf = repeat_factors(ds, threshold=2.0)
     r = math.sqrt(2.0 / (3 / 3))  # class 1 is on 3 of the 3 annotated images
@@ -159,8 +179,9 @@ def test_rfs_shards_disjoint_equal_and_covering(world):
 
 def test_default_world_from_torch_distributed(tmp_path):
     assert RepeatFactorSampler(torch.ones(4)).num_replicas == 1
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
         s = RepeatFactorSampler(torch.ones(4))
         assert (s.num_replicas, s.rank) == (1, 0)
@@ -234,8 +255,9 @@ def test_grouped_batches_single_group_and_exactly_once():
         # only the leftover batches at the end may mix groups: at most one remainder per group
         assert len(mixed) <= 1
         pure_end = len(batches) - len(mixed) - len(short)
-        assert all(len({int(groups[i]) for i in b}) == 1 and len(b) == 4
-                   for b in batches[:pure_end])
+        assert all(
+            len({int(groups[i]) for i in b}) == 1 and len(b) == 4 for b in batches[:pure_end]
+        )
 
 
 def test_grouped_batches_ddp_equal_lengths():
@@ -272,17 +294,29 @@ def test_build_train_sampler(tmp_path, make_lvis):
         per_rank.append([i for b in batches for i in b])
     assert len(per_rank[0]) == len(per_rank[1]) == 5
     assert set(per_rank[0]) | set(per_rank[1]) == set(range(9))
-    rfs = build_train_sampler({**cfg, "sampler": {"type": "repeat_factor", "threshold": 0.9}},
-                              ds, 1, 0, seed=0)
+    rfs = build_train_sampler(
+        {**cfg, "sampler": {"type": "repeat_factor", "threshold": 0.9}}, ds, 1, 0, seed=0
+    )
     assert isinstance(rfs.sampler, RepeatFactorSampler)
     assert torch.allclose(rfs.sampler.repeat_factors, repeat_factors(ds, 0.9))
-    ca = build_train_sampler({**cfg, "aspect_ratio_grouping": False,
-                              "sampler": {"type": "class_aware", "num_samples": 7}}, ds, 1, 0, 0)
+    ca = build_train_sampler(
+        {
+            **cfg,
+            "aspect_ratio_grouping": False,
+            "sampler": {"type": "class_aware", "num_samples": 7},
+        },
+        ds,
+        1,
+        0,
+        0,
+    )
     assert isinstance(ca.sampler, ClassAwareSampler) and len(ca.sampler) == 7 and len(ca) == 4
     with pytest.raises(ValueError, match=r"data.sampler.type.*'bogus'"):
         build_train_sampler({**cfg, "sampler": {"type": "bogus"}}, ds, 1, 0, 0)
     with pytest.raises(ValueError, match=r"class_aware.*unknown key.*threshold"):
-        build_train_sampler({**cfg, "sampler": {"type": "class_aware", "threshold": 1}}, ds, 1, 0, 0)
+        build_train_sampler(
+            {**cfg, "sampler": {"type": "class_aware", "threshold": 1}}, ds, 1, 0, 0
+        )
 
 
 def _big_json(n_images=100_000, n_boxes=1_270_000, n_classes=1203, seed=0):
@@ -291,12 +325,23 @@ def _big_json(n_images=100_000, n_boxes=1_270_000, n_classes=1203, seed=0):
     p /= p.sum()
     img = rng.integers(1, n_images + 1, n_boxes).tolist()
     cat = (rng.choice(n_classes, n_boxes, p=p) + 1).tolist()
-    return {"images": [{"id": i, "width": 640, "height": 480, "file_name": f"{i}.jpg"}
-                       for i in range(1, n_images + 1)],
-            "categories": [{"id": c, "name": f"c{c}"} for c in range(1, n_classes + 1)],
-            "annotations": [{"id": k + 1, "image_id": img[k], "category_id": cat[k],
-                             "bbox": [1.0, 2.0, 30.0, 40.0], "iscrowd": 0}
-                            for k in range(n_boxes)]}
+    return {
+        "images": [
+            {"id": i, "width": 640, "height": 480, "file_name": f"{i}.jpg"}
+            for i in range(1, n_images + 1)
+        ],
+        "categories": [{"id": c, "name": f"c{c}"} for c in range(1, n_classes + 1)],
+        "annotations": [
+            {
+                "id": k + 1,
+                "image_id": img[k],
+                "category_id": cat[k],
+                "bbox": [1.0, 2.0, 30.0, 40.0],
+                "iscrowd": 0,
+            }
+            for k in range(n_boxes)
+        ],
+    }
 
 
 @pytest.mark.slow

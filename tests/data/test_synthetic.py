@@ -3,6 +3,7 @@
 Every test generates a tiny version (48-64 px images, <= 160 training images) in a temporary
 folder, so the whole file runs in a few seconds of CPU.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -14,10 +15,24 @@ import pytest
 from ltdet.data.synthetic import MARKER_NAME, make_synthetic_lvis, zipf_image_counts
 
 # 8 classes; image counts 140, 35, 16, 9, 6, 4, 3, 2 -> groups f, c, c, r, r, r, r, r.
-GROUPS = dict(num_train=150, num_val=24, num_classes=8, image_size=48, max_images_per_class=140,
-              zipf_exponent=2.0, val_instances_per_class=6)
-TINY = dict(num_train=24, num_val=12, num_classes=5, image_size=48, max_images_per_class=20,
-            zipf_exponent=1.0, val_instances_per_class=4)
+GROUPS = dict(
+    num_train=150,
+    num_val=24,
+    num_classes=8,
+    image_size=48,
+    max_images_per_class=140,
+    zipf_exponent=2.0,
+    val_instances_per_class=6,
+)
+TINY = dict(
+    num_train=24,
+    num_val=12,
+    num_classes=5,
+    image_size=48,
+    max_images_per_class=20,
+    zipf_exponent=1.0,
+    val_instances_per_class=4,
+)
 
 
 def _load(path):
@@ -43,7 +58,7 @@ def groups_set(tmp_path_factory):
 
 def test_zipf_image_counts_formula():
     counts = zipf_image_counts(8, 140, 2.0)
-    expected = [max(1, round(140 / k ** 2)) for k in range(1, 9)]
+    expected = [max(1, round(140 / k**2)) for k in range(1, 9)]
     assert counts.tolist() == expected == [140, 35, 16, 9, 6, 4, 3, 2]
     # Defaults of the bundled set: all three LVIS groups, 4 frequent classes.
     default = zipf_image_counts(30, 1000, 1.6)
@@ -58,8 +73,9 @@ def test_train_counts_follow_zipf_and_lvis_groups(groups_set):
     # Counted independently from the annotations.
     pairs = {(a["image_id"], a["category_id"]) for a in train["annotations"]}
     image_count = {c["id"]: sum(1 for _, cid in pairs if cid == c["id"]) for c in cats}
-    instance_count = {c["id"]: sum(1 for a in train["annotations"] if a["category_id"] == c["id"])
-                      for c in cats}
+    instance_count = {
+        c["id"]: sum(1 for a in train["annotations"] if a["category_id"] == c["id"]) for c in cats
+    }
     assert [image_count[c["id"]] for c in cats] == [140, 35, 16, 9, 6, 4, 3, 2]
     for c in cats:
         assert c["image_count"] == image_count[c["id"]]
@@ -83,8 +99,9 @@ def test_categories_identical_in_both_splits(groups_set):
 
 def test_val_is_balanced(groups_set):
     val = _load(groups_set["val_json"])
-    per_class = np.bincount([a["category_id"] for a in val["annotations"]],
-                            minlength=GROUPS["num_classes"] + 1)[1:]
+    per_class = np.bincount(
+        [a["category_id"] for a in val["annotations"]], minlength=GROUPS["num_classes"] + 1
+    )[1:]
     assert per_class.tolist() == [GROUPS["val_instances_per_class"]] * GROUPS["num_classes"]
 
 
@@ -122,8 +139,9 @@ def test_lvis_api_loads_and_boxes_are_valid(groups_set):
 
 
 def test_neg_and_not_exhaustive_fractions(tmp_path):
-    out = make_synthetic_lvis(tmp_path, seed=1, **{**TINY, "neg_fraction": 1.0,
-                                                   "not_exhaustive_prob": 1.0})
+    out = make_synthetic_lvis(
+        tmp_path, seed=1, **{**TINY, "neg_fraction": 1.0, "not_exhaustive_prob": 1.0}
+    )
     data = _load(out["train_json"])
     C = TINY["num_classes"]
     for im in data["images"]:
@@ -131,8 +149,9 @@ def test_neg_and_not_exhaustive_fractions(tmp_path):
         # neg_fraction 1: every absent class is verified absent.
         assert sorted(im["neg_category_ids"]) == sorted(set(range(1, C + 1)) - present)
         assert sorted(im["not_exhaustive_category_ids"]) == sorted(present)
-    none = make_synthetic_lvis(tmp_path / "b", seed=1, **{**TINY, "neg_fraction": 0.0,
-                                                          "not_exhaustive_prob": 0.0})
+    none = make_synthetic_lvis(
+        tmp_path / "b", seed=1, **{**TINY, "neg_fraction": 0.0, "not_exhaustive_prob": 0.0}
+    )
     for im in _load(none["train_json"])["images"]:
         assert im["neg_category_ids"] == [] and im["not_exhaustive_category_ids"] == []
 
@@ -176,8 +195,9 @@ def test_bad_parameters_raise(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         make_synthetic_lvis(tmp_path, **{**TINY, "num_classes": 10_000})
     with pytest.raises(ValueError, match="image_size"):
-        make_synthetic_lvis(tmp_path, **{**TINY, "image_size": 16, "min_radius": 3,
-                                          "max_radius": 10})
+        make_synthetic_lvis(
+            tmp_path, **{**TINY, "image_size": 16, "min_radius": 3, "max_radius": 10}
+        )
     assert not (tmp_path / MARKER_NAME).exists()
 
 
@@ -188,7 +208,9 @@ def test_default_set_profile(tmp_path):
     train, val = _load(out["train_json"]), _load(out["val_json"])
     freq = [c["frequency"] for c in train["categories"]]
     assert (freq.count("f"), freq.count("c"), freq.count("r")) == (4, 13, 13)
-    assert sorted((c["image_count"] for c in train["categories"]), reverse=True) == \
-        zipf_image_counts(30, 1000, 1.6).tolist()
+    assert (
+        sorted((c["image_count"] for c in train["categories"]), reverse=True)
+        == zipf_image_counts(30, 1000, 1.6).tolist()
+    )
     per_class = np.bincount([a["category_id"] for a in val["annotations"]], minlength=31)[1:]
     assert per_class.min() >= 15

@@ -1,5 +1,6 @@
 """Fixtures of the engine tests alone (the tiny training set `tiny_data` and its config
 `tiny_cfg` are tests/conftest.py's: the top-level CLI tests use them too)."""
+
 import json
 from pathlib import Path
 

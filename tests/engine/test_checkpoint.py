@@ -1,5 +1,6 @@
 """ltdet.engine.checkpoint: atomic checkpoints, the last_checkpoint pointer, damaged and partial
 files, a full disk, keep_checkpoints, the files' mode."""
+
 import os
 
 import pytest
@@ -69,8 +70,11 @@ def test_keep_checkpoints_never_deletes_a_protected_checkpoint(tmp_path):
     ck.save("model_0000001.pth", {"model": {}})
     ck.save("model_0000002.pth", {"model": {}}, protect=[tmp_path / "model_0000001.pth"])
     ck.save("model_0000003.pth", {"model": {}}, protect=[tmp_path / "model_0000001.pth"])
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth",
-                                             "model_0000003.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
+    ]
 
 
 def test_keep_checkpoints_keeps_the_newest_n(tiny_data, tmp_path, tiny_cfg):

@@ -1,5 +1,6 @@
 """A stalled or dead rank ends the run with a CollectiveTimeout naming the rank, the operation
 and the timeout (gloo on CPU, 2 forked processes), instead of blocking rank 0 forever."""
+
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import torch
 from ltdet.engine import distributed as du
 
 TIMEOUT_S = 5  # the process-group timeout of the workers
-LIMIT_S = 60   # how long the test waits for rank 0 at most (the timeout plus a generous margin)
+LIMIT_S = 60  # how long the test waits for rank 0 at most (the timeout plus a generous margin)
 
 
 def broadcast_object(obj, src: int = 0, op: str = "broadcast_object_list"):
@@ -36,8 +37,13 @@ def _free_port():
 def _worker(rank, port, mode, queue):
     """Rank 1 stalls (`stop`: SIGSTOP) or dies (`die`) after a first, working all_reduce; rank 0
     then runs the collective of `mode` and reports what happened through `queue`."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     try:
         info = du.init_distributed("cpu", timeout_s=TIMEOUT_S)
@@ -57,9 +63,14 @@ def _worker(rank, port, mode, queue):
                 du.all_reduce_mean(torch.ones(3), "all_reduce of the loss values")
             queue.put(("no error", None, time.monotonic() - start, info.rank))
         except du.CollectiveTimeout as e:
-            queue.put(("CollectiveTimeout", (str(e), e.rank, e.op, e.timeout_s, e.peer_lost,
-                                             type(e.__cause__).__name__),
-                       time.monotonic() - start, info.rank))
+            queue.put(
+                (
+                    "CollectiveTimeout",
+                    (str(e), e.rank, e.op, e.timeout_s, e.peer_lost, type(e.__cause__).__name__),
+                    time.monotonic() - start,
+                    info.rank,
+                )
+            )
     except BaseException:  # noqa: BLE001 - reported to the test
         queue.put(("crash", traceback.format_exc(), None, rank))
         os._exit(1)
@@ -71,8 +82,9 @@ def _run_two_ranks(mode):
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, mode, queue), daemon=True)
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, port, mode, queue), daemon=True) for r in range(2)
+    ]
     start = time.monotonic()
     for p in procs:
         p.start()
@@ -105,12 +117,18 @@ def test_stalled_rank_times_out_all_reduce():
     (kind, details, op_s, _), elapsed = _run_two_ranks("stop")
     assert kind == "CollectiveTimeout", (kind, details)
     message, rank, op, timeout_s, peer_lost, cause = details
-    assert (rank, op, timeout_s, peer_lost) == (0, "all_reduce of the loss values", TIMEOUT_S,
-                                                False)
+    assert (rank, op, timeout_s, peer_lost) == (
+        0,
+        "all_reduce of the loss values",
+        TIMEOUT_S,
+        False,
+    )
     assert cause == "RuntimeError"  # gloo's "Timed out waiting 5000ms for recv operation ..."
-    assert message.startswith("rank 0: all_reduce of the loss values did not complete within 5 s:"
-                              " another rank stalled or died (process group timeout "
-                              "dist_timeout=5"), message
+    assert message.startswith(
+        "rank 0: all_reduce of the loss values did not complete within 5 s:"
+        " another rank stalled or died (process group timeout "
+        "dist_timeout=5"
+    ), message
     assert "the run stops" in message and "Timed out" in message
     # it waited for the timeout (not less), and not much longer
     assert TIMEOUT_S - 0.5 <= op_s < TIMEOUT_S + 25, op_s
@@ -122,8 +140,9 @@ def test_dead_rank_fails_barrier_at_once():
     assert kind == "CollectiveTimeout", (kind, details)
     message, rank, op, timeout_s, peer_lost, _ = details
     assert (rank, op, timeout_s, peer_lost) == (0, "barrier after checkpoint", TIMEOUT_S, True)
-    assert message.startswith("rank 0: barrier after checkpoint failed: the connection to another "
-                              "rank was lost"), message
+    assert message.startswith(
+        "rank 0: barrier after checkpoint failed: the connection to another rank was lost"
+    ), message
     assert "dist_timeout=5" in message and "the run stops" in message
     assert op_s < TIMEOUT_S + 25, op_s
 
@@ -131,8 +150,10 @@ def test_dead_rank_fails_barrier_at_once():
 def test_guard_only_converts_timeouts_and_lost_peers():
     with pytest.raises(du.CollectiveTimeout, match=r"^rank 0: barrier did not complete") as e:
         with du._guard("barrier"):
-            raise RuntimeError("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
-                               "5000ms for recv operation to complete")
+            raise RuntimeError(
+                "[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                "5000ms for recv operation to complete"
+            )
     assert "[backend: Timed out waiting 5000ms" in str(e.value)  # the source location is cut
     with pytest.raises(du.CollectiveTimeout, match="connection to another rank was lost"):
         with du._guard("all_gather_object of rank states"):
@@ -140,7 +161,8 @@ def test_guard_only_converts_timeouts_and_lost_peers():
     with pytest.raises(du.CollectiveTimeout, match="init_process_group"):
         with du._guard("init_process_group (rendezvous of all ranks)", rank=1):
             raise torch.distributed.DistStoreError(
-                "Timed out after 5 seconds waiting for clients. 1/2 clients joined.")
+                "Timed out after 5 seconds waiting for clients. 1/2 clients joined."
+            )
     other = RuntimeError("Tensors must be the same size")  # a bug, not a stalled rank
     with pytest.raises(RuntimeError) as e:
         with du._guard("all_reduce"):

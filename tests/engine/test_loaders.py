@@ -1,5 +1,6 @@
 """ltdet.engine.loaders: epoch batches and seeded samples, locating the data files, the val
 categories check and `data.skip_invalid` (degenerate boxes on real LVIS/COCO)."""
+
 import json
 from pathlib import Path
 
@@ -14,8 +15,11 @@ def test_epoch_batches_skip_and_seeded_samples(tiny_data, tiny_cfg):
     from ltdet.data import build_dataset, build_train_sampler, build_transforms
 
     cfg = tiny_cfg(tiny_data, "unused")
-    ds = build_dataset(tiny_data["train_json"], tiny_data["image_root"],
-                       transforms=build_transforms(cfg["data"], train=True))
+    ds = build_dataset(
+        tiny_data["train_json"],
+        tiny_data["image_root"],
+        transforms=build_transforms(cfg["data"], train=True),
+    )
     sampler = build_train_sampler(cfg["data"], ds, 1, 0, 0)
     full = epoch_batches(sampler, 1, 0, seed=0, rank=0)
     assert sorted(i for b in full for i, _ in b) == list(range(8))  # one epoch = every image once
@@ -39,7 +43,9 @@ def test_epoch_batches_skip_and_seeded_samples(tiny_data, tiny_cfg):
 def test_missing_data_files_are_named(tmp_path):
     from ltdet.engine.loaders import locate_or_generate_data
 
-    cfg = load_config(None, [f"data.train.json={tmp_path}/nope.json", f"data.train.images={tmp_path}"])
+    cfg = load_config(
+        None, [f"data.train.json={tmp_path}/nope.json", f"data.train.images={tmp_path}"]
+    )
     with pytest.raises(FileNotFoundError, match=r"data\.train\.json: .*nope\.json does not exist"):
         locate_or_generate_data(cfg)
     (tmp_path / "t.json").write_text("{}")
@@ -48,8 +54,9 @@ def test_missing_data_files_are_named(tmp_path):
         locate_or_generate_data(cfg)
 
 
-def test_val_json_missing_a_training_category_is_found_before_training(tiny_data, tmp_path,
-                                                                       tiny_cfg):
+def test_val_json_missing_a_training_category_is_found_before_training(
+    tiny_data, tmp_path, tiny_cfg
+):
     from ltdet.engine.trainer import Trainer
 
     val = json.loads(Path(tiny_data["val_json"]).read_text())

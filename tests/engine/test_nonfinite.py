@@ -1,5 +1,6 @@
 """Fail-safe training (ltdet.engine.nonfinite, the trainer's step): NaN/inf losses, gradients
 and weights stop the run before they are checkpointed, the advice works, skip_nonfinite."""
+
 import math
 
 import pytest
@@ -51,13 +52,15 @@ def _all_finite(ckpt_path):
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
-def test_nonfinite_gradient_stops_before_the_step_and_is_never_checkpointed(tiny_data,
-                                                                           tmp_path, tiny_cfg):
+def test_nonfinite_gradient_stops_before_the_step_and_is_never_checkpointed(
+    tiny_data, tmp_path, tiny_cfg
+):
     from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
     out = tmp_path / "nangrad"
-    trainer = Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False,
-                      progress=False)
+    trainer = Trainer(
+        tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False, progress=False
+    )
     calls = []
 
     def nan_grad_at_3(grad):  # the loss stays finite; only the gradient of one tensor breaks
@@ -72,8 +75,11 @@ def test_nonfinite_gradient_stops_before_the_step_and_is_never_checkpointed(tiny
     assert ckpts == ["model_0000001.pth", "model_0000002.pth"]
     assert all(_all_finite(out / "checkpoints" / c) for c in ckpts)
     # the stopped model holds iteration 2's weights: the NaN step was not applied
-    assert not any(trainer.model.state_dict()[k].isnan().any()
-                   for k in trainer.model.state_dict() if trainer.model.state_dict()[k].is_floating_point())
+    assert not any(
+        trainer.model.state_dict()[k].isnan().any()
+        for k in trainer.model.state_dict()
+        if trainer.model.state_dict()[k].is_floating_point()
+    )
     assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
 
 
@@ -81,8 +87,11 @@ def test_nonfinite_weights_are_never_written(tiny_data, tmp_path, monkeypatch, t
     from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
     out = tmp_path / "infw"
-    trainer = Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
-                      evaluate=False, progress=False)
+    trainer = Trainer(
+        tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
+        evaluate=False,
+        progress=False,
+    )
     step = torch.optim.SGD.step
 
     def overflowing_step(self, *a, **k):  # a finite step whose update overflows a weight
@@ -97,9 +106,9 @@ def test_nonfinite_weights_are_never_written(tiny_data, tmp_path, monkeypatch, t
     assert not list((out / "checkpoints").glob("model_*.pth"))
 
 
-def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(tiny_data, tmp_path,
-                                                                         monkeypatch, load_tool,
-                                                                         tiny_opts, train_steps):
+def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(
+    tiny_data, tmp_path, monkeypatch, load_tool, tiny_opts, train_steps
+):
     """Iteration 3 blows the loss up (finite, 1e6x logits) and is checkpointed; iteration 4 is
     NaN. The advice must skip the ruined checkpoint 3, and following it literally must train on
     finitely to max_iter."""
@@ -126,8 +135,9 @@ def test_stop_advice_names_a_healthy_checkpoint_and_works_when_followed(tiny_dat
     assert any(o.startswith("solver.lr=") for o in command[4:])
 
     monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
-    assert load_tool("train").main(command[:1] + ["--no-progress", "--no-eval"]
-                                     + command[1:]) == 0  # verbatim
+    assert (
+        load_tool("train").main(command[:1] + ["--no-progress", "--no-eval"] + command[1:]) == 0
+    )  # verbatim
     steps = train_steps(out / "log.jsonl")
     assert [r["iter"] for r in steps] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps[2:])
@@ -138,8 +148,9 @@ def test_skip_nonfinite_skips_up_to_n_in_a_row(tiny_data, tmp_path, jsonl, tiny_
     from ltdet.engine.trainer import NonFiniteLossError, Trainer
 
     out = tmp_path / "skip"
-    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=5", "solver.skip_nonfinite=2",
-                   "solver.checkpoint_period=5")
+    cfg = tiny_cfg(
+        tiny_data, out, "solver.max_iter=5", "solver.skip_nonfinite=2", "solver.checkpoint_period=5"
+    )
     trainer = Trainer(cfg, evaluate=False, progress=False)
     _sabotage(trainer, c2=float("nan"), c3=float("nan"), c5=float("inf"))
     trainer.train()
@@ -153,8 +164,11 @@ def test_skip_nonfinite_skips_up_to_n_in_a_row(tiny_data, tmp_path, jsonl, tiny_
     assert all(math.isfinite(r["loss"]) for r in steps if r["iter"] in (1, 4))
     assert _all_finite(out / "checkpoints" / "model_0000005.pth")
 
-    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "skip1", "solver.skip_nonfinite=1"),
-                      evaluate=False, progress=False)
+    trainer = Trainer(
+        tiny_cfg(tiny_data, tmp_path / "skip1", "solver.skip_nonfinite=1"),
+        evaluate=False,
+        progress=False,
+    )
     _sabotage(trainer, c2=float("nan"), c3=float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"2 non-finite steps in a row at iteration 3"):
         trainer.train()
@@ -166,8 +180,9 @@ def test_a_skipped_step_leaves_batchnorm_statistics_untouched(tiny_data, tmp_pat
     from ltdet.engine.trainer import Trainer
 
     out = tmp_path / "bn"
-    cfg = tiny_cfg(tiny_data, out, "solver.max_iter=3", "solver.skip_nonfinite=1",
-                   "solver.checkpoint_period=3")
+    cfg = tiny_cfg(
+        tiny_data, out, "solver.max_iter=3", "solver.skip_nonfinite=1", "solver.checkpoint_period=3"
+    )
     trainer = Trainer(cfg, evaluate=False, progress=False)
     calls = []
 

@@ -1,4 +1,6 @@
-"""Stage 2 (decoupled refinement) on a tiny torchvision Faster R-CNN: freezing, heads, shifted BN."""
+"""Stage 2 (decoupled refinement) on a tiny torchvision Faster R-CNN: freezing, heads,
+shifted BN."""
+
 import copy
 
 import pytest
@@ -7,12 +9,19 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import (FastRCNNConvFCHead, FastRCNNPredictor,
-                                                      TwoMLPHead)
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ltdet.engine.refine import (install_refine_head, prepare_stage2, stage2_loss_keys,
-                                 trainable_parameter_names)
+from ltdet.engine.refine import (
+    install_refine_head,
+    prepare_stage2,
+    stage2_loss_keys,
+    trainable_parameter_names,
+)
 from ltdet.models.classifiers import CosinePredictor, LWSPredictor
 
 NUM_CLASSES = 4  # foreground; predictor has 5 columns
@@ -23,25 +32,38 @@ def tiny_detector(v2_head=False, seed=0):
     """ResNet-18 (BatchNorm) + 32-channel FPN, small RPN/RoI settings, 64 px images."""
     torch.manual_seed(seed)
     body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
-    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-                               [64, 128, 256, 512], 32)
+    backbone = BackboneWithFPN(
+        body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [64, 128, 256, 512], 32
+    )
     if v2_head:
         box_head = FastRCNNConvFCHead((32, 7, 7), [16, 16], [32], norm_layer=nn.BatchNorm2d)
     else:
         box_head = TwoMLPHead(32 * 7 * 7, 32)
-    return FasterRCNN(backbone, min_size=64, max_size=64, box_head=box_head,
-                      box_predictor=FastRCNNPredictor(32, NUM_CLASSES + 1),
-                      rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
-                      rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
-                      rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+    return FasterRCNN(
+        backbone,
+        min_size=64,
+        max_size=64,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(32, NUM_CLASSES + 1),
+        rpn_pre_nms_top_n_train=100,
+        rpn_post_nms_top_n_train=50,
+        rpn_pre_nms_top_n_test=50,
+        rpn_post_nms_top_n_test=20,
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=32,
+    )
 
 
 def batch():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 64, generator=g) for _ in range(2)]
-    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([4])}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([4])},
+    ]
     return images, targets
 
 
@@ -87,8 +109,7 @@ def test_crt_step_changes_only_the_classifier(box):
     sd1 = stage1_state()
     model = tiny_detector(seed=2)
     setup = prepare_stage2(model, cfg(head="crt", box=box), sd1)
-    assert setup.loss_keys == (("loss_classifier", "loss_box_reg") if box
-                               else ("loss_classifier",))
+    assert setup.loss_keys == (("loss_classifier", "loss_box_reg") if box else ("loss_classifier",))
     expected = {PRED + "cls_score.weight", PRED + "cls_score.bias"}
     if box:
         expected |= {PRED + "bbox_pred.weight", PRED + "bbox_pred.bias"}
@@ -111,21 +132,29 @@ def test_lws_at_scale_one_reproduces_stage1_and_trains_only_scales():
     setup = prepare_stage2(model, cfg(head="lws"), sd1)
     groups = setup.param_groups
     assert isinstance(model.roi_heads.box_predictor, LWSPredictor)
-    assert groups == [{"params": [model.roi_heads.box_predictor.cls_score.scales],
-                       "weight_decay": 0.0, "name": "lws_scales"}]
+    assert groups == [
+        {
+            "params": [model.roi_heads.box_predictor.cls_score.scales],
+            "weight_decay": 0.0,
+            "name": "lws_scales",
+        }
+    ]
     model.eval()
     x = torch.randn(6, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model.roi_heads.box_predictor(x)[0],
-                                   ref.roi_heads.box_predictor(x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.roi_heads.box_predictor(x)[0], ref.roi_heads.box_predictor(x)[0], rtol=0, atol=0
+        )
         images, _ = batch()
         out_ref, out = ref(images), model(images)
     for a, b in zip(out_ref, out):
         torch.testing.assert_close(a["scores"], b["scores"])
         torch.testing.assert_close(a["boxes"], b["boxes"])
     stage2_step(model, setup)
-    rename = {PRED + "cls_score.weight": PRED + "cls_score.base.weight",
-              PRED + "cls_score.bias": PRED + "cls_score.base.bias"}
+    rename = {
+        PRED + "cls_score.weight": PRED + "cls_score.base.weight",
+        PRED + "cls_score.bias": PRED + "cls_score.base.bias",
+    }
     assert changed_keys(sd1, model, rename) == []
     assert not torch.equal(model.roi_heads.box_predictor.cls_score.scales, torch.ones(5))
 
@@ -178,24 +207,28 @@ def test_lws_stage2_checkpoint_roundtrip_strict():
     stage2_step(model, prepare_stage2(model, cfg(head="lws"), sd1))
     fresh = install_refine_head(tiny_detector(seed=5), cfg(head="lws"), initialise=False)
     fresh.load_state_dict(model.state_dict())  # strict; BN batch counters filled in by BN itself
-    assert torch.equal(fresh.roi_heads.box_predictor.cls_score.scales,
-                       model.roi_heads.box_predictor.cls_score.scales)
+    assert torch.equal(
+        fresh.roi_heads.box_predictor.cls_score.scales,
+        model.roi_heads.box_predictor.cls_score.scales,
+    )
 
 
 def test_shifted_bn_updates_running_stats_not_affine():
     sd1 = stage1_state(v2_head=True)
     model = tiny_detector(v2_head=True, seed=2)
     setup = prepare_stage2(model, cfg(head="crt", shifted_bn=True), sd1)
-    box_head_bn = [n for n, m in model.roi_heads.box_head.named_modules()
-                   if isinstance(m, nn.BatchNorm2d)]
+    box_head_bn = [
+        n for n, m in model.roi_heads.box_head.named_modules() if isinstance(m, nn.BatchNorm2d)
+    ]
     assert len(box_head_bn) == 2
     # Backbone / FPN BN frozen; box-head BN live but without trainable affine parameters.
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
     assert not any(p.requires_grad for p in model.roi_heads.box_head.parameters())
     stage2_step(model, setup)
     changed = changed_keys(sd1, model)
-    bn_stats = {f"roi_heads.box_head.{n}.{s}" for n in box_head_bn
-                for s in ("running_mean", "running_var")}
+    bn_stats = {
+        f"roi_heads.box_head.{n}.{s}" for n in box_head_bn for s in ("running_mean", "running_var")
+    }
     assert set(changed) == bn_stats | {PRED + "cls_score.weight", PRED + "cls_score.bias"}
     for n in box_head_bn:  # affine parameters bit-identical
         for s in ("weight", "bias"):
@@ -236,9 +269,11 @@ def test_accepts_checkpoint_dict_with_ddp_prefix():
 
 def test_tau_sweep_table_marks_best(load_tool):
     tool = load_tool("tau_sweep")
-    rows = [{"tau": 0.0, "AP": 0.20, "APr": 0.01, "APc": 0.15, "APf": 0.30},
-            {"tau": 0.5, "AP": 0.22, "APr": 0.05, "APc": 0.18, "APf": 0.29},
-            {"tau": 1.0, "AP": 0.21, "APr": 0.09, "APc": 0.17, "APf": 0.27}]
+    rows = [
+        {"tau": 0.0, "AP": 0.20, "APr": 0.01, "APc": 0.15, "APf": 0.30},
+        {"tau": 0.5, "AP": 0.22, "APr": 0.05, "APc": 0.18, "APf": 0.29},
+        {"tau": 1.0, "AP": 0.21, "APr": 0.09, "APc": 0.17, "APf": 0.27},
+    ]
     table = tool.format_sweep(rows, "AP")
     assert "* 0.50" in table and table.endswith("best tau by AP: 0.5 (AP 22.00)")
     assert tool.format_sweep(rows, "APr").endswith("best tau by APr: 1 (APr 9.00)")

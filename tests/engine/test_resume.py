@@ -1,5 +1,6 @@
 """Resuming a run (ltdet.engine.resume, the trainer's resume path): exact resume, a changed solver,
 a changed model or data refused, a damaged last checkpoint, --resume-from."""
+
 import json
 import logging
 
@@ -69,17 +70,37 @@ def test_resume_is_exact_and_log_jsonl(tiny_data, tmp_path, monkeypatch, workers
     assert [r["iter"] for r in lines] == [1, 2]
     # the resumed process totals only what it trained itself (iteration 2)
     assert [(t["iter"], t["since_iter"]) for t in totals] == [(2, 1)]
-    assert totals[0]["count_totals"] == {k: lines[1][k] for k in ("samples_r", "samples_c", "samples_f")}
+    assert totals[0]["count_totals"] == {
+        k: lines[1][k] for k in ("samples_r", "samples_c", "samples_f")
+    }
     keys = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     for r in lines:
-        assert keys | {"iter", "epoch", "lr", "loss", "time", "data_time", "eta_seconds",
-                       "memory_mb"} <= set(r)
+        assert keys | {
+            "iter",
+            "epoch",
+            "lr",
+            "loss",
+            "time",
+            "data_time",
+            "eta_seconds",
+            "memory_mb",
+        } <= set(r)
         assert r["loss"] == pytest.approx(sum(r[k] for k in keys), rel=1e-5)
-        expect = 0.01 * lr_factor(r["iter"] - 1, max_iter=2, warmup_iters=2, warmup_factor=0.001,
-                                  schedule="step", steps=[3], gamma=0.1)
+        expect = 0.01 * lr_factor(
+            r["iter"] - 1,
+            max_iter=2,
+            warmup_iters=2,
+            warmup_factor=0.001,
+            schedule="step",
+            steps=[3],
+            gamma=0.1,
+        )
         assert r["lr"] == pytest.approx(expect)
-    full_lines = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()
-                  if "count_totals" not in x]
+    full_lines = [
+        json.loads(x)
+        for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+        if "count_totals" not in x
+    ]
     assert [r["loss"] for r in full_lines] == pytest.approx([r["loss"] for r in lines], rel=1e-5)
     saved_cfg = load_config(tmp_path / "cut" / "config.yaml")
     assert saved_cfg == cfg
@@ -92,8 +113,12 @@ def test_resume_with_changed_lr_trains_at_the_new_lr(tiny_data, tmp_path, tiny_c
     from ltdet.engine.trainer import Trainer
 
     out = tmp_path / "lr"
-    sched = ("solver.max_iter=4", "solver.schedule=cosine", "solver.warmup_iters=1",
-             "solver.checkpoint_period=2")
+    sched = (
+        "solver.max_iter=4",
+        "solver.schedule=cosine",
+        "solver.warmup_iters=1",
+        "solver.checkpoint_period=2",
+    )
     Trainer(tiny_cfg(tiny_data, out, *sched), evaluate=False, progress=False).train(until=2)
     assert (out / "checkpoints" / "model_0000002.pth").is_file()
     cfg = tiny_cfg(tiny_data, out, *sched, "solver.lr=0.02", "solver.momentum=0.5")
@@ -101,8 +126,15 @@ def test_resume_with_changed_lr_trains_at_the_new_lr(tiny_data, tmp_path, tiny_c
     resumed.train()
 
     def expect(base, it):
-        return base * lr_factor(it - 1, max_iter=4, warmup_iters=1, warmup_factor=0.001,
-                                schedule="cosine", steps=[3], gamma=0.1)
+        return base * lr_factor(
+            it - 1,
+            max_iter=4,
+            warmup_iters=1,
+            warmup_factor=0.001,
+            schedule="cosine",
+            steps=[3],
+            gamma=0.1,
+        )
 
     lrs = {r["iter"]: r["lr"] for r in train_steps(out / "log.jsonl")}
     assert lrs[1] == pytest.approx(expect(0.01, 1)) and lrs[2] == pytest.approx(expect(0.01, 2))
@@ -115,8 +147,9 @@ def test_resume_with_changed_lr_trains_at_the_new_lr(tiny_data, tmp_path, tiny_c
     assert "solver.lr changed from 0.01 to 0.02; in effect from iteration 3" in log_txt
 
 
-def test_resume_with_unchanged_config_is_bit_exact_after_reapplying_the_solver(tiny_data,
-                                                                                tmp_path, tiny_cfg):
+def test_resume_with_unchanged_config_is_bit_exact_after_reapplying_the_solver(
+    tiny_data, tmp_path, tiny_cfg
+):
     from ltdet.engine.resume import apply_solver
     from ltdet.engine.solver import build_lr_scheduler, build_optimizer
 
@@ -134,22 +167,31 @@ def test_resume_with_unchanged_config_is_bit_exact_after_reapplying_the_solver(t
     assert sch.base_lrs == before[1] and sch.get_last_lr() == before[2]
 
 
-def test_resume_with_changed_model_or_data_refuses_and_writes_nothing(tiny_data, tmp_path,
-                                                                      monkeypatch, load_tool,
-                                                                      tiny_cfg, tiny_opts):
+def test_resume_with_changed_model_or_data_refuses_and_writes_nothing(
+    tiny_data, tmp_path, monkeypatch, load_tool, tiny_cfg, tiny_opts
+):
     import ltdet.engine.logger
     from ltdet.engine.resume import ResumeConfigError
     from ltdet.engine.trainer import Trainer
 
     out = tmp_path / "bb"
-    Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
-            evaluate=False, progress=False).train()
-    files = {f: (out / f).read_bytes() for f in ("config.yaml", "log.jsonl",
-                                                 "checkpoints/last_checkpoint")}
+    Trainer(
+        tiny_cfg(tiny_data, out, "solver.max_iter=1", "solver.checkpoint_period=1"),
+        evaluate=False,
+        progress=False,
+    ).train()
+    files = {
+        f: (out / f).read_bytes()
+        for f in ("config.yaml", "log.jsonl", "checkpoints/last_checkpoint")
+    }
     changed = ("solver.max_iter=2", "model.backbone=resnet34", "data.batch_size=1")
     with pytest.raises(ResumeConfigError) as e:
-        Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1", *changed), resume=True,
-                evaluate=False, progress=False)
+        Trainer(
+            tiny_cfg(tiny_data, out, "solver.checkpoint_period=1", *changed),
+            resume=True,
+            evaluate=False,
+            progress=False,
+        )
     msg = str(e.value)
     assert "model.backbone: 'resnet18' in the checkpoint, 'resnet34' now" in msg
     assert "data.batch_size: 2 in the checkpoint, 1 now" in msg
@@ -158,8 +200,15 @@ def test_resume_with_changed_model_or_data_refuses_and_writes_nothing(tiny_data,
     assert {f: (out / f).read_bytes() for f in files} == files
     # the CLI: one line, exit code 2
     monkeypatch.setattr(ltdet.engine.logger, "setup_console_logging", lambda rank=0: None)
-    argv = [str(schema_path()), "--no-progress", "--resume", "--opts",
-            *tiny_opts(tiny_data, out), "solver.checkpoint_period=1", *changed]
+    argv = [
+        str(schema_path()),
+        "--no-progress",
+        "--resume",
+        "--opts",
+        *tiny_opts(tiny_data, out),
+        "solver.checkpoint_period=1",
+        *changed,
+    ]
     assert load_tool("train").main(argv) == 2
     assert {f: (out / f).read_bytes() for f in files} == files
 
@@ -179,20 +228,26 @@ def test_resume_keeps_per_group_weight_decay_and_applies_only_changed_keys():
     assert sch.base_lrs == [solver["lr"] * 2] * 2
 
 
-def test_truncated_last_checkpoint_falls_back_to_the_newest_that_loads(tiny_data, tmp_path,
-                                                                       caplog, tiny_cfg,
-                                                                       train_steps):
+def test_truncated_last_checkpoint_falls_back_to_the_newest_that_loads(
+    tiny_data, tmp_path, caplog, tiny_cfg, train_steps
+):
     from ltdet.engine.trainer import Trainer
 
     out = tmp_path / "trunc"
-    Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=2", "solver.checkpoint_period=1"),
-            evaluate=False, progress=False).train()
+    Trainer(
+        tiny_cfg(tiny_data, out, "solver.max_iter=2", "solver.checkpoint_period=1"),
+        evaluate=False,
+        progress=False,
+    ).train()
     last = out / "checkpoints" / "model_0000002.pth"
     last.write_bytes(last.read_bytes()[:5000])
     with caplog.at_level(logging.WARNING, logger="ltdet"):
-        resumed = Trainer(tiny_cfg(tiny_data, out, "solver.max_iter=3",
-                                   "solver.checkpoint_period=1"),
-                          resume=True, evaluate=False, progress=False)
+        resumed = Trainer(
+            tiny_cfg(tiny_data, out, "solver.max_iter=3", "solver.checkpoint_period=1"),
+            resume=True,
+            evaluate=False,
+            progress=False,
+        )
     assert resumed._resume_path == out / "checkpoints" / "model_0000001.pth"
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "model_0000002.pth" in msg and "model_0000001.pth" in msg and "damaged" in msg
@@ -204,10 +259,14 @@ def test_resume_from_an_earlier_checkpoint_moves_the_pointer_back(tiny_data, tmp
     from ltdet.engine.trainer import Trainer
 
     out = tmp_path / "back"
-    Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False,
-            progress=False).train()
-    Trainer(tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"),
-            resume_from=out / "checkpoints" / "model_0000002.pth", evaluate=False,
-            progress=False)
+    Trainer(
+        tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"), evaluate=False, progress=False
+    ).train()
+    Trainer(
+        tiny_cfg(tiny_data, out, "solver.checkpoint_period=1"),
+        resume_from=out / "checkpoints" / "model_0000002.pth",
+        evaluate=False,
+        progress=False,
+    )
     # killed before its first save, a plain --resume must not pick up the newer model_4
     assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"

@@ -1,5 +1,6 @@
 """ltdet.engine.trainer: the log's per-group sample counts and gradient norms, two-process gloo
 training (DDP)."""
+
 import json
 import os
 import socket
@@ -15,15 +16,22 @@ def test_log_counts_sampled_instances_per_frequency_group(tiny_data, tmp_path, t
     so the logged per-group totals equal the data set's instance counts per group."""
     from ltdet.engine.trainer import Trainer
 
-    cfg = tiny_cfg(tiny_data, tmp_path / "groups", "solver.max_iter=4", "solver.log_period=2",
-                   "solver.checkpoint_period=4")
+    cfg = tiny_cfg(
+        tiny_data,
+        tmp_path / "groups",
+        "solver.max_iter=4",
+        "solver.log_period=2",
+        "solver.checkpoint_period=4",
+    )
     trainer = Trainer(cfg, evaluate=False, progress=False)
     trainer.stats.frequency = ["r", "c", "f"]  # one class per group: each group is checked
     trainer.train()
     records = [json.loads(x) for x in (tmp_path / "groups" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "count_totals" not in r]
     assert [r["iter"] for r in steps] == [2, 4] and all(r["epoch"] == 0 for r in steps)
-    expected = {f"samples_{g}": int(n) for g, n in zip("rcf", trainer.stats.instance_count.tolist())}
+    expected = {
+        f"samples_{g}": int(n) for g, n in zip("rcf", trainer.stats.instance_count.tolist())
+    }
     assert records[-1]["count_totals"] == expected
     assert {k: sum(r[k] for r in steps) for k in expected} == expected
     assert min(expected.values()) > 0
@@ -46,8 +54,13 @@ def _free_port():
 
 
 def _ddp_worker(rank, world, port, cfg, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -62,9 +75,14 @@ def _ddp_worker(rank, world, port, cfg, out):
 
     trainer._step = counting_step
     trainer.train()
-    torch.save({"params": dict(trainer.model.named_parameters()),
-                "state": trainer.model.state_dict(), "batch_instances": sum(seen)},
-               Path(out) / f"rank{rank}.pth")
+    torch.save(
+        {
+            "params": dict(trainer.model.named_parameters()),
+            "state": trainer.model.state_dict(),
+            "batch_instances": sum(seen),
+        },
+        Path(out) / f"rank{rank}.pth",
+    )
     dist.destroy_process_group()
 
 
@@ -74,16 +92,23 @@ def initial_params(cfg):
     from ltdet.engine.trainer import Trainer
 
     scratch = dict(cfg, output_dir=str(Path(cfg["output_dir"]).parent / "initial_params"))
-    return {k: v.detach().clone() for k, v in
-            Trainer(scratch, evaluate=False, progress=False).model.named_parameters()}
+    return {
+        k: v.detach().clone()
+        for k, v in Trainer(scratch, evaluate=False, progress=False).model.named_parameters()
+    }
 
 
 def test_two_process_gloo_training(tiny_data, tmp_path, tiny_cfg):
     import torch.multiprocessing as mp
 
     cfg = tiny_cfg(tiny_data, tmp_path / "ddp", "solver.max_iter=1", "solver.checkpoint_period=1")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, _free_port(), cfg, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
     r0 = torch.load(tmp_path / "rank0.pth")
     r1 = torch.load(tmp_path / "rank1.pth")
     init = initial_params(cfg)
@@ -97,7 +122,9 @@ def test_two_process_gloo_training(tiny_data, tmp_path, tiny_cfg):
     assert ckpt["iteration"] == 1 and len(ckpt["rank_states"]) == 2
     assert [s["position"] for s in ckpt["rank_states"]] == [1, 1]
     # each rank has its own RNG stream (seed + rank)
-    assert not torch.equal(ckpt["rank_states"][0]["rng"]["torch"], ckpt["rank_states"][1]["rng"]["torch"])
+    assert not torch.equal(
+        ckpt["rank_states"][0]["rng"]["torch"], ckpt["rank_states"][1]["rng"]["torch"]
+    )
     for k in w0:
         assert torch.equal(ckpt["model"][k], w0[k])
     lines = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]

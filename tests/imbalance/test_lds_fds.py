@@ -1,4 +1,5 @@
 """LDS and FDS at RoI level, checked against independent NumPy computations."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ def _np_kernel(kind, ks, sigma):
         # the authors' window: scipy's gaussian_filter1d (radius int(4 sigma + 0.5), reflect
         # boundary = numpy 'symmetric') of a delta of length ks
         r = int(4 * sigma + 0.5)
-        taps = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma ** 2))
+        taps = np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2))
         delta = (x == 0).astype(np.float64)
         w = np.correlate(np.pad(delta, r, mode="symmetric"), taps / taps.sum(), "valid")
     elif kind == "laplace":
@@ -32,11 +33,14 @@ def _np_kernel(kind, ks, sigma):
     return w / w.max()
 
 
-@pytest.mark.parametrize("kind,ks,sigma", [("gaussian", 5, 2.0), ("triang", 5, 2.0),
-                                           ("laplace", 3, 1.0), ("triang", 3, 1.0)])
+@pytest.mark.parametrize(
+    "kind,ks,sigma",
+    [("gaussian", 5, 2.0), ("triang", 5, 2.0), ("laplace", 3, 1.0), ("triang", 3, 1.0)],
+)
 def test_kernels_match_closed_forms(kind, ks, sigma):
-    np.testing.assert_allclose(smoothing_kernel(kind, ks, sigma).numpy(), _np_kernel(kind, ks, sigma),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        smoothing_kernel(kind, ks, sigma).numpy(), _np_kernel(kind, ks, sigma), rtol=1e-6
+    )
 
 
 def test_kernel_rejects_bad_args():
@@ -46,8 +50,9 @@ def test_kernel_rejects_bad_args():
         smoothing_kernel("box", 5, 2.0)
 
 
-@pytest.mark.parametrize("kind,reweight", [("gaussian", "sqrt_inv"), ("laplace", "inverse"),
-                                           ("triang", "sqrt_inv")])
+@pytest.mark.parametrize(
+    "kind,reweight", [("gaussian", "sqrt_inv"), ("laplace", "inverse"), ("triang", "sqrt_inv")]
+)
 def test_lds_weights_equal_independent_computation(kind, reweight):
     counts = np.array([50, 30, 20, 10, 5, 3, 2, 1, 0, 4])
     lds = RoILDS(bins=BINS, lo=LO, hi=HI, kernel=kind, ks=5, sigma=2.0, reweight=reweight).train()
@@ -101,8 +106,9 @@ def test_lds_empty_and_before_update():
     # A bin that has no effective density yet counts as the rarest seen so far.
     lds.update(_values_for_counts([100, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
     # sqrt_inv: smooth(sqrt(counts)), inverted, scaled to mean 1 over the 100 samples seen
-    dens = np.convolve(np.sqrt(np.array([100.0] + [0] * 9)), _np_kernel("gaussian", 5, 2.0),
-                       mode="same")
+    dens = np.convolve(
+        np.sqrt(np.array([100.0] + [0] * 9)), _np_kernel("gaussian", 5, 2.0), mode="same"
+    )
     w = lds.weights(torch.tensor([CENTERS[0], CENTERS[9]], dtype=torch.float32))
     per = 1.0 / np.array([dens[0], dens[2]])  # bin 9 -> smallest positive density (bin 2)
     np.testing.assert_allclose(w.numpy(), per * dens[0], rtol=1e-5)  # bin 0 holds every sample
@@ -138,8 +144,10 @@ def _bin_features(rng, n_per_bin, means, stds):
         z = (z - z.mean(0)) / z.std(0)  # exact population mean 0 / std 1
         feats.append(z * stds[b] + means[b])
         ious.append(np.full(n_per_bin[b], FDS_CENTERS[b]))
-    return (torch.tensor(np.concatenate(feats), dtype=torch.float32),
-            torch.tensor(np.concatenate(ious), dtype=torch.float32))
+    return (
+        torch.tensor(np.concatenate(feats), dtype=torch.float32),
+        torch.tensor(np.concatenate(ious), dtype=torch.float32),
+    )
 
 
 def _np_smooth(stat, seen, kernel):
@@ -173,17 +181,18 @@ def test_fds_running_stats_and_recolouring_onto_smoothed_stats():
     feats_all = torch.cat([feats, background])
     ious_all = torch.cat([ious, torch.full((7,), 0.3)])
 
-    fds = RoIFDS(D, bins=FDS_BINS, lo=LO, hi=HI, kernel="gaussian", ks=5, sigma=2.0,
-                 start_smooth=0).train()
+    fds = RoIFDS(
+        D, bins=FDS_BINS, lo=LO, hi=HI, kernel="gaussian", ks=5, sigma=2.0, start_smooth=0
+    ).train()
     fds.update(feats_all, ious_all)
     # First update of a bin: the step's population statistics; background RoIs excluded.
     np.testing.assert_allclose(fds.running_mean.numpy(), means, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fds.running_var.numpy(), stds ** 2, rtol=1e-4)
+    np.testing.assert_allclose(fds.running_var.numpy(), stds**2, rtol=1e-4)
 
     kernel = _np_kernel("gaussian", 5, 2.0)
     seen = np.ones(FDS_BINS, dtype=bool)
     smooth_mean = _np_smooth(means, seen, kernel)
-    smooth_var = _np_smooth(stds ** 2, seen, kernel)
+    smooth_var = _np_smooth(stds**2, seen, kernel)
     sm, sv = fds.smoothed_stats()
     np.testing.assert_allclose(sm.numpy(), smooth_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sv.numpy(), smooth_var, rtol=1e-4)
@@ -192,7 +201,7 @@ def test_fds_running_stats_and_recolouring_onto_smoothed_stats():
     assert torch.equal(out[-7:], background)  # below the foreground threshold: unchanged
     start = 0
     for b in range(FDS_BINS):
-        z = out[start:start + n[b]].double().numpy()
+        z = out[start : start + n[b]].double().numpy()
         start += n[b]
         np.testing.assert_allclose(z.mean(0), smooth_mean[b], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(z.std(0), np.sqrt(smooth_var[b]), rtol=1e-4)
@@ -207,32 +216,37 @@ def test_fds_momentum_unseen_bins_and_start_iterations():
     n1 = [50, 50, 0, 50, 50]  # bin 2 never seen
     f1, i1 = _bin_features(rng, n1, means, stds)
     f2, i2 = _bin_features(rng, n1, means + 1.0, stds * 1.2)
-    fds = RoIFDS(D, bins=FDS_BINS, lo=LO, hi=HI, momentum=0.9, start_update=1,
-                 start_smooth=3).train()
-    fds.update(f1, i1)                       # iteration 1 <= start_update: skipped
+    fds = RoIFDS(
+        D, bins=FDS_BINS, lo=LO, hi=HI, momentum=0.9, start_update=1, start_smooth=3
+    ).train()
+    fds.update(f1, i1)  # iteration 1 <= start_update: skipped
     assert fds.bin_updates.sum().item() == 0 and fds.steps.item() == 1
     fds.update(f1, i1)
     fds.update(f2, i2)
     seen = np.array([True, True, False, True, True])
     assert fds.bin_updates.tolist() == [2, 2, 0, 2, 2]
     exp_mean = 0.9 * means + 0.1 * (means + 1.0)
-    exp_var = 0.9 * stds ** 2 + 0.1 * (stds * 1.2) ** 2
+    exp_var = 0.9 * stds**2 + 0.1 * (stds * 1.2) ** 2
     np.testing.assert_allclose(fds.running_mean.numpy()[seen], exp_mean[seen], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fds.running_var.numpy()[seen], exp_var[seen], rtol=1e-4)
     # The unseen bin keeps its initial statistics and is ignored by the smoothing.
     assert torch.equal(fds.running_mean[2], torch.zeros(D))
     kernel = _np_kernel("gaussian", 5, 2.0)
     sm, _ = fds.smoothed_stats()
-    np.testing.assert_allclose(sm.numpy(), _np_smooth(fds.running_mean.double().numpy(), seen, kernel),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        sm.numpy(),
+        _np_smooth(fds.running_mean.double().numpy(), seen, kernel),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
     probe = torch.randn(4, D)
     probe_iou = torch.tensor([FDS_CENTERS[2]] * 2 + [FDS_CENTERS[0]] * 2, dtype=torch.float32)
-    fds.steps.fill_(2)                       # before start_smooth: identity
+    fds.steps.fill_(2)  # before start_smooth: identity
     assert torch.equal(fds(probe, probe_iou), probe)
     fds.steps.fill_(3)
     out = fds(probe, probe_iou)
-    assert torch.equal(out[:2], probe[:2])   # RoIs of a bin without statistics pass unchanged
+    assert torch.equal(out[:2], probe[:2])  # RoIs of a bin without statistics pass unchanged
     assert not torch.allclose(out[2:], probe[2:])
 
 
@@ -277,11 +291,13 @@ def test_build_fds():
 # ---------------------------------------------------------------------------------------------
 # Distributed: two gloo ranks, each with half of the RoIs, must hold the full-data statistics.
 
+
 def _dist_worker(rank, world, port, feats, ious, out):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         torch.set_num_threads(1)
         fds = RoIFDS(D, bins=FDS_BINS, lo=LO, hi=HI, start_smooth=0).train()

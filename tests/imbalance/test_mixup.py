@@ -1,4 +1,5 @@
 """Image-level mixup for detection: images, boxes, labels and per-box weights."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,17 +10,25 @@ from ltdet.imbalance.mixup import mixup_detection
 def _batch():
     images = [torch.rand(3, 4, 5), torch.rand(3, 6, 3)]
     targets = [
-        {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 4.0, 3.0]]),
-         "labels": torch.tensor([1, 2]), "image_id": 10, "scale": 1.0},
-        {"boxes": torch.tensor([[0.5, 0.5, 2.5, 5.0]]), "labels": torch.tensor([3]),
-         "image_id": 11, "scale": 2.0},
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 4.0, 3.0]]),
+            "labels": torch.tensor([1, 2]),
+            "image_id": 10,
+            "scale": 1.0,
+        },
+        {
+            "boxes": torch.tensor([[0.5, 0.5, 2.5, 5.0]]),
+            "labels": torch.tensor([3]),
+            "image_id": 11,
+            "scale": 2.0,
+        },
     ]
     return images, targets
 
 
 def _pad(im, h, w):
     out = torch.zeros(3, h, w)
-    out[:, :im.shape[1], :im.shape[2]] = im
+    out[:, : im.shape[1], : im.shape[2]] = im
     return out
 
 
@@ -38,7 +47,9 @@ def test_pair_mixing_images_boxes_weights():
         expected_w = torch.tensor([lam] * ki + [1 - lam] * kj)
         torch.testing.assert_close(out_t[i]["weights"], expected_w)
         assert torch.equal(out_t[i]["boxes"], torch.cat([targets[i]["boxes"], targets[j]["boxes"]]))
-        assert torch.equal(out_t[i]["labels"], torch.cat([targets[i]["labels"], targets[j]["labels"]]))
+        assert torch.equal(
+            out_t[i]["labels"], torch.cat([targets[i]["labels"], targets[j]["labels"]])
+        )
         assert out_t[i]["image_id"] == targets[i]["image_id"]
         assert out_t[i]["scale"] == targets[i]["scale"]
         assert out_im[i].shape == (3, 6, 5)
@@ -58,8 +69,13 @@ def test_deterministic_given_generator():
 
 def test_no_mixing_cases_add_unit_weights():
     images, targets = _batch()
-    for kwargs, ims, tgts in (({"prob": 0.0}, images, targets), ({"prob": 1.0}, images[:1], targets[:1])):
-        out_im, out_t = mixup_detection(ims, tgts, generator=torch.Generator().manual_seed(0), **kwargs)
+    for kwargs, ims, tgts in (
+        ({"prob": 0.0}, images, targets),
+        ({"prob": 1.0}, images[:1], targets[:1]),
+    ):
+        out_im, out_t = mixup_detection(
+            ims, tgts, generator=torch.Generator().manual_seed(0), **kwargs
+        )
         assert all(o is i for o, i in zip(out_im, ims))
         for o, t in zip(out_t, tgts):
             assert torch.equal(o["boxes"], t["boxes"])
@@ -69,10 +85,17 @@ def test_no_mixing_cases_add_unit_weights():
 
 def test_existing_weights_multiply_and_empty_boxes():
     images = [torch.rand(3, 4, 4), torch.rand(3, 4, 4)]
-    targets = [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([1]),
-                "weights": torch.tensor([0.5])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
-    _, out_t = mixup_detection(images, targets, prob=1.0, generator=torch.Generator().manual_seed(0))
+    targets = [
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]),
+            "labels": torch.tensor([1]),
+            "weights": torch.tensor([0.5]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
+    _, out_t = mixup_detection(
+        images, targets, prob=1.0, generator=torch.Generator().manual_seed(0)
+    )
     lam0 = out_t[0]["weights"][0].item() / 0.5
     assert 0 < lam0 < 1 and out_t[0]["boxes"].shape == (1, 4)
     # Image 1 (no boxes) receives image 0's box with weight (1 - lambda_1) * 0.5.
@@ -83,10 +106,12 @@ def test_existing_weights_multiply_and_empty_boxes():
 def test_lambda_distribution_and_mixing_probability():
     alpha, n = 1.5, 4000
     images = [torch.zeros(1, 1, 1) for _ in range(n)]
-    targets = [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long)}
-               for _ in range(n)]
-    _, out_t = mixup_detection(images, targets, alpha=alpha, prob=0.5,
-                               generator=torch.Generator().manual_seed(0))
+    targets = [
+        {"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long)} for _ in range(n)
+    ]
+    _, out_t = mixup_detection(
+        images, targets, alpha=alpha, prob=0.5, generator=torch.Generator().manual_seed(0)
+    )
     mixed = np.array([len(t["labels"]) == 2 for t in out_t])
     # Binomial(n, 0.5): mean 2000, sd ~31.6.
     assert abs(mixed.sum() - n * 0.5) < 4 * np.sqrt(n * 0.25)
@@ -105,6 +130,11 @@ def test_bad_input():
         mixup_detection(images, targets, prob=1.5)
     with pytest.raises(ValueError, match="2 images but 1 targets"):
         mixup_detection(images, targets[:1])
-    targets[1]["masks"] = torch.zeros(1, 6, 3)
+    # masks are mixed (tests/test_mask_data.py); keypoints are not, and the error names the image
+    targets[1]["keypoints"] = torch.zeros(1, 17, 3)
     with pytest.raises(ValueError, match="image_id 11"):
+        mixup_detection(images, targets)
+    del targets[1]["keypoints"]
+    targets[1]["masks"] = torch.zeros(1, 6, 3)  # masks on one image of the batch only
+    with pytest.raises(ValueError, match="no 'masks' while others have"):
         mixup_detection(images, targets)

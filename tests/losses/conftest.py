@@ -1,4 +1,5 @@
 """Fixtures of the loss tests alone (shared inputs such as `make_batch` are tests/conftest.py's)."""
+
 import pytest
 import torch
 
@@ -8,7 +9,8 @@ def _one_hot(labels, num_columns, dtype=torch.float64):
 
 
 def _ghm_reference_weights(g, n_rows, bins, acc=None, momentum=0.0):
-    """Li et al.'s binning written as a loop over bins; returns element weights N / GD and new acc."""
+    """Li et al.'s binning written as a loop over bins; returns element weights N / GD and the
+    new acc."""
     edges = [i / bins for i in range(bins + 1)]
     edges[-1] += 1e-6
     weights = torch.zeros_like(g)

@@ -5,6 +5,7 @@ over the few RoIs / classes), in float64; gradients are checked against hand-der
 The properties every registered loss must have (shapes, reductions, empty batches, ...) are
 tests/losses/test_losses_contract.py's, parametrised over the registry.
 """
+
 import math
 
 import pytest
@@ -18,13 +19,35 @@ from ltdet.losses.federated import federated_class_mask
 C = 6  # foreground classes: the default of make_batch and make_stats (tests/conftest.py)
 K = C + 1
 #: Sigmoid losses whose background column must get exactly zero gradient.
-SIGMOID_FOREGROUND = [{"type": "focal"}, {"type": "eql", "lambda_": 0.05}, {"type": "federated"},
-                      {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"}, {"type": "cb", "base": "focal"}]
+SIGMOID_FOREGROUND = [
+    {"type": "focal"},
+    {"type": "eql", "lambda_": 0.05},
+    {"type": "federated"},
+    {"type": "ghmc"},
+    {"type": "cb", "base": "sigmoid"},
+    {"type": "cb", "base": "focal"},
+]
 
 #: The losses the library was specified with; the registry may hold more.
-ISSUE_LOSSES = ["ce", "focal", "cb", "balanced_softmax", "eql", "eqlv2", "seesaw",
-                "seesaw_softmax", "federated", "ghmc", "las",
-                "smooth_l1", "l1", "giou", "ghmr", "focal_r", "balanced_l1"]
+ISSUE_LOSSES = [
+    "ce",
+    "focal",
+    "cb",
+    "balanced_softmax",
+    "eql",
+    "eqlv2",
+    "seesaw",
+    "seesaw_softmax",
+    "federated",
+    "ghmc",
+    "las",
+    "smooth_l1",
+    "l1",
+    "giou",
+    "ghmr",
+    "focal_r",
+    "balanced_l1",
+]
 
 
 def _grad(loss_value, x):
@@ -45,13 +68,17 @@ def smoothing_targets(labels, eps, num_columns):
 @pytest.fixture
 def build(make_stats):
     """`build(cfg, stats=None)`: the loss in float64, with `make_stats()` unless given stats."""
+
     def _build(cfg, stats=None):
-        return build_loss(cfg, num_classes=C,
-                          stats=make_stats() if stats is None else stats).double()
+        return build_loss(
+            cfg, num_classes=C, stats=make_stats() if stats is None else stats
+        ).double()
+
     return _build
 
 
 # ----------------------------------------------------------------------------- reducer
+
 
 def test_reduce_loss_semantics():
     loss = torch.arange(12.0).view(4, 3)
@@ -63,8 +90,11 @@ def test_reduce_loss_semantics():
     assert reduce_loss(loss, None, "sum").item() == 66.0
     assert reduce_loss(loss, None, "mean").item() == pytest.approx(66.0 / 4)  # / N rows, not 12
     assert reduce_loss(loss, w_row, "mean", avg_factor=5).item() == pytest.approx(
-        (loss * w_row[:, None]).sum().item() / 5)
-    assert reduce_loss(loss, None, "mean", avg_factor=torch.tensor(11.0)).item() == pytest.approx(6.0)
+        (loss * w_row[:, None]).sum().item() / 5
+    )
+    assert reduce_loss(loss, None, "mean", avg_factor=torch.tensor(11.0)).item() == pytest.approx(
+        6.0
+    )
     # per-element weight on a per-sample loss: mean over the sample's elements
     assert torch.allclose(reduce_loss(torch.ones(4), w_elem, "none"), w_elem.mean(1))
     with pytest.raises(ValueError, match="reduction must be one of"):
@@ -83,6 +113,7 @@ def test_reduce_loss_empty_is_finite_zero():
 
 
 # ----------------------------------------------------------------------------- builder
+
 
 def test_registry_lists_every_loss_of_the_issue(classification_losses, regression_losses):
     assert set(ISSUE_LOSSES) <= set(LOSSES)  # a loss added later must not fail this test
@@ -150,7 +181,9 @@ def test_sigmoid_losses_give_background_column_exactly_zero_gradient(cfg, build,
     assert torch.equal(grad[:, 0], torch.zeros_like(grad[:, 0]))
     assert grad[:, 1:].abs().sum() > 0
     per_element = loss(logits, labels, reduction="none")
-    assert per_element.shape == logits.shape and torch.equal(per_element[:, 0], torch.zeros(16).double())
+    assert per_element.shape == logits.shape and torch.equal(
+        per_element[:, 0], torch.zeros(16).double()
+    )
 
 
 def test_softmax_and_sigmoid_activations(build, make_batch):
@@ -169,6 +202,7 @@ def test_softmax_and_sigmoid_activations(build, make_batch):
 
 
 # ----------------------------------------------------------------------------- softmax family
+
 
 def test_ce_value_and_gradient(build, make_batch, one_hot):
     logits, labels = make_batch()
@@ -193,7 +227,9 @@ def test_balanced_softmax_value_gradient_and_activation(make_batch, make_stats, 
     value = loss(logits, labels)
     expected = -(adjusted.log_softmax(1) * one_hot(labels, K)).sum() / len(labels)
     assert torch.allclose(value, expected)
-    assert torch.allclose(_grad(value, logits), (adjusted.softmax(1) - one_hot(labels, K)) / len(labels))
+    assert torch.allclose(
+        _grad(value, logits), (adjusted.softmax(1) - one_hot(labels, K)) / len(labels)
+    )
     assert torch.allclose(loss.activation(logits), logits.softmax(1))  # raw logits at test time
 
 
@@ -202,7 +238,11 @@ def test_label_aware_smoothing_factors(shape):
     counts = torch.tensor([5.0, 100.0, 1.0, 50.5])
     eps = label_aware_smoothing(counts, eps_head=0.4, eps_tail=0.1, shape=shape)
     x = torch.tensor([4 / 99, 1.0, 0.0, 0.5])
-    h = {"concave": torch.sin(math.pi * x / 2), "linear": x, "convex": 1 - torch.cos(math.pi * x / 2)}[shape]
+    h = {
+        "concave": torch.sin(math.pi * x / 2),
+        "linear": x,
+        "convex": 1 - torch.cos(math.pi * x / 2),
+    }[shape]
     assert torch.allclose(eps, 0.1 + 0.3 * h)
     assert eps[1].item() == pytest.approx(0.4) and eps[2].item() == pytest.approx(0.1)
     assert torch.allclose(label_aware_smoothing(torch.full((3,), 7.0)), torch.full((3,), 0.4))
@@ -231,9 +271,14 @@ def test_las_value_and_gradient_with_explicit_soft_targets(make_batch, make_stat
 def test_class_balanced_weights_modes():
     counts = torch.tensor([1000.0, 100.0, 10.0, 1.0, 0.0])
     beta = 0.99
-    eff = torch.tensor([(1 - beta) / (1 - beta ** max(c, 1)) for c in counts.tolist()], dtype=torch.float64)
-    for mode, raw in (("effective", eff), ("inverse", 1 / counts.double().clamp(min=1)),
-                      ("sqrt_inverse", counts.double().clamp(min=1) ** -0.5)):
+    eff = torch.tensor(
+        [(1 - beta) / (1 - beta ** max(c, 1)) for c in counts.tolist()], dtype=torch.float64
+    )
+    for mode, raw in (
+        ("effective", eff),
+        ("inverse", 1 / counts.double().clamp(min=1)),
+        ("sqrt_inverse", counts.double().clamp(min=1) ** -0.5),
+    ):
         w = class_balanced_weights(counts, mode=mode, beta=beta)
         assert w.sum().item() == pytest.approx(5.0, rel=1e-5)
         assert torch.allclose(w.double(), raw * 5 / raw.sum(), rtol=1e-5)
@@ -250,7 +295,7 @@ def test_cb_loss_weights_each_sample_by_its_class(base, make_batch, make_stats, 
     loss = build_loss({"type": "cb", "base": base, "beta": beta}, stats=stats).double()
     logits, labels = make_batch(n=16)
     n = stats.instance_count.double().clamp(min=1)
-    w = (1 - beta) / (1 - beta ** n)
+    w = (1 - beta) / (1 - beta**n)
     w = torch.cat([torch.ones(1).double(), w * C / w.sum()])
     wi = w[labels]
     z, y = logits.detach(), one_hot(labels, K)
@@ -273,6 +318,7 @@ def test_cb_loss_weights_each_sample_by_its_class(base, make_batch, make_stats, 
 
 # ----------------------------------------------------------------------------- sigmoid family
 
+
 def _focal_reference(z, y, alpha=0.25, gamma=2.0):
     p = torch.sigmoid(z)
     p_t = y * p + (1 - y) * (1 - p)
@@ -289,7 +335,7 @@ def test_focal_value_and_hand_derived_gradient(build, make_batch, one_hot):
     assert torch.allclose(value, _focal_reference(z, y)[:, 1:].sum() / 16)
     p = torch.sigmoid(z)
     d_pos = alpha * (1 - p) ** gamma * (gamma * p * p.log() + p - 1)
-    d_neg = (1 - alpha) * p ** gamma * (p - gamma * (1 - p) * (1 - p).log())
+    d_neg = (1 - alpha) * p**gamma * (p - gamma * (1 - p) * (1 - p).log())
     expected = (y * d_pos + (1 - y) * d_neg) / 16
     expected[:, 0] = 0
     assert torch.allclose(_grad(value, logits), expected)
@@ -334,8 +380,9 @@ def test_federated_class_mask_contents_and_sampling_distribution():
     rest = [0, 2, 5, 6]
     total = sum(weights[a].item() for a in rest)
     for c in rest:
-        p = weights[c] / total + sum(weights[a] / total * weights[c] / (total - weights[a])
-                                     for a in rest if a != c)
+        p = weights[c] / total + sum(
+            weights[a] / total * weights[c] / (total - weights[a]) for a in rest if a != c
+        )
         assert draws[c].item() / runs == pytest.approx(p.item(), abs=0.025)
     # more present classes than the budget: all of them are kept, nothing else
     many = torch.tensor([1, 2, 3, 5, 7])
@@ -351,7 +398,7 @@ def test_federated_loss_value_gradient_and_reproducibility(make_batch, make_stat
     labels = torch.tensor([0, 0, 2, 0, 2, 0, 0, 0, 2, 0])
     value = loss(logits, labels)
     grad = _grad(value, logits)
-    trained = (grad[:, 1:].abs().sum(0) > 0)
+    trained = grad[:, 1:].abs().sum(0) > 0
     assert trained[1] and trained.sum() == 3 and not trained[5]  # class 6 has zero images
     mask = trained.double()
     z, y = logits.detach()[:, 1:], one_hot(labels, K)[:, 1:]
@@ -390,13 +437,14 @@ def test_ghmc_zero_weight_elements_are_not_counted(build, make_batch):
 
 # ----------------------------------------------------------------------------- regression
 
+
 def test_smooth_l1_and_l1_value_and_gradient(build, make_deltas):
     pred, target = make_deltas(p=12)
     d = (pred - target).detach()
     beta = 1.0 / 9
     assert build({"type": "smooth_l1"}).beta == pytest.approx(beta)
     value = build({"type": "smooth_l1"})(pred, target, reduction="sum")
-    expected = torch.where(d.abs() < beta, 0.5 * d ** 2 / beta, d.abs() - 0.5 * beta)
+    expected = torch.where(d.abs() < beta, 0.5 * d**2 / beta, d.abs() - 0.5 * beta)
     assert (d.abs() < beta).any() and (d.abs() >= beta).any()
     assert torch.allclose(value, expected.sum())
     assert torch.allclose(_grad(value, pred), torch.where(d.abs() < beta, d / beta, d.sign()))
@@ -412,8 +460,9 @@ def _giou_reference(a, b):
     ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
     inter = iw * ih
     union = area_a + area_b - inter
-    hull = ((torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0]))
-            * (torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])))
+    hull = (torch.maximum(a[:, 2], b[:, 2]) - torch.minimum(a[:, 0], b[:, 0])) * (
+        torch.maximum(a[:, 3], b[:, 3]) - torch.minimum(a[:, 1], b[:, 1])
+    )
     return 1 - (inter / union - (hull - union) / hull)
 
 
@@ -433,7 +482,7 @@ def test_ghmr_value_and_gradient(build, ghm_reference_weights, make_deltas):
     loss = build({"type": "ghmr", "mu": mu, "bins": 10})
     pred, target = make_deltas(p=12)
     d = (pred - target).detach()
-    root = (d ** 2 + mu ** 2).sqrt()
+    root = (d**2 + mu**2).sqrt()
     w, _ = ghm_reference_weights(d.abs() / root, 12, 10)
     value = loss(pred, target)
     assert torch.allclose(value, (w * (root - mu)).sum() / 12)
@@ -454,8 +503,8 @@ def test_focal_r_value_and_hand_derived_gradient(activate, gamma, build, make_de
     else:
         m, dm = torch.tanh(beta * e), beta * (1 - torch.tanh(beta * e) ** 2)
     value = loss(pred, target, reduction="sum")
-    assert torch.allclose(value, (e * m ** gamma).sum())
-    expected = d.sign() * (m ** gamma + e * gamma * m ** (gamma - 1) * dm)
+    assert torch.allclose(value, (e * m**gamma).sum())
+    expected = d.sign() * (m**gamma + e * gamma * m ** (gamma - 1) * dm)
     assert torch.allclose(_grad(value, pred), expected)
 
 
@@ -481,7 +530,9 @@ def test_balanced_l1_value_gradient_and_continuity(build, make_deltas):
 
 def test_federated_power_zero_samples_uniformly_among_seen_classes(make_batch, make_stats):
     # a budget of all C = 6 classes: the one without training images must still be left out
-    loss = build_loss({"type": "federated", "power": 0.0, "num_classes_sampled": 6}, stats=make_stats())
+    loss = build_loss(
+        {"type": "federated", "power": 0.0, "num_classes_sampled": 6}, stats=make_stats()
+    )
     assert torch.equal(loss.log_weight[:5], torch.zeros(5))
     assert loss.log_weight[5].item() == float("-inf")  # never seen: never a sampled negative
     logits, labels = make_batch(n=6, dtype=torch.float32)

@@ -1,5 +1,6 @@
 """Two gloo processes: the all-reduced state of EQLv2, seesaw and GHM (with momentum) equals a
 single process that sees the concatenated batches, and so do the per-element losses."""
+
 import os
 import socket
 
@@ -9,9 +10,13 @@ import torch.multiprocessing as mp
 
 from ltdet.losses import build_loss
 
-CONFIGS = [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
-           {"type": "ghmc", "bins": 6, "momentum": 0.75},
-           {"type": "ghmr", "bins": 6, "momentum": 0.7}]
+CONFIGS = [
+    {"type": "eqlv2"},
+    {"type": "seesaw"},
+    {"type": "seesaw_softmax"},
+    {"type": "ghmc", "bins": 6, "momentum": 0.75},
+    {"type": "ghmr", "bins": 6, "momentum": 0.7},
+]
 STEPS = 3
 ROWS = 12  # per step, split 7 / 5 between the ranks (unequal on purpose)
 SPLIT = 7
@@ -36,7 +41,8 @@ def _global_batches(num_classes, make_batch, make_deltas):
 
 
 def _run(cfg, rows, num_classes, batches):
-    """Train-mode steps on the given rows of each global batch: final state + per-step 'none' loss."""
+    """Train-mode steps on the given rows of each global batch: final state + per-step 'none'
+    loss."""
     loss = build_loss(cfg, num_classes=num_classes).double().train()
     per_step = []
     for step in range(STEPS):
@@ -64,11 +70,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_all_reduced_state_matches_single_process(tmp_path, loss_num_classes, make_batch,
-                                                  make_deltas):
+def test_all_reduced_state_matches_single_process(
+    tmp_path, loss_num_classes, make_batch, make_deltas
+):
     batches = _global_batches(loss_num_classes, make_batch, make_deltas)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), loss_num_classes, batches), nprocs=2,
-             join=True)
+    mp.spawn(
+        _worker,
+        args=(2, _free_port(), str(tmp_path), loss_num_classes, batches),
+        nprocs=2,
+        join=True,
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for cfg in CONFIGS:
         name = cfg["type"]

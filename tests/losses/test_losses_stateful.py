@@ -4,6 +4,7 @@ re-implementations of their papers, plus train/eval behaviour and state_dict rou
 Seesaw here is `seesaw_softmax`, ltdet's single-softmax variant (background excluded from S);
 the authors' `seesaw` with its objectness branch is checked against mmdetection in
 tests/losses/test_seesaw_objectness.py, and takes part in the generic state tests below."""
+
 import io
 import math
 
@@ -95,7 +96,9 @@ def test_eqlv2_weight_masks_gradient_statistics(make_batch):
     other = build_loss({"type": "eqlv2"}, num_classes=C).double().train()
     keep = weight.bool()
     other(logits[keep], labels[keep])
-    assert torch.allclose(loss.pos_grad, other.pos_grad) and torch.allclose(loss.neg_grad, other.neg_grad)
+    assert torch.allclose(loss.pos_grad, other.pos_grad) and torch.allclose(
+        loss.neg_grad, other.neg_grad
+    )
 
 
 class SeesawReference:
@@ -123,7 +126,7 @@ class SeesawReference:
                     ni, nj = max(self.counts[i - 1], 1.0), max(self.counts[j - 1], 1.0)
                     m = (nj / ni) ** self.p if nj < ni else 1.0
                     ratio = sigma[r, j].item() / max(sigma[r, i].item(), self.eps)
-                    c = ratio ** self.q if ratio > 1 else 1.0
+                    c = ratio**self.q if ratio > 1 else 1.0
                     s[j] = m * c
             e = z[r].exp()
             denom = sum(s[j] * e[j] for j in range(K) if j != i) + e[i]
@@ -135,8 +138,11 @@ class SeesawReference:
 
 def test_seesaw_softmax_several_steps_match_the_paper():
     p, q, eps = 0.8, 2.0, 1e-2
-    loss = build_loss({"type": "seesaw_softmax", "p": p, "q": q, "eps": eps},
-                      num_classes=C).double().train()
+    loss = (
+        build_loss({"type": "seesaw_softmax", "p": p, "q": q, "eps": eps}, num_classes=C)
+        .double()
+        .train()
+    )
     ref = SeesawReference(p, q, eps)
     g = torch.Generator().manual_seed(3)
     for step in range(4):
@@ -163,10 +169,15 @@ def test_seesaw_softmax_background_rows_are_plain_cross_entropy(make_batch):
 
 
 @pytest.mark.parametrize("kind", ["ghmc", "ghmr"])
-def test_ghm_momentum_state_evolution(kind, ghm_reference_weights, make_batch, make_deltas,
-                                      one_hot):
+def test_ghm_momentum_state_evolution(
+    kind, ghm_reference_weights, make_batch, make_deltas, one_hot
+):
     bins, momentum = 5, 0.75
-    loss = build_loss({"type": kind, "bins": bins, "momentum": momentum}, num_classes=C).double().train()
+    loss = (
+        build_loss({"type": kind, "bins": bins, "momentum": momentum}, num_classes=C)
+        .double()
+        .train()
+    )
     acc = torch.zeros(bins, dtype=torch.float64)
     for step in range(4):
         if kind == "ghmc":
@@ -177,7 +188,7 @@ def test_ghm_momentum_state_evolution(kind, ghm_reference_weights, make_batch, m
         else:
             x, labels = make_deltas(p=8, seed=step)
             d = (x - labels).detach()
-            root = (d ** 2 + 0.02 ** 2).sqrt()
+            root = (d**2 + 0.02**2).sqrt()
             g, elem, dloss = d.abs() / root, root - 0.02, d / root
         w, acc = ghm_reference_weights(g, 8, bins, acc, momentum)
         value = loss(x, labels)
@@ -196,18 +207,28 @@ def test_ghm_momentum_state_evolution(kind, ghm_reference_weights, make_batch, m
 @pytest.fixture
 def run_steps(make_batch, make_deltas):
     """`run_steps(loss, steps=3)`: train-mode forwards on seeded batches."""
+
     def _run_steps(loss, steps=3):
         for step in range(steps):
             if loss.__class__.__name__ == "GHMRLoss":
                 loss(*make_deltas(p=8, seed=step))
             else:
                 loss(*make_batch(n=10, seed=step, num_columns=loss.cls_channels))
+
     return _run_steps
 
 
-@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
-                                 {"type": "ghmc", "momentum": 0.75}, {"type": "ghmr", "momentum": 0.7}],
-                         ids=lambda c: c["type"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"type": "eqlv2"},
+        {"type": "seesaw"},
+        {"type": "seesaw_softmax"},
+        {"type": "ghmc", "momentum": 0.75},
+        {"type": "ghmr", "momentum": 0.7},
+    ],
+    ids=lambda c: c["type"],
+)
 def test_state_survives_state_dict_round_trip(cfg, make_batch, make_deltas, run_steps):
     loss = build_loss(cfg, num_classes=C).double().train()
     run_steps(loss)
@@ -227,9 +248,16 @@ def test_state_survives_state_dict_round_trip(cfg, make_batch, make_deltas, run_
     assert torch.equal(loss(*batch), restored(*batch))
 
 
-@pytest.mark.parametrize("cfg", [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
-                                 {"type": "ghmc", "momentum": 0.75}],
-                         ids=lambda c: c["type"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"type": "eqlv2"},
+        {"type": "seesaw"},
+        {"type": "seesaw_softmax"},
+        {"type": "ghmc", "momentum": 0.75},
+    ],
+    ids=lambda c: c["type"],
+)
 def test_eval_mode_does_not_update_state(cfg, run_steps):
     loss = build_loss(cfg, num_classes=C).double().eval()
     before = {k: v.clone() for k, v in loss.state_dict().items()}
@@ -239,8 +267,12 @@ def test_eval_mode_does_not_update_state(cfg, run_steps):
 
 
 def test_stateful_losses_accept_half_precision_logits(make_batch):
-    for cfg in ({"type": "eqlv2"}, {"type": "seesaw"}, {"type": "seesaw_softmax"},
-                {"type": "ghmc", "momentum": 0.75}):
+    for cfg in (
+        {"type": "eqlv2"},
+        {"type": "seesaw"},
+        {"type": "seesaw_softmax"},
+        {"type": "ghmc", "momentum": 0.75},
+    ):
         loss = build_loss(cfg, num_classes=C).train()
         reference = build_loss(cfg, num_classes=C).train()
         logits, labels = make_batch(n=10, dtype=torch.float16, num_columns=loss.cls_channels)
@@ -249,4 +281,6 @@ def test_stateful_losses_accept_half_precision_logits(make_batch):
         assert torch.isfinite(value) and value.item() == pytest.approx(expected.item(), rel=2e-2)
         value.backward()
         for name, buf in loss.state_dict().items():
-            assert torch.allclose(buf.double(), reference.state_dict()[name].double(), rtol=2e-2), name
+            assert torch.allclose(buf.double(), reference.state_dict()[name].double(), rtol=2e-2), (
+                name
+            )

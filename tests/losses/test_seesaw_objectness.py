@@ -18,6 +18,7 @@ The unit cases of mmdetection's own test (`test_seesaw_loss` in
 tests/test_models/test_losses/test_loss.py, mmdetection 2.x) are ported at the end of the loss
 section, in ltdet's layout.
 """
+
 import logging
 import math
 
@@ -34,6 +35,7 @@ C = 6
 
 
 # ----------------------------------------------------------------------------- the reference
+
 
 class MMDetSeesaw:
     """mmdetection's SeesawLoss, loop by loop, in mmdetection's layout (module docstring)."""
@@ -77,18 +79,21 @@ class MMDetSeesaw:
                     if self.p > 0:  # mitigation: (N_j / N_i)^p where N_j < N_i
                         ratio = max(self.cum_samples[j], 1.0) / max(self.cum_samples[y], 1.0)
                         if ratio < 1.0:
-                            factor *= ratio ** self.p
+                            factor *= ratio**self.p
                     if self.q > 0:  # compensation: (s_j / max(s_i, eps))^q where > 1
                         ratio = score[j] / max(score[y], self.eps)
                         if ratio > 1.0:
-                            factor *= ratio ** self.q
+                            factor *= ratio**self.q
                 shifted.append(logit[j] + math.log(factor))
             lse = math.log(sum(math.exp(v) for v in shifted))
             classes += w * (lse - shifted[y])
             for j in range(num):
                 grad[r, j] += w * (math.exp(shifted[j] - lse) - (j == y)) / cls_div
-        return (self.loss_weight * classes / cls_div, self.loss_weight * objectness / obj_div,
-                self.loss_weight * grad)
+        return (
+            self.loss_weight * classes / cls_div,
+            self.loss_weight * objectness / obj_div,
+            self.loss_weight * grad,
+        )
 
     @staticmethod
     def activation(z):
@@ -134,6 +139,7 @@ def _batch(n, seed, num_classes=C, bg_fraction=0.5, scale=2.0):
 
 # ----------------------------------------------------------------------------- the loss
 
+
 def test_registry_declares_the_channels(make_stats):
     for name, cls in LOSSES.items():
         if not issubclass(cls, ClassificationLoss):
@@ -149,29 +155,40 @@ def test_registry_declares_the_channels(make_stats):
 
 @pytest.mark.parametrize("p,q,loss_weight", [(0.8, 2.0, 1.0), (1.0, 0.0, 2.0), (0.0, 1.0, 1.0)])
 def test_values_gradients_and_counts_equal_mmdetection_over_four_steps(p, q, loss_weight):
-    loss = build_loss({"type": "seesaw", "p": p, "q": q, "loss_weight": loss_weight},
-                      num_classes=C).double().train()
+    loss = (
+        build_loss({"type": "seesaw", "p": p, "q": q, "loss_weight": loss_weight}, num_classes=C)
+        .double()
+        .train()
+    )
     ref = MMDetSeesaw(C, p=p, q=q, loss_weight=loss_weight)
     for step in range(4):
         logits, labels = _batch(12, seed=step)
         # the RoI head's call: weights (mixup / PISA) in two steps, avg_factor = sampled RoIs
         weight = None if step < 2 else torch.rand(12, dtype=torch.float64) + 0.5
         value = loss(logits, labels, weight=weight, avg_factor=12.0)
-        cls_part, obj_part, ref_grad = ref.step(to_mmdet(logits.detach()), labels_to_mmdet(labels),
-                                                weight, avg_factor=12.0)
+        cls_part, obj_part, ref_grad = ref.step(
+            to_mmdet(logits.detach()), labels_to_mmdet(labels), weight, avg_factor=12.0
+        )
         assert value.item() == pytest.approx(cls_part + obj_part, rel=1e-12, abs=1e-12), step
         grad = _grad(value, logits)
         torch.testing.assert_close(to_mmdet(grad), ref_grad, rtol=1e-10, atol=1e-12)
-        assert torch.equal(counts_to_mmdet(loss.cum_samples),
-                           torch.tensor(ref.cum_samples, dtype=torch.float64)), step
+        assert torch.equal(
+            counts_to_mmdet(loss.cum_samples), torch.tensor(ref.cum_samples, dtype=torch.float64)
+        ), step
     # background is counted (index 0) as mmdetection counts it (index C); the classes are skewed
     assert loss.cum_samples[0] > 0 and loss.cum_samples[1] > loss.cum_samples[C]
     # the state matters: a fresh loss gives another value on the last batch (p > 0)
     if p > 0:
-        fresh = build_loss({"type": "seesaw", "p": p, "q": q, "loss_weight": loss_weight},
-                           num_classes=C).double().eval()
-        assert not torch.allclose(fresh(logits, labels, avg_factor=12.0),
-                                  loss.eval()(logits, labels, avg_factor=12.0))
+        fresh = (
+            build_loss(
+                {"type": "seesaw", "p": p, "q": q, "loss_weight": loss_weight}, num_classes=C
+            )
+            .double()
+            .eval()
+        )
+        assert not torch.allclose(
+            fresh(logits, labels, avg_factor=12.0), loss.eval()(logits, labels, avg_factor=12.0)
+        )
 
 
 def test_per_roi_and_sum_reductions_split_like_the_reference():
@@ -182,8 +199,9 @@ def test_per_roi_and_sum_reductions_split_like_the_reference():
     assert per_roi.shape == (10,)
     loss.cum_samples.zero_()
     total = loss(logits, labels, reduction="sum")
-    cls_part, obj_part, _ = ref.step(to_mmdet(logits.detach()), labels_to_mmdet(labels),
-                                     avg_factor=1.0)  # sum = mean with avg_factor 1
+    cls_part, obj_part, _ = ref.step(
+        to_mmdet(logits.detach()), labels_to_mmdet(labels), avg_factor=1.0
+    )  # sum = mean with avg_factor 1
     assert total.item() == pytest.approx(cls_part + obj_part, rel=1e-12)
     assert total.item() == pytest.approx(per_roi.sum().item(), rel=1e-12)
     # default mean: ltdet's contract divides by the N RoIs (the RoI head passes avg_factor=N too)
@@ -212,7 +230,9 @@ def test_background_push_down_on_a_rare_class_logit_before_and_after():
     a fresh classifier (logits ~ 0), the rarest class seen 10 times. 'Push-down' = the summed
     gradient on the rare class's logit (positive = pushed down), per source of RoIs."""
     num, n, rare = 1203, 512, 1203
-    counts = (20000.0 / torch.arange(1, num + 1, dtype=torch.float64).pow(1.3)).clamp(min=10).round()
+    counts = (
+        (20000.0 / torch.arange(1, num + 1, dtype=torch.float64).pow(1.3)).clamp(min=10).round()
+    )
     counts[rare - 1] = 10.0
     g = torch.Generator().manual_seed(0)
     labels = torch.zeros(n, dtype=torch.long)
@@ -222,8 +242,11 @@ def test_background_push_down_on_a_rare_class_logit_before_and_after():
 
     def push(name, logits, column):
         loss = build_loss({"type": name}, num_classes=num).double().eval()  # state fixed
-        loss.cum_samples.copy_(counts if name == "seesaw_softmax"
-                               else torch.cat([torch.tensor([3.0 * counts.sum()]), counts]))
+        loss.cum_samples.copy_(
+            counts
+            if name == "seesaw_softmax"
+            else torch.cat([torch.tensor([3.0 * counts.sum()]), counts])
+        )
         logits = logits.clone().requires_grad_(True)
         grad = _grad(loss(logits, labels, avg_factor=float(n)), logits)[:, column]
         return grad[fg].sum().item(), grad[bg].sum().item()
@@ -237,8 +260,10 @@ def test_background_push_down_on_a_rare_class_logit_before_and_after():
     # foreground RoIs: mitigated in both, about alike (the old softmax also has a bg column)
     assert 0 < fg_after == pytest.approx(fg_before, rel=0.05)
     assert bg_before > 5 * fg_before  # before, background dominated the push on the rare logit
-    print(f"push-down on the rare class's logit (mean over {n} RoIs): foreground RoIs "
-          f"{fg_before:.3g} -> {fg_after:.3g}; background RoIs {bg_before:.3g} -> {bg_after:.3g}")
+    print(
+        f"push-down on the rare class's logit (mean over {n} RoIs): foreground RoIs "
+        f"{fg_before:.3g} -> {fg_after:.3g}; background RoIs {bg_before:.3g} -> {bg_after:.3g}"
+    )
 
 
 def test_activation_scores_background_first_and_equals_mmdetection():
@@ -252,8 +277,9 @@ def test_activation_scores_background_first_and_equals_mmdetection():
     assert torch.allclose(scores[:, 0], p[:, 0])  # column 0 = background probability
     assert torch.allclose(scores[:, 1:], logits[:, 1:-1].softmax(1) * p[:, 1:])
     ref = MMDetSeesaw.activation(to_mmdet(logits))
-    torch.testing.assert_close(torch.cat([scores[:, 1:], scores[:, :1]], 1), ref, rtol=1e-12,
-                               atol=1e-15)
+    torch.testing.assert_close(
+        torch.cat([scores[:, 1:], scores[:, :1]], 1), ref, rtol=1e-12, atol=1e-15
+    )
 
 
 def test_shape_and_label_errors():
@@ -266,6 +292,7 @@ def test_shape_and_label_errors():
 
 # mmdetection's own unit test (test_seesaw_loss), mmdetection layout -> ltdet layout:
 # mmdet [cls_0, cls_1, pos, neg] with label k  ==  ltdet [neg, cls_0, cls_1, pos] with label k + 1
+
 
 def _mmdet_case(pred, label, **cfg):
     loss = build_loss({"type": "seesaw", **cfg}, num_classes=2).train()
@@ -302,23 +329,40 @@ def test_mmdetection_unit_cases():
 
 # ----------------------------------------------------------------------------- in detectors
 
+
 def _small_cfg(**model):
-    return {"model": {"arch": "faster_rcnn", "backbone": "resnet18", "norm": "bn",
-                      "weights": None, "weights_backbone": None,
-                      "rpn": {"pre_nms_top_n_train": 200, "pre_nms_top_n_test": 100,
-                              "post_nms_top_n_train": 64, "post_nms_top_n_test": 32,
-                              "batch_size_per_image": 64},
-                      "roi_heads": {"batch_size_per_image": 32},
-                      "cls_loss": {"type": "seesaw"}, "box_loss": {"type": "smooth_l1"},
-                      **model},
-            "data": {"min_size": [96], "max_size": 128}}
+    return {
+        "model": {
+            "arch": "faster_rcnn",
+            "backbone": "resnet18",
+            "norm": "bn",
+            "weights": None,
+            "weights_backbone": None,
+            "rpn": {
+                "pre_nms_top_n_train": 200,
+                "pre_nms_top_n_test": 100,
+                "post_nms_top_n_train": 64,
+                "post_nms_top_n_test": 32,
+                "batch_size_per_image": 64,
+            },
+            "roi_heads": {"batch_size_per_image": 32},
+            "cls_loss": {"type": "seesaw"},
+            "box_loss": {"type": "smooth_l1"},
+            **model,
+        },
+        "data": {"min_size": [96], "max_size": 128},
+    }
 
 
 def _batch_images():
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     return images, targets
 
 
@@ -360,10 +404,18 @@ def test_build_detector_changes_only_the_classifier_against_torchvision():
     torch.manual_seed(0)
     own = build_detector(cfg, 4).state_dict()
     pred = "roi_heads.box_predictor."
-    differ = sorted(k for k in reference if k not in own or own[k].shape != reference[k].shape
-                    or not torch.equal(own[k], reference[k]))
+    differ = sorted(
+        k
+        for k in reference
+        if k not in own
+        or own[k].shape != reference[k].shape
+        or not torch.equal(own[k], reference[k])
+    )
     assert differ == [pred + "cls_score.bias", pred + "cls_score.weight"]
-    assert own[pred + "cls_score.weight"].shape == (6, reference[pred + "cls_score.weight"].shape[1])
+    assert own[pred + "cls_score.weight"].shape == (
+        6,
+        reference[pred + "cls_score.weight"].shape[1],
+    )
     assert set(own) - set(reference) == {"roi_heads.cls_loss.cum_samples"}
 
 
@@ -379,32 +431,45 @@ def test_build_detector_cosine_and_lws_classifiers_have_c_plus_2_outputs(kind):
     assert torch.isfinite(sum(losses.values()))
 
 
-def test_patch_recreates_only_cls_score_and_scores_are_valid(caplog, detection_batch,
-                                                             tiny_detector, tiny_num_classes):
+def test_patch_recreates_only_cls_score_and_scores_are_valid(
+    caplog, detection_batch, tiny_detector, tiny_num_classes
+):
     model = tiny_detector()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     old_predictor = model.roi_heads.box_predictor
     with caplog.at_level(logging.WARNING, logger="ltdet.models.classifiers"):
         ltdet.patch(model, cls_loss={"type": "seesaw"})
-    assert any("cls_score re-created with 7 outputs instead of 6" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "cls_score re-created with 7 outputs instead of 6" in r.getMessage() for r in caplog.records
+    )
     predictor = model.roi_heads.box_predictor
     assert predictor is old_predictor  # the same predictor; only its classifier layer is new
     assert predictor.cls_score.out_features == tiny_num_classes + 2
-    assert predictor.cls_score.in_features == before["roi_heads.box_predictor.cls_score.weight"].shape[1]
+    assert (
+        predictor.cls_score.in_features
+        == before["roi_heads.box_predictor.cls_score.weight"].shape[1]
+    )
     assert torch.equal(predictor.cls_score.bias, torch.zeros(tiny_num_classes + 2))
     after = model.state_dict()
-    changed = sorted(k for k in before if not torch.equal(after[k], before[k])
-                     if after[k].shape == before[k].shape)
+    changed = sorted(
+        k
+        for k in before
+        if not torch.equal(after[k], before[k])
+        if after[k].shape == before[k].shape
+    )
     resized = sorted(k for k in before if after[k].shape != before[k].shape)
-    assert changed == [] and resized == ["roi_heads.box_predictor.cls_score.bias",
-                                         "roi_heads.box_predictor.cls_score.weight"]
+    assert changed == [] and resized == [
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.cls_score.weight",
+    ]
     # postprocess: generic, [N, C+1] scores, labels in [1, C]
     rh = model.roi_heads
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, tiny_num_classes + 2, generator=g) * 3
     deltas = torch.zeros(20, 4 * (tiny_num_classes + 1))
-    proposals = [torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(10, 1) + torch.arange(10.0)[:, None]] * 2
+    proposals = [
+        torch.tensor([[4.0, 4.0, 30.0, 30.0]]).repeat(10, 1) + torch.arange(10.0)[:, None]
+    ] * 2
     rh.score_thresh = 0.0
     boxes, scores, labels = rh.postprocess_detections(logits, deltas, proposals, [(64, 64)] * 2)
     expected = rh.cls_loss.activation(logits)
@@ -442,20 +507,31 @@ def test_patch_errors_leave_the_model_unchanged(tiny_detector):
 def test_retinanet_refuses_seesaw_and_keeps_seesaw_softmax():
     from ltdet.models.build import build_torchvision_detector
 
-    retina = build_torchvision_detector({"model": {"arch": "retinanet", "backbone": "resnet18",
-                                                   "norm": "bn"}}, 3)
+    retina = build_torchvision_detector(
+        {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn"}}, 3
+    )
     with pytest.raises(ValueError, match="RoI-head loss"):
         ltdet.patch(retina, cls_loss={"type": "seesaw"})
     assert type(retina).__name__ == "RetinaNet"  # nothing changed
     ltdet.patch(retina, cls_loss={"type": "seesaw_softmax"})
     assert type(retina.head.classification_head.loss).__name__ == "SeesawSoftmaxLoss"
     with pytest.raises(ValueError, match="RoI-head loss"):
-        build_detector({"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn",
-                                  "cls_loss": {"type": "seesaw"}}}, 3)
+        build_detector(
+            {
+                "model": {
+                    "arch": "retinanet",
+                    "backbone": "resnet18",
+                    "norm": "bn",
+                    "cls_loss": {"type": "seesaw"},
+                }
+            },
+            3,
+        )
 
 
-def test_torchvision_state_dict_loads_into_a_seesaw_model_except_cls_score(caplog, tiny_detector,
-                                                                           tiny_num_classes):
+def test_torchvision_state_dict_loads_into_a_seesaw_model_except_cls_score(
+    caplog, tiny_detector, tiny_num_classes
+):
     plain = tiny_detector()
     model = ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw"})
     fresh = {k: v.clone() for k, v in model.state_dict().items() if ".cls_score." in k}
@@ -474,20 +550,23 @@ def test_torchvision_state_dict_loads_into_a_seesaw_model_except_cls_score(caplo
     old = ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw_softmax"})
     old.roi_heads.cls_loss.cum_samples.fill_(3.0)
     load_detector_state_dict(model, old.state_dict(), "seesaw_softmax checkpoint")
-    assert torch.equal(model.roi_heads.cls_loss.cum_samples, torch.zeros(tiny_num_classes + 1,
-                                                                         dtype=torch.float64))
+    assert torch.equal(
+        model.roi_heads.cls_loss.cum_samples, torch.zeros(tiny_num_classes + 1, dtype=torch.float64)
+    )
 
 
-def test_stage2_crt_from_a_c_plus_1_stage1_and_lws_error(detection_batch, tiny_detector,
-                                                         tiny_num_classes):
+def test_stage2_crt_from_a_c_plus_1_stage1_and_lws_error(
+    detection_batch, tiny_detector, tiny_num_classes
+):
     from ltdet.engine.refine import prepare_stage2
 
     stage1 = ltdet.patch(tiny_detector(), cls_loss={"type": "ce"}).state_dict()
     model = ltdet.patch(tiny_detector(), cls_loss={"type": "seesaw"})
     groups = prepare_stage2(model, {"refine": {"head": "crt"}}, stage1).param_groups
     cls_score = model.roi_heads.box_predictor.cls_score
-    assert cls_score.out_features == tiny_num_classes + 2 and torch.equal(cls_score.bias,
-                                                                 torch.zeros(tiny_num_classes + 2))
+    assert cls_score.out_features == tiny_num_classes + 2 and torch.equal(
+        cls_score.bias, torch.zeros(tiny_num_classes + 2)
+    )
     assert [g["name"] for g in groups] == ["classifier"]
     for key, value in stage1.items():  # the rest is stage 1's
         if ".cls_score." not in key and not key.startswith("roi_heads.cls_loss"):

@@ -5,6 +5,7 @@ Nothing is downloaded: weights names are resolved without loading, and the load 
 torchvision's `WeightsEnum.get_state_dict` replaced (in the test) by the state dict of a model
 built by torchvision's own builder.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -12,59 +13,106 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models._api import WeightsEnum
-from torchvision.models.detection import (FasterRCNN_MobileNet_V3_Large_FPN_Weights,
-                                          FasterRCNN_ResNet50_FPN_Weights,
-                                          RetinaNet_ResNet50_FPN_Weights)
+from torchvision.models.detection import (
+    FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+    FasterRCNN_ResNet50_FPN_Weights,
+    RetinaNet_ResNet50_FPN_Weights,
+)
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ltdet.models.backbones import BACKBONES, NORMS
-from ltdet.models.build import (ARCHS, NoResizeTransform, build_detector,
-                                build_torchvision_detector)
+from ltdet.models.build import (
+    ARCHS,
+    MASK_ARCHS,
+    NoResizeTransform,
+    build_detector,
+    build_torchvision_detector,
+)
 from ltdet.models.weights import resolve_weights
 
 C = 3
 
 # Small RPN / RoI budgets keep the two-stage models fast on CPU.
-_SMALL = {"rpn": {"pre_nms_top_n_train": 200, "pre_nms_top_n_test": 100,
-                  "post_nms_top_n_train": 64, "post_nms_top_n_test": 32,
-                  "batch_size_per_image": 64},
-          "roi_heads": {"batch_size_per_image": 32}}
+_SMALL = {
+    "rpn": {
+        "pre_nms_top_n_train": 200,
+        "pre_nms_top_n_test": 100,
+        "post_nms_top_n_train": 64,
+        "post_nms_top_n_test": 32,
+        "batch_size_per_image": 64,
+    },
+    "roi_heads": {"batch_size_per_image": 32},
+}
 
 
 def make_cfg(arch="faster_rcnn", backbone="resnet18", norm="bn", **model):
-    losses = ({"cls_loss": {"type": "focal"}, "box_loss": {"type": "l1"}}
-              if arch.startswith("retinanet") else
-              {"cls_loss": {"type": "ce"}, "box_loss": {"type": "smooth_l1"}})
-    return {"model": {"arch": arch, "backbone": backbone, "norm": norm, "weights": None,
-                      "weights_backbone": None, "trainable_backbone_layers": 3,
-                      "detections_per_img": 300, "score_thresh": 1e-4, "nms_thresh": 0.5,
-                      **_SMALL, **losses, "sampler": {"type": "random"},
-                      "classifier": {"type": "linear"}, **model},
-            "data": {"min_size": [96], "max_size": 128}}
+    losses = (
+        {"cls_loss": {"type": "focal"}, "box_loss": {"type": "l1"}}
+        if arch.startswith("retinanet")
+        else {"cls_loss": {"type": "ce"}, "box_loss": {"type": "smooth_l1"}}
+    )
+    return {
+        "model": {
+            "arch": arch,
+            "backbone": backbone,
+            "norm": norm,
+            "weights": None,
+            "weights_backbone": None,
+            "trainable_backbone_layers": 3,
+            "detections_per_img": 300,
+            "score_thresh": 1e-4,
+            "nms_thresh": 0.5,
+            **_SMALL,
+            **losses,
+            "sampler": {"type": "random"},
+            "classifier": {"type": "linear"},
+            **model,
+        },
+        "data": {"min_size": [96], "max_size": 128},
+    }
 
 
-def batch():
+def batch(masks=False):
     images = [torch.rand(3, 96, 128), torch.rand(3, 80, 112)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    if masks:  # Mask R-CNN: each box filled
+        for image, t in zip(images, targets):
+            t["masks"] = torch.zeros(len(t["boxes"]), *image.shape[1:], dtype=torch.uint8)
+            for m, (x1, y1, x2, y2) in zip(t["masks"], t["boxes"].long().tolist()):
+                m[y1:y2, x1:x2] = 1
     return images, targets
 
 
-_FAST = [("faster_rcnn", "resnet18"), ("faster_rcnn", "mobilenet_v3_large"),
-         ("faster_rcnn_v2", "resnet18"), ("retinanet", "resnet18"),
-         ("retinanet", "mobilenet_v3_large"), ("retinanet_v2", "resnet18")]
+_FAST = [
+    ("faster_rcnn", "resnet18"),
+    ("faster_rcnn", "mobilenet_v3_large"),
+    ("faster_rcnn_v2", "resnet18"),
+    ("retinanet", "resnet18"),
+    ("retinanet", "mobilenet_v3_large"),
+    ("retinanet_v2", "resnet18"),
+]
 _SLOW = [(a, b) for a in ARCHS for b in BACKBONES if (a, b) not in _FAST]
 
 
 def check_train_step_and_eval(arch, backbone):
     model = build_detector(make_cfg(arch, backbone), C)
     model.train()
-    images, targets = batch()
+    images, targets = batch(masks=arch in MASK_ARCHS)
     losses = model(images, targets)
-    expected = ({"classification", "bbox_regression"} if arch.startswith("retinanet") else
-                {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"})
+    expected = (
+        {"classification", "bbox_regression"}
+        if arch.startswith("retinanet")
+        else {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    )
+    if arch in MASK_ARCHS:
+        expected = expected | {"loss_mask"}
     assert set(losses) == expected
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -82,6 +130,8 @@ def check_train_step_and_eval(arch, backbone):
         if det["labels"].numel():
             assert det["labels"].min() >= 1 and det["labels"].max() <= C
             assert torch.all(det["boxes"][:, 2] <= w) and torch.all(det["boxes"][:, 3] <= h)
+        if arch in MASK_ARCHS:
+            assert det["masks"].shape == (det["boxes"].shape[0], 1, h, w)
 
 
 @pytest.mark.parametrize("arch,backbone", _FAST)
@@ -112,8 +162,9 @@ def test_config_settings_reach_torchvision_modules():
         out = model([torch.rand(3, 96, 128)])[0]
     assert out["scores"].numel() <= 5 and torch.all(out["scores"] > 0.3)
 
-    retina = build_detector(make_cfg("retinanet", detections_per_img=7, score_thresh=0.002,
-                                     nms_thresh=0.3), C)
+    retina = build_detector(
+        make_cfg("retinanet", detections_per_img=7, score_thresh=0.002, nms_thresh=0.3), C
+    )
     assert (retina.detections_per_img, retina.score_thresh, retina.nms_thresh) == (7, 0.002, 0.3)
     retina.eval()
     with torch.no_grad():
@@ -123,12 +174,14 @@ def test_config_settings_reach_torchvision_modules():
 
 
 def test_defaults_are_lvis_settings():
-    model = build_torchvision_detector({"model": {"arch": "faster_rcnn", "backbone": "resnet18",
-                                                  "norm": "bn"}}, C)
+    model = build_torchvision_detector(
+        {"model": {"arch": "faster_rcnn", "backbone": "resnet18", "norm": "bn"}}, C
+    )
     assert model.roi_heads.detections_per_img == 300 and model.roi_heads.score_thresh == 1e-4
     assert model.roi_heads.box_predictor.cls_score.out_features == C + 1
-    retina = build_torchvision_detector({"model": {"arch": "retinanet", "backbone": "resnet18",
-                                                   "norm": "bn"}}, C)
+    retina = build_torchvision_detector(
+        {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn"}}, C
+    )
     assert retina.detections_per_img == 300 and retina.score_thresh == 1e-4
     assert retina.head.classification_head.num_classes == C + 1
 
@@ -158,15 +211,19 @@ def test_no_resize_transform_leaves_sizes_and_boxes(training):
 
 
 def test_bad_names_list_valid_options():
-    for field, value, valid in (("arch", "yolo", ARCHS), ("backbone", "vgg16", BACKBONES),
-                                ("norm", "syncbn", NORMS)):
+    for field, value, valid in (
+        ("arch", "yolo", ARCHS),
+        ("backbone", "vgg16", BACKBONES),
+        ("norm", "syncbn", NORMS),
+    ):
         with pytest.raises(ValueError) as err:
             build_torchvision_detector(make_cfg(**{field: value}), C)
         message = str(err.value)
         assert f"model.{field}: unknown value {value!r}" in message
         assert all(v in message for v in valid)
-    with pytest.raises(ValueError, match="model.rpn.nms_tresh is not a setting; valid keys: .*"
-                                         "nms_thresh"):
+    with pytest.raises(
+        ValueError, match="model.rpn.nms_tresh is not a setting; valid keys: .*nms_thresh"
+    ):
         cfg = make_cfg()
         cfg["model"]["rpn"] = {"nms_tresh": 0.7}
         build_torchvision_detector(cfg, C)
@@ -175,8 +232,9 @@ def test_bad_names_list_valid_options():
     with pytest.raises(ValueError, match="ResNet18_Weights.IMAGENET1K_V1"):
         build_torchvision_detector(make_cfg(weights_backbone="IMAGENET_V9"), C)
     with pytest.raises(ValueError, match=r"trainable_backbone_layers must be in \[0, 5\], got 7"):
-        build_torchvision_detector(make_cfg(weights_backbone="IMAGENET1K_V1",
-                                            trainable_backbone_layers=7), C)
+        build_torchvision_detector(
+            make_cfg(weights_backbone="IMAGENET1K_V1", trainable_backbone_layers=7), C
+        )
     with pytest.raises(ValueError, match="number of foreground classes"):
         build_torchvision_detector(make_cfg(), 0)
 
@@ -185,15 +243,24 @@ def test_weights_names_resolve_without_download():
     enum = FasterRCNN_ResNet50_FPN_Weights
     assert resolve_weights("COCO_V1", enum, "model.weights") is enum.COCO_V1
     assert resolve_weights("DEFAULT", enum, "model.weights") is enum.COCO_V1
-    assert resolve_weights("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", enum,
-                           "model.weights") is enum.COCO_V1
-    assert resolve_weights("IMAGENET1K_V1", ResNet18_Weights,
-                           "model.weights_backbone") is ResNet18_Weights.IMAGENET1K_V1
-    with pytest.raises(ValueError, match="names weights of RetinaNet_ResNet50_FPN_Weights.*"
-                                         "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"):
+    assert (
+        resolve_weights("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", enum, "model.weights")
+        is enum.COCO_V1
+    )
+    assert (
+        resolve_weights("IMAGENET1K_V1", ResNet18_Weights, "model.weights_backbone")
+        is ResNet18_Weights.IMAGENET1K_V1
+    )
+    with pytest.raises(
+        ValueError,
+        match="names weights of RetinaNet_ResNet50_FPN_Weights.*"
+        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
+    ):
         resolve_weights("RetinaNet_ResNet50_FPN_Weights.COCO_V1", enum, "model.weights")
-    with pytest.raises(ValueError, match="model.weights='COCO_V2'.*valid values: "
-                                         "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"):
+    with pytest.raises(
+        ValueError,
+        match="model.weights='COCO_V2'.*valid values: FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
+    ):
         resolve_weights("COCO_V2", enum, "model.weights")
 
 
@@ -221,41 +288,59 @@ def _assert_loaded_except_predictor(model, source, predictor_prefix):
 
 def test_weights_name_loads_torchvision_layout_and_reinitialises_predictor(monkeypatch):
     source_model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=91)
+        weights=None, weights_backbone=None, num_classes=91
+    )
     with torch.no_grad():
         for p in source_model.parameters():
             p.add_(0.5)  # distinguishable from any fresh initialisation
     source = source_model.state_dict()
     calls = _fake_download(monkeypatch, source)
-    model = build_detector(make_cfg("faster_rcnn", "mobilenet_v3_large", norm="frozen_bn",
-                                    weights="COCO_V1"), C)
+    model = build_detector(
+        make_cfg("faster_rcnn", "mobilenet_v3_large", norm="frozen_bn", weights="COCO_V1"), C
+    )
     assert calls == [FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1]
     _assert_loaded_except_predictor(model, source, "roi_heads.box_predictor.")
     predictor = model.roi_heads.box_predictor
     assert predictor.cls_score.weight.shape == (C + 1, 1024)
     assert predictor.bbox_pred.weight.shape == (4 * (C + 1), 1024)
     # re-initialised, not a slice of the source predictor
-    assert not torch.equal(predictor.cls_score.weight, source["roi_heads.box_predictor.cls_score"
-                                                              ".weight"][: C + 1])
+    assert not torch.equal(
+        predictor.cls_score.weight, source["roi_heads.box_predictor.cls_score.weight"][: C + 1]
+    )
     # torchvision's MobileNet builder settings
     assert model.rpn.score_thresh == 0.05
-    norms = [m for m in model.backbone.body.modules()
-             if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm))]
+    norms = [
+        m
+        for m in model.backbone.body.modules()
+        if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm))
+    ]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,builder,enum,prefix", [
-    ("faster_rcnn", "fasterrcnn_resnet50_fpn", FasterRCNN_ResNet50_FPN_Weights,
-     "roi_heads.box_predictor."),
-    ("faster_rcnn_v2", "fasterrcnn_resnet50_fpn_v2", None, "roi_heads.box_predictor."),
-    ("retinanet", "retinanet_resnet50_fpn", RetinaNet_ResNet50_FPN_Weights,
-     "head.classification_head.cls_logits."),
-    ("retinanet_v2", "retinanet_resnet50_fpn_v2", None, "head.classification_head.cls_logits."),
-])
+@pytest.mark.parametrize(
+    "arch,builder,enum,prefix",
+    [
+        (
+            "faster_rcnn",
+            "fasterrcnn_resnet50_fpn",
+            FasterRCNN_ResNet50_FPN_Weights,
+            "roi_heads.box_predictor.",
+        ),
+        ("faster_rcnn_v2", "fasterrcnn_resnet50_fpn_v2", None, "roi_heads.box_predictor."),
+        (
+            "retinanet",
+            "retinanet_resnet50_fpn",
+            RetinaNet_ResNet50_FPN_Weights,
+            "head.classification_head.cls_logits.",
+        ),
+        ("retinanet_v2", "retinanet_resnet50_fpn_v2", None, "head.classification_head.cls_logits."),
+    ],
+)
 def test_resnet50_weights_names_load_into_built_models(monkeypatch, arch, builder, enum, prefix):
     source = getattr(torchvision.models.detection, builder)(
-        weights=None, weights_backbone=None, num_classes=91).state_dict()
+        weights=None, weights_backbone=None, num_classes=91
+    ).state_dict()
     _fake_download(monkeypatch, source)
     model = build_detector(make_cfg(arch, "resnet50", norm="frozen_bn", weights="COCO_V1"), C)
     _assert_loaded_except_predictor(model, source, prefix)
@@ -312,8 +397,11 @@ def test_local_checkpoint_errors(tmp_path):
     v2 = build_torchvision_detector(make_cfg("faster_rcnn_v2"), C)
     path = tmp_path / "v2.pth"
     torch.save({"model": v2.state_dict()}, path)
-    with pytest.raises(ValueError, match=r"does not fit this model \(\d+ missing, \d+ "
-                                         r"unexpected entries"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this model \(\d+ missing, \d+ "
+        r"unexpected entries",
+    ):
         build_detector(make_cfg("faster_rcnn", weights=str(path)), C)
     junk = tmp_path / "junk.pth"
     torch.save({"model": [1, 2, 3]}, junk)
@@ -325,16 +413,24 @@ def test_local_backbone_weights_and_trainable_layers(tmp_path):
     resnet = torchvision.models.resnet18(num_classes=10)
     path = tmp_path / "resnet18.pth"
     torch.save(resnet.state_dict(), path)
-    model = build_torchvision_detector(make_cfg(weights_backbone=str(path),
-                                                trainable_backbone_layers=2), C)
+    model = build_torchvision_detector(
+        make_cfg(weights_backbone=str(path), trainable_backbone_layers=2), C
+    )
     body = model.backbone.body
     for key, value in body.state_dict().items():
         assert torch.equal(value, resnet.state_dict()[key]), key
     assert not body.conv1.weight.requires_grad and not body.layer2[0].conv1.weight.requires_grad
     assert body.layer3[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
     with pytest.raises(ValueError, match="is not a resnet18 state_dict"):
-        build_torchvision_detector(make_cfg(backbone="resnet18", weights_backbone=str(
-            _save(tmp_path / "r34.pth", torchvision.models.resnet34().state_dict()))), C)
+        build_torchvision_detector(
+            make_cfg(
+                backbone="resnet18",
+                weights_backbone=str(
+                    _save(tmp_path / "r34.pth", torchvision.models.resnet34().state_dict())
+                ),
+            ),
+            C,
+        )
 
 
 def _save(path, obj):
@@ -347,8 +443,7 @@ def test_norm_choice_reaches_the_backbone(backbone):
     kinds = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d, "gn": nn.GroupNorm}
     for norm, kind in kinds.items():
         model = build_torchvision_detector(make_cfg(backbone=backbone, norm=norm), C)
-        norms = [m for m in model.backbone.body.modules()
-                 if isinstance(m, tuple(kinds.values()))]
+        norms = [m for m in model.backbone.body.modules() if isinstance(m, tuple(kinds.values()))]
         assert norms and all(isinstance(m, kind) for m in norms), norm
         for m in norms:
             if isinstance(m, nn.GroupNorm):

@@ -19,6 +19,7 @@ References (the authors' code, read for these tests; the reference below is writ
   over the C class channels (a background RoI is all-negative), divided by the number of RoIs
   (mmdetection's bbox head: avg_factor = number of RoIs with a label weight).
 """
+
 import logging
 import math
 
@@ -36,7 +37,6 @@ from ltdet.losses.registry import LOSSES
 from ltdet.models.build import build_detector, build_torchvision_detector
 from ltdet.models.classifiers import CosinePredictor, ScaledClassifier
 
-
 LVIS_C = 1203
 PRIOR = 0.001
 PRIOR_BIAS = -math.log((1 - PRIOR) / PRIOR)  # bias_init_with_prob(0.001) = -log(999)
@@ -44,13 +44,25 @@ PRED = "roi_heads.box_predictor."
 
 
 def make_cfg(cls_loss, arch="faster_rcnn", backbone="resnet18", **model):
-    return {"model": {"arch": arch, "backbone": backbone, "norm": "bn", "weights": None,
-                      "weights_backbone": None,
-                      "rpn": {"pre_nms_top_n_train": 2000, "post_nms_top_n_train": 1000,
-                              "batch_size_per_image": 256},
-                      "roi_heads": {"batch_size_per_image": 512},
-                      "cls_loss": cls_loss, "box_loss": {"type": "l1"}, **model},
-            "data": {"min_size": [256], "max_size": 256}}
+    return {
+        "model": {
+            "arch": arch,
+            "backbone": backbone,
+            "norm": "bn",
+            "weights": None,
+            "weights_backbone": None,
+            "rpn": {
+                "pre_nms_top_n_train": 2000,
+                "post_nms_top_n_train": 1000,
+                "batch_size_per_image": 256,
+            },
+            "roi_heads": {"batch_size_per_image": 512},
+            "cls_loss": cls_loss,
+            "box_loss": {"type": "l1"},
+            **model,
+        },
+        "data": {"min_size": [256], "max_size": 256},
+    }
 
 
 def stats_for(num_classes):
@@ -61,10 +73,13 @@ def stats_for(num_classes):
 def lvis_like_batch():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 256, 256, generator=g), torch.rand(3, 224, 256, generator=g)]
-    boxes = torch.tensor([[10.0, 12, 100, 120], [50, 20, 200, 190], [120, 130, 250, 220],
-                          [5, 150, 60, 220]])
-    targets = [{"boxes": boxes, "labels": torch.tensor([1, 17, 600, LVIS_C])},
-               {"boxes": boxes[:3] * 0.8, "labels": torch.tensor([5, 5, 900])}]
+    boxes = torch.tensor(
+        [[10.0, 12, 100, 120], [50, 20, 200, 190], [120, 130, 250, 220], [5, 150, 60, 220]]
+    )
+    targets = [
+        {"boxes": boxes, "labels": torch.tensor([1, 17, 600, LVIS_C])},
+        {"boxes": boxes[:3] * 0.8, "labels": torch.tensor([5, 5, 900])},
+    ]
     return images, targets
 
 
@@ -75,14 +90,17 @@ def step0(cls_loss, **model):
     detector.train()
     seen = {}
     detector.roi_heads.box_predictor.register_forward_hook(
-        lambda m, args, out: seen.__setitem__("features", args[0].detach()))
+        lambda m, args, out: seen.__setitem__("features", args[0].detach())
+    )
     detector.roi_heads.cls_loss.register_forward_pre_hook(
-        lambda m, args: seen.__setitem__("labels", args[1].detach()))
+        lambda m, args: seen.__setitem__("labels", args[1].detach())
+    )
     losses = detector(*lvis_like_batch())
     return losses["loss_classifier"].detach(), seen["features"], seen["labels"], detector
 
 
 # --- reference: the authors' classifier initialisation and step-0 losses ---------------------
+
 
 def authors_classifier(in_features, out_features, seed=1):
     """nn.Linear initialised as the authors do: weight N(0, 0.01), bias -log((1 - p) / p)."""
@@ -104,7 +122,7 @@ def reference_eqlv2_step0(logits, labels, gamma=12.0, mu=0.8, alpha=4.0):
     n, channels = logits.shape
     target = torch.zeros_like(logits)
     target[torch.arange(n), labels] = 1.0
-    ratio = torch.full((channels - 1,), 100.0)                       # initial g_j
+    ratio = torch.full((channels - 1,), 100.0)  # initial g_j
     q = torch.cat([1.0 / (1.0 + torch.exp(-gamma * (ratio - mu))), torch.ones(1)])
     r = 1.0 + alpha * (1.0 - q)
     weight = r * target + q * (1.0 - target)
@@ -126,6 +144,7 @@ def reference_focal_step0(logits, labels, num_classes, alpha=0.25, gamma=2.0):
 
 
 # --- step-0 losses on LVIS's 1203 classes -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def eqlv2_step0():
@@ -157,8 +176,9 @@ def test_focal_step0_loss_matches_the_authors_initialisation():
     # the authors' sigmoid head has C channels (no background), each at the prior
     reference = authors_classifier(features.shape[1], LVIS_C)
     with torch.no_grad():
-        ref_loss = reference_focal_step0(reference(features), to_authors_labels(labels, LVIS_C),
-                                         LVIS_C)
+        ref_loss = reference_focal_step0(
+            reference(features), to_authors_labels(labels, LVIS_C), LVIS_C
+        )
     assert float(ref_loss) > 0
     assert abs(float(loss) / float(ref_loss) - 1.0) < 0.05, (float(loss), float(ref_loss))
 
@@ -175,12 +195,25 @@ def test_built_classifier_has_the_prior_bias_and_weight_std(eqlv2_step0):
     assert float(bbox.weight.detach().abs().max()) <= 1 / math.sqrt(bbox.in_features)
 
 
-SIGMOID_LOSSES = [{"type": "eql"}, {"type": "eqlv2"}, {"type": "federated"}, {"type": "focal"},
-                  {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"},
-                  {"type": "cb", "base": "focal"}, {"type": "efl"}, {"type": "eqfl"},
-                  {"type": "qfl"}]
-SOFTMAX_LOSSES = [{"type": "ce"}, {"type": "balanced_softmax"}, {"type": "las"},
-                  {"type": "cb", "base": "ce"}, {"type": "seesaw_softmax"}]
+SIGMOID_LOSSES = [
+    {"type": "eql"},
+    {"type": "eqlv2"},
+    {"type": "federated"},
+    {"type": "focal"},
+    {"type": "ghmc"},
+    {"type": "cb", "base": "sigmoid"},
+    {"type": "cb", "base": "focal"},
+    {"type": "efl"},
+    {"type": "eqfl"},
+    {"type": "qfl"},
+]
+SOFTMAX_LOSSES = [
+    {"type": "ce"},
+    {"type": "balanced_softmax"},
+    {"type": "las"},
+    {"type": "cb", "base": "ce"},
+    {"type": "seesaw_softmax"},
+]
 
 
 def test_the_loss_lists_cover_every_classification_loss():
@@ -199,22 +232,32 @@ def test_the_loss_lists_cover_every_classification_loss():
 def test_every_sigmoid_loss_starts_at_the_prior(cls_loss):
     num_classes = 20
     torch.manual_seed(0)
-    model = build_detector(make_cfg(cls_loss, backbone="mobilenet_v3_large"), num_classes,
-                           stats_for(num_classes))
+    model = build_detector(
+        make_cfg(cls_loss, backbone="mobilenet_v3_large"), num_classes, stats_for(num_classes)
+    )
     cls_score = model.roi_heads.box_predictor.cls_score
     assert torch.allclose(cls_score.bias, torch.full((num_classes + 1,), PRIOR_BIAS))
     assert abs(float(cls_score.weight.detach().std()) / 0.01 - 1) < 0.05
     # configurable: another prior, or 0 = torchvision's init
-    model = build_detector(make_cfg(cls_loss, backbone="mobilenet_v3_large", cls_prior_prob=0.01),
-                           num_classes, stats_for(num_classes))
-    assert torch.allclose(model.roi_heads.box_predictor.cls_score.bias,
-                          torch.full((num_classes + 1,), -math.log(99.0)))
+    model = build_detector(
+        make_cfg(cls_loss, backbone="mobilenet_v3_large", cls_prior_prob=0.01),
+        num_classes,
+        stats_for(num_classes),
+    )
+    assert torch.allclose(
+        model.roi_heads.box_predictor.cls_score.bias,
+        torch.full((num_classes + 1,), -math.log(99.0)),
+    )
     torch.manual_seed(0)
-    reference = build_torchvision_detector(make_cfg(cls_loss, backbone="mobilenet_v3_large"),
-                                           num_classes)
+    reference = build_torchvision_detector(
+        make_cfg(cls_loss, backbone="mobilenet_v3_large"), num_classes
+    )
     torch.manual_seed(0)
-    model = build_detector(make_cfg(cls_loss, backbone="mobilenet_v3_large", cls_prior_prob=0),
-                           num_classes, stats_for(num_classes))
+    model = build_detector(
+        make_cfg(cls_loss, backbone="mobilenet_v3_large", cls_prior_prob=0),
+        num_classes,
+        stats_for(num_classes),
+    )
     own = model.state_dict()
     for key, value in reference.state_dict().items():
         assert torch.equal(own[key], value), key
@@ -245,8 +288,9 @@ def test_only_the_classifier_changes_for_a_sigmoid_loss():
 
 @pytest.mark.parametrize("arch", ["retinanet", "retinanet_v2"])
 def test_retinanet_keeps_torchvision_prior(arch):
-    cfg = make_cfg({"type": "focal"}, arch=arch, backbone="mobilenet_v3_large",
-                   cls_prior_prob=PRIOR)
+    cfg = make_cfg(
+        {"type": "focal"}, arch=arch, backbone="mobilenet_v3_large", cls_prior_prob=PRIOR
+    )
     torch.manual_seed(0)
     reference = build_torchvision_detector(cfg, 20)
     torch.manual_seed(0)
@@ -259,15 +303,20 @@ def test_retinanet_keeps_torchvision_prior(arch):
 
 
 def test_lws_structure_starts_at_the_prior_and_cosine_warns(caplog):
-    model = build_detector(make_cfg({"type": "eqlv2"}, backbone="mobilenet_v3_large",
-                                    classifier={"type": "lws"}), 20)
+    model = build_detector(
+        make_cfg({"type": "eqlv2"}, backbone="mobilenet_v3_large", classifier={"type": "lws"}), 20
+    )
     cls_score = model.roi_heads.box_predictor.cls_score
     assert isinstance(cls_score, ScaledClassifier)
     assert torch.allclose(cls_score.base.bias, torch.full((21,), PRIOR_BIAS))
     assert torch.equal(cls_score.scales, torch.ones(21))
     with caplog.at_level(logging.WARNING, logger="ltdet.models.init"):
-        model = build_detector(make_cfg({"type": "eqlv2"}, backbone="mobilenet_v3_large",
-                                        classifier={"type": "cosine"}), 20)
+        model = build_detector(
+            make_cfg(
+                {"type": "eqlv2"}, backbone="mobilenet_v3_large", classifier={"type": "cosine"}
+            ),
+            20,
+        )
     assert "no bias" in caplog.text
     assert isinstance(model.roi_heads.box_predictor, CosinePredictor)
 
@@ -275,11 +324,13 @@ def test_lws_structure_starts_at_the_prior_and_cosine_warns(caplog):
 def test_bad_prior_is_refused():
     for bad in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="cls_prior_prob"):
-            build_detector(make_cfg({"type": "eqlv2"}, backbone="mobilenet_v3_large",
-                                    cls_prior_prob=bad), 3)
+            build_detector(
+                make_cfg({"type": "eqlv2"}, backbone="mobilenet_v3_large", cls_prior_prob=bad), 3
+            )
 
 
 # --- ltdet.patch and the explicit function ----------------------------------------------------
+
 
 def test_patch_leaves_weights_untouched_unless_asked(tiny_detector):
     model = tiny_detector(num_classes=50)
@@ -305,8 +356,9 @@ def test_init_sigmoid_classifier_accepts_model_predictor_or_linear(tiny_detector
     assert ltdet.init_sigmoid_classifier is ltdet.models.init_sigmoid_classifier
     model = tiny_detector(num_classes=50)
     assert ltdet.init_sigmoid_classifier(model) is model
-    assert torch.allclose(model.roi_heads.box_predictor.cls_score.bias,
-                          torch.full((51,), PRIOR_BIAS))
+    assert torch.allclose(
+        model.roi_heads.box_predictor.cls_score.bias, torch.full((51,), PRIOR_BIAS)
+    )
     predictor = tiny_detector(num_classes=50).roi_heads.box_predictor
     ltdet.init_sigmoid_classifier(predictor, prior_prob=0.01)
     assert torch.allclose(predictor.cls_score.bias, torch.full((51,), -math.log(99.0)))
@@ -329,11 +381,13 @@ def test_init_sigmoid_classifier_refusals():
 
 # --- cRT's stage-2 reset --------------------------------------------------------------------
 
+
 def _stage2(cls_loss, **model):
     num_classes = 20
     torch.manual_seed(1)
-    stage1 = build_detector(make_cfg({"type": "ce"}, backbone="mobilenet_v3_large"),
-                            num_classes).state_dict()
+    stage1 = build_detector(
+        make_cfg({"type": "ce"}, backbone="mobilenet_v3_large"), num_classes
+    ).state_dict()
     cfg = make_cfg(cls_loss, backbone="mobilenet_v3_large", **model)
     cfg["refine"] = {"head": "crt", "box": False}
     torch.manual_seed(2)
@@ -349,7 +403,9 @@ def test_crt_reset_with_a_sigmoid_stage2_loss_starts_at_the_prior():
     assert abs(float(cls_score.weight.detach().std()) / 0.01 - 1) < 0.05
     own = detector.state_dict()
     assert torch.equal(own[PRED + "bbox_pred.weight"], stage1[PRED + "bbox_pred.weight"])
-    assert torch.equal(own["roi_heads.box_head.fc6.weight"], stage1["roi_heads.box_head.fc6.weight"])
+    assert torch.equal(
+        own["roi_heads.box_head.fc6.weight"], stage1["roi_heads.box_head.fc6.weight"]
+    )
 
 
 def test_crt_reset_with_softmax_or_without_prior_keeps_bias_zero():
@@ -366,11 +422,13 @@ def test_patch_with_a_prior_leaves_the_model_unchanged_when_the_config_is_reject
     import ltdet
 
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, num_classes=5)
+        weights=None, weights_backbone=None, num_classes=5
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError):
-        ltdet.patch(model, cls_loss={"type": "eqlv2"}, sampler={"type": "bogus"},
-                    cls_prior_prob=1e-3)
+        ltdet.patch(
+            model, cls_loss={"type": "eqlv2"}, sampler={"type": "bogus"}, cls_prior_prob=1e-3
+        )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert type(model.roi_heads).__name__ == "RoIHeads"

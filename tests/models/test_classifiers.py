@@ -1,4 +1,5 @@
 """Box predictors: cosine, LWS, tau-norm, cRT reset, build_predictor."""
+
 import math
 
 import pytest
@@ -6,9 +7,16 @@ import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from ltdet.models.classifiers import (CosineClassifier, CosinePredictor, LinearPredictor,
-                                      LWSPredictor, ScaledClassifier, build_predictor,
-                                      reset_classifier, tau_normalize)
+from ltdet.models.classifiers import (
+    CosineClassifier,
+    CosinePredictor,
+    LinearPredictor,
+    LWSPredictor,
+    ScaledClassifier,
+    build_predictor,
+    reset_classifier,
+    tau_normalize,
+)
 
 D, C1 = 16, 6  # feature dim, classes incl. background
 
@@ -97,10 +105,10 @@ def test_tau_norm_unit_rows_at_one_background_untouched_bias_dropped():
     tau_normalize(p, 1.0)
     norms = p.cls_score.weight.norm(dim=1)
     torch.testing.assert_close(norms[1:], torch.ones(C1 - 1))
-    assert torch.equal(p.cls_score.weight[0], w0[0])        # background row untouched by default
+    assert torch.equal(p.cls_score.weight[0], w0[0])  # background row untouched by default
     # the authors' tau-norm scores without the bias (classifier-balancing tau_norm.py)
     assert torch.equal(p.cls_score.bias[1:], torch.zeros(C1 - 1))
-    assert p.cls_score.bias[0] == b0[0]                     # background bias untouched too
+    assert p.cls_score.bias[0] == b0[0]  # background bias untouched too
     kept = _stage1_predictor()
     b1 = kept.cls_score.bias.clone()
     tau_normalize(kept, 1.0, keep_bias=True)
@@ -143,8 +151,13 @@ def test_build_predictor_types_and_errors():
     assert cos.bbox_pred.out_features == 4 * C1
     lws = build_predictor({"type": "lws"}, D, C1 - 1)
     assert isinstance(lws, LWSPredictor)
-    assert set(lws.state_dict()) == {"cls_score.base.weight", "cls_score.base.bias",
-                                     "cls_score.scales", "bbox_pred.weight", "bbox_pred.bias"}
+    assert set(lws.state_dict()) == {
+        "cls_score.base.weight",
+        "cls_score.base.bias",
+        "cls_score.scales",
+        "bbox_pred.weight",
+        "bbox_pred.bias",
+    }
     assert isinstance(build_predictor(None, D, C1 - 1), LinearPredictor)
     with pytest.raises(ValueError, match="model.classifier.type"):
         build_predictor({"type": "mlp"}, D, 5)

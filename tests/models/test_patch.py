@@ -1,4 +1,5 @@
 """ltdet.patch on models from torchvision's own builders (weights=None, tiny images)."""
+
 import copy
 
 import pytest
@@ -16,14 +17,17 @@ def _capture_box_head(model):
     """Records (proposals per image, class_logits) of the next RoI-head call."""
     record = {}
     model.roi_heads.register_forward_pre_hook(
-        lambda m, args: record.__setitem__("sizes", [p.shape[0] for p in args[1]]))
+        lambda m, args: record.__setitem__("sizes", [p.shape[0] for p in args[1]])
+    )
     model.roi_heads.box_predictor.register_forward_hook(
-        lambda m, args, out: record.__setitem__("logits", out[0].detach()))
+        lambda m, args, out: record.__setitem__("logits", out[0].detach())
+    )
     return record
 
 
-def test_patched_builder_trains_and_scores_with_the_activation(builder_name, detection_batch,
-                                                               tiny_detector, tiny_image_size):
+def test_patched_builder_trains_and_scores_with_the_activation(
+    builder_name, detection_batch, tiny_detector, tiny_image_size
+):
     """Runs once per builder `tiny_detector` knows (`builder_name`: tests/conftest.py)."""
     masks = builder_name.startswith("mask")
     model = tiny_detector(builder_name)
@@ -46,7 +50,7 @@ def test_patched_builder_trains_and_scores_with_the_activation(builder_name, det
     with torch.no_grad():
         out = model(images)
     for i, det in enumerate(out):
-        rows = slice(sum(record["sizes"][:i]), sum(record["sizes"][:i + 1]))
+        rows = slice(sum(record["sizes"][:i]), sum(record["sizes"][: i + 1]))
         fg = record["logits"][rows, 1:].sigmoid()  # focal's activation, recomputed here
         assert det["scores"].numel() > 0
         # the best detection is the best (RoI, class) score: greedy NMS always keeps it
@@ -55,12 +59,21 @@ def test_patched_builder_trains_and_scores_with_the_activation(builder_name, det
         per_label = fg[:, det["labels"] - 1]  # [R, K]
         assert ((per_label - det["scores"][None]).abs() < 1e-6).any(0).all()
         if masks:
-            assert det["masks"].shape == (det["scores"].numel(), 1, tiny_image_size,
-                                          tiny_image_size)
+            assert det["masks"].shape == (
+                det["scores"].numel(),
+                1,
+                tiny_image_size,
+                tiny_image_size,
+            )
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_fpn",
-                                  pytest.param("maskrcnn_resnet50_fpn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        pytest.param("maskrcnn_resnet50_fpn", marks=pytest.mark.slow),
+    ],
+)
 def test_default_patch_reproduces_torchvision(name, detection_batch, tiny_detector):
     vanilla = tiny_detector(name)
     patched = ltdet.patch(copy.deepcopy(vanilla))
@@ -100,14 +113,19 @@ def test_patch_leaves_weights_bit_identical(tiny_detector):
 
 def test_patch_accepts_built_modules_and_stats(tiny_detector, tiny_num_classes):
     model = tiny_detector("fasterrcnn_mobilenet_v3_large_fpn")
-    stats = ClassStats(image_count=torch.arange(1.0, tiny_num_classes + 1),
-                       instance_count=torch.arange(2.0, tiny_num_classes + 2), num_images=20)
+    stats = ClassStats(
+        image_count=torch.arange(1.0, tiny_num_classes + 1),
+        instance_count=torch.arange(2.0, tiny_num_classes + 2),
+        num_images=20,
+    )
     cls_loss = build_loss({"type": "focal"}, num_classes=tiny_num_classes)
     ltdet.patch(model, cls_loss=cls_loss, box_loss={"type": "l1"}, stats=stats)
     assert model.roi_heads.cls_loss is cls_loss
     # patching again keeps what is not given
     ltdet.patch(model, sampler={"type": "ohem"})
-    assert model.roi_heads.cls_loss is cls_loss and type(model.roi_heads.box_loss).__name__ == "L1Loss"
+    assert (
+        model.roi_heads.cls_loss is cls_loss and type(model.roi_heads.box_loss).__name__ == "L1Loss"
+    )
     assert type(model.roi_heads.sampler).__name__ == "OHEMRoISampler"
 
 
@@ -128,8 +146,9 @@ def test_patch_validates_before_the_first_step(tiny_detector):
 
 
 def test_patch_dispatches_retinanet(tiny_num_classes):
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None,
-                                   num_classes=tiny_num_classes + 1)
+    model = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=tiny_num_classes + 1
+    )
     with pytest.raises(ValueError, match="two-stage"):
         ltdet.patch(model, sampler={"type": "ohem"})
     assert ltdet.patch(model, cls_loss={"type": "focal"}) is model
@@ -138,14 +157,26 @@ def test_patch_dispatches_retinanet(tiny_num_classes):
 
 @pytest.mark.slow
 def test_keypoint_rcnn_keeps_its_branch(tiny_image_size):
-    model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=2,
-                                      min_size=tiny_image_size, max_size=tiny_image_size,
-                                      rpn_post_nms_top_n_train=50,
-                                      box_batch_size_per_image=16, box_detections_per_img=5)
+    model = keypointrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=2,
+        min_size=tiny_image_size,
+        max_size=tiny_image_size,
+        rpn_post_nms_top_n_train=50,
+        box_batch_size_per_image=16,
+        box_detections_per_img=5,
+    )
     model.backbone.requires_grad_(False)
     ltdet.patch(model, cls_loss={"type": "focal"}, sampler={"type": "pisa"})
     keypoints = torch.tensor([[[10.0, 10.0, 1.0]] * 17])
-    targets = [{"boxes": torch.tensor([[4.0, 4, 40, 50]]), "labels": torch.tensor([1]), "keypoints": keypoints}]
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4, 40, 50]]),
+            "labels": torch.tensor([1]),
+            "keypoints": keypoints,
+        }
+    ]
     losses = model([torch.rand(3, tiny_image_size, tiny_image_size)], targets)
     assert losses["loss_keypoint"] > 0
     sum(losses.values()).backward()

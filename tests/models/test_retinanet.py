@@ -4,31 +4,48 @@ References are computed independently: torchvision's own RetinaNet head losses (
 foreground columns with labels shifted to 0..C-1, which is what torchvision trains for a head of C
 classes) and `torchvision.ops.sigmoid_focal_loss` per image.
 """
+
 import pytest
 import torch
-from torchvision.models.detection.retinanet import (RetinaNetClassificationHead,
-                                                    RetinaNetRegressionHead)
+from torchvision.models.detection.retinanet import (
+    RetinaNetClassificationHead,
+    RetinaNetRegressionHead,
+)
 from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from ltdet.losses import build_loss
 from ltdet.models.build import build_torchvision_detector
-from ltdet.models.retinanet import (LTRetinaNet, LTRetinaNetClassificationHead,
-                                    LTRetinaNetRegressionHead, patch_retinanet)
+from ltdet.models.retinanet import (
+    LTRetinaNet,
+    LTRetinaNetClassificationHead,
+    LTRetinaNetRegressionHead,
+    patch_retinanet,
+)
 
 C = 3  # foreground classes; the head has C + 1 columns
 
 
 def tiny_retinanet(arch="retinanet", backbone="resnet18", **model):
-    cfg = {"model": {"arch": arch, "backbone": backbone, "norm": "bn", "detections_per_img": 300,
-                     "score_thresh": 1e-4, **model}}
+    cfg = {
+        "model": {
+            "arch": arch,
+            "backbone": backbone,
+            "norm": "bn",
+            "detections_per_img": 300,
+            "score_thresh": 1e-4,
+            **model,
+        }
+    }
     return build_torchvision_detector(cfg, C)
 
 
 def images_and_targets():
     images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
     targets = [
-        {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
-         "labels": torch.tensor([1, 3])},
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
         {"boxes": torch.tensor([[30.0, 30.0, 50.0, 52.0]]), "labels": torch.tensor([2])},
     ]
     return images, targets
@@ -39,13 +56,18 @@ def capture_head_inputs(model, images, targets):
     matcher), captured with forward hooks."""
     seen = {}
     h1 = model.head.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
-    h2 = model.anchor_generator.register_forward_hook(lambda m, i, o: seen.__setitem__("anchors", o))
+    h2 = model.anchor_generator.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("anchors", o)
+    )
     losses = model(images, [dict(t) for t in targets])
     h1.remove()
     h2.remove()
-    matched = [model.proposal_matcher(box_iou(t["boxes"], a)) if t["boxes"].numel()
-               else torch.full((a.shape[0],), -1, dtype=torch.int64)
-               for t, a in zip(targets, seen["anchors"])]
+    matched = [
+        model.proposal_matcher(box_iou(t["boxes"], a))
+        if t["boxes"].numel()
+        else torch.full((a.shape[0],), -1, dtype=torch.int64)
+        for t, a in zip(targets, seen["anchors"])
+    ]
     return losses, seen["out"], seen["anchors"], matched
 
 
@@ -56,8 +78,9 @@ def torchvision_reference(out, anchors, matched, targets, box_type="l1"):
     reg_head = RetinaNetRegressionHead(8, 1)
     reg_head._loss_type = box_type
     cls = cls_head.compute_loss(shifted, {"cls_logits": out["cls_logits"][..., 1:]}, matched)
-    box = reg_head.compute_loss(shifted, {"bbox_regression": out["bbox_regression"]}, anchors,
-                                matched)
+    box = reg_head.compute_loss(
+        shifted, {"bbox_regression": out["bbox_regression"]}, anchors, matched
+    )
     return cls, box
 
 
@@ -80,11 +103,14 @@ def test_focal_matches_independent_per_image_formula_and_gradient():
     ignored anchors (between thresholds) contribute nothing."""
     torch.manual_seed(3)
     head = LTRetinaNetClassificationHead.from_head(
-        RetinaNetClassificationHead(8, 1, C + 1), loss=build_loss({"type": "focal"}, num_classes=C))
+        RetinaNetClassificationHead(8, 1, C + 1), loss=build_loss({"type": "focal"}, num_classes=C)
+    )
     logits = torch.randn(2, 50, C + 1, requires_grad=True)
     matched = [torch.randint(-2, 2, (50,)), torch.full((50,), -1)]
-    targets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([2, 3])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [
+        {"boxes": torch.zeros(2, 4), "labels": torch.tensor([2, 3])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
     loss = head.compute_loss(targets, {"cls_logits": logits}, matched)
     expected = 0.0
     for b in range(2):
@@ -106,8 +132,10 @@ def test_focal_matches_independent_per_image_formula_and_gradient():
 def test_smooth_l1_and_giou_equal_torchvision_box_losses():
     model = tiny_retinanet()
     images, targets = images_and_targets()
-    for box_cfg, tv_type in (({"type": "smooth_l1", "beta": 1.0}, "smooth_l1"),
-                             ({"type": "giou"}, "giou")):
+    for box_cfg, tv_type in (
+        ({"type": "smooth_l1", "beta": 1.0}, "smooth_l1"),
+        ({"type": "giou"}, "giou"),
+    ):
         patch_retinanet(model, cls_loss={"type": "focal"}, box_loss=box_cfg)
         model.train()
         losses, out, anchors, matched = capture_head_inputs(model, images, targets)
@@ -129,18 +157,23 @@ def test_patch_keeps_weights_and_modules():
         assert torch.equal(after[key], value), key
     # the loss state is part of the model's state (checkpoint / resume)
     extra = set(after) - set(before)
-    assert {"head.classification_head.loss.pos_grad",
-            "head.classification_head.loss.neg_grad"} <= extra
+    assert {
+        "head.classification_head.loss.pos_grad",
+        "head.classification_head.loss.neg_grad",
+    } <= extra
 
 
-@pytest.mark.parametrize("cls_cfg", [{"type": "eqlv2"}, {"type": "ghmc", "bins": 30,
-                                                         "momentum": 0.75}])
+@pytest.mark.parametrize(
+    "cls_cfg", [{"type": "eqlv2"}, {"type": "ghmc", "bins": 30, "momentum": 0.75}]
+)
 def test_eqlv2_and_ghmc_train_a_step(cls_cfg):
     model = tiny_retinanet()
     patch_retinanet(model, cls_loss=cls_cfg, box_loss={"type": "smooth_l1"})
     model.train()
     images, targets = images_and_targets()
-    state_before = {k: v.clone() for k, v in model.head.classification_head.loss.state_dict().items()}
+    state_before = {
+        k: v.clone() for k, v in model.head.classification_head.loss.state_dict().items()
+    }
     losses = model(images, targets)
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -157,11 +190,14 @@ def test_ghmc_is_normalised_by_gradient_density_not_foreground_count():
     torch.manual_seed(5)
     head = LTRetinaNetClassificationHead.from_head(
         RetinaNetClassificationHead(8, 1, C + 1),
-        loss=build_loss({"type": "ghmc", "bins": 10}, num_classes=C))
+        loss=build_loss({"type": "ghmc", "bins": 10}, num_classes=C),
+    )
     logits = torch.randn(2, 40, C + 1)
     matched = [torch.randint(-2, 2, (40,)), torch.randint(-2, 1, (40,))]
-    targets = [{"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 3])},
-               {"boxes": torch.zeros(1, 4), "labels": torch.tensor([2])}]
+    targets = [
+        {"boxes": torch.zeros(2, 4), "labels": torch.tensor([1, 3])},
+        {"boxes": torch.zeros(1, 4), "labels": torch.tensor([2])},
+    ]
     loss = head.compute_loss(targets, {"cls_logits": logits}, matched)
     z, y = [], []
     for b in range(2):
@@ -190,24 +226,26 @@ def test_postprocess_scores_with_the_loss_activation(cls_cfg):
     patch_retinanet(model, cls_loss=cls_cfg)
     model.eval()
     loss = model.head.classification_head.loss
-    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5],
-                           [-3.0, 0.2, 0.8, -2.0],
-                           [0.0, -1.0, 3.0, 1.0]])
-    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0],
-                            [80.0, 0.0, 95.0, 12.0]])
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5], [-3.0, 0.2, 0.8, -2.0], [0.0, -1.0, 3.0, 1.0]])
+    anchors = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [40.0, 40.0, 50.0, 50.0], [80.0, 0.0, 95.0, 12.0]]
+    )
     head_outputs = {"cls_logits": [logits[None]], "bbox_regression": [torch.zeros(1, 3, 4)]}
     det = model.postprocess_detections(head_outputs, [[anchors]], [(96, 128)])[0]
     if cls_cfg["type"] == "eqlv2":
         expected = torch.sigmoid(logits[:, 1:]) * (1 - torch.sigmoid(logits[:, :1]))
     else:
         expected = torch.softmax(logits, dim=1)[:, 1:]
+    # the hand-written scores are the patched loss's own activation (foreground columns)
+    torch.testing.assert_close(loss.activation(logits)[:, 1:], expected, atol=1e-6, rtol=1e-6)
     values, order = expected.flatten().sort(descending=True)
     torch.testing.assert_close(det["scores"], values, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(det["labels"], order % C + 1)
     torch.testing.assert_close(det["boxes"], anchors[order // C])
     # the same logits through torchvision's sigmoid would rank differently for EQLv2
-    assert not torch.allclose(det["scores"], torch.sigmoid(logits[:, 1:]).flatten().sort(
-        descending=True).values)
+    assert not torch.allclose(
+        det["scores"], torch.sigmoid(logits[:, 1:]).flatten().sort(descending=True).values
+    )
 
 
 def test_eval_forward_respects_detection_settings():
@@ -231,8 +269,14 @@ def test_images_without_boxes_train():
     losses, out, _, _ = capture_head_inputs(model, images, empty)
     assert losses["bbox_regression"].item() == 0.0
     # no foreground: every anchor is a negative, normaliser 1 per image, mean over images
-    expected = sigmoid_focal_loss(out["cls_logits"][..., 1:], torch.zeros_like(
-        out["cls_logits"][..., 1:]), reduction="sum") / 2
+    expected = (
+        sigmoid_focal_loss(
+            out["cls_logits"][..., 1:],
+            torch.zeros_like(out["cls_logits"][..., 1:]),
+            reduction="sum",
+        )
+        / 2
+    )
     torch.testing.assert_close(losses["classification"], expected, atol=1e-5, rtol=1e-5)
     sum(losses.values()).backward()
     assert model.head.classification_head.cls_logits.weight.grad.abs().sum() > 0

@@ -1,4 +1,5 @@
 """LTRoIHeads: losses, weights and hooks against formulas computed here; torchvision parity."""
+
 import copy
 
 import pytest
@@ -15,9 +16,11 @@ from ltdet.models.roi_heads import LTRoIHeads
 def lt_heads(tiny_roi_heads):
     """`lt_heads(rh=None, **patch_kwargs)`: LTRoIHeads (train mode) from `rh`, else from a fresh
     `tiny_roi_heads()`."""
+
     def _lt(rh=None, **kwargs):
         rh = rh if rh is not None else tiny_roi_heads()
         return LTRoIHeads.from_roi_heads(rh, **kwargs).train()
+
     return _lt
 
 
@@ -30,8 +33,9 @@ def _independent_losses(head, samples, logits, deltas, roi_weight=None, box_weig
     cls = (ce * (roi_weight if roi_weight is not None else 1)).sum() / n
     pos = torch.where(labels > 0)[0]
     d = deltas.reshape(n, -1, 4)[pos, labels[pos]]
-    targets = head.box_coder.encode_single(torch.cat(samples.matched_gt_boxes)[pos],
-                                           torch.cat(samples.proposals)[pos])
+    targets = head.box_coder.encode_single(
+        torch.cat(samples.matched_gt_boxes)[pos], torch.cat(samples.proposals)[pos]
+    )
     sl1 = F.smooth_l1_loss(d, targets, beta=1 / 9, reduction="none").sum(1)
     box = (sl1 * (box_weight if box_weight is not None else 1)).sum() / n
     return cls, box
@@ -102,11 +106,15 @@ def test_lds_hook_weights_positive_box_loss(head_inputs, lt_heads, tiny_num_clas
     deltas = torch.randn(n, (tiny_num_classes + 1) * 4) * 0.1
     losses = head.box_losses(logits, deltas, samples)
     labels = torch.cat(samples.labels)
-    pos_ious = torch.cat([box_iou(p, t["boxes"]).max(1).values for p, t in zip(samples.proposals, targets)])
+    pos_ious = torch.cat(
+        [box_iou(p, t["boxes"]).max(1).values for p, t in zip(samples.proposals, targets)]
+    )
     pos_ious = pos_ious[labels > 0]
     assert len(lds.updates) == 1 and torch.allclose(lds.updates[0], pos_ious)
     cls, box = _independent_losses(head, samples, logits, deltas, None, 2.0 * pos_ious)
-    assert torch.allclose(losses["loss_box_reg"], box) and torch.allclose(losses["loss_classifier"], cls)
+    assert torch.allclose(losses["loss_box_reg"], box) and torch.allclose(
+        losses["loss_classifier"], cls
+    )
 
 
 def test_lds_delta_target_bins_the_regression_target_norm(head_inputs, lt_heads, tiny_num_classes):
@@ -121,8 +129,9 @@ def test_lds_delta_target_bins_the_regression_target_norm(head_inputs, lt_heads,
     head.box_losses(logits, deltas, samples)
     labels = torch.cat(samples.labels)
     pos = labels > 0
-    expected = head.box_coder.encode_single(torch.cat(samples.matched_gt_boxes)[pos],
-                                            torch.cat(samples.proposals)[pos]).norm(dim=1)
+    expected = head.box_coder.encode_single(
+        torch.cat(samples.matched_gt_boxes)[pos], torch.cat(samples.proposals)[pos]
+    ).norm(dim=1)
     assert len(lds.updates) == 1 and torch.allclose(lds.updates[0], expected)
 
 
@@ -202,8 +211,9 @@ def test_needs_boxes_loss_gets_decoded_boxes(head_inputs, lt_heads, tiny_num_cla
     head.box_losses(torch.randn(n, tiny_num_classes + 1), deltas, samples)
     labels = torch.cat(samples.labels)
     pos = torch.where(labels > 0)[0]
-    expected = head.box_coder.decode_single(deltas.reshape(n, -1, 4)[pos, labels[pos]],
-                                            torch.cat(samples.proposals)[pos])
+    expected = head.box_coder.decode_single(
+        deltas.reshape(n, -1, 4)[pos, labels[pos]], torch.cat(samples.proposals)[pos]
+    )
     gt = torch.cat([t["boxes"][m] for t, m in zip(targets, samples.matched_idxs)])[pos]
     assert torch.allclose(box_loss.pred, expected) and torch.equal(box_loss.target, gt)
 
@@ -212,18 +222,19 @@ def test_postprocess_scores_with_the_loss_activation(lt_heads, tiny_roi_heads):
     rh = tiny_roi_heads(score_thresh=0.3, detections_per_img=3)
     head = lt_heads(rh, cls_loss={"type": "focal"}).eval()
     proposals = [torch.tensor([[10.0, 10, 50, 60]]), torch.tensor([[5.0, 5, 30, 30]])]
-    logits = torch.tensor([[0.0, 2.0, -1.0, 0.5, -3.0, 1.0],
-                           [4.0, -2.0, -2.0, -2.0, -2.0, -2.0]])
-    boxes, scores, labels = head.postprocess_detections(logits, torch.zeros(2, 24), proposals,
-                                                        [(64, 64), (64, 64)])
+    logits = torch.tensor([[0.0, 2.0, -1.0, 0.5, -3.0, 1.0], [4.0, -2.0, -2.0, -2.0, -2.0, -2.0]])
+    boxes, scores, labels = head.postprocess_detections(
+        logits, torch.zeros(2, 24), proposals, [(64, 64), (64, 64)]
+    )
     fg = logits[0, 1:].sigmoid()  # 0.88, 0.27, 0.62, 0.05, 0.73: three above 0.3
     assert torch.allclose(scores[0], torch.sort(fg[fg > 0.3], descending=True).values)
     assert labels[0].tolist() == [1, 5, 3]
     assert torch.equal(boxes[0], proposals[0].expand(3, 4))
     assert scores[1].numel() == 0  # sigmoid(-2) = 0.12 < 0.3 (a softmax would give 0.002 too)
     softmax_head = lt_heads(tiny_roi_heads(score_thresh=0.3, detections_per_img=3)).eval()
-    _, sm_scores, _ = softmax_head.postprocess_detections(logits, torch.zeros(2, 24), proposals,
-                                                          [(64, 64), (64, 64)])
+    _, sm_scores, _ = softmax_head.postprocess_detections(
+        logits, torch.zeros(2, 24), proposals, [(64, 64), (64, 64)]
+    )
     assert torch.allclose(sm_scores[0], logits[0].softmax(0)[1:][logits[0].softmax(0)[1:] > 0.3])
 
 
@@ -259,10 +270,18 @@ def test_scoring_pass_keeps_batchnorm_and_loss_state(head_inputs, lt_heads, tiny
 
 
 def test_from_roi_heads_shares_modules_and_settings(tiny_num_classes, tiny_roi_heads):
-    rh = tiny_roi_heads(score_thresh=0.2, nms_thresh=0.4, detections_per_img=7, fg_iou_thresh=0.6,
-                        bg_iou_thresh=0.4, batch_size_per_image=24, positive_fraction=0.5)
-    head = LTRoIHeads.from_roi_heads(rh, cls_loss=build_loss({"type": "ce"},
-                                                             num_classes=tiny_num_classes))
+    rh = tiny_roi_heads(
+        score_thresh=0.2,
+        nms_thresh=0.4,
+        detections_per_img=7,
+        fg_iou_thresh=0.6,
+        bg_iou_thresh=0.4,
+        batch_size_per_image=24,
+        positive_fraction=0.5,
+    )
+    head = LTRoIHeads.from_roi_heads(
+        rh, cls_loss=build_loss({"type": "ce"}, num_classes=tiny_num_classes)
+    )
     assert head.box_head is rh.box_head and head.box_predictor is rh.box_predictor
     assert head.box_roi_pool is rh.box_roi_pool
     assert (head.score_thresh, head.nms_thresh, head.detections_per_img) == (0.2, 0.4, 7)

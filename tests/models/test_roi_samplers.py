@@ -1,4 +1,5 @@
 """RoI samplers: random (+ bg_iou_lo), OHEM and PISA against hand-computed cases."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -8,23 +9,39 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import box_iou
 
 from ltdet.models.roi_heads import LTRoIHeads
-from ltdet.models.roi_samplers import (PISARoISampler, RandomRoISampler, RoICandidates, RoISamples,
-                                       build_roi_sampler, hierarchical_rank, importance_weights,
-                                       iou_hlr, ohem_select, score_hlr)
+from ltdet.models.roi_samplers import (
+    PISARoISampler,
+    RandomRoISampler,
+    RoICandidates,
+    RoISamples,
+    build_roi_sampler,
+    hierarchical_rank,
+    importance_weights,
+    iou_hlr,
+    ohem_select,
+    score_hlr,
+)
 
 
 def _candidates(labels, ious):
     labels = torch.tensor(labels)
-    boxes = torch.arange(labels.numel(), dtype=torch.float32)[:, None].repeat(1, 4) + torch.tensor([0, 0, 5, 5.0])
-    return RoICandidates(boxes, labels, torch.zeros_like(labels), torch.tensor(ious), torch.zeros(1, 4))
+    boxes = torch.arange(labels.numel(), dtype=torch.float32)[:, None].repeat(1, 4) + torch.tensor(
+        [0, 0, 5, 5.0]
+    )
+    return RoICandidates(
+        boxes, labels, torch.zeros_like(labels), torch.tensor(ious), torch.zeros(1, 4)
+    )
 
 
 @pytest.fixture
 def make_head(tiny_roi_heads):
     """`make_head(sampler=None, cls_loss=None, **roi_heads_settings)`: LTRoIHeads in train mode."""
+
     def _head(sampler=None, cls_loss=None, **kwargs):
-        return LTRoIHeads.from_roi_heads(tiny_roi_heads(**kwargs), cls_loss=cls_loss,
-                                         sampler=sampler).train()
+        return LTRoIHeads.from_roi_heads(
+            tiny_roi_heads(**kwargs), cls_loss=cls_loss, sampler=sampler
+        ).train()
+
     return _head
 
 
@@ -35,8 +52,16 @@ def test_random_sampler_draws_like_torchvision(make_head):
     head = make_head({"type": "random"}, batch_size_per_image=8, positive_fraction=0.25)
     g = torch.Generator().manual_seed(3)
     labels = [torch.randint(-1, 4, (40,), generator=g), torch.randint(-1, 2, (25,), generator=g)]
-    cands = [RoICandidates(torch.zeros(n.numel(), 4), n, torch.zeros_like(n), torch.rand(n.numel()),
-                           torch.zeros(1, 4)) for n in labels]
+    cands = [
+        RoICandidates(
+            torch.zeros(n.numel(), 4),
+            n,
+            torch.zeros_like(n),
+            torch.rand(n.numel()),
+            torch.zeros(1, 4),
+        )
+        for n in labels
+    ]
     torch.manual_seed(7)
     ours = [s.indices for s in head.sampler(head.roi_scorer(), cands)]
     torch.manual_seed(7)
@@ -109,11 +134,14 @@ def test_ohem_select_hand_built():
 
 
 def test_ohem_keeps_top_loss_rois_of_the_box_head(head_inputs, make_head):
-    head = make_head({"type": "ohem", "nms_thresh": None}, batch_size_per_image=12,
-                     positive_fraction=0.25)
+    head = make_head(
+        {"type": "ohem", "nms_thresh": None}, batch_size_per_image=12, positive_fraction=0.25
+    )
     features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 1))
     gt = [t["boxes"] for t in targets]
-    cands = head.assign_candidates(head.add_gt_proposals(proposals, gt), gt, [t["labels"] for t in targets])
+    cands = head.assign_candidates(
+        head.add_gt_proposals(proposals, gt), gt, [t["labels"] for t in targets]
+    )
     chosen = [s.indices for s in head.sampler(head.roi_scorer(features, shapes), cands)]
     # independent: box head on all candidates, CE + smooth L1 (beta 1/9) of each RoI
     with torch.no_grad():
@@ -123,9 +151,9 @@ def test_ohem_keeps_top_loss_rois_of_the_box_head(head_inputs, make_head):
     for c, idx in zip(cands, chosen):
         n = c.boxes.shape[0]
         lab = c.labels.clamp(min=0)
-        loss = F.cross_entropy(logits[offset:offset + n], lab, reduction="none")
+        loss = F.cross_entropy(logits[offset : offset + n], lab, reduction="none")
         pos = torch.where(lab > 0)[0]
-        d = deltas[offset:offset + n].reshape(n, -1, 4)[pos, lab[pos]]
+        d = deltas[offset : offset + n].reshape(n, -1, 4)[pos, lab[pos]]
         tgt = head.box_coder.encode_single(c.gt_boxes[c.matched_idxs[pos]], c.boxes[pos])
         loss[pos] += F.smooth_l1_loss(d, tgt, beta=1 / 9, reduction="none").sum(1)
         loss[c.labels < 0] = -1.0
@@ -236,24 +264,32 @@ def _pisa_samples():
     matched = [torch.tensor([0, 1, 0, 0, 1, 0]), torch.tensor([0, 0])]
     ious = [torch.tensor([0.6, 0.8, 0.9, 0.7, 0.55, 0.1]), torch.tensor([0.95, 0.2])]
     boxes = [torch.rand(6, 4), torch.rand(2, 4)]
-    return RoISamples(proposals=boxes, labels=labels, matched_idxs=matched, ious=ious,
-                      regression_targets=[torch.zeros(6, 4), torch.zeros(2, 4)],
-                      matched_gt_boxes=boxes, gt_boxes=[torch.rand(2, 4), torch.rand(1, 4)])
+    return RoISamples(
+        proposals=boxes,
+        labels=labels,
+        matched_idxs=matched,
+        ious=ious,
+        regression_targets=[torch.zeros(6, 4), torch.zeros(2, 4)],
+        matched_gt_boxes=boxes,
+        gt_boxes=[torch.rand(2, 4), torch.rand(1, 4)],
+    )
 
 
 def test_pisa_isr_p_and_carl_weights_hand_computed(make_head, tiny_num_classes):
-    head = make_head({"type": "pisa", "iou": "proposal", "gamma": 2.0, "beta": 0.0, "k": 1.0,
-                      "bias": 0.2})
+    head = make_head(
+        {"type": "pisa", "iou": "proposal", "gamma": 2.0, "beta": 0.0, "k": 1.0, "bias": 0.2}
+    )
     samples = _pisa_samples()
     logits = torch.randn(8, tiny_num_classes + 1, requires_grad=True)
-    cls_w, box_w = head.sampler.loss_weights(head.roi_scorer(), logits,
-                                             torch.zeros(8, (tiny_num_classes + 1) * 4), samples)
+    cls_w, box_w = head.sampler.loss_weights(
+        head.roi_scorer(), logits, torch.zeros(8, (tiny_num_classes + 1) * 4), samples
+    )
     labels = torch.cat(samples.labels)
     pos = torch.tensor([0, 1, 2, 3, 4, 6])
     # class 1 order .9 .8 .7 .55 .6 (gt 1 of image 1 is a different gt); class 2: .95 alone
     u = (5 - torch.tensor([4.0, 1, 0, 2, 3, 0])) / 5
     ce = F.cross_entropy(logits.detach()[pos], labels[pos], reduction="none")
-    w = u ** 2 * ce.sum() / (u ** 2 * ce).sum()
+    w = u**2 * ce.sum() / (u**2 * ce).sum()
     assert torch.allclose(cls_w[pos], w)
     assert torch.equal(cls_w[torch.tensor([5, 7])], torch.ones(2))
     p = logits.softmax(1)[pos, labels[pos]]
@@ -263,8 +299,9 @@ def test_pisa_isr_p_and_carl_weights_hand_computed(make_head, tiny_num_classes):
     assert logits.grad.abs().sum() > 0  # CARL's weight is differentiable in the scores
 
 
-def test_pisa_regressed_iou_equals_proposal_iou_for_zero_deltas(head_inputs, make_head,
-                                                                tiny_num_classes):
+def test_pisa_regressed_iou_equals_proposal_iou_for_zero_deltas(
+    head_inputs, make_head, tiny_num_classes
+):
     features, proposals, shapes, targets = head_inputs(gt_per_image=(3, 2))
     weights = {}
     for mode in ("regressed", "proposal"):
@@ -273,9 +310,9 @@ def test_pisa_regressed_iou_equals_proposal_iou_for_zero_deltas(head_inputs, mak
         samples = head.select_training_samples(proposals, targets, features, shapes)
         n = sum(len(x) for x in samples.labels)
         logits = torch.randn(n, tiny_num_classes + 1, generator=torch.Generator().manual_seed(1))
-        weights[mode] = head.sampler.loss_weights(head.roi_scorer(), logits,
-                                                  torch.zeros(n, (tiny_num_classes + 1) * 4),
-                                                  samples)[0]
+        weights[mode] = head.sampler.loss_weights(
+            head.roi_scorer(), logits, torch.zeros(n, (tiny_num_classes + 1) * 4), samples
+        )[0]
     assert torch.allclose(weights["regressed"], weights["proposal"], atol=1e-6)
     assert not torch.allclose(weights["proposal"], torch.ones_like(weights["proposal"]))
 
@@ -311,10 +348,14 @@ def test_pisa_images_without_ground_truth(gt, head_inputs, make_head):
 def test_pisa_negatives_are_top_score_hlr(head_inputs, make_head):
     head = make_head({"type": "pisa", "score_thresh": 0.0}, batch_size_per_image=16)
     features, proposals, shapes, targets = head_inputs(gt_per_image=(0, 0), num_proposals=40)
-    cands = head.assign_candidates(proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets])
+    cands = head.assign_candidates(
+        proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets]
+    )
     selections = head.sampler(head.roi_scorer(features, shapes), cands)
     with torch.no_grad():
-        logits, deltas = head.box_predictor(head.box_head(head.box_roi_pool(features, proposals, shapes)))
+        logits, deltas = head.box_predictor(
+            head.box_head(head.box_roi_pool(features, proposals, shapes))
+        )
     for i, (cand, sel) in enumerate(zip(cands, selections)):
         rows = slice(40 * i, 40 * (i + 1))
         score, cls = logits[rows].softmax(1)[:, 1:].max(1)

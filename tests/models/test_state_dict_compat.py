@@ -13,6 +13,7 @@ those two entries (a size mismatch for `load_state_dict`; `load_detector_state_d
 tests/losses/test_seesaw_objectness.py), and a seesaw model's state dict loads into the torchvision
 architecture with a `C + 2` `cls_score`. The seesaw cases below check exactly that.
 """
+
 import logging
 
 import pytest
@@ -22,9 +23,11 @@ from torch import nn
 import ltdet
 from ltdet.losses import build_loss
 from ltdet.models.build import build_torchvision_detector
-from ltdet.models.weights import (LTDET_STATE_PREFIXES, load_detector_state_dict,
-                                  torchvision_state_dict)
-
+from ltdet.models.weights import (
+    LTDET_STATE_PREFIXES,
+    load_detector_state_dict,
+    torchvision_state_dict,
+)
 
 STATEFUL = [{"type": "eqlv2"}, {"type": "seesaw"}, {"type": "ghmc", "momentum": 0.75}]
 LOSS_CFGS = STATEFUL + [{"type": "ce"}]
@@ -47,12 +50,15 @@ def _loss_records(caplog):
 
 
 def _loss_state(model, prefix="roi_heads.cls_loss."):
-    return {k[len(prefix):]: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)
+    }
 
 
 @pytest.fixture
 def run_train_steps(detection_batch):
     """`run_train_steps(model, steps, seed=0)`: training forwards on `detection_batch()`."""
+
     def _train_steps(model, steps, seed=0):
         """Training forwards (the loss state updates in forward); returns the last losses."""
         model.train()
@@ -64,6 +70,7 @@ def run_train_steps(detection_batch):
             losses = model(images, targets)
             sum(losses.values()).backward()
         return {k: v.detach() for k, v in losses.items()}
+
     return _train_steps
 
 
@@ -72,15 +79,18 @@ def _fresh_state(cfg, num_classes):
 
 
 @pytest.mark.parametrize("cfg", LOSS_CFGS, ids=IDS)
-def test_torchvision_weights_load_strictly_into_a_patched_model(cfg, caplog, run_train_steps,
-                                                                tiny_detector, tiny_num_classes):
+def test_torchvision_weights_load_strictly_into_a_patched_model(
+    cfg, caplog, run_train_steps, tiny_detector, tiny_num_classes
+):
     plain = tiny_detector()
     patched = ltdet.patch(tiny_detector(), cls_loss=cfg)
     run_train_steps(patched, 1)  # the state to be kept is the loss's current (here: trained) one
     before = _loss_state(patched)
     seesaw = cfg["type"] == "seesaw"
     if seesaw:  # C+2 against torchvision's C+1: those two entries cannot load
-        with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"):
+        with pytest.raises(
+            RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"
+        ):
             patched.load_state_dict(plain.state_dict(), strict=True)
     state = _fitting(cfg, plain.state_dict())
     caplog.clear()  # the refused load above may have logged too (when ltdet logs at INFO)
@@ -107,16 +117,18 @@ def test_torchvision_weights_load_strictly_into_a_patched_model(cfg, caplog, run
 @pytest.mark.parametrize("cfg", STATEFUL, ids=IDS[:3])
 def test_a_new_patched_model_starts_with_fresh_loss_state(cfg, tiny_detector, tiny_num_classes):
     patched = ltdet.patch(tiny_detector(), cls_loss=cfg)
-    patched.load_state_dict(_fitting(cfg, tiny_detector().state_dict()),
-                            strict=cfg["type"] != "seesaw")
+    patched.load_state_dict(
+        _fitting(cfg, tiny_detector().state_dict()), strict=cfg["type"] != "seesaw"
+    )
     fresh = _fresh_state(cfg, tiny_num_classes)
     state = _loss_state(patched)
     assert all(torch.equal(state[k], fresh[k]) for k in fresh)
 
 
 @pytest.mark.parametrize("cfg", LOSS_CFGS, ids=IDS)
-def test_patched_state_dict_loads_into_plain_torchvision(cfg, detection_batch, run_train_steps,
-                                                         tiny_detector, tiny_num_classes):
+def test_patched_state_dict_loads_into_plain_torchvision(
+    cfg, detection_batch, run_train_steps, tiny_detector, tiny_num_classes
+):
     patched = ltdet.patch(tiny_detector(), cls_loss=cfg, sampler={"type": "ohem"})
     run_train_steps(patched, 2)
     own = patched.state_dict()
@@ -124,11 +136,14 @@ def test_patched_state_dict_loads_into_plain_torchvision(cfg, detection_batch, r
     if cfg["type"] == "seesaw":
         # torchvision's C+1 classifier cannot take seesaw's C+2 one; the same torchvision
         # architecture with a C+2 cls_score (plain nn.Linear, no ltdet code) takes the rest
-        with pytest.raises(RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"):
+        with pytest.raises(
+            RuntimeError, match="size mismatch for roi_heads.box_predictor.cls_score"
+        ):
             plain.load_state_dict(torchvision_state_dict(patched), strict=True)
         cls_score = plain.roi_heads.box_predictor.cls_score
-        plain.roi_heads.box_predictor.cls_score = nn.Linear(cls_score.in_features,
-                                                            tiny_num_classes + 2)
+        plain.roi_heads.box_predictor.cls_score = nn.Linear(
+            cls_score.in_features, tiny_num_classes + 2
+        )
     if cfg in STATEFUL:
         with pytest.raises(RuntimeError, match="Unexpected key"):
             plain.load_state_dict(own, strict=True)  # why the public call exists
@@ -155,8 +170,9 @@ def test_patched_state_dict_loads_into_plain_torchvision(cfg, detection_batch, r
 
 
 @pytest.mark.parametrize("cfg", LOSS_CFGS, ids=IDS)
-def test_patched_state_dict_round_trips_with_the_loss_state(cfg, caplog, run_train_steps,
-                                                            tiny_detector, tiny_num_classes):
+def test_patched_state_dict_round_trips_with_the_loss_state(
+    cfg, caplog, run_train_steps, tiny_detector, tiny_num_classes
+):
     box_cfg = {"type": "ghmr", "momentum": 0.7} if cfg["type"] == "ghmc" else None
     trained = ltdet.patch(tiny_detector(), cls_loss=cfg, box_loss=box_cfg)
     run_train_steps(trained, 3)
@@ -182,8 +198,11 @@ def test_patched_state_dict_round_trips_with_the_loss_state(cfg, caplog, run_tra
 
 
 def test_ghm_density_state_of_both_losses_is_handled_per_loss(caplog, tiny_detector):
-    patched = ltdet.patch(tiny_detector(), cls_loss={"type": "ghmc", "momentum": 0.75},
-                          box_loss={"type": "ghmr", "momentum": 0.7})
+    patched = ltdet.patch(
+        tiny_detector(),
+        cls_loss={"type": "ghmc", "momentum": 0.75},
+        box_loss={"type": "ghmr", "momentum": 0.7},
+    )
     with caplog.at_level(logging.INFO, logger=LOSS_LOGGER):
         patched.load_state_dict(tiny_detector().state_dict(), strict=True)
     messages = sorted(r.getMessage() for r in _loss_records(caplog))
@@ -204,14 +223,18 @@ def test_partial_loss_state_loads_what_is_there(tiny_num_classes):
 
 
 def _tiny_retinanet(num_classes):
-    return build_torchvision_detector({"model": {"arch": "retinanet", "backbone": "resnet18",
-                                                 "norm": "bn"}}, num_classes)
+    return build_torchvision_detector(
+        {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn"}}, num_classes
+    )
 
 
 def test_retinanet_checkpoints_both_ways(caplog, tiny_num_classes):
     plain = _tiny_retinanet(tiny_num_classes)
-    patched = ltdet.patch(_tiny_retinanet(tiny_num_classes), cls_loss={"type": "eqlv2"},
-                          box_loss={"type": "ghmr", "momentum": 0.7})
+    patched = ltdet.patch(
+        _tiny_retinanet(tiny_num_classes),
+        cls_loss={"type": "eqlv2"},
+        box_loss={"type": "ghmr", "momentum": 0.7},
+    )
     with caplog.at_level(logging.INFO, logger=LOSS_LOGGER):
         patched.load_state_dict(plain.state_dict(), strict=True)
     assert len(_loss_records(caplog)) == 2  # classification and regression losses

@@ -37,9 +37,17 @@ Modules: ``shapes`` (the class vocabulary and unit outlines), ``layout`` (class 
 counts, which labels go on which image), ``drawing`` (one image and its annotations),
 ``writer`` (parameters, json records, files, the marker).
 """
+
 from .layout import zipf_image_counts
 from .shapes import COLORS, SHAPES, TEXTURES
 from .writer import FORMAT_VERSION, MARKER_NAME, make_synthetic_lvis
 
-__all__ = ["COLORS", "FORMAT_VERSION", "MARKER_NAME", "SHAPES", "TEXTURES", "make_synthetic_lvis",
-           "zipf_image_counts"]
+__all__ = [
+    "COLORS",
+    "FORMAT_VERSION",
+    "MARKER_NAME",
+    "SHAPES",
+    "TEXTURES",
+    "make_synthetic_lvis",
+    "zipf_image_counts",
+]

@@ -1,6 +1,7 @@
 """Drawing one synthetic image: a cluttered background, then each object (its shape rasterised
 with OpenCV, coloured, textured, shaded, alpha-blended), and its annotation (tight box, area,
 outer-contour polygon)."""
+
 from __future__ import annotations
 
 import cv2
@@ -55,10 +56,14 @@ def _polygons(inside, x_off, y_off):
 
     Contours of fewer than 3 points (a one-pixel sliver) are no polygon and are dropped; a mask
     made only of such slivers gets its box as polygon."""
-    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    polys = [(c.reshape(-1, 2) + (x_off + 0.5, y_off + 0.5)).reshape(-1).tolist()
-             for c in contours if len(c) >= 3]
+    contours, _ = cv2.findContours(
+        inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    polys = [
+        (c.reshape(-1, 2) + (x_off + 0.5, y_off + 0.5)).reshape(-1).tolist()
+        for c in contours
+        if len(c) >= 3
+    ]
     if not polys:
         ys, xs = np.nonzero(inside)
         x0, y0 = x_off + xs.min() + 0.5, y_off + ys.min() + 0.5
@@ -120,9 +125,17 @@ def _ioa_ok(box, placed, max_ioa):
     return bool(np.all(iw * ih <= max_ioa * np.minimum(area, areas)))
 
 
-def draw_image(rng: np.random.Generator, size: int, instances: list[tuple[int, bool]],
-               classes: list[tuple[str, str, str]], *, min_radius: float, max_radius: float,
-               max_ioa: float, num_distractors: int) -> tuple[np.ndarray, list[dict]]:
+def draw_image(
+    rng: np.random.Generator,
+    size: int,
+    instances: list[tuple[int, bool]],
+    classes: list[tuple[str, str, str]],
+    *,
+    min_radius: float,
+    max_radius: float,
+    max_ioa: float,
+    num_distractors: int,
+) -> tuple[np.ndarray, list[dict]]:
     """Draw one image. ``instances``: list of (label index, annotated: bool).
 
     Returns (BGR uint8 image, list of dict(label, annotated, bbox, area, segmentation)).
@@ -131,14 +144,15 @@ def draw_image(rng: np.random.Generator, size: int, instances: list[tuple[int, b
     n_before = int(rng.integers(0, num_distractors + 1))
     for _ in range(n_before):
         _distractor(img, rng, size)
-    placed, objects = [], []
+    placed: list[tuple[float, float, float, float]] = []
+    objects: list[dict] = []
     canvas = img.astype(np.float32)
     for label, annotated in instances:
         shape, color, texture = classes[label]
         polys = UNIT_SHAPES[shape]
         # Try to place it with partial occlusion only; shrink when the image is crowded.
         for attempt in range(40):
-            radius = rng.uniform(min_radius, max_radius) * (0.97 ** attempt)
+            radius = rng.uniform(min_radius, max_radius) * (0.97**attempt)
             angle = rng.uniform(0, 2 * np.pi)
             stretch = np.sqrt(rng.uniform(0.8, 1.25))
             half = _extent(polys, radius, angle, stretch)
@@ -146,15 +160,20 @@ def draw_image(rng: np.random.Generator, size: int, instances: list[tuple[int, b
             if np.any(lo >= hi):
                 continue
             center = rng.uniform(lo, hi)
-            box = (center[0] - half[0], center[1] - half[1], center[0] + half[0],
-                   center[1] + half[1])
+            box = (
+                center[0] - half[0],
+                center[1] - half[1],
+                center[0] + half[0],
+                center[1] + half[1],
+            )
             if _ioa_ok(box, placed, max_ioa) or attempt == 39:
                 break
         # Rasterise in a window around the object only (cheap), then locate the tight box.
         wx0, wy0 = (np.floor(center - half) - 2).astype(int).clip(0, size)
         wx1, wy1 = (np.ceil(center + half) + 3).astype(int).clip(0, size)
-        alpha, inside = _render_mask(polys, center - (wx0, wy0), radius, angle, stretch,
-                                     (wy1 - wy0, wx1 - wx0))
+        alpha, inside = _render_mask(
+            polys, center - (wx0, wy0), radius, angle, stretch, (wy1 - wy0, wx1 - wx0)
+        )
         ys, xs = np.nonzero(inside)
         if len(xs) == 0:
             continue
@@ -163,7 +182,7 @@ def draw_image(rng: np.random.Generator, size: int, instances: list[tuple[int, b
         x0, x1, y0, y1 = wx0 + xs.min(), wx0 + xs.max() + 1, wy0 + ys.min(), wy0 + ys.max() + 1
         bx0, by0 = max(x0 - 1, 0), max(y0 - 1, 0)
         bx1, by1 = min(x1 + 1, size), min(y1 + 1, size)
-        alpha = (alpha[by0 - wy0:by1 - wy0, bx0 - wx0:bx1 - wx0].astype(np.float32) / 255.0)
+        alpha = alpha[by0 - wy0 : by1 - wy0, bx0 - wx0 : bx1 - wx0].astype(np.float32) / 255.0
         alpha = alpha[..., None]
         segmentation = _polygons(inside, wx0, wy0)
         base = np.clip(np.asarray(COLORS[color], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
@@ -176,13 +195,15 @@ def draw_image(rng: np.random.Generator, size: int, instances: list[tuple[int, b
         region = canvas[by0:by1, bx0:bx1]
         canvas[by0:by1, bx0:bx1] = region * (1 - alpha) + np.clip(patch, 0, 255) * alpha
         placed.append(box)
-        objects.append({
-            "label": label,
-            "annotated": annotated,
-            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            "area": float(len(xs)),
-            "segmentation": segmentation,
-        })
+        objects.append(
+            {
+                "label": label,
+                "annotated": annotated,
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "area": float(len(xs)),
+                "segmentation": segmentation,
+            }
+        )
     img = np.clip(canvas, 0, 255).astype(np.uint8)
     # A distractor in front of the objects sometimes: it occludes and is not annotated.
     if num_distractors and rng.uniform() < 0.3:

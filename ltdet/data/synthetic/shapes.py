@@ -1,19 +1,37 @@
 """The class vocabulary of the synthetic data set: shapes, colours, textures, and the unit
 outline of each shape."""
+
 from __future__ import annotations
 
 import numpy as np
 
 __all__ = ["COLORS", "SHAPES", "SUBPIXEL_SHIFT", "TEXTURES", "UNIT_SHAPES", "shape_polygons"]
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon",
-          "crescent", "arrow", "heart", "half_disc")
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "hexagon",
+    "crescent",
+    "arrow",
+    "heart",
+    "half_disc",
+)
 # Saturated, well separated hues (RGB); backgrounds and distractors are kept muted so that
 # colour is a usable cue but not the only one (several classes share a colour).
 COLORS = {
-    "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 225, 30),
-    "green": (40, 190, 50), "cyan": (30, 210, 220), "blue": (40, 60, 230),
-    "purple": (140, 40, 200), "white": (245, 245, 245),
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 225, 30),
+    "green": (40, 190, 50),
+    "cyan": (30, 210, 220),
+    "blue": (40, 60, 230),
+    "purple": (140, 40, 200),
+    "white": (245, 245, 245),
 }
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 
@@ -31,6 +49,7 @@ def zipf_image_counts(num_classes, max_images_per_class, zipf_exponent):
 def shape_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
     """Unit-radius outline of a shape: list of (polygon [P, 2] float, fill) with fill 1 or 0
     (0 = hole cut after the filled parts). Coordinates in [-1, 1], y down."""
+
     def regular(n, phase=0.0, radius=1.0):
         t = phase + np.arange(n) * 2 * np.pi / n
         return np.stack([radius * np.cos(t), radius * np.sin(t)], 1)
@@ -46,8 +65,20 @@ def shape_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
         return [(np.stack([outer, inner], 1).reshape(-1, 2), 1)]
     if shape == "cross":
         a = 0.32
-        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a),
-               (-1, a), (-1, -a), (-a, -a)]
+        pts = [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ]
         return [(np.array(pts, dtype=np.float64), 1)]
     if shape == "ring":
         return [(regular(48), 1), (regular(48, radius=0.55), 0)]
@@ -65,8 +96,8 @@ def shape_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
         t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        pts = np.stack([x, y + 2.5], 1) / 17.0
-        return [(pts, 1)]
+        outline = np.stack([x, y + 2.5], 1) / 17.0
+        return [(outline, 1)]
     if shape == "half_disc":
         t = np.linspace(0, np.pi, 25)
         return [(np.stack([np.cos(t), np.sin(t) - 0.4], 1), 1)]

@@ -1,5 +1,6 @@
 """Writing the synthetic data set: parameters, the per-image generators, the LVIS json records,
 the JPEG files, and the completion marker that makes `make_synthetic_lvis` idempotent."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,15 +29,28 @@ FORMAT_VERSION = 1
 
 
 def _params(seed: int, sizes: dict[str, Any]) -> dict[str, Any]:
-    defaults = dict(num_train=1200, num_val=300, num_classes=30, image_size=160,
-                    max_images_per_class=1000, zipf_exponent=1.6, val_instances_per_class=20,
-                    max_instances_per_pair=3, min_radius=None, max_radius=None, max_ioa=0.35,
-                    num_distractors=3, neg_fraction=0.5, not_exhaustive_prob=0.02,
-                    jpeg_quality=92)
+    defaults = dict(
+        num_train=1200,
+        num_val=300,
+        num_classes=30,
+        image_size=160,
+        max_images_per_class=1000,
+        zipf_exponent=1.6,
+        val_instances_per_class=20,
+        max_instances_per_pair=3,
+        min_radius=None,
+        max_radius=None,
+        max_ioa=0.35,
+        num_distractors=3,
+        neg_fraction=0.5,
+        not_exhaustive_prob=0.02,
+        jpeg_quality=92,
+    )
     unknown = sorted(set(sizes) - set(defaults))
     if unknown:
-        raise TypeError(f"make_synthetic_lvis: unknown parameter(s) {unknown}; "
-                        f"valid: {sorted(defaults)}")
+        raise TypeError(
+            f"make_synthetic_lvis: unknown parameter(s) {unknown}; valid: {sorted(defaults)}"
+        )
     params = {**defaults, **sizes, "seed": int(seed), "format_version": FORMAT_VERSION}
     # Object radii default to a fixed share of the image side, so any image size looks alike.
     if params["min_radius"] is None:
@@ -44,15 +58,26 @@ def _params(seed: int, sizes: dict[str, Any]) -> dict[str, Any]:
     if params["max_radius"] is None:
         params["max_radius"] = 0.15 * params["image_size"]
     if not 2 <= params["min_radius"] <= params["max_radius"]:
-        raise ValueError(f"make_synthetic_lvis: need 2 <= min_radius <= max_radius, got "
-                         f"min_radius={params['min_radius']}, max_radius={params['max_radius']}")
-    for key in ("num_train", "num_val", "num_classes", "image_size", "max_images_per_class",
-                "val_instances_per_class", "max_instances_per_pair"):
+        raise ValueError(
+            f"make_synthetic_lvis: need 2 <= min_radius <= max_radius, got "
+            f"min_radius={params['min_radius']}, max_radius={params['max_radius']}"
+        )
+    for key in (
+        "num_train",
+        "num_val",
+        "num_classes",
+        "image_size",
+        "max_images_per_class",
+        "val_instances_per_class",
+        "max_instances_per_pair",
+    ):
         if int(params[key]) < 1:
             raise ValueError(f"make_synthetic_lvis: {key}={params[key]} must be >= 1")
     if params["image_size"] < 4 * params["max_radius"]:
-        raise ValueError(f"make_synthetic_lvis: image_size={params['image_size']} is too small "
-                         f"for max_radius={params['max_radius']}: use >= 4 * max_radius")
+        raise ValueError(
+            f"make_synthetic_lvis: image_size={params['image_size']} is too small "
+            f"for max_radius={params['max_radius']}: use >= 4 * max_radius"
+        )
     return params
 
 
@@ -60,8 +85,7 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, separators=(",", ":")), text=True)
 
 
-def make_synthetic_lvis(root: str | os.PathLike, seed: int = 0,
-                        **sizes: Any) -> dict[str, str]:
+def make_synthetic_lvis(root: str | os.PathLike, seed: int = 0, **sizes: Any) -> dict[str, str]:
     """Generate (or reuse) the synthetic long-tailed LVIS-format data set under ``root``.
 
     Parameters (keyword ``sizes``, defaults in brackets): ``num_train`` [1200], ``num_val`` [300]
@@ -79,8 +103,11 @@ def make_synthetic_lvis(root: str | os.PathLike, seed: int = 0,
     """
     params = _params(seed, sizes)
     root = Path(root)
-    out = dict(train_json=str(root / "train.json"), val_json=str(root / "val.json"),
-               image_root=str(root / "images"))
+    out = dict(
+        train_json=str(root / "train.json"),
+        val_json=str(root / "val.json"),
+        image_root=str(root / "images"),
+    )
     marker = root / MARKER_NAME
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()
     if marker.is_file():
@@ -107,8 +134,12 @@ def _generate(root: Path, p: dict[str, Any]) -> None:
         "train": layout_train(rng, p["num_train"], image_counts, p["max_instances_per_pair"]),
         "val": layout_val(rng, p["num_val"], C, p["val_instances_per_class"]),
     }
-    draw_kw = dict(min_radius=p["min_radius"], max_radius=p["max_radius"], max_ioa=p["max_ioa"],
-                   num_distractors=p["num_distractors"])
+    draw_kw = dict(
+        min_radius=p["min_radius"],
+        max_radius=p["max_radius"],
+        max_ioa=p["max_ioa"],
+        num_distractors=p["num_distractors"],
+    )
     splits = {}
     next_image_id, next_ann_id = 1, 1
     for split in ("train", "val"):
@@ -129,42 +160,65 @@ def _generate(root: Path, p: dict[str, Any]) -> None:
             instances = [instances[i] for i in img_rng.permutation(len(instances))]
             bgr, objects = draw_image(img_rng, size, instances, classes, **draw_kw)
             file_name = f"{split}/{image_id:06d}.jpg"
-            if not cv2.imwrite(str(root / "images" / file_name), bgr,
-                               [cv2.IMWRITE_JPEG_QUALITY, int(p["jpeg_quality"])]):
-                raise OSError(f"cv2.imwrite failed for {root / 'images' / file_name}: "
-                              f"is the folder writable?")
+            if not cv2.imwrite(
+                str(root / "images" / file_name),
+                bgr,
+                [cv2.IMWRITE_JPEG_QUALITY, int(p["jpeg_quality"])],
+            ):
+                raise OSError(
+                    f"cv2.imwrite failed for {root / 'images' / file_name}: is the folder writable?"
+                )
             absent = np.setdiff1d(np.arange(C), present)
             n_neg = int(round(p["neg_fraction"] * len(absent)))
-            neg = np.sort(img_rng.choice(absent, size=n_neg, replace=False)) if n_neg else []
-            images.append({
-                "id": image_id, "file_name": file_name, "width": size, "height": size,
-                "coco_url": f"synthetic://{file_name}",
-                "neg_category_ids": [int(c) + 1 for c in neg],
-                "not_exhaustive_category_ids": sorted(c + 1 for c in not_exhaustive),
-            })
+            neg: np.ndarray | list[int] = (
+                np.sort(img_rng.choice(absent, size=n_neg, replace=False)) if n_neg else []
+            )
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": file_name,
+                    "width": size,
+                    "height": size,
+                    "coco_url": f"synthetic://{file_name}",
+                    "neg_category_ids": [int(c) + 1 for c in neg],
+                    "not_exhaustive_category_ids": sorted(c + 1 for c in not_exhaustive),
+                }
+            )
             for obj in objects:
                 if not obj["annotated"]:
                     continue
-                annotations.append({
-                    "id": next_ann_id, "image_id": image_id, "category_id": obj["label"] + 1,
-                    "bbox": obj["bbox"], "area": obj["area"],
-                    "segmentation": obj["segmentation"], "iscrowd": 0,
-                })
+                annotations.append(
+                    {
+                        "id": next_ann_id,
+                        "image_id": image_id,
+                        "category_id": obj["label"] + 1,
+                        "bbox": obj["bbox"],
+                        "area": obj["area"],
+                        "segmentation": obj["segmentation"],
+                        "iscrowd": 0,
+                    }
+                )
                 next_ann_id += 1
         _remove_stale_images(img_dir, {im["file_name"].split("/")[-1] for im in images})
         splits[split] = (images, annotations)
     categories = _categories(classes, splits["train"][1])
     for split, (images, annotations) in splits.items():
-        _atomic_write_json(root / f"{split}.json", {
-            "info": {"description": "ltdet synthetic long-tailed detection data set",
-                     "params": p},
-            "licenses": [],
-            "images": images, "annotations": annotations, "categories": categories,
-        })
+        _atomic_write_json(
+            root / f"{split}.json",
+            {
+                "info": {
+                    "description": "ltdet synthetic long-tailed detection data set",
+                    "params": p,
+                },
+                "licenses": [],
+                "images": images,
+                "annotations": annotations,
+                "categories": categories,
+            },
+        )
 
 
-def _categories(classes: list[tuple[str, str, str]],
-                train_annotations: list[dict]) -> list[dict]:
+def _categories(classes: list[tuple[str, str, str]], train_annotations: list[dict]) -> list[dict]:
     """LVIS category records; counts and frequency group from the training annotations."""
     C = len(classes)
     instance_count = np.zeros(C, dtype=np.int64)
@@ -179,10 +233,18 @@ def _categories(classes: list[tuple[str, str, str]],
     for i, (shape, color, texture) in enumerate(classes):
         name = f"{color}_{texture}_{shape}"
         n = int(image_count[i])
-        cats.append({"id": i + 1, "name": name, "synset": f"{name}.n.01", "synonyms": [name],
-                     "def": f"a {color} {texture} {shape.replace('_', ' ')}",
-                     "frequency": frequency[i], "image_count": n,
-                     "instance_count": int(instance_count[i])})
+        cats.append(
+            {
+                "id": i + 1,
+                "name": name,
+                "synset": f"{name}.n.01",
+                "synonyms": [name],
+                "def": f"a {color} {texture} {shape.replace('_', ' ')}",
+                "frequency": frequency[i],
+                "image_count": n,
+                "instance_count": int(instance_count[i]),
+            }
+        )
     return cats
 
 

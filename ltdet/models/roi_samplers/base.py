@@ -18,6 +18,7 @@ box weights to define an *extra* loss term under that key instead: the head keep
 box loss unweighted by them and adds `sum_i c_i L_box(i) / N` (mmdetection's `PISARoIHead`:
 `loss_bbox` plus `carl_loss`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,15 @@ from torch import Tensor, nn
 
 from ltdet.spec import check_number
 
-__all__ = ["RoICandidates", "RoISampler", "RoISamples", "RoIScorer", "RoISelection",
-           "matched_boxes", "random_subset"]
+__all__ = [
+    "RoICandidates",
+    "RoISampler",
+    "RoISamples",
+    "RoIScorer",
+    "RoISelection",
+    "matched_boxes",
+    "random_subset",
+]
 
 
 @dataclass
@@ -103,8 +111,9 @@ class RoIScorer(Protocol):
         """The head's classification loss of each RoI [N], without gradient or state update."""
         ...
 
-    def roi_loss(self, class_logits: Tensor, box_regression: Tensor,
-                 candidates: list[RoICandidates]) -> Tensor:
+    def roi_loss(
+        self, class_logits: Tensor, box_regression: Tensor, candidates: list[RoICandidates]
+    ) -> Tensor:
         """Per-RoI training loss [sum R] (classification + box) of candidate RoIs, without
         gradient or state update; ignored candidates count as background."""
         ...
@@ -135,18 +144,19 @@ class RoISampler(nn.Module):
 
     #: whether `forward` runs the box head on candidates (`scorer.roi_logits`: needs the features)
     needs_features = False
+
     @property
     def extra_box_loss_key(self) -> str | None:
         """Loss-dict key of an extra box-loss term weighted by `loss_weights`' box weights (added
         to the unweighted box loss); None: the box weights multiply the box loss itself."""
         return None
 
-    def __init__(self, *, batch_size_per_image: int | None = None,
-                 positive_fraction: float | None = None):
+    def __init__(
+        self, *, batch_size_per_image: int | None = None, positive_fraction: float | None = None
+    ):
         super().__init__()
         if batch_size_per_image is not None:
-            check_number("sampler.batch_size_per_image", batch_size_per_image, low=1,
-                         integer=True)
+            check_number("sampler.batch_size_per_image", batch_size_per_image, low=1, integer=True)
         if positive_fraction is not None:
             check_number("sampler.positive_fraction", positive_fraction, low=0.0, high=1.0)
         self.batch_size_per_image = batch_size_per_image
@@ -155,18 +165,23 @@ class RoISampler(nn.Module):
     def budget(self, scorer: RoIScorer) -> tuple[int, int]:
         """(RoIs per image, largest number of positives per image)."""
         batch = self.batch_size_per_image or scorer.batch_size_per_image
-        fraction = (self.positive_fraction if self.positive_fraction is not None
-                    else scorer.positive_fraction)
+        fraction = (
+            self.positive_fraction
+            if self.positive_fraction is not None
+            else scorer.positive_fraction
+        )
         return int(batch), int(batch * fraction)
 
     def validate(self, scorer: RoIScorer) -> None:
         """Checks the sampler against the head it is installed in; raises ValueError."""
 
-    def loss_weights(self, scorer: RoIScorer, class_logits: Tensor, box_regression: Tensor,
-                     samples: RoISamples) -> tuple[Tensor | None, Tensor | None]:
+    def loss_weights(
+        self, scorer: RoIScorer, class_logits: Tensor, box_regression: Tensor, samples: RoISamples
+    ) -> tuple[Tensor | None, Tensor | None]:
         """(cls weight [N] or None, box weight [P] over positives in order, or None)."""
         return None, None
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self).items()
-                         if not k.startswith("_") and k != "training")
+        return ", ".join(
+            f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training"
+        )

@@ -1,4 +1,5 @@
 """`ohem`: online hard example mining (Shrivastava et al., CVPR 2016, Sec. 4)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,14 @@ from .base import RoICandidates, RoISampler, RoIScorer, RoISelection
 __all__ = ["OHEMRoISampler", "ohem_select"]
 
 
-def ohem_select(loss: Tensor, labels: Tensor, boxes: Tensor, batch_size: int, max_positives: int,
-                nms_thresh: float | None = 0.7) -> Tensor:
+def ohem_select(
+    loss: Tensor,
+    labels: Tensor,
+    boxes: Tensor,
+    batch_size: int,
+    max_positives: int,
+    nms_thresh: float | None = 0.7,
+) -> Tensor:
     """Indices (ascending) of the hardest RoIs of one image (OHEM, Shrivastava et al. 2016, Sec. 4).
 
     loss [R] per-RoI loss; labels [R] in [-1, C] (-1 never kept); boxes [R, 4]. Optionally NMS at
@@ -43,14 +50,20 @@ class OHEMRoISampler(RoISampler):
 
     needs_features = True
 
-    def __init__(self, *, nms_thresh: float | None = 0.7,
-                 batch_size_per_image: int | None = None,
-                 positive_fraction: float | None = None):
-        super().__init__(batch_size_per_image=batch_size_per_image,
-                         positive_fraction=positive_fraction)
+    def __init__(
+        self,
+        *,
+        nms_thresh: float | None = 0.7,
+        batch_size_per_image: int | None = None,
+        positive_fraction: float | None = None,
+    ):
+        super().__init__(
+            batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction
+        )
         if nms_thresh is not None:
-            check_number("sampler.nms_thresh (or None)", nms_thresh, low=0.0, high=1.0,
-                         low_open=True)
+            check_number(
+                "sampler.nms_thresh (or None)", nms_thresh, low=0.0, high=1.0, low_open=True
+            )
         self.nms_thresh = None if nms_thresh is None else float(nms_thresh)
 
     def forward(self, scorer: RoIScorer, candidates: list[RoICandidates]) -> list[RoISelection]:
@@ -58,5 +71,7 @@ class OHEMRoISampler(RoISampler):
         class_logits, box_regression = scorer.roi_logits([c.boxes for c in candidates])
         losses = scorer.roi_loss(class_logits, box_regression, candidates)
         sizes = [c.boxes.shape[0] for c in candidates]
-        return [RoISelection(ohem_select(loss, c.labels, c.boxes, batch, max_pos, self.nms_thresh))
-                for loss, c in zip(losses.split(sizes), candidates)]
+        return [
+            RoISelection(ohem_select(loss, c.labels, c.boxes, batch, max_pos, self.nms_thresh))
+            for loss, c in zip(losses.split(sizes), candidates)
+        ]

@@ -1,6 +1,7 @@
 """`pisa`: prime sample attention (Cao et al., "Prime Sample Attention in Object Detection", CVPR
 2020): IoU-HLR / ISR-P on positives, score-HLR / ISR-N on negatives, CARL on the box loss; and
 the ranking maths they are built from (hierarchical local ranks, importance weights)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,14 @@ from ltdet.spec import check_choice, check_number
 
 from .base import RoICandidates, RoISampler, RoISamples, RoIScorer, RoISelection, random_subset
 
-__all__ = ["PISARoISampler", "aligned_iou", "hierarchical_rank", "importance_weights", "iou_hlr",
-           "score_hlr"]
+__all__ = [
+    "PISARoISampler",
+    "aligned_iou",
+    "hierarchical_rank",
+    "importance_weights",
+    "iou_hlr",
+    "score_hlr",
+]
 
 
 def hierarchical_rank(groups: Tensor, keys: list[tuple[Tensor, bool]]) -> Tensor:
@@ -66,8 +73,9 @@ def score_hlr(boxes: Tensor, scores: Tensor, nms_thresh: float) -> Tensor:
     has_group = overlaps.any(1)
     # argmax returns the first True, i.e. the highest-scoring kept box above the threshold, which
     # is the one greedy NMS suppressed this box with; a degenerate box (IoU nan) stays alone
-    group = torch.where(has_group, overlaps.int().argmax(1),
-                        keep.numel() + torch.arange(num, device=scores.device))
+    group = torch.where(
+        has_group, overlaps.int().argmax(1), keep.numel() + torch.arange(num, device=scores.device)
+    )
     local = hierarchical_rank(group, [(scores, True)])
     return hierarchical_rank(torch.zeros_like(group), [(local, False), (scores, True)])
 
@@ -118,18 +126,37 @@ class PISARoISampler(RoISampler):
     def extra_box_loss_key(self) -> str | None:
         return "loss_carl" if self.carl else None
 
-    def __init__(self, *, gamma: float = 2.0, beta: float = 0.0, k: float = 1.0, bias: float = 0.2,
-                 neg_gamma: float = 0.5, neg_beta: float = 0.0, score_thresh: float = 0.05,
-                 nms_thresh: float = 0.5, iou: str = "regressed", isr_p: bool = True,
-                 isr_n: bool = True, carl: bool = True, batch_size_per_image: int | None = None,
-                 positive_fraction: float | None = None):
-        super().__init__(batch_size_per_image=batch_size_per_image,
-                         positive_fraction=positive_fraction)
+    def __init__(
+        self,
+        *,
+        gamma: float = 2.0,
+        beta: float = 0.0,
+        k: float = 1.0,
+        bias: float = 0.2,
+        neg_gamma: float = 0.5,
+        neg_beta: float = 0.0,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        iou: str = "regressed",
+        isr_p: bool = True,
+        isr_n: bool = True,
+        carl: bool = True,
+        batch_size_per_image: int | None = None,
+        positive_fraction: float | None = None,
+    ):
+        super().__init__(
+            batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction
+        )
         check_choice("sampler.iou", iou, ("regressed", "proposal"))
         for name, value in (("gamma", gamma), ("k", k), ("neg_gamma", neg_gamma)):
             check_number(f"sampler.{name}", value)
-        for name, value in (("beta", beta), ("bias", bias), ("neg_beta", neg_beta),
-                            ("score_thresh", score_thresh), ("nms_thresh", nms_thresh)):
+        for name, value in (
+            ("beta", beta),
+            ("bias", bias),
+            ("neg_beta", neg_beta),
+            ("score_thresh", score_thresh),
+            ("nms_thresh", nms_thresh),
+        ):
             check_number(f"sampler.{name}", value, low=0.0, high=1.0)
         self.gamma, self.beta, self.k, self.bias = float(gamma), float(beta), float(k), float(bias)
         self.neg_gamma, self.neg_beta = float(neg_gamma), float(neg_beta)
@@ -145,19 +172,31 @@ class PISARoISampler(RoISampler):
             positives.append(random_subset(positive, min(positive.numel(), max_pos)))
             negatives.append(torch.where(cand.labels == 0)[0])
         if not self.isr_n or sum(n.numel() for n in negatives) == 0:
-            return [RoISelection(torch.cat([p, random_subset(n, min(n.numel(), batch - p.numel()))])
-                                 .sort().values) for p, n in zip(positives, negatives)]
+            return [
+                RoISelection(
+                    torch.cat([p, random_subset(n, min(n.numel(), batch - p.numel()))])
+                    .sort()
+                    .values
+                )
+                for p, n in zip(positives, negatives)
+            ]
         neg_boxes = [c.boxes[n] for c, n in zip(candidates, negatives)]
         class_logits, box_regression = scorer.roi_logits(neg_boxes)
         with torch.no_grad():
             scores = scorer.scores(class_logits)
-            neg_loss = scorer.cls_loss_per_roi(class_logits, torch.zeros_like(class_logits[:, 0],
-                                                                              dtype=torch.long))
+            neg_loss = scorer.cls_loss_per_roi(
+                class_logits, torch.zeros_like(class_logits[:, 0], dtype=torch.long)
+            )
         sizes = [n.numel() for n in negatives]
         selections = []
         for pos, neg, boxes, score, deltas, loss in zip(
-                positives, negatives, neg_boxes, scores.split(sizes), box_regression.split(sizes),
-                neg_loss.split(sizes)):
+            positives,
+            negatives,
+            neg_boxes,
+            scores.split(sizes),
+            box_regression.split(sizes),
+            neg_loss.split(sizes),
+        ):
             chosen, weight = self._isr_n(scorer, boxes, score, deltas, loss, batch - pos.numel())
             indices = torch.cat([pos, neg[chosen]])
             cls_weight = torch.cat([weight.new_ones(pos.numel()), weight])
@@ -165,8 +204,15 @@ class PISARoISampler(RoISampler):
             selections.append(RoISelection(indices[order], cls_weight[order]))
         return selections
 
-    def _isr_n(self, scorer: RoIScorer, boxes: Tensor, scores: Tensor, deltas: Tensor,
-               loss: Tensor, num_expected: int) -> tuple[Tensor, Tensor]:
+    def _isr_n(
+        self,
+        scorer: RoIScorer,
+        boxes: Tensor,
+        scores: Tensor,
+        deltas: Tensor,
+        loss: Tensor,
+        num_expected: int,
+    ) -> tuple[Tensor, Tensor]:
         """(indices into the image's negatives, ISR-N weights) for one image."""
         num_expected = min(num_expected, boxes.shape[0])
         max_score, argmax = scores[:, 1:].max(1)
@@ -188,8 +234,9 @@ class PISARoISampler(RoISampler):
         weight = weight * kept_loss.sum() / (kept_loss * weight).sum().clamp(min=1e-12)
         return chosen, weight
 
-    def loss_weights(self, scorer: RoIScorer, class_logits: Tensor, box_regression: Tensor,
-                     samples: RoISamples) -> tuple[Tensor | None, Tensor | None]:
+    def loss_weights(
+        self, scorer: RoIScorer, class_logits: Tensor, box_regression: Tensor, samples: RoISamples
+    ) -> tuple[Tensor | None, Tensor | None]:
         labels = torch.cat(samples.labels)
         positive = torch.where(labels > 0)[0]
         cls_weight = torch.cat(samples.cls_weights) if samples.cls_weights is not None else None
@@ -199,8 +246,11 @@ class PISARoISampler(RoISampler):
         labels_pos = labels[positive]
         if self.isr_p:
             with torch.no_grad():
-                base = (torch.cat(samples.gt_weights)[positive] if samples.gt_weights is not None
-                        else None)
+                base = (
+                    torch.cat(samples.gt_weights)[positive]
+                    if samples.gt_weights is not None
+                    else None
+                )
                 sizes = [0] + [g.shape[0] for g in samples.gt_boxes[:-1]]
                 offsets = torch.cumsum(torch.tensor(sizes, device=labels.device), 0)
                 gt_index = torch.cat([m + o for m, o in zip(samples.matched_idxs, offsets)])

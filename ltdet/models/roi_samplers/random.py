@@ -4,6 +4,7 @@ Torchvision's `BalancedPositiveNegativeSampler` (same random draws), plus a lowe
 negatives `bg_iou_lo` (negatives only from IoU in `[bg_iou_lo, bg_iou_thresh)`; Girshick, ICCV
 2015, Sec. 2.3).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,19 +25,27 @@ class RandomRoISampler(RoISampler):
     without ground truth has only IoU-0 candidates, so with `bg_iou_lo > 0` it contributes no RoIs
     (as in Fast R-CNN)."""
 
-    def __init__(self, *, bg_iou_lo: float = 0.0, batch_size_per_image: int | None = None,
-                 positive_fraction: float | None = None):
-        super().__init__(batch_size_per_image=batch_size_per_image,
-                         positive_fraction=positive_fraction)
+    def __init__(
+        self,
+        *,
+        bg_iou_lo: float = 0.0,
+        batch_size_per_image: int | None = None,
+        positive_fraction: float | None = None,
+    ):
+        super().__init__(
+            batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction
+        )
         check_number("sampler.bg_iou_lo", bg_iou_lo)
         self.bg_iou_lo = float(bg_iou_lo)
 
     def validate(self, scorer: RoIScorer) -> None:
         bg_hi = scorer.bg_iou_thresh
         if not 0.0 <= self.bg_iou_lo < bg_hi:
-            raise ValueError(f"sampler.bg_iou_lo={self.bg_iou_lo} must be in [0, bg_iou_thresh="
-                             f"{bg_hi}) of the RoI head; negatives come from "
-                             f"[bg_iou_lo, bg_iou_thresh)")
+            raise ValueError(
+                f"sampler.bg_iou_lo={self.bg_iou_lo} must be in [0, bg_iou_thresh="
+                f"{bg_hi}) of the RoI head; negatives come from "
+                f"[bg_iou_lo, bg_iou_thresh)"
+            )
 
     def forward(self, scorer: RoIScorer, candidates: list[RoICandidates]) -> list[RoISelection]:
         batch, max_pos = self.budget(scorer)

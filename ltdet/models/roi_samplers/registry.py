@@ -1,4 +1,5 @@
 """The RoI sampler table and `build_roi_sampler`: a config spec becomes a sampler."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,7 +16,10 @@ __all__ = ["ROI_SAMPLERS", "build_roi_sampler"]
 
 #: config `type` -> sampler class; its keyword arguments are the spec's other keys
 ROI_SAMPLERS: dict[str, type[RoISampler]] = {
-    "random": RandomRoISampler, "ohem": OHEMRoISampler, "pisa": PISARoISampler}
+    "random": RandomRoISampler,
+    "ohem": OHEMRoISampler,
+    "pisa": PISARoISampler,
+}
 
 
 def build_roi_sampler(cfg: None | Mapping[str, Any] | RoISampler) -> RoISampler:
@@ -27,6 +31,8 @@ def build_roi_sampler(cfg: None | Mapping[str, Any] | RoISampler) -> RoISampler:
     if isinstance(cfg, RoISampler):
         return cfg
     if not isinstance(cfg, Mapping):
-        raise TypeError(f"sampler must be a dict like {{'type': 'ohem'}} or a RoISampler, "
-                        f"got {type(cfg).__name__}")
+        raise TypeError(
+            f"sampler must be a dict like {{'type': 'ohem'}} or a RoISampler, "
+            f"got {type(cfg).__name__}"
+        )
     return build_from_spec(ROI_SAMPLERS, "sampler", cfg, default_type="random")

@@ -3,6 +3,7 @@ Large-Vocabulary Object Detectors: The Devil is in the Details") against their p
 the official `lvis` package: per-class top-K of the results as their scripts/evaluate_ap_fixed.py
 does, then LVISEval with no per-image limit (LVISResults(max_dets=-1), params.max_dets = -1);
 pooled AP as their LVISPooledEval accumulates it (written here on LVISEval's per-image results)."""
+
 import contextlib
 import copy
 import io
@@ -12,13 +13,25 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from _eval_fixtures import make_segm_set, make_set
 from test_evaluation import _assert_close, _strip_boxes
 
 from ltdet.evaluation import evaluate_lvis, format_table
 
-FIXED_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@-1",
-              "ARs@-1", "ARm@-1", "ARl@-1"]
+FIXED_KEYS = [
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "APr",
+    "APc",
+    "APf",
+    "AR@-1",
+    "ARs@-1",
+    "ARm@-1",
+    "ARl@-1",
+]
 
 
 def _top_k_per_class(dets, k):
@@ -78,8 +91,10 @@ def _fixed_reference(gt, dets, k, iou_type="bbox"):
     e.run()
     res = dict(e.get_results())
     p = e.eval["precision"][:, :, :, 0]
-    res["per_class"] = [float(p[:, :, c][p[:, :, c] > -1].mean()) if (p[:, :, c] > -1).any()
-                        else None for c in range(p.shape[2])]
+    res["per_class"] = [
+        float(p[:, :, c][p[:, :, c] > -1].mean()) if (p[:, :, c] > -1).any() else None
+        for c in range(p.shape[2])
+    ]
     res["APpool"] = _pooled(e, range(len(e.params.cat_ids)))
     for j, grp in enumerate(e.params.img_count_lbl):
         res[f"APpool{grp}"] = _pooled(e, e.freq_groups[j])
@@ -90,10 +105,9 @@ POOL_KEYS = ["APpool", "APpoolr", "APpoolc", "APpoolf"]
 
 
 @pytest.mark.parametrize("seed,k", [(0, 10000), (1, 12), (2, 40)])
-def test_fixed_ap_matches_authors_procedure(seed, k):
+def test_fixed_ap_matches_authors_procedure(seed, k, make_set):
     gt, dets = make_set(seed)
-    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed",
-                        dets_per_class=k)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed", dets_per_class=k)
     ref = _fixed_reference(gt, dets, k)
     _assert_close(res, ref, FIXED_KEYS + POOL_KEYS)
     assert res["protocol"] == "fixed" and res["dets_per_class"] == k
@@ -104,7 +118,7 @@ def test_fixed_ap_matches_authors_procedure(seed, k):
         assert res["AP"] != std["AP"]
 
 
-def test_fixed_ap_ties_at_the_class_cut():
+def test_fixed_ap_ties_at_the_class_cut(make_set):
     """Scores with 2 decimals: many ties at the K-th detection of a class, resolved by input
     order as the authors' stable sort does."""
     gt, dets = make_set(5, n_images=30)
@@ -112,35 +126,36 @@ def test_fixed_ap_ties_at_the_class_cut():
     by_cat = defaultdict(list)
     for d in dets:
         by_cat[d["category_id"]].append(d["score"])
-    assert any(len(s) > k and sorted(s, reverse=True)[k - 1] == sorted(s, reverse=True)[k]
-               for s in by_cat.values())
-    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed",
-                        dets_per_class=k)
+    assert any(
+        len(s) > k and sorted(s, reverse=True)[k - 1] == sorted(s, reverse=True)[k]
+        for s in by_cat.values()
+    )
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed", dets_per_class=k)
     _assert_close(res, _fixed_reference(gt, dets, k), FIXED_KEYS + POOL_KEYS)
 
 
-def test_fixed_ap_segm_matches_authors_procedure():
+def test_fixed_ap_segm_matches_authors_procedure(make_segm_set):
     gt, dets = make_segm_set(1, n_images=24)
-    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), iou_type="segm",
-                        protocol="fixed", dets_per_class=25)
+    res = evaluate_lvis(
+        copy.deepcopy(gt), copy.deepcopy(dets), iou_type="segm", protocol="fixed", dets_per_class=25
+    )
     _assert_close(res, _fixed_reference(gt, dets, 25, "segm"), FIXED_KEYS + POOL_KEYS)
 
 
-def test_fixed_ap_coco_gt_matches_pycocotools_without_cap():
+def test_fixed_ap_coco_gt_matches_pycocotools_without_cap(make_set):
     """COCO gt: top-K per class, then COCOeval with no per-(image, class) limit."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     gt, dets = make_set(3, lvis=False)
     k = 20
-    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed",
-                        dets_per_class=k)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed", dets_per_class=k)
     with contextlib.redirect_stdout(io.StringIO()):
         g = COCO()
         g.dataset = copy.deepcopy(gt)
         g.createIndex()
         e = COCOeval(g, g.loadRes(_top_k_per_class(copy.deepcopy(dets), k)), "bbox")
-        e.params.maxDets = [1, 10, 10 ** 9]
+        e.params.maxDets = [1, 10, 10**9]
         e.evaluate()
         e.accumulate()
         e.summarize()
@@ -151,7 +166,7 @@ def test_fixed_ap_coco_gt_matches_pycocotools_without_cap():
     assert res["AR@-1"] == pytest.approx(e.stats[8], abs=1e-4)
 
 
-def test_pooled_ap_rewards_comparable_scores():
+def test_pooled_ap_rewards_comparable_scores(make_set):
     """Pooled AP ranks all classes together: scaling one class's scores down changes APpool but
     not the per-class (Fixed) AP."""
     gt, dets = make_set(0)
@@ -166,7 +181,7 @@ def test_pooled_ap_rewards_comparable_scores():
     assert a["APpool"] != b["APpool"]
 
 
-def test_fixed_protocol_in_report_and_errors():
+def test_fixed_protocol_in_report_and_errors(make_set):
     gt, dets = make_set(0, n_images=10)
     res = evaluate_lvis(gt, dets, protocol="fixed", dets_per_class=50)
     table = format_table(res)
@@ -181,15 +196,14 @@ def test_fixed_protocol_in_report_and_errors():
 
 
 @pytest.mark.slow
-def test_fixed_ap_matches_authors_procedure_larger():
+def test_fixed_ap_matches_authors_procedure_larger(make_set):
     gt, dets = make_set(13, n_images=300, n_cats=120)
-    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed",
-                        dets_per_class=60)
+    res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), protocol="fixed", dets_per_class=60)
     _assert_close(res, _fixed_reference(gt, dets, 60), FIXED_KEYS + POOL_KEYS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fixed_ap_cuda_matches_cpu():
+def test_fixed_ap_cuda_matches_cpu(make_set):
     gt, dets = make_set(1)
     a = evaluate_lvis(gt, dets, protocol="fixed", dets_per_class=12)
     b = evaluate_lvis(gt, dets, protocol="fixed", dets_per_class=12, device="cuda")

@@ -1,15 +1,12 @@
 """D-ECE / MCE by frequency group, the post-hoc calibrators and tools/calibrate.py."""
+
 import copy
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from _eval_fixtures import make_set
 
 from ltdet.evaluation.calibration import (
     IGNORED,
@@ -27,14 +24,6 @@ from ltdet.evaluation.calibration import (
     plot_reliability,
     save_calibrator,
 )
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(
-        f"ltdet_tools_{name}", Path(__file__).resolve().parent.parent / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _loop_dece(conf, correct, num_bins, binning="uniform"):
@@ -76,18 +65,31 @@ def _lvis_gt(images, freq=("r", "c", "f")):
     categories 1..3 with frequency r, c, f."""
     imgs, anns = [], []
     for i, im in enumerate(images):
-        imgs.append({"id": i + 1, "width": 400, "height": 400,
-                     "neg_category_ids": list(im.get("neg", [])),
-                     "not_exhaustive_category_ids": list(im.get("nel", []))})
+        imgs.append(
+            {
+                "id": i + 1,
+                "width": 400,
+                "height": 400,
+                "neg_category_ids": list(im.get("neg", [])),
+                "not_exhaustive_category_ids": list(im.get("nel", [])),
+            }
+        )
         for box in im.get("boxes", []):
             c, b = box[0], box[1]
-            a = {"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": list(b),
-                 "area": float(b[2] * b[3])}
+            a = {
+                "id": len(anns) + 1,
+                "image_id": i + 1,
+                "category_id": c,
+                "bbox": list(b),
+                "area": float(b[2] * b[3]),
+            }
             if len(box) > 2 and box[2]:
                 a["ignore"] = 1
             anns.append(a)
-    cats = [{"id": k + 1, "name": f"c{k + 1}", "frequency": f, "image_count": 5,
-             "instance_count": 5} for k, f in enumerate(freq)]
+    cats = [
+        {"id": k + 1, "name": f"c{k + 1}", "frequency": f, "image_count": 5, "instance_count": 5}
+        for k, f in enumerate(freq)
+    ]
     return {"images": imgs, "annotations": anns, "categories": cats}
 
 
@@ -142,8 +144,7 @@ def test_equal_mass_bins():
     # fewer detections than bins: empty bins are skipped
     ce = calibration_error([0.1, 0.5, 0.9], [0, 1, 1], 10, "equal_mass")
     assert sum(1 for c in ce["count"] if c) == 3
-    assert ce["D-ECE"] == pytest.approx(_loop_dece([0.1, 0.5, 0.9], [0, 1, 1], 10,
-                                                   "equal_mass")[0])
+    assert ce["D-ECE"] == pytest.approx(_loop_dece([0.1, 0.5, 0.9], [0, 1, 1], 10, "equal_mass")[0])
 
 
 def test_perfectly_calibrated_scores_give_zero():
@@ -176,12 +177,12 @@ def test_federated_rules_are_respected():
     ]
     gt = _lvis_gt(images)
     dets = [
-        _det(1, 2, box, 0.8),               # TP
-        _det(1, 2, _far(0), 0.7),           # FP (class annotated, exhaustive)
-        _det(1, 3, _far(1), 0.9),           # FP (negative class)
-        _det(1, 1, box, 0.95),              # unverified class: dropped, counts for nothing
-        _det(2, 2, box, 0.6),               # TP
-        _det(2, 2, _far(2), 0.99),          # unmatched on a not-exhaustive class: ignored
+        _det(1, 2, box, 0.8),  # TP
+        _det(1, 2, _far(0), 0.7),  # FP (class annotated, exhaustive)
+        _det(1, 3, _far(1), 0.9),  # FP (negative class)
+        _det(1, 1, box, 0.95),  # unverified class: dropped, counts for nothing
+        _det(2, 2, box, 0.6),  # TP
+        _det(2, 2, _far(2), 0.99),  # unmatched on a not-exhaustive class: ignored
         _det(2, 2, (100.0, 100.0, 30.0, 30.0), 0.4),  # matched to an ignored gt: ignored
     ]
     out = detection_outcomes(gt, dets)
@@ -221,16 +222,21 @@ def _lvis_statuses(gt, dets, max_dets=300):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_status_matches_lvis_package(seed):
+def test_status_matches_lvis_package(seed, make_set):
     gt, dets = make_set(seed, n_images=25)
     out = detection_outcomes(gt, dets)
     cat_ids = np.array([c["id"] for c in sorted(gt["categories"], key=lambda c: c["id"])])
-    mine = sorted(zip(cat_ids[out["category"]].tolist(), np.round(out["score"], 6).tolist(),
-                      out["status"].tolist()))
+    mine = sorted(
+        zip(
+            cat_ids[out["category"]].tolist(),
+            np.round(out["score"], 6).tolist(),
+            out["status"].tolist(),
+        )
+    )
     assert mine == _lvis_statuses(gt, dets)
 
 
-def test_input_forms_and_empty(tmp_path):
+def test_input_forms_and_empty(tmp_path, make_set):
     gt, dets = make_set(2, n_images=15)
     cal = evaluate_calibration(gt, dets)
     p = tmp_path / "dets.json"
@@ -239,13 +245,26 @@ def test_input_forms_and_empty(tmp_path):
     by_img = {}
     for d in dets:
         by_img.setdefault(d["image_id"], []).append(d)
-    tens = [{"image_id": i,
-             "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
-                                     d["bbox"][1] + d["bbox"][3]] for d in ds],
-                                   dtype=torch.float64),
-             "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
-             "category_ids": torch.tensor([d["category_id"] for d in ds])}
-            for i, ds in by_img.items()]
+    tens = [
+        {
+            "image_id": i,
+            "boxes": torch.tensor(
+                [
+                    [
+                        d["bbox"][0],
+                        d["bbox"][1],
+                        d["bbox"][0] + d["bbox"][2],
+                        d["bbox"][1] + d["bbox"][3],
+                    ]
+                    for d in ds
+                ],
+                dtype=torch.float64,
+            ),
+            "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
+            "category_ids": torch.tensor([d["category_id"] for d in ds]),
+        }
+        for i, ds in by_img.items()
+    ]
     tc = dece_metrics(evaluate_calibration(gt, tens))
     assert tc == pytest.approx(dece_metrics(cal), abs=1e-9)
     # COCO-LT bins from the json's instance counts
@@ -259,8 +278,11 @@ def test_input_forms_and_empty(tmp_path):
         evaluate_calibration(gt, dets, binning="quantile")
     # min_score: detections at or below it are not binned; statuses do not change
     hi = evaluate_calibration(gt, dets, min_score=0.5)
-    assert hi["num_dets"]["all"] == sum(1 for s, st in zip(
-        *[detection_outcomes(gt, dets)[k] for k in ("score", "status")]) if s > 0.5 and st != -1)
+    assert hi["num_dets"]["all"] == sum(
+        1
+        for s, st in zip(*[detection_outcomes(gt, dets)[k] for k in ("score", "status")])
+        if s > 0.5 and st != -1
+    )
 
 
 def test_temperature_scaling_recovers_known_temperature():
@@ -313,11 +335,13 @@ def test_platt_scaling_per_class(tmp_path):
     assert float(keep.transform(np.array([0.7]), [3])[0]) == pytest.approx(0.7)
     path = tmp_path / "cal.json"
     save_calibrator(cal, path, fit_images=10)
-    assert torch.equal(load_calibrator(path).transform(s.numpy(), [1, 2, 3, 4]),
-                       cal.transform(s.numpy(), [1, 2, 3, 4]))
+    assert torch.equal(
+        load_calibrator(path).transform(s.numpy(), [1, 2, 3, 4]),
+        cal.transform(s.numpy(), [1, 2, 3, 4]),
+    )
 
 
-def test_fit_and_apply_on_detections(tmp_path):
+def test_fit_and_apply_on_detections(tmp_path, make_set):
     gt, dets = make_set(3, n_images=30)
     for method in ("temperature", "temperature_group", "platt"):
         cal = fit_calibrator(method, gt, dets)
@@ -335,8 +359,8 @@ def test_fit_and_apply_on_detections(tmp_path):
     plot_reliability(evaluate_calibration(gt, []), tmp_path / "empty.png")
 
 
-def test_tools_calibrate_json_form(tmp_path, capsys):
-    calibrate = _load_tool("calibrate")
+def test_tools_calibrate_json_form(tmp_path, capsys, make_set, load_tool):
+    calibrate = load_tool("calibrate")
 
     gt, dets = make_set(4, n_images=30)
     gtv, detsv = make_set(5, n_images=20)
@@ -344,9 +368,22 @@ def test_tools_calibrate_json_form(tmp_path, capsys):
     for name, obj in (("fit_gt", gt), ("fit_dets", dets), ("gt", gtv), ("dets", detsv)):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(obj))
-    rc = calibrate.main(["--fit-gt", str(files["fit_gt"]), "--fit-dets", str(files["fit_dets"]),
-                         "--gt", str(files["gt"]), "--dets", str(files["dets"]),
-                         "--method", "temperature_group", "--out", str(tmp_path / "out")])
+    rc = calibrate.main(
+        [
+            "--fit-gt",
+            str(files["fit_gt"]),
+            "--fit-dets",
+            str(files["fit_dets"]),
+            "--gt",
+            str(files["gt"]),
+            "--dets",
+            str(files["dets"]),
+            "--method",
+            "temperature_group",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "out" / "calibration_summary.json").read_text())
     assert set(summary["before"]) >= {"AP", "APr", "D-ECE", "D-ECE_r", "D-ECE_c", "D-ECE_f"}
@@ -356,7 +393,7 @@ def test_tools_calibrate_json_form(tmp_path, capsys):
     assert "D-ECE" in capsys.readouterr().out
 
 
-def test_validation_report_has_dece(tmp_path):
+def test_validation_report_has_dece(tmp_path, make_set):
     from ltdet.engine.validation import evaluate_detections
 
     gt, dets = make_set(6, n_images=12)
@@ -364,12 +401,25 @@ def test_validation_report_has_dece(tmp_path):
     by_img = {}
     for d in dets:
         by_img.setdefault(d["image_id"], []).append(d)
-    tens = [{"image_id": i,
-             "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
-                                     d["bbox"][1] + d["bbox"][3]] for d in ds]),
-             "scores": torch.tensor([d["score"] for d in ds]),
-             "category_ids": torch.tensor([d["category_id"] for d in ds])}
-            for i, ds in by_img.items()]
+    tens = [
+        {
+            "image_id": i,
+            "boxes": torch.tensor(
+                [
+                    [
+                        d["bbox"][0],
+                        d["bbox"][1],
+                        d["bbox"][0] + d["bbox"][2],
+                        d["bbox"][1] + d["bbox"][3],
+                    ]
+                    for d in ds
+                ]
+            ),
+            "scores": torch.tensor([d["score"] for d in ds]),
+            "category_ids": torch.tensor([d["category_id"] for d in ds]),
+        }
+        for i, ds in by_img.items()
+    ]
     res = evaluate_detections(tens, val_json=tmp_path / "gt.json", out_dir=tmp_path / "ev")
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for k in ("D-ECE", "D-ECE_r", "D-ECE_c", "D-ECE_f", "MCE"):
@@ -377,14 +427,25 @@ def test_validation_report_has_dece(tmp_path):
     assert (tmp_path / "ev" / "reliability.png").stat().st_size > 1000
 
 
-def test_tools_test_prints_dece(tmp_path, capsys):
-    test_tool = _load_tool("test")
+def test_tools_test_prints_dece(tmp_path, capsys, make_set, load_tool):
+    test_tool = load_tool("test")
 
     gt, dets = make_set(7, n_images=10)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "d.json").write_text(json.dumps(dets))
-    assert test_tool.main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "d.json"),
-                           "--out", str(tmp_path / "rep")]) == 0
+    assert (
+        test_tool.main(
+            [
+                "--gt",
+                str(tmp_path / "gt.json"),
+                "--dets",
+                str(tmp_path / "d.json"),
+                "--out",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     ref = evaluate_calibration(gt, dets)

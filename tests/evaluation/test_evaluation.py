@@ -1,4 +1,5 @@
 """ltdet.evaluation against the official `lvis` package and pycocotools, plus input handling."""
+
 import contextlib
 import copy
 import io
@@ -10,14 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from _eval_fixtures import DEGENERATE_CASES, degenerate_set, make_set
-from ltdet.evaluation import evaluate_lvis, format_table, write_report
-from ltdet.evaluation import results_io
+from ltdet.evaluation import evaluate_lvis, format_table, results_io, write_report
 from ltdet.evaluation.lvis_eval import GroundTruthFormatError
 from ltdet.evaluation.results_io import DetectionFormatError, load_detections
 
-LVIS_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR@300",
-             "ARs@300", "ARm@300", "ARl@300"]
+LVIS_KEYS = [
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "APr",
+    "APc",
+    "APf",
+    "AR@300",
+    "ARs@300",
+    "ARm@300",
+    "ARl@300",
+]
 
 
 def _strip_boxes(dets, iou_type):
@@ -47,12 +59,15 @@ def _lvis_reference(gt, dets, max_dets=300, iou_type="bbox"):
     e.run()
     res = dict(e.get_results())
     p = e.eval["precision"][:, :, :, 0]
-    res["per_class"] = [float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any()
-                        else None for k in range(p.shape[2])]
+    res["per_class"] = [
+        float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any() else None
+        for k in range(p.shape[2])
+    ]
     # AP50 per class and per frequency group, from the same official precision array
     p50 = p[0]
-    res["per_class_ap50"] = [float(p50[:, k].mean()) if (p50[:, k] > -1).any() else None
-                             for k in range(p50.shape[1])]
+    res["per_class_ap50"] = [
+        float(p50[:, k].mean()) if (p50[:, k] > -1).any() else None for k in range(p50.shape[1])
+    ]
     freq = [g.cats[c]["frequency"] for c in e.params.cat_ids]
     for grp in "rcf":
         vals = [a for a, f in zip(res["per_class_ap50"], freq) if f == grp and a is not None]
@@ -75,11 +90,22 @@ def _coco_reference(gt, dets, max_dets, iou_type="bbox"):
         e.summarize()
     s = e.stats
     p = e.eval["precision"][:, :, :, 0, -1]
-    ref = {"AP": float(p[p > -1].mean()), "AP50": s[1], "AP75": s[2], "APs": s[3], "APm": s[4],
-           "APl": s[5], f"AR@{max_dets}": s[8], f"ARs@{max_dets}": s[9],
-           f"ARm@{max_dets}": s[10], f"ARl@{max_dets}": s[11]}
-    ref["per_class"] = [float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any()
-                        else None for k in range(p.shape[2])]
+    ref = {
+        "AP": float(p[p > -1].mean()),
+        "AP50": s[1],
+        "AP75": s[2],
+        "APs": s[3],
+        "APm": s[4],
+        "APl": s[5],
+        f"AR@{max_dets}": s[8],
+        f"ARs@{max_dets}": s[9],
+        f"ARm@{max_dets}": s[10],
+        f"ARl@{max_dets}": s[11],
+    }
+    ref["per_class"] = [
+        float(p[:, :, k][p[:, :, k] > -1].mean()) if (p[:, :, k] > -1).any() else None
+        for k in range(p.shape[2])
+    ]
     return ref
 
 
@@ -101,15 +127,20 @@ def _assert_matches_reference(gt, dets, lvis, max_dets=300):
         _assert_close(res, ref, LVIS_KEYS + ["AP50r", "AP50c", "AP50f"])
         ours = [c["AP50"] for c in res["per_class"]]
         assert [a is None for a in ours] == [a is None for a in ref["per_class_ap50"]]
-        assert max((abs(a - b) for a, b in zip(ours, ref["per_class_ap50"]) if a is not None),
-                   default=0.0) <= 1e-4
+        assert (
+            max(
+                (abs(a - b) for a, b in zip(ours, ref["per_class_ap50"]) if a is not None),
+                default=0.0,
+            )
+            <= 1e-4
+        )
     else:
         ref = _coco_reference(gt, dets, max_dets)
         _assert_close(res, ref, [k for k in ref if k != "per_class"])
     return res, ref
 
 
-def test_fixture_exercises_the_edge_cases():
+def test_fixture_exercises_the_edge_cases(make_set):
     gt, dets = make_set(0)
     per_img = {}
     for d in dets:
@@ -122,7 +153,7 @@ def test_fixture_exercises_the_edge_cases():
     scores = [d["score"] for d in dets]
     assert len(set(scores)) < len(scores) / 4  # many score ties
     areas = [a["area"] for a in gt["annotations"]]
-    assert 32.0 ** 2 in areas and 96.0 ** 2 in areas
+    assert 32.0**2 in areas and 96.0**2 in areas
     assert any(im["not_exhaustive_category_ids"] for im in gt["images"])
     annotated = {a["category_id"] for a in gt["annotations"]}
     neg_only = {c for im in gt["images"] for c in im["neg_category_ids"]} - annotated
@@ -131,7 +162,7 @@ def test_fixture_exercises_the_edge_cases():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_lvis_package(seed):
+def test_matches_lvis_package(seed, make_set):
     gt, dets = make_set(seed)
     res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets))
     ref = _lvis_reference(gt, dets)
@@ -144,13 +175,12 @@ def test_matches_lvis_package(seed):
 
 
 @pytest.mark.parametrize("lvis", [True, False], ids=["lvis", "coco"])
-@pytest.mark.parametrize("case", DEGENERATE_CASES)
-def test_degenerate_boxes_match_references(case, lvis):
+def test_degenerate_boxes_match_references(degenerate_case, lvis, degenerate_set):
     """Zero-width / zero-height detections, gts with json area 0, zero-size gt boxes and a gt with
-    annotation id 0 (see _eval_fixtures.degenerate_set), against lvis and pycocotools."""
-    gt, dets = degenerate_set(case, lvis=lvis)
+    annotation id 0 (see the `degenerate_set` fixture), against lvis and pycocotools."""
+    gt, dets = degenerate_set(degenerate_case, lvis=lvis)
     res, ref = _assert_matches_reference(gt, dets, lvis)
-    if lvis and case == "all_gt_area_0":
+    if lvis and degenerate_case == "all_gt_area_0":
         # lvis evaluates no gt with area <= 0: every class is without gt, every metric -1.
         assert ref["AP"] == res["AP"] == -1 and all(a is None for a in ref["per_class"])
     else:
@@ -182,7 +212,7 @@ def test_zero_area_boxes_hand_computed():
         assert evaluate_lvis(g, [tp])["AP"] == 0.0
 
 
-def test_matches_lvis_package_small_max_dets():
+def test_matches_lvis_package_small_max_dets(make_set):
     gt, dets = make_set(3, n_images=20)
     res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), max_dets=20)
     ref = _lvis_reference(gt, dets, max_dets=20)
@@ -191,7 +221,7 @@ def test_matches_lvis_package_small_max_dets():
 
 
 @pytest.mark.parametrize("seed,max_dets", [(0, 300), (1, 300), (2, 5)])
-def test_matches_pycocotools(seed, max_dets):
+def test_matches_pycocotools(seed, max_dets, make_set):
     gt, dets = make_set(seed, lvis=False)
     assert any(a["iscrowd"] for a in gt["annotations"])
     res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets), max_dets=max_dets)
@@ -200,7 +230,7 @@ def test_matches_pycocotools(seed, max_dets):
     assert res["APr"] == res["APc"] == res["APf"] == -1  # no train= for a COCO gt
 
 
-def test_coco_train_bins_and_groups():
+def test_coco_train_bins_and_groups(make_set):
     gt, dets = make_set(4, lvis=False)
     rng = np.random.default_rng(0)
     sizes = rng.choice([0, 3, 15, 30, 150, 500, 9000], len(gt["categories"]))
@@ -217,30 +247,37 @@ def test_coco_train_bins_and_groups():
         aps = [per[c]["AP"] for c, n in counts.items() if lo <= n < hi and per[c]["AP"] is not None]
         assert res[key] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
     for g, (lo, hi) in {"r": (0, 10), "c": (11, 100), "f": (101, 1e9)}.items():
-        aps = [per[c]["AP"] for c, n in counts.items()
-               if lo <= n <= hi and per[c]["AP"] is not None]
+        aps = [
+            per[c]["AP"] for c, n in counts.items() if lo <= n <= hi and per[c]["AP"] is not None
+        ]
         assert res[f"AP{g}"] == pytest.approx(np.mean(aps) if aps else -1, abs=1e-12)
-    assert all(per[c]["image_count"] == n and per[c]["instance_count"] == n
-               for c, n in counts.items())
+    assert all(
+        per[c]["image_count"] == n and per[c]["instance_count"] == n for c, n in counts.items()
+    )
 
 
 def _single_image_gt(nel=()):
     return {
         "images": [{"id": 1, "neg_category_ids": [2], "not_exhaustive_category_ids": list(nel)}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40],
-                         "area": 1600.0}],
-        "categories": [{"id": 1, "name": "a", "frequency": "f"},
-                       {"id": 2, "name": "b", "frequency": "r"},
-                       {"id": 3, "name": "c", "frequency": "c"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "area": 1600.0}
+        ],
+        "categories": [
+            {"id": 1, "name": "a", "frequency": "f"},
+            {"id": 2, "name": "b", "frequency": "r"},
+            {"id": 3, "name": "c", "frequency": "c"},
+        ],
     }
 
 
 def test_hand_computed_federated_rules():
     # FP (score 0.9, IoU 0) ranked above the TP (IoU 1): precision at any recall is 1/2.
-    dets = [{"image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "score": 0.9},
-            {"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8},
-            # class 3 is neither positive nor negative on the image: dropped, never a FP
-            {"image_id": 1, "category_id": 3, "bbox": [0, 0, 40, 40], "score": 0.95}]
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [100, 100, 40, 40], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40], "score": 0.8},
+        # class 3 is neither positive nor negative on the image: dropped, never a FP
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 40, 40], "score": 0.95},
+    ]
     res = evaluate_lvis(_single_image_gt(), dets)
     assert res["AP"] == pytest.approx(0.5) and res["AR@300"] == pytest.approx(1.0)
     assert res["APm"] == pytest.approx(0.5) and res["APs"] == -1 and res["APl"] == -1
@@ -249,7 +286,7 @@ def test_hand_computed_federated_rules():
     assert evaluate_lvis(_single_image_gt(nel=[1]), dets)["AP"] == pytest.approx(1.0)
 
 
-def test_empty_detections(tmp_path):
+def test_empty_detections(tmp_path, make_set):
     gt, _ = make_set(0, n_images=10)
     path = tmp_path / "empty.json"
     path.write_text("[ ]")
@@ -259,7 +296,7 @@ def test_empty_detections(tmp_path):
         assert {c["AP"] for c in res["per_class"]} == {None, 0.0}
 
 
-def test_input_forms_agree(tmp_path):
+def test_input_forms_agree(tmp_path, make_set):
     gt, dets = make_set(5, n_images=15)
     for d in dets:  # quarter-pixel boxes: xywh <-> xyxy round trips exactly
         d["bbox"] = [round(v * 4) / 4 for v in d["bbox"]]
@@ -272,12 +309,23 @@ def test_input_forms_agree(tmp_path):
     for img_id, ds in by_img.items():
         b = torch.tensor([d["bbox"] for d in ds], dtype=torch.float64)
         b[:, 2:] += b[:, :2]
-        tensors.append({"image_id": img_id, "boxes": b,
-                        "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
-                        "category_ids": torch.tensor([d["category_id"] for d in ds])})
+        tensors.append(
+            {
+                "image_id": img_id,
+                "boxes": b,
+                "scores": torch.tensor([d["score"] for d in ds], dtype=torch.float64),
+                "category_ids": torch.tensor([d["category_id"] for d in ds]),
+            }
+        )
     no_dets = next(im["id"] for im in gt["images"] if im["id"] not in by_img)
-    tensors.append({"image_id": torch.tensor(no_dets), "boxes": torch.zeros(0, 4),
-                    "scores": torch.zeros(0), "category_ids": torch.zeros(0, dtype=torch.int64)})
+    tensors.append(
+        {
+            "image_id": torch.tensor(no_dets),
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "category_ids": torch.zeros(0, dtype=torch.int64),
+        }
+    )
     a = evaluate_lvis(gt, str(path))
     b = evaluate_lvis(gt, dets)
     c = evaluate_lvis(json.loads(json.dumps(gt)), tensors)
@@ -296,9 +344,15 @@ def test_result_json_fast_path_is_exact(digits, tmp_path, monkeypatch):
     scores = rng.random(n)
     if digits is not None:
         boxes, scores = boxes.round(digits), scores.round(digits + 2)
-    dets = [{"score": float(s), "bbox": [float(v) for v in b], "image_id": int(i),
-             "category_id": int(c)}
-            for s, b, i, c in zip(scores, boxes, rng.integers(1, 50, n), rng.integers(1, 9, n))]
+    dets = [
+        {
+            "score": float(s),
+            "bbox": [float(v) for v in b],
+            "image_id": int(i),
+            "category_id": int(c),
+        }
+        for s, b, i, c in zip(scores, boxes, rng.integers(1, 50, n), rng.integers(1, 9, n))
+    ]
     dets[5]["score"] = 1e-7  # an exponent
     text = json.dumps(dets, indent=1)  # other key order, newlines
     path = tmp_path / "d.json"
@@ -328,9 +382,11 @@ def test_result_json_fast_path_is_exact(digits, tmp_path, monkeypatch):
 
 def _result_file(tmp_path, numbers, image_id=b"1", category_id=b"2"):
     """A result json whose bbox / score tokens are written verbatim (four per bbox, then score)."""
-    rows = [b'{"image_id": %s, "category_id": %s, "bbox": [%s], "score": %s}'
-            % (image_id, category_id, b", ".join(numbers[i:i + 4]), numbers[i + 4])
-            for i in range(0, len(numbers), 5)]
+    rows = [
+        b'{"image_id": %s, "category_id": %s, "bbox": [%s], "score": %s}'
+        % (image_id, category_id, b", ".join(numbers[i : i + 4]), numbers[i + 4])
+        for i in range(0, len(numbers), 5)
+    ]
     path = tmp_path / "tokens.json"
     path.write_bytes(b"[" + b", ".join(rows) + b"]")
     return str(path)
@@ -339,11 +395,31 @@ def _result_file(tmp_path, numbers, image_id=b"1", category_id=b"2"):
 def test_result_number_tokens(tmp_path):
     """Plain, negative, long and signed-zero number tokens read exactly as float(token); tokens
     that are not json numbers are malformed json, named with the file."""
-    tokens = [b"-2", b"-0.25", b"3.5", b"1", b"0.1", b"123456789012345", b"-0.0", b"7.0", b"-0",
-              b"1234567890123456"]
+    tokens = [
+        b"-2",
+        b"-0.25",
+        b"3.5",
+        b"1",
+        b"0.1",
+        b"123456789012345",
+        b"-0.0",
+        b"7.0",
+        b"-0",
+        b"1234567890123456",
+    ]
     cols = load_detections(_result_file(tmp_path, tokens))
-    assert cols.bbox.ravel().tolist() + cols.score.tolist() == \
-        [-2.0, -0.25, 3.5, 1.0, 123456789012345.0, -0.0, 7.0, 0.0, 0.1, 1234567890123456.0]
+    assert cols.bbox.ravel().tolist() + cols.score.tolist() == [
+        -2.0,
+        -0.25,
+        3.5,
+        1.0,
+        123456789012345.0,
+        -0.0,
+        7.0,
+        0.0,
+        0.1,
+        1234567890123456.0,
+    ]
     # As the json module: "-0.0" is a negative zero, "-0" the integer 0.
     assert math.copysign(1, cols.bbox[1, 1]) == -1
     assert math.copysign(1, cols.bbox[1, 3]) == math.copysign(1, float(json.loads("-0"))) == 1
@@ -353,16 +429,19 @@ def test_result_number_tokens(tmp_path):
             load_detections(path)
 
 
-@pytest.mark.parametrize("bad,pattern", [
-    ({"image_id": 99999}, r"detection #7 .*image_id 99999 is not in the ground truth"),
-    ({"category_id": 2}, r"detection #7 .*category_id 2 is not in the ground truth"),
-    ({"score": float("nan")}, r"detection #7 .*score must be a finite number"),
-    ({"score": -0.5}, r"detection #7 .*score must be a finite number >= 0"),
-    ({"bbox": [1.0, 2.0, -3.0, 4.0]}, r"detection #7 .*negative width or height"),
-    ({"bbox": [1.0, 2.0, 3.0]}, r"detection #7 .*bbox must be \[x, y, w, h\]"),
-    ({"image_id": 1.5}, r"detection #7 .*image_id must be an integer"),
-])
-def test_bad_detection_named(bad, pattern, tmp_path):
+@pytest.mark.parametrize(
+    "bad,pattern",
+    [
+        ({"image_id": 99999}, r"detection #7 .*image_id 99999 is not in the ground truth"),
+        ({"category_id": 2}, r"detection #7 .*category_id 2 is not in the ground truth"),
+        ({"score": float("nan")}, r"detection #7 .*score must be a finite number"),
+        ({"score": -0.5}, r"detection #7 .*score must be a finite number >= 0"),
+        ({"bbox": [1.0, 2.0, -3.0, 4.0]}, r"detection #7 .*negative width or height"),
+        ({"bbox": [1.0, 2.0, 3.0]}, r"detection #7 .*bbox must be \[x, y, w, h\]"),
+        ({"image_id": 1.5}, r"detection #7 .*image_id must be an integer"),
+    ],
+)
+def test_bad_detection_named(bad, pattern, tmp_path, make_set):
     gt, dets = make_set(0, n_images=10)
     dets = dets[:10]
     dets[7] = {**dets[7], **bad}
@@ -375,15 +454,18 @@ def test_bad_detection_named(bad, pattern, tmp_path):
             evaluate_lvis(gt, str(path))
 
 
-@pytest.mark.parametrize("field,convert,typename", [
-    ("image_id", float, "float"),  # 1000.0: an integral float is not an id either
-    ("category_id", float, "float"),
-    ("image_id", lambda v: v + 0.5, "float"),
-    ("image_id", str, "str"),
-    ("category_id", str, "str"),
-    ("category_id", lambda v: True, "bool"),  # category 1 exists: True must not pass as 1
-])
-def test_non_integer_result_ids_named(field, convert, typename, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "field,convert,typename",
+    [
+        ("image_id", float, "float"),  # 1000.0: an integral float is not an id either
+        ("category_id", float, "float"),
+        ("image_id", lambda v: v + 0.5, "float"),
+        ("image_id", str, "str"),
+        ("category_id", str, "str"),
+        ("category_id", lambda v: True, "bool"),  # category 1 exists: True must not pass as 1
+    ],
+)
+def test_non_integer_result_ids_named(field, convert, typename, tmp_path, monkeypatch, make_set):
     gt, dets = make_set(0, n_images=10)
     dets = dets[:400]
     i = 337
@@ -402,20 +484,27 @@ def test_result_reader_refuses_float_ids(tmp_path):
     """The typed decoder reads ids as integers only: an id written with a '.' or an exponent must
     take the json path (which names the entry) instead of being read as an integer, and an id
     beyond 2^53 must not be rounded."""
+
     def read(image_id, category_id):
-        return load_detections(_result_file(tmp_path, [b"1.5", b"2", b"3", b"4.25", b"0.5"],
-                                            image_id, category_id))
+        return load_detections(
+            _result_file(tmp_path, [b"1.5", b"2", b"3", b"4.25", b"0.5"], image_id, category_id)
+        )
 
     cols = read(b"12", b"-3")
     assert cols.image_id.tolist() == [12] and cols.category_id.tolist() == [-3]
     assert read(b"9007199254740993", b"2").image_id.tolist() == [9007199254740993]
-    for image_id, category_id, field in ((b"12.0", b"2", "image_id"),
-                                         (b"2299.5", b"2", "image_id"),
-                                         (b"1", b"3.0", "category_id"),
-                                         (b"1", b" -3.0", "category_id"),
-                                         (b"1e3", b"2", "image_id")):
-        with pytest.raises(DetectionFormatError, match=rf"detection #0 .*{field} must be an "
-                                                       r"integer, got .* \(float\); ids are"):
+    for image_id, category_id, field in (
+        (b"12.0", b"2", "image_id"),
+        (b"2299.5", b"2", "image_id"),
+        (b"1", b"3.0", "category_id"),
+        (b"1", b" -3.0", "category_id"),
+        (b"1e3", b"2", "image_id"),
+    ):
+        with pytest.raises(
+            DetectionFormatError,
+            match=rf"detection #0 .*{field} must be an "
+            r"integer, got .* \(float\); ids are",
+        ):
             read(image_id, category_id)
 
 
@@ -435,14 +524,25 @@ def test_large_ids_are_exact(tmp_path):
 
 
 def test_non_integer_ids_in_tensor_dicts():
-    good = {"image_id": 1, "boxes": torch.tensor([[0.0, 0.0, 40.0, 40.0]]),
-            "scores": torch.tensor([0.9]), "category_ids": torch.tensor([1])}
+    good = {
+        "image_id": 1,
+        "boxes": torch.tensor([[0.0, 0.0, 40.0, 40.0]]),
+        "scores": torch.tensor([0.9]),
+        "category_ids": torch.tensor([1]),
+    }
     assert evaluate_lvis(_single_image_gt(), [good])["AP"] == pytest.approx(1.0)
-    assert evaluate_lvis(_single_image_gt(), [{**good, "image_id": torch.tensor(1)}])["AP"] == \
-        pytest.approx(1.0)
-    for bad in ({"image_id": 1.0}, {"image_id": 1.5}, {"image_id": torch.tensor(1.0)},
-                {"image_id": True}, {"image_id": "1"}, {"category_ids": torch.tensor([1.0])},
-                {"category_ids": torch.tensor([True])}):
+    assert evaluate_lvis(_single_image_gt(), [{**good, "image_id": torch.tensor(1)}])[
+        "AP"
+    ] == pytest.approx(1.0)
+    for bad in (
+        {"image_id": 1.0},
+        {"image_id": 1.5},
+        {"image_id": torch.tensor(1.0)},
+        {"image_id": True},
+        {"image_id": "1"},
+        {"category_ids": torch.tensor([1.0])},
+        {"category_ids": torch.tensor([True])},
+    ):
         with pytest.raises(DetectionFormatError, match=r"detections\[0\].*ids are integers"):
             evaluate_lvis(_single_image_gt(), [{**good, **bad}])
 
@@ -454,28 +554,51 @@ def _set_value(doc, path, value):
     doc[last] = value(doc[last]) if callable(value) else value
 
 
-@pytest.mark.parametrize("path,value,pattern", [
-    # the issue's example: an image id 2299.5 read as 2299 matched detections of image 2299
-    (("annotations", 7, "image_id"), lambda v: v + 0.5,
-     r"annotation id 8 in gt has image_id 1000\.5 \(float\); ids are integers"),
-    (("annotations", 7, "category_id"), float,
-     r"annotation id 8 in gt has category_id \d+\.0 \(float\); ids are integers"),
-    (("annotations", 7, "category_id"), str, r"annotation id 8 in gt has category_id '\d+' \(str\)"),
-    (("annotations", 7, "category_id"), True, r"annotation id 8 in gt has category_id True \(bool\)"),
-    (("annotations", 7, "id"), float, r"annotation #7 in gt has id 8\.0 \(float\)"),
-    (("annotations", 7, "id"), None, r"annotation #7 in gt has id None \(NoneType\)"),
-    (("images", 3, "id"), lambda v: v + 0.5, r"image #3 in gt has id 1021\.5 \(float\)"),
-    (("images", 3, "id"), float, r"image #3 in gt has id 1021\.0 \(float\)"),
-    (("images", 3, "id"), str, r"image #3 in gt has id '1021' \(str\)"),
-    (("images", 3, "id"), False, r"image #3 in gt has id False \(bool\)"),
-    (("categories", 2, "id"), float, r"category #2 \('cls2'\) in gt has id 7\.0 \(float\)"),
-    (("images", 1, "neg_category_ids", 0), lambda v: v + 0.5,
-     r"image 1007 in gt has neg_category_ids entry \d+\.5 \(float\)"),
-    (("images", 2, "not_exhaustive_category_ids"), [4.0],
-     r"image 1014 in gt has not_exhaustive_category_ids entry 4\.0 \(float\)"),
-    (("annotations", 7, "id"), 3, r"annotation id 3 occurs 2 times"),
-])
-def test_non_integer_gt_ids_named(path, value, pattern):
+@pytest.mark.parametrize(
+    "path,value,pattern",
+    [
+        # the issue's example: an image id 2299.5 read as 2299 matched detections of image 2299
+        (
+            ("annotations", 7, "image_id"),
+            lambda v: v + 0.5,
+            r"annotation id 8 in gt has image_id 1000\.5 \(float\); ids are integers",
+        ),
+        (
+            ("annotations", 7, "category_id"),
+            float,
+            r"annotation id 8 in gt has category_id \d+\.0 \(float\); ids are integers",
+        ),
+        (
+            ("annotations", 7, "category_id"),
+            str,
+            r"annotation id 8 in gt has category_id '\d+' \(str\)",
+        ),
+        (
+            ("annotations", 7, "category_id"),
+            True,
+            r"annotation id 8 in gt has category_id True \(bool\)",
+        ),
+        (("annotations", 7, "id"), float, r"annotation #7 in gt has id 8\.0 \(float\)"),
+        (("annotations", 7, "id"), None, r"annotation #7 in gt has id None \(NoneType\)"),
+        (("images", 3, "id"), lambda v: v + 0.5, r"image #3 in gt has id 1021\.5 \(float\)"),
+        (("images", 3, "id"), float, r"image #3 in gt has id 1021\.0 \(float\)"),
+        (("images", 3, "id"), str, r"image #3 in gt has id '1021' \(str\)"),
+        (("images", 3, "id"), False, r"image #3 in gt has id False \(bool\)"),
+        (("categories", 2, "id"), float, r"category #2 \('cls2'\) in gt has id 7\.0 \(float\)"),
+        (
+            ("images", 1, "neg_category_ids", 0),
+            lambda v: v + 0.5,
+            r"image 1007 in gt has neg_category_ids entry \d+\.5 \(float\)",
+        ),
+        (
+            ("images", 2, "not_exhaustive_category_ids"),
+            [4.0],
+            r"image 1014 in gt has not_exhaustive_category_ids entry 4\.0 \(float\)",
+        ),
+        (("annotations", 7, "id"), 3, r"annotation id 3 occurs 2 times"),
+    ],
+)
+def test_non_integer_gt_ids_named(path, value, pattern, make_set):
     gt, _ = make_set(0, n_images=10)
     assert gt["annotations"][7]["id"] == 8 and gt["images"][3]["id"] == 1021
     _set_value(gt, path, value)
@@ -483,21 +606,26 @@ def test_non_integer_gt_ids_named(path, value, pattern):
         evaluate_lvis(gt, [])
 
 
-def test_non_integer_ids_name_the_file(tmp_path):
+def test_non_integer_ids_name_the_file(tmp_path, make_set):
     gt, dets = make_set(0, n_images=10)
     gt["annotations"][7]["image_id"] += 0.5
     (tmp_path / "val.json").write_text(json.dumps(gt))
-    with pytest.raises(GroundTruthFormatError,
-                       match=r"annotation id 8 in .*val\.json has image_id 1000\.5 \(float\)"):
+    with pytest.raises(
+        GroundTruthFormatError,
+        match=r"annotation id 8 in .*val\.json has image_id 1000\.5 \(float\)",
+    ):
         evaluate_lvis(str(tmp_path / "val.json"), dets)
     gt, dets = make_set(0, n_images=10, lvis=False)
-    train = {"images": [], "categories": gt["categories"],
-             "annotations": [{"id": 1, "image_id": 1.5, "category_id": 1}]}
+    train = {
+        "images": [],
+        "categories": gt["categories"],
+        "annotations": [{"id": 1, "image_id": 1.5, "category_id": 1}],
+    }
     with pytest.raises(GroundTruthFormatError, match=r"annotation id 1 in train has image_id 1\.5"):
         evaluate_lvis(gt, dets, train=train)
 
 
-def test_missing_key_and_malformed_json(tmp_path):
+def test_missing_key_and_malformed_json(tmp_path, make_set):
     gt, dets = make_set(0, n_images=10)
     dets = dets[:10]
     del dets[4]["score"]
@@ -518,7 +646,7 @@ def test_missing_key_and_malformed_json(tmp_path):
         evaluate_lvis(gt, [], iou_type="segm")
 
 
-def test_report_files(tmp_path):
+def test_report_files(tmp_path, make_set):
     gt, dets = make_set(1, n_images=12)
     res = evaluate_lvis(gt, dets)
     table = format_table(res)
@@ -531,26 +659,36 @@ def test_report_files(tmp_path):
     assert len(rows) == 1 + len(gt["categories"])
     first = rows[1].split(",")
     cat0 = gt["categories"][0]
-    assert first[:5] == [str(cat0["id"]), cat0["name"], cat0["frequency"],
-                         str(cat0["image_count"]), str(cat0["instance_count"])]
+    assert first[:5] == [
+        str(cat0["id"]),
+        cat0["name"],
+        cat0["frequency"],
+        str(cat0["image_count"]),
+        str(cat0["instance_count"]),
+    ]
     assert (tmp_path / "ap_vs_frequency.png").stat().st_size > 1000
     assert set(paths) == {"metrics", "per_class", "plot"}
 
 
-def test_tools_test_cli(tmp_path, capsys):
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "ltdet_tools_test", pathlib.Path(__file__).resolve().parent.parent / "tools" / "test.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+def test_tools_test_cli(tmp_path, capsys, make_set, load_tool):
+    cli = load_tool("test")
     gt, dets = make_set(2, n_images=10)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "d.json").write_text(json.dumps(dets))
     # main() returns the exit code (tools/test.py, one-line CLI errors); the metrics are on disk.
-    assert cli.main(["--gt", str(tmp_path / "gt.json"), "--dets", str(tmp_path / "d.json"),
-                     "--out", str(tmp_path / "rep")]) == 0
+    assert (
+        cli.main(
+            [
+                "--gt",
+                str(tmp_path / "gt.json"),
+                "--dets",
+                str(tmp_path / "d.json"),
+                "--out",
+                str(tmp_path / "rep"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert f"{res['AP']:.4f}" in out
@@ -564,7 +702,7 @@ def test_tools_test_cli(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(make_set):
     gt, dets = make_set(0)
     a = evaluate_lvis(gt, dets)
     b = evaluate_lvis(gt, dets, device="cuda")
@@ -573,7 +711,7 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.slow
-def test_matches_lvis_package_larger():
+def test_matches_lvis_package_larger(make_set):
     gt, dets = make_set(11, n_images=300, n_cats=120)
     res = evaluate_lvis(copy.deepcopy(gt), copy.deepcopy(dets))
     _assert_close(res, _lvis_reference(gt, dets), LVIS_KEYS)
