@@ -8,6 +8,7 @@ that drifting machine load hits both alike; reports the median per-pair ratio (t
     python benchmarks/loss_overhead.py                       # 1203 classes (LVIS), CPU
     python benchmarks/loss_overhead.py --arch retinanet --reps 5 --size 192 --device cuda
 """
+
 import argparse
 import copy
 import statistics
@@ -100,8 +101,11 @@ def set_clock(name, device):
 #: regression head is also wider (17 bins per side: 4 x 17 outputs per anchor instead of 4), so
 #: its ratio includes that head's extra convolution output, not only the losses.
 DENSE_COMBINATIONS = {
-    "gfl": {"cls_loss": {"type": "qfl"}, "box_loss": {"type": "giou", "loss_weight": 2.0},
-            "dfl": {"reg_max": 16, "loss_weight": 0.25, "score_weighted": True}},
+    "gfl": {
+        "cls_loss": {"type": "qfl"},
+        "box_loss": {"type": "giou", "loss_weight": 2.0},
+        "dfl": {"reg_max": 16, "loss_weight": 0.25, "score_weighted": True},
+    },
 }
 
 
@@ -115,8 +119,12 @@ def loss_kinds(num_classes, stats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", nargs="+", default=["faster_rcnn", "retinanet"], choices=sorted(ARCHS))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", nargs="+", default=["faster_rcnn", "retinanet"], choices=sorted(ARCHS)
+    )
     parser.add_argument("--num-classes", type=int, default=1203)
     parser.add_argument("--size", type=int, default=160, help="image side in pixels")
     parser.add_argument("--batch", type=int, default=2)
@@ -125,8 +133,12 @@ def main(argv=None):
     parser.add_argument("--losses", nargs="*", default=None, help="subset of loss types")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
-                        help="default: cpu with --device cpu and 1 thread, else wall")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default=None,
+        help="default: cpu with --device cpu and 1 thread, else wall",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,20 +148,35 @@ def main(argv=None):
     stats = long_tailed_stats(c)
     kinds = [k for k in loss_kinds(c, stats) if args.losses is None or k[0] in args.losses]
     images, targets = detection_batch(c, args.size, args.batch, args.boxes, device)
-    print(f"# training-step time, patched / vanilla torchvision, C={c}, {args.batch} images of "
-          f"{args.size}px, {args.reps} alternating pairs, device={device}, threads={torch.get_num_threads()}, "
-          f"clock={'cpu' if CLOCK is time.process_time else 'wall'}")
+    print(
+        f"# training-step time, patched / vanilla torchvision, C={c}, {args.batch} images of "
+        f"{args.size}px, {args.reps} alternating pairs, device={device}, threads={torch.get_num_threads()}, "
+        f"clock={'cpu' if CLOCK is time.process_time else 'wall'}"
+    )
     print(f"{'arch':<22} {'loss':<18} {'kind':<4} {'vanilla s':>9} {'patched s':>9} {'ratio':>7}")
     worst = 0.0
     for arch in args.arch:
         torch.manual_seed(0)
-        vanilla = ARCHS[arch](weights=None, weights_backbone=None, num_classes=c + 1, min_size=args.size,
-                              max_size=args.size).to(device).train()
-        variants = [("(patch, defaults)", {})] + [(name, {f"{kind}_loss": {"type": name}})
-                                                   for name, kind in kinds]
+        vanilla = (
+            ARCHS[arch](
+                weights=None,
+                weights_backbone=None,
+                num_classes=c + 1,
+                min_size=args.size,
+                max_size=args.size,
+            )
+            .to(device)
+            .train()
+        )
+        variants = [("(patch, defaults)", {})] + [
+            (name, {f"{kind}_loss": {"type": name}}) for name, kind in kinds
+        ]
         if arch.startswith("retinanet"):
-            variants += [(name, kwargs) for name, kwargs in DENSE_COMBINATIONS.items()
-                         if args.losses is None or name in args.losses]
+            variants += [
+                (name, kwargs)
+                for name, kwargs in DENSE_COMBINATIONS.items()
+                if args.losses is None or name in args.losses
+            ]
         for name, kwargs in variants:
             patched = copy.deepcopy(vanilla)
             try:

@@ -14,6 +14,7 @@ the grid resumes across days. The table marks a method whose APr differs from th
 more than twice the combined standard error (`*`; needs >= 2 seeds per cell); a method with one
 seed reports its single value.
 """
+
 import argparse
 import json
 import math
@@ -64,8 +65,16 @@ def _cell_dir(runs: Path, method: str, seed: int) -> Path:
 
 def _command(method: str, seed: int, runs: Path) -> list:
     config, stage1 = METHODS[method]
-    cmd = [sys.executable, "tools/train.py", config, "--no-progress", "--overwrite", "--opts",
-           f"seed={seed}", f"output_dir={_cell_dir(runs, method, seed)}"]
+    cmd = [
+        sys.executable,
+        "tools/train.py",
+        config,
+        "--no-progress",
+        "--overwrite",
+        "--opts",
+        f"seed={seed}",
+        f"output_dir={_cell_dir(runs, method, seed)}",
+    ]
     if stage1:
         base = _cell_dir(runs, stage1, seed) / "checkpoints"
         last = (base / "last_checkpoint").read_text().strip()
@@ -74,21 +83,28 @@ def _command(method: str, seed: int, runs: Path) -> list:
 
 
 def run_grid(methods, seeds, *, runs: Path, results: Path, jobs: int, threads: int) -> None:
-    todo = [(m, s) for s in seeds for m in methods
-            if not (results / m / f"seed{s}.json").is_file()]
+    todo = [(m, s) for s in seeds for m in methods if not (results / m / f"seed{s}.json").is_file()]
     running = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     t0 = time.time()
     while todo or running:
-        ready = [c for c in todo if not METHODS[c[0]][1]
-                 or (results / METHODS[c[0]][1] / f"seed{c[1]}.json").is_file()]
+        ready = [
+            c
+            for c in todo
+            if not METHODS[c[0]][1] or (results / METHODS[c[0]][1] / f"seed{c[1]}.json").is_file()
+        ]
         while ready and len(running) < jobs:
             cell = ready.pop(0)
             todo.remove(cell)
             log = _cell_dir(runs, *cell).parent / f"seed{cell[1]}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.Popen(_command(*cell, runs), cwd=ROOT, env=env,
-                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                _command(*cell, runs),
+                cwd=ROOT,
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
             running.append((proc, cell, time.time()))
             print(f"[{time.time() - t0:6.0f} s] started {cell[0]} seed {cell[1]}", flush=True)
         if not running and todo:
@@ -106,11 +122,16 @@ def run_grid(methods, seeds, *, runs: Path, results: Path, jobs: int, threads: i
                 out = json.loads(metrics.read_text())
                 out["_seconds"] = time.time() - started
                 (results / method / f"seed{seed}.json").write_text(json.dumps(out, indent=1))
-                print(f"[{time.time() - t0:6.0f} s] done {method} seed {seed}: APr "
-                      f"{out['APr']:.3f} APf {out['APf']:.3f}", flush=True)
+                print(
+                    f"[{time.time() - t0:6.0f} s] done {method} seed {seed}: APr "
+                    f"{out['APr']:.3f} APf {out['APf']:.3f}",
+                    flush=True,
+                )
             else:
-                print(f"{method} seed {seed} failed (exit {proc.returncode}); see its log",
-                      file=sys.stderr)
+                print(
+                    f"{method} seed {seed} failed (exit {proc.returncode}); see its log",
+                    file=sys.stderr,
+                )
 
 
 def _mean_std(values):
@@ -129,8 +150,7 @@ def table(methods, results: Path) -> str:
     if not rows:
         return "no results yet"
     base = rows.get("baseline")
-    lines = ["| method | seeds | " + " | ".join(KEYS) + " |",
-             "|---|---|" + "---|" * len(KEYS)]
+    lines = ["| method | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for m, r in rows.items():
         n = r["AP"][2]
         mark = ""
@@ -159,8 +179,14 @@ def main(argv=None) -> int:
             methods.insert(0, stage1)
     results = Path(args.results)
     if not args.table_only:
-        run_grid(methods, args.seeds, runs=Path(args.runs), results=results, jobs=args.jobs,
-                 threads=args.threads)
+        run_grid(
+            methods,
+            args.seeds,
+            runs=Path(args.runs),
+            results=results,
+            jobs=args.jobs,
+            threads=args.threads,
+        )
     print(table(methods, results))
     return 0
 

@@ -1,4 +1,5 @@
 """Shared inputs for the loss tests: a duck-typed ClassStats and small seeded batches."""
+
 import types
 
 import torch
@@ -10,8 +11,14 @@ NUM_CLASSES = 6
 #: The registry's losses by kind, read from `LOSSES` (a new loss joins them without a test edit).
 CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, ClassificationLoss))
 REGRESSION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, RegressionLoss))
-SIGMOID_FOREGROUND = [{"type": "focal"}, {"type": "eql", "lambda_": 0.05}, {"type": "federated"},
-                      {"type": "ghmc"}, {"type": "cb", "base": "sigmoid"}, {"type": "cb", "base": "focal"}]
+SIGMOID_FOREGROUND = [
+    {"type": "focal"},
+    {"type": "eql", "lambda_": 0.05},
+    {"type": "federated"},
+    {"type": "ghmc"},
+    {"type": "cb", "base": "sigmoid"},
+    {"type": "cb", "base": "focal"},
+]
 
 
 def make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=None, num_images=500):
@@ -19,13 +26,17 @@ def make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0, 0.0), instance_count=No
     image_count = torch.tensor(image_count, dtype=torch.float32)
     if instance_count is None:
         instance_count = image_count * 3
-    return types.SimpleNamespace(image_count=image_count,
-                                 instance_count=torch.as_tensor(instance_count, dtype=torch.float32),
-                                 num_images=num_images, frequency=None)
+    return types.SimpleNamespace(
+        image_count=image_count,
+        instance_count=torch.as_tensor(instance_count, dtype=torch.float32),
+        num_images=num_images,
+        frequency=None,
+    )
 
 
-def make_batch(n=12, num_classes=NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5,
-               num_columns=None):
+def make_batch(
+    n=12, num_classes=NUM_CLASSES, seed=0, dtype=torch.float64, bg_fraction=0.5, num_columns=None
+):
     """Logits `[n, C+1]` (`[n, num_columns]`, e.g. a loss's `cls_channels`: seesaw's C+2;
     requires grad) and labels in [0, C] with ~bg_fraction background."""
     g = torch.Generator().manual_seed(seed)

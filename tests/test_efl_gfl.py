@@ -12,6 +12,7 @@ comparisons below also check those formulas. The RetinaNet part checks QFL's IoU
 distribution head's loss against GFL's `loss_single` and its integral decoding, images without
 boxes, TorchScript, and the synthetic / LVIS v1 configs against the authors' recipes.
 """
+
 import os
 import socket
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _losses_fixtures import NUM_CLASSES, make_batch
 from torchvision.ops import box_iou
 
 from ltdet.config import load_config
@@ -30,10 +32,14 @@ from ltdet.losses.focal import FocalLoss
 from ltdet.losses.gfl import DistributionFocalLoss, QualityFocalLoss, distribution_integral
 from ltdet.models import build_detector
 from ltdet.models.build import build_torchvision_detector
-from ltdet.models.retinanet import (LTRetinaNet, LTRetinaNetDistributionHead, LTRetinaNetHead,
-                                    anchor_quality, decode_distribution, patch_retinanet)
-
-from _losses_fixtures import NUM_CLASSES, make_batch
+from ltdet.models.retinanet import (
+    LTRetinaNet,
+    LTRetinaNetDistributionHead,
+    LTRetinaNetHead,
+    anchor_quality,
+    decode_distribution,
+    patch_retinanet,
+)
 
 C = NUM_CLASSES
 K = C + 1
@@ -89,8 +95,9 @@ def eqfl_reference(z, labels, quality, pos_neg, gamma_b=GAMMA_B, scale=SCALE):
         j = int(labels[i]) - 1
         if j >= 0:
             q = quality[i]
-            loss[i][j] = (F.binary_cross_entropy_with_logits(x[i, j], q)
-                          * (q - p[i, j]).abs().pow(ff[j]))
+            loss[i][j] = F.binary_cross_entropy_with_logits(x[i, j], q) * (q - p[i, j]).abs().pow(
+                ff[j]
+            )
     return torch.stack([torch.stack(row) for row in loss]) * wf
 
 
@@ -98,15 +105,17 @@ def qfl_reference(z, labels, quality, beta=2.0):
     """GFocal's quality_focal_loss on the C foreground columns `[N, C]`."""
     x = z[:, 1:]
     p = torch.sigmoid(x)
-    loss = (F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
-            * p.pow(beta))
+    loss = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * p.pow(
+        beta
+    )
     rows = []
     for i in range(x.shape[0]):
         row = list(loss[i])
         j = int(labels[i]) - 1
         if j >= 0:
-            row[j] = (F.binary_cross_entropy_with_logits(x[i, j], quality[i])
-                      * (quality[i] - p[i, j]).abs().pow(beta))
+            row[j] = F.binary_cross_entropy_with_logits(x[i, j], quality[i]) * (
+                quality[i] - p[i, j]
+            ).abs().pow(beta)
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
@@ -119,8 +128,10 @@ def dfl_reference(pred, target):
         left = y.long()
         right = left + 1
         w_left, w_right = right.to(y.dtype) - y, y - left.to(y.dtype)
-        sides.append(F.cross_entropy(pred[:, k], left, reduction="none") * w_left
-                     + F.cross_entropy(pred[:, k], right, reduction="none") * w_right)
+        sides.append(
+            F.cross_entropy(pred[:, k], left, reduction="none") * w_left
+            + F.cross_entropy(pred[:, k], right, reduction="none") * w_right
+        )
     return torch.stack(sides, dim=1).sum(dim=1) / 4
 
 
@@ -206,8 +217,9 @@ def test_efl_state_over_four_steps(quality_variant):
         ref_value = (ref_elements * weight.view(-1, 1)).sum()
         # the loss of the step uses the state before the step
         assert torch.allclose(value, ref_value, rtol=1e-10), step
-        assert torch.allclose(_grad(value, logits), _grad(ref_value, logits), rtol=1e-9,
-                              atol=1e-12), step
+        assert torch.allclose(
+            _grad(value, logits), _grad(ref_value, logits), rtol=1e-9, atol=1e-12
+        ), step
         ref.step(logits, labels, weight, quality)
         assert torch.allclose(loss.pos_grad, ref.pos, rtol=1e-10, atol=1e-14), step
         assert torch.allclose(loss.neg_grad, ref.neg, rtol=1e-10, atol=1e-14), step
@@ -314,13 +326,17 @@ def test_qfl_plain_labels_mean_quality_one_and_background_rows_ignore_quality():
     logits, labels = make_batch(n=14, seed=2)
     loss = QualityFocalLoss(num_classes=C)
     ones = torch.ones(14, dtype=torch.float64)
-    assert torch.allclose(loss(logits, labels, reduction="none"),
-                          loss(logits, (labels, ones), reduction="none"))
+    assert torch.allclose(
+        loss(logits, labels, reduction="none"), loss(logits, (labels, ones), reduction="none")
+    )
     junk = torch.where(labels == 0, torch.full_like(ones, 0.7), ones)
-    assert torch.allclose(loss(logits, (labels, junk), reduction="none"),
-                          loss(logits, (labels, ones), reduction="none"))
+    assert torch.allclose(
+        loss(logits, (labels, junk), reduction="none"),
+        loss(logits, (labels, ones), reduction="none"),
+    )
     assert torch.autograd.gradcheck(
-        lambda z: loss(z, (labels, _quality(14, 2)), reduction="sum"), (logits,))
+        lambda z: loss(z, (labels, _quality(14, 2)), reduction="sum"), (logits,)
+    )
     with pytest.raises(ValueError, match="quality must be"):
         loss(logits, (labels, ones[:3]))
 
@@ -334,13 +350,15 @@ def test_eqfl_matches_reference_values_and_gradients():
     ref = eqfl_reference(logits, labels, quality, loss.pos_neg)
     assert torch.all(elements[:, 0] == 0)
     assert torch.allclose(elements[:, 1:], ref, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(_grad(elements.sum(), logits), _grad(ref.sum(), logits), rtol=1e-9,
-                          atol=1e-12)
+    assert torch.allclose(
+        _grad(elements.sum(), logits), _grad(ref.sum(), logits), rtol=1e-9, atol=1e-12
+    )
     # fresh state: EQFL is QFL with beta = gamma_b
     fresh = EqualizedQualityFocalLoss(num_classes=C).double().eval()
-    assert torch.allclose(fresh(logits, (labels, quality), reduction="none"),
-                          QualityFocalLoss(num_classes=C)(logits, (labels, quality),
-                                                          reduction="none"))
+    assert torch.allclose(
+        fresh(logits, (labels, quality), reduction="none"),
+        QualityFocalLoss(num_classes=C)(logits, (labels, quality), reduction="none"),
+    )
 
 
 # ---------------------------------------------------------------- DFL
@@ -407,8 +425,10 @@ DIST_SPLIT = 9  # unequal on purpose
 
 
 def _dist_losses():
-    return {"efl": EqualizedFocalLoss(num_classes=C).double().train(),
-            "eqfl": EqualizedQualityFocalLoss(num_classes=C).double().train()}
+    return {
+        "efl": EqualizedFocalLoss(num_classes=C).double().train(),
+        "eqfl": EqualizedQualityFocalLoss(num_classes=C).double().train(),
+    }
 
 
 def _dist_run(rows):
@@ -421,10 +441,16 @@ def _dist_run(rows):
         quality = _quality(DIST_ROWS, step)
         for name, loss in losses.items():
             target = (labels[rows], quality[rows]) if name == "eqfl" else labels[rows]
-            per_step[name].append(loss(logits[rows], target, weight=weight[rows],
-                                       reduction="none").detach())
-    return ({name: {k: v.clone() for k, v in loss.state_dict().items()}
-             for name, loss in losses.items()}, per_step)
+            per_step[name].append(
+                loss(logits[rows], target, weight=weight[rows], reduction="none").detach()
+            )
+    return (
+        {
+            name: {k: v.clone() for k, v in loss.state_dict().items()}
+            for name, loss in losses.items()
+        },
+        per_step,
+    )
 
 
 def _dist_worker(rank, world_size, port, out_dir):
@@ -453,12 +479,17 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path):
         assert state[name]["pos_neg"].min() < 1, name
         for r in range(2):
             for key, value in state[name].items():
-                assert torch.allclose(ranks[r][0][name][key], value, rtol=1e-10, atol=1e-14), \
-                    (name, key, r)
+                assert torch.allclose(ranks[r][0][name][key], value, rtol=1e-10, atol=1e-14), (
+                    name,
+                    key,
+                    r,
+                )
         for step in range(DIST_STEPS):
             joined = torch.cat([ranks[0][1][name][step], ranks[1][1][name][step]])
-            assert torch.allclose(joined, per_step[name][step], rtol=1e-10, atol=1e-14), \
-                (name, step)
+            assert torch.allclose(joined, per_step[name][step], rtol=1e-10, atol=1e-14), (
+                name,
+                step,
+            )
     alone, _ = _dist_run(slice(0, DIST_SPLIT))
     assert not torch.allclose(alone["efl"]["pos_grad"], ranks[0][0]["efl"]["pos_grad"])
 
@@ -466,24 +497,42 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path):
 # ---------------------------------------------------------------- RetinaNet: QFL targets, DFL head
 
 RC = 3  # RetinaNet foreground classes
-GFL = dict(cls_loss={"type": "qfl"}, box_loss={"type": "giou", "loss_weight": 2.0},
-           dfl={"reg_max": 16, "loss_weight": 0.25, "score_weighted": True})
-RETINA_CONFIGS = {"efl": dict(cls_loss={"type": "efl"}), "qfl": dict(cls_loss={"type": "qfl"}),
-                  "eqfl": dict(cls_loss={"type": "eqfl"}), "gfl": GFL}
+GFL = dict(
+    cls_loss={"type": "qfl"},
+    box_loss={"type": "giou", "loss_weight": 2.0},
+    dfl={"reg_max": 16, "loss_weight": 0.25, "score_weighted": True},
+)
+RETINA_CONFIGS = {
+    "efl": dict(cls_loss={"type": "efl"}),
+    "qfl": dict(cls_loss={"type": "qfl"}),
+    "eqfl": dict(cls_loss={"type": "eqfl"}),
+    "gfl": GFL,
+}
 
 
 def _tiny_retinanet():
     torch.manual_seed(0)
-    cfg = {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "bn",
-                     "detections_per_img": 100, "score_thresh": 1e-4}}
+    cfg = {
+        "model": {
+            "arch": "retinanet",
+            "backbone": "resnet18",
+            "norm": "bn",
+            "detections_per_img": 100,
+            "score_thresh": 1e-4,
+        }
+    }
     return build_torchvision_detector(cfg, RC)
 
 
 def _images_and_targets(empty_second=False):
     images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
-                "labels": torch.tensor([1, 3])},
-               {"boxes": torch.tensor([[30.0, 30.0, 50.0, 52.0]]), "labels": torch.tensor([2])}]
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]]),
+            "labels": torch.tensor([1, 3]),
+        },
+        {"boxes": torch.tensor([[30.0, 30.0, 50.0, 52.0]]), "labels": torch.tensor([2])},
+    ]
     if empty_second:
         targets[1] = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     return images, targets
@@ -493,13 +542,17 @@ def _capture(model, images, targets):
     seen = {}
     h1 = model.head.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))
     h2 = model.anchor_generator.register_forward_hook(
-        lambda m, i, o: seen.__setitem__("anchors", o))
+        lambda m, i, o: seen.__setitem__("anchors", o)
+    )
     losses = model(images, [dict(t) for t in targets])
     h1.remove()
     h2.remove()
-    matched = [model.proposal_matcher(box_iou(t["boxes"], a)) if t["boxes"].numel()
-               else torch.full((a.shape[0],), -1, dtype=torch.int64)
-               for t, a in zip(targets, seen["anchors"])]
+    matched = [
+        model.proposal_matcher(box_iou(t["boxes"], a))
+        if t["boxes"].numel()
+        else torch.full((a.shape[0],), -1, dtype=torch.int64)
+        for t, a in zip(targets, seen["anchors"])
+    ]
     return losses, seen["out"], seen["anchors"], matched
 
 
@@ -545,11 +598,12 @@ def test_qfl_head_passes_the_iou_of_the_regressed_box():
         quality = torch.zeros(m.shape[0])
         boxes = coder.decode_single(out["bbox_regression"][b, fg].detach(), anchors[b][fg])
         for k, i in enumerate(fg.tolist()):
-            quality[i] = box_iou(boxes[k:k + 1], t["boxes"][m[i]].view(1, 4))[0, 0]
+            quality[i] = box_iou(boxes[k : k + 1], t["boxes"][m[i]].view(1, 4))[0, 0]
         labels = torch.where(m >= 0, t["labels"][m.clamp_min(0)], torch.zeros_like(m))
         valid = m != -2
-        per = qfl_reference(out["cls_logits"][b][valid].double(), labels[valid],
-                            quality[valid].double())
+        per = qfl_reference(
+            out["cls_logits"][b][valid].double(), labels[valid], quality[valid].double()
+        )
         expected = expected + per.sum() / max(1, fg.numel()) / len(targets)
     assert torch.allclose(losses["classification"].double(), expected, rtol=1e-5)
     got = anchor_quality(targets, out["bbox_regression"], anchors, matched, coder)
@@ -612,8 +666,9 @@ def test_dfl_options_are_validated():
         patch_retinanet(_tiny_retinanet(), box_loss={"type": "dfl"})
     with pytest.raises(ValueError, match="unknown key"):
         patch_retinanet(_tiny_retinanet(), box_loss={"type": "giou"}, dfl={"bins": 8})
-    model = patch_retinanet(_tiny_retinanet(), box_loss={"type": "giou"},
-                            dfl={"enabled": False, "reg_max": 16})
+    model = patch_retinanet(
+        _tiny_retinanet(), box_loss={"type": "giou"}, dfl={"enabled": False, "reg_max": 16}
+    )
     assert not isinstance(model.head.regression_head, LTRetinaNetDistributionHead)
 
 
@@ -645,8 +700,12 @@ def test_lvis_gfl_configs_follow_the_gfocal_recipe(name):
     assert model["arch"] == "retinanet_v2"
     assert model["cls_loss"] == {"type": "qfl", "beta": 2.0}
     assert model["box_loss"] == {"type": "giou", "loss_weight": 2.0}
-    assert model["dfl"] == {"enabled": name == "gfl", "reg_max": 16, "loss_weight": 0.25,
-                            "score_weighted": True}
+    assert model["dfl"] == {
+        "enabled": name == "gfl",
+        "reg_max": 16,
+        "loss_weight": 0.25,
+        "score_weighted": True,
+    }
     assert solver["lr"] == 0.01 and solver["max_iter"] == 12 * 6212
     assert solver["steps"] == [8 * 6212, 11 * 6212]
     assert solver["warmup_iters"] == 500 and abs(solver["warmup_factor"] - 1 / 3) < 1e-3
@@ -654,8 +713,9 @@ def test_lvis_gfl_configs_follow_the_gfocal_recipe(name):
 
 @pytest.mark.parametrize("name", ["efl", "qfl", "gfl"])
 def test_synthetic_configs_build_their_losses(name):
-    cfg = load_config(ROOT / f"configs/synthetic/retinanet_{name}.yaml",
-                      ["model.backbone=resnet18"])
+    cfg = load_config(
+        ROOT / f"configs/synthetic/retinanet_{name}.yaml", ["model.backbone=resnet18"]
+    )
     model = build_detector(cfg, 5)
     head = model.head
     cls = {"efl": EqualizedFocalLoss, "qfl": QualityFocalLoss, "gfl": QualityFocalLoss}[name]
@@ -670,7 +730,8 @@ def test_synthetic_configs_build_their_losses(name):
 
 
 def test_dfl_on_a_two_stage_detector_is_refused():
-    cfg = load_config(ROOT / "configs/synthetic/faster_rcnn_r18_fpn.yaml",
-                      ["model.dfl.enabled=true"])
+    cfg = load_config(
+        ROOT / "configs/synthetic/faster_rcnn_r18_fpn.yaml", ["model.dfl.enabled=true"]
+    )
     with pytest.raises(ValueError, match="dense-head option"):
         build_detector(cfg, 5)

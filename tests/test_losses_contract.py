@@ -9,31 +9,48 @@ empty batches, `[N, C+1]` scores and the declared attributes. A loss whose input
 another form adds its input maker to `SPECIAL_INPUTS`. Each loss's values against its paper are
 tests/test_losses.py's.
 """
+
 import copy
 import inspect
 
 import pytest
 import torch
+from _losses_fixtures import (
+    CLASSIFICATION,
+    NUM_CLASSES,
+    REGRESSION,
+    make_batch,
+    make_boxes,
+    make_deltas,
+    make_stats,
+)
 
-from ltdet.losses import (LOSSES, ClassificationLoss, LossModule, RegressionLoss,
-                          SigmoidClassificationLoss, build_loss, hyper_parameters)
-
-from _losses_fixtures import (CLASSIFICATION, NUM_CLASSES, REGRESSION, make_batch, make_boxes,
-                              make_deltas, make_stats)
+from ltdet.losses import (
+    LOSSES,
+    ClassificationLoss,
+    LossModule,
+    RegressionLoss,
+    SigmoidClassificationLoss,
+    build_loss,
+    hyper_parameters,
+)
 
 C = NUM_CLASSES
 ALL = sorted(LOSSES)
-SIGMOID_FOREGROUND = sorted(n for n, cls in LOSSES.items()
-                            if issubclass(cls, SigmoidClassificationLoss))
+SIGMOID_FOREGROUND = sorted(
+    n for n, cls in LOSSES.items() if issubclass(cls, SigmoidClassificationLoss)
+)
 
 #: name -> maker(loss) -> (input, target), for a loss whose inputs the defaults below do not fit.
 SPECIAL_INPUTS = {
     # side distributions [P, 4, reg_max + 1] and distances [P, 4] in bin units
     "dfl": lambda loss: (
-        torch.randn(9, 4, loss.reg_max + 1, generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float64).requires_grad_(True),
+        torch.randn(
+            9, 4, loss.reg_max + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        ).requires_grad_(True),
         torch.rand(9, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        * loss.reg_max),
+        * loss.reg_max,
+    ),
 }
 
 
@@ -62,6 +79,7 @@ def _needs_stats(cls):
 
 
 # ----------------------------------------------------------------------------- declared contract
+
 
 def test_every_loss_is_a_classification_or_a_regression_loss():
     assert sorted(CLASSIFICATION + REGRESSION) == ALL
@@ -102,6 +120,7 @@ def test_losses_built_from_statistics_check_them(name):
 
 
 # ------------------------------------------------------------------------ values and reductions
+
 
 @pytest.mark.parametrize("name", ALL)
 def test_value_shape_and_finite(name):
@@ -149,11 +168,14 @@ def test_loss_weight_scales_the_reduced_loss(name):
     assert scaled.loss_weight == 2.5
     x, y = _inputs(name, plain)
     for reduction in ("none", "sum", "mean"):
-        assert torch.allclose(copy.deepcopy(scaled)(x, y, reduction=reduction),
-                              2.5 * copy.deepcopy(plain)(x, y, reduction=reduction))
+        assert torch.allclose(
+            copy.deepcopy(scaled)(x, y, reduction=reduction),
+            2.5 * copy.deepcopy(plain)(x, y, reduction=reduction),
+        )
 
 
 # ----------------------------------------------------------------------------- edge cases
+
 
 @pytest.mark.parametrize("name", CLASSIFICATION)
 def test_labels_out_of_range_are_rejected(name):
@@ -208,6 +230,7 @@ def test_sigmoid_foreground_losses_leave_column_zero_untrained(name):
 
 
 # ----------------------------------------------------------------------------- extending
+
 
 class _SquaredErrorLoss(ClassificationLoss):
     """A new loss as `ltdet.losses.base` describes one: a constructor and an element-wise

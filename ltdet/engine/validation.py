@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from ltdet.data import ClassStats, InferenceSampler, collate_detection, label_to_cat_id_table
 from ltdet.evaluation import evaluate_lvis, format_table, write_report
-from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration, plot_reliability
+from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration
+from ltdet.evaluation.reliability_plot import plot_reliability
 from ltdet.evaluation.report import scalar_metrics
 from ltdet.fileio import atomic_write
 from ltdet.models import build_detector

@@ -5,6 +5,7 @@
 `ClassificationLoss` (softmax), `SigmoidClassificationLoss` or `RegressionLoss` and writes its
 `elementwise` (`ltdet.losses.base`).
 """
+
 from .base import (
     ClassificationLoss,
     ClassStatsLike,
@@ -16,6 +17,15 @@ from .base import (
 from .reduction import reduce_loss
 from .registry import LOSSES, build_loss, hyper_parameters
 
-__all__ = ["LOSSES", "ClassStatsLike", "ClassificationLoss", "LossModule", "RegressionLoss",
-           "SigmoidClassificationLoss", "build_loss", "classes_from_stats", "hyper_parameters",
-           "reduce_loss"]
+__all__ = [
+    "LOSSES",
+    "ClassStatsLike",
+    "ClassificationLoss",
+    "LossModule",
+    "RegressionLoss",
+    "SigmoidClassificationLoss",
+    "build_loss",
+    "classes_from_stats",
+    "hyper_parameters",
+    "reduce_loss",
+]

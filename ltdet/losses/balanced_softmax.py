@@ -13,6 +13,7 @@ plain softmax of `z`, without the prior.
 
 Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`; loss `[N]`.
 """
+
 from typing import Optional
 
 import torch
@@ -29,8 +30,9 @@ def detection_log_prior(instance_count: Tensor, bg_prior: float = 0.75) -> Tenso
     return prior.log().float()
 
 
-def logit_adjusted_cross_entropy(logits: Tensor, labels: Tensor, log_prior: Tensor,
-                                 tau: float = 1.0) -> Tensor:
+def logit_adjusted_cross_entropy(
+    logits: Tensor, labels: Tensor, log_prior: Tensor, tau: float = 1.0
+) -> Tensor:
     """Per-RoI CE `[N]` of `z + tau * log(pi)`."""
     return F.cross_entropy(logits + tau * log_prior, labels, reduction="none")
 
@@ -47,16 +49,26 @@ class BalancedSoftmaxLoss(ClassificationLoss):
     # buffers (registered in __init__), annotated for type checkers
     log_prior: Tensor
 
-    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
-                 tau: float = 1.0, bg_prior: float = 0.75, loss_weight: float = 1.0):
-        super().__init__(num_classes=classes_from_stats(stats, num_classes),
-                         loss_weight=loss_weight)
+    def __init__(
+        self,
+        *,
+        stats: ClassStatsLike,
+        num_classes: Optional[int] = None,
+        tau: float = 1.0,
+        bg_prior: float = 0.75,
+        loss_weight: float = 1.0,
+    ):
+        super().__init__(
+            num_classes=classes_from_stats(stats, num_classes), loss_weight=loss_weight
+        )
         if not 0.0 < bg_prior < 1.0:
             raise ValueError(f"balanced_softmax: bg_prior must be in (0, 1), got {bg_prior}")
         self.tau, self.bg_prior = float(tau), float(bg_prior)
-        self.register_buffer("log_prior", detection_log_prior(stats.instance_count, self.bg_prior),
-                             persistent=False)
+        self.register_buffer(
+            "log_prior", detection_log_prior(stats.instance_count, self.bg_prior), persistent=False
+        )
 
     def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return logit_adjusted_cross_entropy(logits, labels, self.log_prior.to(logits.dtype),
-                                            self.tau)
+        return logit_adjusted_cross_entropy(
+            logits, labels, self.log_prior.to(logits.dtype), self.tau
+        )

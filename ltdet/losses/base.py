@@ -19,6 +19,7 @@ is `@torch.jit.unused`; a classification loss's `activation` is scriptable, it s
 of a scripted model) and treats its state as training state when loading checkpoints (absent
 entries keep their fresh values, so torchvision weights load with `strict=True`).
 """
+
 import logging
 from typing import Any, Optional, Protocol
 
@@ -28,9 +29,19 @@ from torch import Tensor
 
 from .reduction import reduce_loss
 
-__all__ = ["ClassStatsLike", "ClassificationLoss", "LossModule", "RegressionLoss",
-           "SigmoidClassificationLoss", "classes_from_stats", "foreground_targets",
-           "one_hot_targets", "pad_background", "sigmoid_scores", "softmax_scores"]
+__all__ = [
+    "ClassStatsLike",
+    "ClassificationLoss",
+    "LossModule",
+    "RegressionLoss",
+    "SigmoidClassificationLoss",
+    "classes_from_stats",
+    "foreground_targets",
+    "one_hot_targets",
+    "pad_background",
+    "sigmoid_scores",
+    "softmax_scores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +64,13 @@ def classes_from_stats(stats: ClassStatsLike, num_classes: Optional[int] = None)
     except AttributeError as e:
         raise TypeError(
             f"stats must be a ltdet.data.ClassStats (with .image_count / .instance_count tensors "
-            f"[C], .num_images), got {type(stats).__name__}") from e
+            f"[C], .num_images), got {type(stats).__name__}"
+        ) from e
     if num_classes is not None and int(num_classes) != stats_c:
-        raise ValueError(f"num_classes={num_classes} but the class statistics have {stats_c} "
-                         f"classes; build both from the same training json")
+        raise ValueError(
+            f"num_classes={num_classes} but the class statistics have {stats_c} "
+            f"classes; build both from the same training json"
+        )
     return stats_c
 
 
@@ -119,8 +133,14 @@ class LossModule(nn.Module):
         return self.elementwise(input, target)
 
     @torch.jit.unused
-    def forward(self, input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                reduction: str = "mean", avg_factor: Any = None) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        reduction: str = "mean",
+        avg_factor: Any = None,
+    ) -> Tensor:
         """The loss of a batch.
 
         Args:
@@ -134,8 +154,9 @@ class LossModule(nn.Module):
         loss = self.loss_elements(input, target, weight)
         return self.loss_weight * reduce_loss(loss, weight, reduction, avg_factor)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # nn.Module.load_state_dict calls this before loading the submodules, with the same
         # `state_dict` object it then filters for each child: absent entries of the whole subtree
         # are filled with their current values here, so neither this module nor a submodule
@@ -144,13 +165,17 @@ class LossModule(nn.Module):
         absent = {key: value for key, value in current.items() if key not in state_dict}
         if absent:
             state_dict.update(absent)
-            logger.info("%s (%s): the state dict has no %s; this loss state keeps its current "
-                        "values (fresh in a new model: loss state is training state, e.g. when "
-                        "loading torchvision weights)",
-                        prefix[:-1] or "loss", type(self).__name__,
-                        ", ".join(key[len(prefix):] for key in absent))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            logger.info(
+                "%s (%s): the state dict has no %s; this loss state keeps its current "
+                "values (fresh in a new model: loss state is training state, e.g. when "
+                "loading torchvision weights)",
+                prefix[:-1] or "loss",
+                type(self).__name__,
+                ", ".join(key[len(prefix) :] for key in absent),
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def softmax_scores(logits: Tensor) -> Tensor:
@@ -216,27 +241,33 @@ class ClassificationLoss(LossModule):
     def check_inputs(self, logits: Tensor, labels: Tensor) -> None:
         """Shape and label-range checks; one cheap min/max per step."""
         if logits.dim() != 2:
-            raise ValueError(f"{type(self).__name__}: logits must be [N, C+1], got shape "
-                             f"{list(logits.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: logits must be [N, C+1], got shape {list(logits.shape)}"
+            )
         if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-            raise ValueError(f"{type(self).__name__}: labels must be [N] = [{logits.shape[0]}], "
-                             f"got shape {list(labels.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: labels must be [N] = [{logits.shape[0]}], "
+                f"got shape {list(labels.shape)}"
+            )
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"{type(self).__name__}: labels must be an integer tensor, got "
-                             f"{labels.dtype}")
+            raise ValueError(
+                f"{type(self).__name__}: labels must be an integer tensor, got {labels.dtype}"
+            )
         num_columns = logits.shape[1]
         if self.num_classes is not None and num_columns != self.cls_channels:
             raise ValueError(
                 f"{type(self).__name__} was built for num_classes={self.num_classes} "
                 f"({self._layout()}) but got {num_columns} columns; the box predictor and the "
-                f"loss must agree on num_classes")
+                f"loss must agree on num_classes"
+            )
         top = self.num_classes if self.num_classes is not None else num_columns - 1
         if labels.numel():
             low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host sync per step
             if low < 0 or high > top:
                 raise ValueError(
                     f"{type(self).__name__}: labels must lie in [0, {top}] (0 = "
-                    f"background, 1..C = classes) but range over [{low}, {high}]")
+                    f"background, 1..C = classes) but range over [{low}, {high}]"
+                )
 
     def activation(self, logits: Tensor) -> Tensor:
         """Scores `[N, C+1]` for postprocessing: softmax over background and classes."""
@@ -290,5 +321,7 @@ class RegressionLoss(LossModule):
 
     def check_inputs(self, pred: Tensor, target: Tensor) -> None:
         if pred.shape != target.shape or pred.dim() != 2 or pred.shape[1] != 4:
-            raise ValueError(f"{type(self).__name__}: pred and target must both be [P, 4], got "
-                             f"{list(pred.shape)} and {list(target.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: pred and target must both be [P, 4], got "
+                f"{list(pred.shape)} and {list(target.shape)}"
+            )

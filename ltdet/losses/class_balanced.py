@@ -11,6 +11,7 @@ re-weighting only re-distributes the foreground loss between classes.
 * `sigmoid`: BCE over the C foreground columns (column 0 gets no gradient), loss `[N, C+1]`;
 * `focal`: sigmoid focal loss on the foreground columns, loss `[N, C+1]`.
 """
+
 from typing import Optional
 
 import torch
@@ -37,12 +38,19 @@ CB_COUNTS = ("instance", "image")
 def sigmoid_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-element BCE `[N, C+1]` on the foreground columns; column 0 identically zero."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
-    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target,
-                                                             reduction="none"))
+    return pad_background(
+        F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none")
+    )
 
 
-def class_balanced_loss(logits: Tensor, labels: Tensor, column_weights: Tensor, base: str = "ce",
-                        alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def class_balanced_loss(
+    logits: Tensor,
+    labels: Tensor,
+    column_weights: Tensor,
+    base: str = "ce",
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> Tensor:
     """Per-element class-balanced loss; `column_weights [C+1]` = (1, w_1, ..., w_C)."""
     sample_weight = column_weights[labels]
     if base == "ce":
@@ -69,12 +77,22 @@ class ClassBalancedLoss(ClassificationLoss):
     # buffers (registered in __init__), annotated for type checkers
     column_weights: Tensor
 
-    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
-                 base: str = "ce", mode: str = "effective", beta: float = 0.999,
-                 count: str = "instance", alpha: float = 0.25, gamma: float = 2.0,
-                 loss_weight: float = 1.0):
-        super().__init__(num_classes=classes_from_stats(stats, num_classes),
-                         loss_weight=loss_weight)
+    def __init__(
+        self,
+        *,
+        stats: ClassStatsLike,
+        num_classes: Optional[int] = None,
+        base: str = "ce",
+        mode: str = "effective",
+        beta: float = 0.999,
+        count: str = "instance",
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        loss_weight: float = 1.0,
+    ):
+        super().__init__(
+            num_classes=classes_from_stats(stats, num_classes), loss_weight=loss_weight
+        )
         if base not in CB_BASES:
             raise ValueError(f"cb: base must be one of {CB_BASES}, got {base!r}")
         if mode not in CB_MODES:
@@ -85,11 +103,13 @@ class ClassBalancedLoss(ClassificationLoss):
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.use_sigmoid = base != "ce"
         counts = stats.instance_count if count == "instance" else stats.image_count
-        weights = class_balanced_weights(torch.as_tensor(counts, dtype=torch.float32), mode,
-                                         self.beta)
+        weights = class_balanced_weights(
+            torch.as_tensor(counts, dtype=torch.float32), mode, self.beta
+        )
         # Derived from the statistics, not learned: rebuilt on construction, not checkpointed.
-        self.register_buffer("column_weights", torch.cat([weights.new_ones(1), weights]),
-                             persistent=False)
+        self.register_buffer(
+            "column_weights", torch.cat([weights.new_ones(1), weights]), persistent=False
+        )
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
         # module-level score functions (not the other base class's method): TorchScript compiles
@@ -99,5 +119,6 @@ class ClassBalancedLoss(ClassificationLoss):
         return softmax_scores(logits)
 
     def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return class_balanced_loss(logits, labels, self.column_weights.to(logits.dtype), self.base,
-                                   self.alpha, self.gamma)
+        return class_balanced_loss(
+            logits, labels, self.column_weights.to(logits.dtype), self.base, self.alpha, self.gamma
+        )

@@ -3,6 +3,7 @@
 Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`; the per-element
 loss is `[N]` (one value per RoI): `-log softmax(z)_y`.
 """
+
 from typing import Optional
 
 import torch.nn.functional as F

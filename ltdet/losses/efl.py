@@ -28,6 +28,7 @@ State: buffers `pos_grad`, `neg_grad`, `pos_neg` `[C]`. Scores: `sigmoid(z_j)`.
 Shapes: logits `[N, C+1]`, labels `[N]` in `[0, C]` (EQFL: or `(labels, quality [N])`);
 per-element loss `[N, C+1]`.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -36,11 +37,20 @@ from torch import Tensor
 
 from ..collectives import all_reduce_sum
 from .base import SigmoidClassificationLoss, foreground_targets, pad_background
-from .gfl import (QualityTarget, _ClosedFormGradient, quality_focal_elements, quality_targets,
-                  split_quality_target)
+from .gfl import (
+    QualityTarget,
+    _ClosedFormGradient,
+    quality_focal_elements,
+    quality_targets,
+    split_quality_target,
+)
 
-__all__ = ["EqualizedFocalLoss", "EqualizedQualityFocalLoss", "equalized_focal_elements",
-           "focusing_factors"]
+__all__ = [
+    "EqualizedFocalLoss",
+    "EqualizedQualityFocalLoss",
+    "equalized_focal_elements",
+    "focusing_factors",
+]
 
 
 def focusing_factors(pos_neg: Tensor, gamma_b: float, scale: float) -> Tuple[Tensor, Tensor]:
@@ -50,8 +60,9 @@ def focusing_factors(pos_neg: Tensor, gamma_b: float, scale: float) -> Tuple[Ten
     return gamma, gamma / gamma_b
 
 
-def equalized_focal_elements(logits_fg: Tensor, target: Tensor, gamma: Tensor, factor: Tensor,
-                             alpha: float) -> Tuple[Tensor, Tensor]:
+def equalized_focal_elements(
+    logits_fg: Tensor, target: Tensor, gamma: Tensor, factor: Tensor, alpha: float
+) -> Tuple[Tensor, Tensor]:
     """`alpha_t * factor_j * (1 - p_t)^gamma_j * CE(p_t)` `[N, C]` (binary targets) and its
     gradient w.r.t. `z`, `-/+ alpha_t factor (1 - p_t)^gamma ((1 - p_t) - gamma p_t log p_t)`
     (minus on positives). Computed in at least float32; the loss carries the closed-form
@@ -84,6 +95,10 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
         alpha: weight of positives (`1 - alpha` for negatives; 0.25); negative disables it.
     """
 
+    pos_grad: Tensor
+    neg_grad: Tensor
+    pos_neg: Tensor
+
     def __init__(self, *, num_classes, gamma_b=2.0, scale=8.0, alpha=0.25, loss_weight=1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         if gamma_b <= 0:
@@ -99,17 +114,19 @@ class EqualizedFocalLoss(SigmoidClassificationLoss):
 
     def _elements(self, logits: Tensor, target: QualityTarget) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-element loss `[N, C]`, its gradient `[N, C]` and the labels."""
+        labels, _ = split_quality_target(target)  # EFL's target is plain labels
         gamma, factor = self._factors()
-        target_fg = foreground_targets(target, logits.shape[1] - 1, logits.dtype)
+        target_fg = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
         loss, grad = equalized_focal_elements(logits[:, 1:], target_fg, gamma, factor, self.alpha)
-        return loss, grad, target
+        return loss, grad, labels
 
     def elementwise(self, logits: Tensor, target: QualityTarget) -> Tensor:
         """The loss under the current statistics, without updating them."""
         return pad_background(self._elements(logits, target)[0])
 
-    def loss_elements(self, logits: Tensor, target: QualityTarget,
-                      weight: Optional[Tensor]) -> Tensor:
+    def loss_elements(
+        self, logits: Tensor, target: QualityTarget, weight: Optional[Tensor]
+    ) -> Tensor:
         """`elementwise`, then (training mode) this step's gradients join the statistics: the
         state of the next step, never of this one."""
         loss, grad, labels = self._elements(logits, target)
@@ -157,18 +174,26 @@ class EqualizedQualityFocalLoss(EqualizedFocalLoss):
     needs_quality: bool = True
 
     def __init__(self, *, num_classes, gamma_b=2.0, scale=8.0, loss_weight=1.0):
-        super().__init__(num_classes=num_classes, gamma_b=gamma_b, scale=scale, alpha=-1.0,
-                         loss_weight=loss_weight)
+        super().__init__(
+            num_classes=num_classes,
+            gamma_b=gamma_b,
+            scale=scale,
+            alpha=-1.0,
+            loss_weight=loss_weight,
+        )
         if gamma_b < 1:
-            raise ValueError(f"eqfl: gamma_b must be >= 1 (|d|^(gamma - 1) in the gradient), "
-                             f"got {gamma_b}")
+            raise ValueError(
+                f"eqfl: gamma_b must be >= 1 (|d|^(gamma - 1) in the gradient), got {gamma_b}"
+            )
 
     def check_inputs(self, logits: Tensor, target: QualityTarget) -> None:
         labels, quality = split_quality_target(target)
         super().check_inputs(logits, labels)
         if quality is not None and quality.shape != labels.shape:
-            raise ValueError(f"{type(self).__name__}: quality must be [N] = "
-                             f"[{labels.shape[0]}] like the labels, got {list(quality.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: quality must be [N] = "
+                f"[{labels.shape[0]}] like the labels, got {list(quality.shape)}"
+            )
 
     def _elements(self, logits: Tensor, target: QualityTarget) -> Tuple[Tensor, Tensor, Tensor]:
         labels, quality = split_quality_target(target)

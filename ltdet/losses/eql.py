@@ -12,6 +12,7 @@ the frequency of class j = (number of training images containing j) / (number of
 foreground RoIs; background RoIs still suppress every class. `lambda = 1.76e-3` on LVIS.
 Per-element loss `[N, C+1]`, normalised by N (the paper's `1/N`).
 """
+
 from typing import Optional
 
 import torch
@@ -35,8 +36,9 @@ def eql_loss(logits: Tensor, labels: Tensor, tail_mask: Tensor) -> Tensor:
     # so writing 1 into their (clamped) column 0 changes nothing.
     weight = 1.0 - torch.outer(is_fg_roi, tail_mask)
     weight.scatter_(1, (labels - 1).clamp_min(0).unsqueeze(1), 1.0)
-    return pad_background(F.binary_cross_entropy_with_logits(logits[:, 1:], target, weight=weight,
-                                                             reduction="none"))
+    return pad_background(
+        F.binary_cross_entropy_with_logits(logits[:, 1:], target, weight=weight, reduction="none")
+    )
 
 
 class EQLLoss(SigmoidClassificationLoss):
@@ -50,13 +52,22 @@ class EQLLoss(SigmoidClassificationLoss):
     # buffers (registered in __init__), annotated for type checkers
     tail_mask: Tensor
 
-    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
-                 lambda_: float = 1.76e-3, loss_weight: float = 1.0):
-        super().__init__(num_classes=classes_from_stats(stats, num_classes),
-                         loss_weight=loss_weight)
+    def __init__(
+        self,
+        *,
+        stats: ClassStatsLike,
+        num_classes: Optional[int] = None,
+        lambda_: float = 1.76e-3,
+        loss_weight: float = 1.0,
+    ):
+        super().__init__(
+            num_classes=classes_from_stats(stats, num_classes), loss_weight=loss_weight
+        )
         if stats.num_images <= 0:
-            raise ValueError(f"eql: class statistics report num_images={stats.num_images}; "
-                             f"the image frequency f_j needs at least one training image")
+            raise ValueError(
+                f"eql: class statistics report num_images={stats.num_images}; "
+                f"the image frequency f_j needs at least one training image"
+            )
         self.lambda_ = float(lambda_)
         freq = torch.as_tensor(stats.image_count, dtype=torch.float32) / float(stats.num_images)
         self.register_buffer("tail_mask", (freq < self.lambda_).float(), persistent=False)

@@ -19,6 +19,7 @@ in columns 1..C and `sigmoid(z_0)` in column 0.
 
 Shapes: logits `[N, C+1]`, labels `[N]` in `[0, C]`; per-element loss `[N, C+1]`.
 """
+
 from typing import Optional
 
 import torch
@@ -32,8 +33,9 @@ from .base import ClassificationLoss, one_hot_targets
 _INITIAL_POS_NEG = 100.0
 
 
-def eqlv2_column_weights(pos_neg: Tensor, gamma: float, mu: float,
-                         alpha: float) -> tuple[Tensor, Tensor]:
+def eqlv2_column_weights(
+    pos_neg: Tensor, gamma: float, mu: float, alpha: float
+) -> tuple[Tensor, Tensor]:
     """Positive and negative weights `[C+1]` (column 0 fixed at 1) from the ratios `g [C]`."""
     neg_w = torch.sigmoid(gamma * (pos_neg - mu))
     neg_w = torch.cat([neg_w.new_ones(1), neg_w])
@@ -51,8 +53,9 @@ def eqlv2_loss(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor) -> 
 
 
 @torch.no_grad()
-def eqlv2_gradient_sums(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor,
-                        weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def eqlv2_gradient_sums(
+    logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor, weight: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """Per-column sums `[C+1]` of `|dBCE/dz| * w` over positive and over negative elements.
 
     `|p - y|` is `1 - p` on a positive and `p` on a negative, and each row has exactly one
@@ -76,8 +79,10 @@ def eqlv2_gradient_sums(logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Te
     true_prob = prob.gather(1, labels.unsqueeze(1)).squeeze(1)
     pos_prob = torch.zeros_like(column_prob).index_add_(0, labels, true_prob)
     pos_count = torch.zeros_like(column_prob).index_add_(0, labels, u_true)
-    return (pos_w.to(prob.dtype) * (pos_count - pos_prob),
-            neg_w.to(prob.dtype) * (column_prob - pos_prob))
+    return (
+        pos_w.to(prob.dtype) * (pos_count - pos_prob),
+        neg_w.to(prob.dtype) * (column_prob - pos_prob),
+    )
 
 
 class EQLv2Loss(ClassificationLoss):
@@ -90,8 +95,15 @@ class EQLv2Loss(ClassificationLoss):
 
     use_sigmoid = True
 
-    def __init__(self, *, num_classes: int, gamma: float = 12.0, mu: float = 0.8,
-                 alpha: float = 4.0, loss_weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        gamma: float = 12.0,
+        mu: float = 0.8,
+        alpha: float = 4.0,
+        loss_weight: float = 1.0,
+    ):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.gamma, self.mu, self.alpha = float(gamma), float(mu), float(alpha)
         self.register_buffer("pos_grad", torch.zeros(num_classes))
@@ -104,8 +116,9 @@ class EQLv2Loss(ClassificationLoss):
         return torch.cat([bg, prob[:, 1:] * (1.0 - bg)], dim=1)
 
     @torch.no_grad()
-    def _collect_gradients(self, logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor,
-                           weight: Optional[Tensor]) -> None:
+    def _collect_gradients(
+        self, logits: Tensor, labels: Tensor, pos_w: Tensor, neg_w: Tensor, weight: Optional[Tensor]
+    ) -> None:
         """Add this step's |dL/dz| (per class, positives and negatives) to the state."""
         pos, neg = eqlv2_gradient_sums(logits, labels, pos_w, neg_w, weight)
         # Column 0 (objectness) keeps weight 1 and has no statistics.
@@ -128,6 +141,11 @@ class EQLv2Loss(ClassificationLoss):
         loss = eqlv2_loss(logits, labels, pos_w, neg_w)
         if self.training:
             # The gradient that actually flows includes the caller's weights (e.g. ignored RoIs).
-            self._collect_gradients(logits.detach(), labels, pos_w, neg_w,
-                                    None if weight is None else weight.detach().to(logits.dtype))
+            self._collect_gradients(
+                logits.detach(),
+                labels,
+                pos_w,
+                neg_w,
+                None if weight is None else weight.detach().to(logits.dtype),
+            )
         return loss

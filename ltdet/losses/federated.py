@@ -14,6 +14,7 @@ comes from the loss's own `torch.Generator` (seeded with `seed + rank`), so runs
 and the global RNG stream is left alone. Classes with zero training images are never sampled as
 negatives (their weight is 0).
 """
+
 from typing import Optional
 
 import torch
@@ -30,8 +31,9 @@ from .base import (
 )
 
 
-def federated_class_mask(labels: Tensor, log_weight: Tensor, num_sampled: int,
-                         uniform: Tensor) -> Tensor:
+def federated_class_mask(
+    labels: Tensor, log_weight: Tensor, num_sampled: int, uniform: Tensor
+) -> Tensor:
     """Boolean `[C]`: classes present in `labels` plus sampled negatives (at most
     `max(num_sampled, #present)` classes in total).
 
@@ -57,8 +59,11 @@ def federated_loss(logits: Tensor, labels: Tensor, class_mask: Tensor) -> Tensor
     """Per-element federated BCE `[N, C+1]`; `class_mask [C]` selects the trained classes."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
     column_weight = class_mask.to(logits.dtype).unsqueeze(0)
-    return pad_background(F.binary_cross_entropy_with_logits(
-        logits[:, 1:], target, weight=column_weight, reduction="none"))
+    return pad_background(
+        F.binary_cross_entropy_with_logits(
+            logits[:, 1:], target, weight=column_weight, reduction="none"
+        )
+    )
 
 
 class FederatedLoss(SigmoidClassificationLoss):
@@ -74,21 +79,33 @@ class FederatedLoss(SigmoidClassificationLoss):
     # buffers (registered in __init__), annotated for type checkers
     log_weight: Tensor
 
-    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
-                 num_classes_sampled: int = 50, power: float = 0.5, seed: int = 0,
-                 loss_weight: float = 1.0):
-        super().__init__(num_classes=classes_from_stats(stats, num_classes),
-                         loss_weight=loss_weight)
+    def __init__(
+        self,
+        *,
+        stats: ClassStatsLike,
+        num_classes: Optional[int] = None,
+        num_classes_sampled: int = 50,
+        power: float = 0.5,
+        seed: int = 0,
+        loss_weight: float = 1.0,
+    ):
+        super().__init__(
+            num_classes=classes_from_stats(stats, num_classes), loss_weight=loss_weight
+        )
         if num_classes_sampled < 1:
-            raise ValueError(f"federated: num_classes_sampled must be >= 1, got "
-                             f"{num_classes_sampled}")
+            raise ValueError(
+                f"federated: num_classes_sampled must be >= 1, got {num_classes_sampled}"
+            )
         self.num_classes_sampled = int(num_classes_sampled)
         self.power, self.seed = float(power), int(seed)
         counts = torch.as_tensor(stats.image_count, dtype=torch.float32)
         # log(f^power), with -inf (never sampled) for classes without training images; written
         # with where() so that power = 0 (uniform sampling) does not produce 0 * -inf = NaN.
-        log_weight = torch.where(counts > 0, self.power * counts.clamp_min(1e-12).log(),
-                                 torch.full_like(counts, float("-inf")))
+        log_weight = torch.where(
+            counts > 0,
+            self.power * counts.clamp_min(1e-12).log(),
+            torch.full_like(counts, float("-inf")),
+        )
         self.register_buffer("log_weight", log_weight, persistent=False)
         self._generator = None
 
@@ -100,6 +117,7 @@ class FederatedLoss(SigmoidClassificationLoss):
 
     def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
         # Draws the next negative sample from the loss's generator: one draw per call.
-        mask = federated_class_mask(labels, self.log_weight, self.num_classes_sampled,
-                                    self._uniform(logits.device))
+        mask = federated_class_mask(
+            labels, self.log_weight, self.num_classes_sampled, self._uniform(logits.device)
+        )
         return federated_loss(logits, labels, mask)

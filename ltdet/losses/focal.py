@@ -6,6 +6,7 @@ labels `[N]` in `[0, C]`. The targets are one-hot over the foreground columns 1.
 RoI is all-negative); column 0 is not a class here and gets an exact zero loss and gradient.
 Per-element loss `[N, C+1]`.
 """
+
 from typing import Optional
 
 from torch import Tensor
@@ -17,8 +18,7 @@ from .base import SigmoidClassificationLoss, foreground_targets, pad_background
 def focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
     """Per-element focal loss `[N, C+1]` with column 0 identically zero."""
     target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
-    loss_fg = sigmoid_focal_loss(logits[:, 1:], target, alpha=alpha, gamma=gamma,
-                                 reduction="none")
+    loss_fg = sigmoid_focal_loss(logits[:, 1:], target, alpha=alpha, gamma=gamma, reduction="none")
     return pad_background(loss_fg)
 
 
@@ -30,8 +30,14 @@ class FocalLoss(SigmoidClassificationLoss):
         gamma: focusing exponent.
     """
 
-    def __init__(self, *, num_classes: Optional[int] = None, alpha: float = 0.25,
-                 gamma: float = 2.0, loss_weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        num_classes: Optional[int] = None,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        loss_weight: float = 1.0,
+    ):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.alpha = float(alpha)
         self.gamma = float(gamma)

@@ -28,6 +28,7 @@ for a target `y` in `[0, n]` between the integers `y_l = floor(y)` and `y_r = y_
 a per-box loss `[P]`, the mean of its 4 sides (the authors' `avg_factor=4`). A side is decoded as
 `sum_i S_i * i` (`distribution_integral`). Shapes: pred `[P, 4, n+1]` logits, target `[P, 4]`.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -36,9 +37,16 @@ from torch import Tensor
 
 from .base import RegressionLoss, SigmoidClassificationLoss, pad_background
 
-__all__ = ["DistributionFocalLoss", "QualityFocalLoss", "distribution_focal_loss",
-           "distribution_integral", "quality_focal_elements", "quality_focal_loss",
-           "quality_targets", "split_quality_target"]
+__all__ = [
+    "DistributionFocalLoss",
+    "QualityFocalLoss",
+    "distribution_focal_loss",
+    "distribution_integral",
+    "quality_focal_elements",
+    "quality_focal_loss",
+    "quality_targets",
+    "split_quality_target",
+]
 
 QualityTarget = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -58,8 +66,12 @@ class _ClosedFormGradient(torch.autograd.Function):
         return (grad_output * grad).to(ctx.z_dtype), None, None
 
 
-def quality_focal_elements(logits_fg: Tensor, target: Tensor, gamma: Union[Tensor, float],
-                           factor: Union[Tensor, float] = 1.0) -> Tuple[Tensor, Tensor]:
+def quality_focal_elements(
+    logits_fg: Tensor,
+    target: Tensor,
+    gamma: Union[Tensor, float],
+    factor: Union[Tensor, float] = 1.0,
+) -> Tuple[Tensor, Tensor]:
     """`factor * BCE(z, y) * |sigmoid(z) - y|^gamma` `[N, C]` and its gradient w.r.t. `z`.
 
     `gamma` and `factor` are numbers or per-column tensors `[C]` (EQFL's focusing and weighting
@@ -92,28 +104,33 @@ def split_quality_target(target: QualityTarget) -> Tuple[Tensor, Optional[Tensor
     """`labels` or `(labels, quality)` -> `(labels, quality or None)`."""
     if isinstance(target, (tuple, list)):
         if len(target) != 2:
-            raise ValueError(f"a quality target is (labels [N], quality [N]), got {len(target)} "
-                             f"tensors")
+            raise ValueError(
+                f"a quality target is (labels [N], quality [N]), got {len(target)} tensors"
+            )
         return target[0], target[1]
     return target, None
 
 
-def quality_targets(labels: Tensor, quality: Optional[Tensor], num_classes: int,
-                    dtype: torch.dtype) -> Tensor:
+def quality_targets(
+    labels: Tensor, quality: Optional[Tensor], num_classes: int, dtype: torch.dtype
+) -> Tensor:
     """Soft targets `[N, C]` of the foreground columns: `quality_i` (1 when None) in column
     `labels_i` of a foreground row, 0 elsewhere; background rows are all zero."""
     fg = labels > 0
-    value = fg.to(dtype) if quality is None else torch.where(fg, quality.to(dtype),
-                                                              torch.zeros((), dtype=dtype,
-                                                                          device=labels.device))
+    value = (
+        fg.to(dtype)
+        if quality is None
+        else torch.where(fg, quality.to(dtype), torch.zeros((), dtype=dtype, device=labels.device))
+    )
     target = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
     # Background rows scatter a 0 into column 0, leaving them all-zero.
     target.scatter_(1, (labels - 1).clamp_min(0).unsqueeze(1), value.unsqueeze(1))
     return target
 
 
-def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Optional[Tensor] = None,
-                       beta: float = 2.0) -> Tensor:
+def quality_focal_loss(
+    logits: Tensor, labels: Tensor, quality: Optional[Tensor] = None, beta: float = 2.0
+) -> Tensor:
     """Per-element QFL `[N, C+1]` with column 0 identically zero."""
     target = quality_targets(labels, quality, logits.shape[1] - 1, logits.dtype)
     loss, _ = quality_focal_elements(logits[:, 1:], target, beta)
@@ -144,8 +161,10 @@ class QualityFocalLoss(SigmoidClassificationLoss):
         labels, quality = split_quality_target(target)
         super().check_inputs(logits, labels)
         if quality is not None and quality.shape != labels.shape:
-            raise ValueError(f"{type(self).__name__}: quality must be [N] = "
-                             f"[{labels.shape[0]}] like the labels, got {list(quality.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: quality must be [N] = "
+                f"[{labels.shape[0]}] like the labels, got {list(quality.shape)}"
+            )
 
     def elementwise(self, logits: Tensor, target: QualityTarget) -> Tensor:
         labels, quality = split_quality_target(target)
@@ -192,11 +211,17 @@ class DistributionFocalLoss(RegressionLoss):
 
     def check_inputs(self, pred: Tensor, target: Tensor) -> None:
         bins = self.reg_max + 1
-        if (pred.dim() != 3 or pred.shape[1:] != (4, bins) or target.dim() != 2
-                or target.shape != pred.shape[:2]):
-            raise ValueError(f"{type(self).__name__}: pred must be [P, 4, reg_max + 1 = {bins}] "
-                             f"and target [P, 4], got {list(pred.shape)} and "
-                             f"{list(target.shape)}")
+        if (
+            pred.dim() != 3
+            or pred.shape[1:] != (4, bins)
+            or target.dim() != 2
+            or target.shape != pred.shape[:2]
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: pred must be [P, 4, reg_max + 1 = {bins}] "
+                f"and target [P, 4], got {list(pred.shape)} and "
+                f"{list(target.shape)}"
+            )
 
     def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
         return distribution_focal_loss(pred, target)

@@ -20,6 +20,7 @@ State: buffer `acc_sum [bins]` (the EMA of the counts; used when momentum > 0). 
 the per-step bin counts and sample count are all-reduced, so every rank (and its EMA) sees the
 global batch; in eval mode nothing is reduced or stored.
 """
+
 from typing import Optional
 
 import torch
@@ -63,8 +64,9 @@ class GradientDensity(nn.Module):
         if valid is None:
             counts = torch.bincount(flat_index, minlength=self.bins).to(self.acc_sum.dtype)
         else:
-            counts = torch.bincount(flat_index, weights=valid.flatten().to(self.acc_sum.dtype),
-                                    minlength=self.bins)
+            counts = torch.bincount(
+                flat_index, weights=valid.flatten().to(self.acc_sum.dtype), minlength=self.bins
+            )
         totals = torch.cat([counts, counts.new_tensor([float(num_samples)])])
         if self.training:
             totals = all_reduce_sum(totals)
@@ -72,15 +74,16 @@ class GradientDensity(nn.Module):
         nonempty = counts > 0
         density = counts
         if self.momentum > 0:
-            density = torch.where(nonempty,
-                                  self.momentum * self.acc_sum + (1 - self.momentum) * counts,
-                                  self.acc_sum)
+            density = torch.where(
+                nonempty, self.momentum * self.acc_sum + (1 - self.momentum) * counts, self.acc_sum
+            )
             if self.training:
                 self.acc_sum.copy_(density)
         n_nonempty = nonempty.sum().clamp_min(1)
         # At least float32: under AMP, N / count can exceed the float16 range on dense heads.
         per_bin = (n_total / (density.clamp_min(1e-12) * n_nonempty)).to(
-            torch.promote_types(g.dtype, torch.float32))
+            torch.promote_types(g.dtype, torch.float32)
+        )
         weight = torch.take(per_bin, bin_index)
         return weight if valid is None else weight * valid
 
@@ -104,8 +107,14 @@ class GHMCLoss(SigmoidClassificationLoss):
 
     self_normalising = True
 
-    def __init__(self, *, num_classes: Optional[int] = None, bins: int = 10, momentum: float = 0.0,
-                 loss_weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        num_classes: Optional[int] = None,
+        bins: int = 10,
+        momentum: float = 0.0,
+        loss_weight: float = 1.0,
+    ):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         self.density = GradientDensity(bins, momentum)
 
@@ -113,20 +122,28 @@ class GHMCLoss(SigmoidClassificationLoss):
         # The density counts only the elements the caller weights (weight > 0).
         return self.elementwise(logits, labels, weight)
 
-    def elementwise(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None
-                    ) -> Tensor:
+    def elementwise(
+        self, logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None
+    ) -> Tensor:
         """Per-element GHM-C `[N, C+1]`; `weight` (the caller's) marks the valid elements."""
         fg_logits = logits[:, 1:]
         target = foreground_targets(labels, logits.shape[1] - 1, logits.dtype)
-        valid = _valid_mask(None if weight is None else
-                            (weight if weight.dim() == 1 else weight[:, 1:]), fg_logits.shape)
+        valid = _valid_mask(
+            None if weight is None else (weight if weight.dim() == 1 else weight[:, 1:]),
+            fg_logits.shape,
+        )
         # Gradient norms in at least float32, so float16 rounding cannot move elements across bins.
         stat_dtype = torch.promote_types(logits.dtype, torch.float32)
         g = (fg_logits.detach().to(stat_dtype).sigmoid() - target.to(stat_dtype)).abs()
         ghm_weight = self.density(g, valid, logits.shape[0])
-        return pad_background(F.binary_cross_entropy_with_logits(
-            fg_logits.to(ghm_weight.dtype), target.to(ghm_weight.dtype), weight=ghm_weight,
-            reduction="none"))
+        return pad_background(
+            F.binary_cross_entropy_with_logits(
+                fg_logits.to(ghm_weight.dtype),
+                target.to(ghm_weight.dtype),
+                weight=ghm_weight,
+                reduction="none",
+            )
+        )
 
 
 def asl1_loss(pred: Tensor, target: Tensor, mu: float = 0.02) -> tuple[Tensor, Tensor]:
@@ -148,8 +165,9 @@ class GHMRLoss(RegressionLoss):
 
     self_normalising = True
 
-    def __init__(self, *, mu: float = 0.02, bins: int = 10, momentum: float = 0.0,
-                 loss_weight: float = 1.0):
+    def __init__(
+        self, *, mu: float = 0.02, bins: int = 10, momentum: float = 0.0, loss_weight: float = 1.0
+    ):
         super().__init__(loss_weight=loss_weight)
         if mu <= 0:
             raise ValueError(f"ghmr: mu must be > 0, got {mu}")

@@ -5,6 +5,7 @@ Shapes: pred, target `[P, 4]` decoded `xyxy` boxes (`needs_boxes = True`: the he
 deltas against the proposals first); per-element loss `[P]` (one per box). A `[P, 4]` weight is
 averaged over its 4 coordinates.
 """
+
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 

@@ -14,6 +14,7 @@ Shapes: logits `[N, C+1]` (column 0 = background), labels `[N]` in `[0, C]`; per
 `[N]`. Scores: softmax. Computed without materialising the `[N, C+1]` target:
 `-sum_j q_j log p_j = -(1 - eps) log p_y - eps / (K - 1) * (sum_j log p_j - log p_y)`.
 """
+
 from typing import Optional
 
 import torch
@@ -50,26 +51,43 @@ class LabelAwareSmoothingLoss(ClassificationLoss):
     # buffers (registered in __init__), annotated for type checkers
     eps: Tensor
 
-    def __init__(self, *, stats: ClassStatsLike, num_classes: Optional[int] = None,
-                 eps_head: float = 0.4, eps_tail: float = 0.1, shape: str = "concave",
-                 power: Optional[float] = None, bg_eps: Optional[float] = None,
-                 loss_weight: float = 1.0):
-        super().__init__(num_classes=classes_from_stats(stats, num_classes),
-                         loss_weight=loss_weight)
+    def __init__(
+        self,
+        *,
+        stats: ClassStatsLike,
+        num_classes: Optional[int] = None,
+        eps_head: float = 0.4,
+        eps_tail: float = 0.1,
+        shape: str = "concave",
+        power: Optional[float] = None,
+        bg_eps: Optional[float] = None,
+        loss_weight: float = 1.0,
+    ):
+        super().__init__(
+            num_classes=classes_from_stats(stats, num_classes), loss_weight=loss_weight
+        )
         if shape not in LAS_SHAPES:
             raise ValueError(f"las: shape must be one of {LAS_SHAPES}, got {shape!r}")
         if shape == "exp" and power is None:
-            raise ValueError("las: shape 'exp' needs a power (h(x) = x^power), e.g. "
-                             "{type: las, shape: exp, power: 2.0}")
+            raise ValueError(
+                "las: shape 'exp' needs a power (h(x) = x^power), e.g. "
+                "{type: las, shape: exp, power: 2.0}"
+            )
         self.eps_head, self.eps_tail, self.shape = float(eps_head), float(eps_tail), shape
         self.power = power  # validated by label_aware_smoothing
         self.bg_eps = self.eps_head if bg_eps is None else float(bg_eps)
         if not 0.0 <= self.bg_eps < 1.0:
             raise ValueError(f"las: bg_eps must be in [0, 1), got {self.bg_eps}")
-        fg_eps = label_aware_smoothing(torch.as_tensor(stats.instance_count, dtype=torch.float32),
-                                       self.eps_head, self.eps_tail, shape, power=self.power)
-        self.register_buffer("eps", torch.cat([fg_eps.new_tensor([self.bg_eps]), fg_eps]),
-                             persistent=False)
+        fg_eps = label_aware_smoothing(
+            torch.as_tensor(stats.instance_count, dtype=torch.float32),
+            self.eps_head,
+            self.eps_tail,
+            shape,
+            power=self.power,
+        )
+        self.register_buffer(
+            "eps", torch.cat([fg_eps.new_tensor([self.bg_eps]), fg_eps]), persistent=False
+        )
 
     def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
         return label_aware_smoothing_loss(logits, labels, self.eps.to(logits.dtype))

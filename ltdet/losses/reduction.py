@@ -13,6 +13,7 @@ i.e. `loss.shape[0]`, never the number of elements). An `avg_factor` with `reduc
 error (mmdetection's `weight_reduce_loss` raises the same): a sum has no divisor, and silently
 ignoring it hides a normalisation bug. With `"none"` it is ignored, as in mmdetection.
 """
+
 from typing import Any, Optional
 
 import torch
@@ -28,11 +29,14 @@ def _broadcast_weight(weight: Tensor, loss: Tensor) -> Tensor:
     if weight.shape[0] != loss.shape[0]:
         raise ValueError(
             f"loss weight has {weight.shape[0]} rows but the loss has {loss.shape[0]} samples; "
-            f"pass weight of shape [{loss.shape[0]}] or {list(loss.shape)}")
+            f"pass weight of shape [{loss.shape[0]}] or {list(loss.shape)}"
+        )
     if weight.dim() == loss.dim():
         if weight.shape != loss.shape:
-            raise ValueError(f"loss weight shape {list(weight.shape)} does not match the "
-                             f"per-element loss shape {list(loss.shape)}")
+            raise ValueError(
+                f"loss weight shape {list(weight.shape)} does not match the "
+                f"per-element loss shape {list(loss.shape)}"
+            )
         return weight
     if weight.dim() == 1:
         return weight.view(-1, *([1] * (loss.dim() - 1)))
@@ -40,12 +44,15 @@ def _broadcast_weight(weight: Tensor, loss: Tensor) -> Tensor:
         # A per-element weight on a per-sample loss (e.g. [P, 4] box weights on GIoU's [P]):
         # mmdetection's rule, one weight per sample = the mean over its elements.
         return weight.mean(dim=1)
-    raise ValueError(f"loss weight of shape {list(weight.shape)} cannot weight a loss of shape "
-                     f"{list(loss.shape)}")
+    raise ValueError(
+        f"loss weight of shape {list(weight.shape)} cannot weight a loss of shape "
+        f"{list(loss.shape)}"
+    )
 
 
-def reduce_loss(loss: Tensor, weight: Optional[Tensor] = None, reduction: str = "mean",
-                avg_factor: Any = None) -> Tensor:
+def reduce_loss(
+    loss: Tensor, weight: Optional[Tensor] = None, reduction: str = "mean", avg_factor: Any = None
+) -> Tensor:
     """Weight then reduce a per-element loss.
 
     Args:
@@ -59,8 +66,10 @@ def reduce_loss(loss: Tensor, weight: Optional[Tensor] = None, reduction: str = 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if avg_factor is not None and reduction == "sum":
-        raise ValueError('avg_factor can not be used with reduction="sum": a sum has no divisor; '
-                         'use reduction="mean" to divide by avg_factor, or drop avg_factor')
+        raise ValueError(
+            'avg_factor can not be used with reduction="sum": a sum has no divisor; '
+            'use reduction="mean" to divide by avg_factor, or drop avg_factor'
+        )
     if weight is not None:
         loss = loss * _broadcast_weight(weight.to(loss.dtype), loss)
     if reduction == "none":
@@ -74,4 +83,3 @@ def reduce_loss(loss: Tensor, weight: Optional[Tensor] = None, reduction: str = 
         # Stays on device (no host sync); a zero divisor only happens with a zero sum.
         return total / avg_factor.to(total.dtype).clamp_min(torch.finfo(total.dtype).eps)
     return total / max(float(avg_factor), torch.finfo(total.dtype).eps)
-

@@ -9,6 +9,7 @@ injected by the builder, never written in the config: `stats` is a `ltdet.data.C
 (duck-typed: `.image_count`, `.instance_count` float tensors `[C]` with index i = label i+1,
 `.num_images`).
 """
+
 import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -75,8 +76,9 @@ def _required(loss_cls: type, name: str) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-def build_loss(cfg: Mapping, num_classes: Optional[int] = None,
-               stats: Optional[ClassStatsLike] = None) -> LossModule:
+def build_loss(
+    cfg: Mapping, num_classes: Optional[int] = None, stats: Optional[ClassStatsLike] = None
+) -> LossModule:
     """Build a loss module from `{"type": name, **hyper_parameters}`.
 
     Args:
@@ -90,8 +92,10 @@ def build_loss(cfg: Mapping, num_classes: Optional[int] = None,
     not a ClassStats.
     """
     if not isinstance(cfg, Mapping) or "type" not in cfg:
-        raise SpecError(f"loss config must be a mapping with a 'type' key (one of "
-                        f"{sorted(LOSSES)}), got {cfg!r}")
+        raise SpecError(
+            f"loss config must be a mapping with a 'type' key (one of "
+            f"{sorted(LOSSES)}), got {cfg!r}"
+        )
     name = cfg["type"]
     if name not in LOSSES:
         # The wording config errors and ltdet.patch users see (before build_from_spec's own).
@@ -103,12 +107,18 @@ def build_loss(cfg: Mapping, num_classes: Optional[int] = None,
         except ValueError as e:
             raise SpecError(f"loss {name!r}: {e}") from e
     if _required(loss_cls, "num_classes") and num_classes is None:
-        raise SpecError(f"loss {name!r} needs num_classes (the number of foreground classes "
-                        f"C): call build_loss(cfg, num_classes=C) or pass stats")
+        raise SpecError(
+            f"loss {name!r} needs num_classes (the number of foreground classes "
+            f"C): call build_loss(cfg, num_classes=C) or pass stats"
+        )
     if _required(loss_cls, "stats") and stats is None:
-        raise SpecError(f"loss {name!r} needs class statistics (per-class training counts): call "
-                        f"build_loss(cfg, stats=ClassStats.from_json(train_json)) "
-                        f"(in a config run, the training set provides them)")
-    context: dict[str, Any] = {"num_classes": None if num_classes is None else int(num_classes),
-                               "stats": stats}
+        raise SpecError(
+            f"loss {name!r} needs class statistics (per-class training counts): call "
+            f"build_loss(cfg, stats=ClassStats.from_json(train_json)) "
+            f"(in a config run, the training set provides them)"
+        )
+    context: dict[str, Any] = {
+        "num_classes": None if num_classes is None else int(num_classes),
+        "stats": stats,
+    }
     return build_from_spec(LOSSES, "loss", cfg, **context)

@@ -45,6 +45,7 @@ Both: labels `[N]` in `[0, C]`; per-element loss `[N]` (one value per RoI); `cum
 (exact counts far beyond 2^24), updated in training mode only, from the labels of the step before
 the loss (as the reference), all-reduced across ranks.
 """
+
 import math
 from typing import Optional
 
@@ -57,13 +58,20 @@ from .base import ClassificationLoss
 
 
 @torch.no_grad()
-def seesaw_log_factors(logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8,
-                       q: float = 2.0, eps: float = 1e-2) -> Tensor:
+def seesaw_log_factors(
+    logits: Tensor,
+    labels: Tensor,
+    cum_samples: Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+) -> Tensor:
     """`log S_ij` `[N, C+1]` for each RoI (row) and column; 0 on background rows and column 0."""
     log_s = torch.zeros_like(logits)
     if p > 0:
-        log_n = torch.cat([cum_samples.new_zeros(1),
-                           cum_samples.clamp_min(1.0).log()]).to(logits.dtype)
+        log_n = torch.cat([cum_samples.new_zeros(1), cum_samples.clamp_min(1.0).log()]).to(
+            logits.dtype
+        )
         log_s += (log_n.unsqueeze(0) - log_n[labels].unsqueeze(1)).mul_(p).clamp_max_(0.0)
     if q > 0:
         log_scores = F.log_softmax(logits, dim=1)
@@ -73,8 +81,14 @@ def seesaw_log_factors(logits: Tensor, labels: Tensor, cum_samples: Tensor, p: f
     return log_s.mul_((labels > 0).to(logits.dtype).unsqueeze(1))
 
 
-def seesaw_cross_entropy(logits: Tensor, labels: Tensor, cum_samples: Tensor, p: float = 0.8,
-                         q: float = 2.0, eps: float = 1e-2) -> Tensor:
+def seesaw_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    cum_samples: Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+) -> Tensor:
     """Per-RoI seesaw loss `[N]`."""
     log_s = seesaw_log_factors(logits.detach(), labels, cum_samples, p, q, eps)
     # The target column has M = C = 1 (ratio 1), so log S is already 0 there.
@@ -92,14 +106,23 @@ class _SeesawCounts(ClassificationLoss):
     #: Whether `cum_samples` has a background entry at index 0 (`[C+1]`) or not (`[C]`).
     counts_background: bool = False
 
-    def __init__(self, *, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2,
-                 loss_weight: float = 1.0):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        p: float = 0.8,
+        q: float = 2.0,
+        eps: float = 1e-2,
+        loss_weight: float = 1.0,
+    ):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)
         if eps <= 0:
             raise ValueError(f"seesaw: eps must be > 0, got {eps}")
         self.p, self.q, self.eps = float(p), float(q), float(eps)
-        self.register_buffer("cum_samples", torch.zeros(num_classes + int(self.counts_background),
-                                                        dtype=torch.float64))
+        self.register_buffer(
+            "cum_samples",
+            torch.zeros(num_classes + int(self.counts_background), dtype=torch.float64),
+        )
 
     @torch.no_grad()
     def _count(self, labels: Tensor) -> None:
@@ -125,6 +148,7 @@ class SeesawSoftmaxLoss(_SeesawCounts):
 
 # ----------------------------------------------------------------------------- the authors' design
 
+
 def split_seesaw_logits(logits: Tensor) -> tuple[Tensor, Tensor]:
     """`[N, C+2]` logits -> (class logits `[N, C]` = columns 1..C, objectness logits `[N, 2]` =
     (column 0 "background", column C+1 "foreground"), so objectness target 1 = foreground)."""
@@ -140,8 +164,14 @@ def seesaw_objectness_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seesaw_class_log_factors(class_logits: Tensor, targets: Tensor, counts: Tensor, p: float = 0.8,
-                             q: float = 2.0, eps: float = 1e-2) -> Tensor:
+def seesaw_class_log_factors(
+    class_logits: Tensor,
+    targets: Tensor,
+    counts: Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+) -> Tensor:
     """`log S_ij` `[P, C]` of foreground RoIs: class logits `[P, C]`, targets `[P]` in
     `[0, C-1]` (label - 1), foreground counts `[C]` (clamped at 1, as the reference)."""
     log_s = torch.zeros_like(class_logits)
@@ -155,8 +185,14 @@ def seesaw_class_log_factors(class_logits: Tensor, targets: Tensor, counts: Tens
     return log_s  # 0 in the target column: M = C = 1 there
 
 
-def seesaw_objectness_cross_entropy(logits: Tensor, labels: Tensor, fg_counts: Tensor,
-                                    p: float = 0.8, q: float = 2.0, eps: float = 1e-2) -> Tensor:
+def seesaw_objectness_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    fg_counts: Tensor,
+    p: float = 0.8,
+    q: float = 2.0,
+    eps: float = 1e-2,
+) -> Tensor:
     """Per-RoI loss `[N]` on `[N, C+2]` logits: objectness CE (every RoI) + seesaw CE over the C
     class logits (foreground RoIs only; background rows contribute nothing to the classes)."""
     class_logits, objectness = split_seesaw_logits(logits)
@@ -181,12 +217,15 @@ class SeesawLoss(_SeesawCounts):
         return int(num_classes) + 2
 
     def _layout(self) -> str:
-        return (f"C+2 = {self.cls_channels} logit columns: 0 = objectness background, 1..C = "
-                f"classes, C+1 = objectness foreground")
+        return (
+            f"C+2 = {self.cls_channels} logit columns: 0 = objectness background, 1..C = "
+            f"classes, C+1 = objectness foreground"
+        )
 
     def elementwise(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return seesaw_objectness_cross_entropy(logits, labels, self.cum_samples[1:], self.p,
-                                               self.q, self.eps)
+        return seesaw_objectness_cross_entropy(
+            logits, labels, self.cum_samples[1:], self.p, self.q, self.eps
+        )
 
     def activation(self, logits: Tensor) -> Tensor:
         """`[N, C+2]` logits -> `[N, C+1]` scores (`seesaw_objectness_scores`)."""

@@ -4,6 +4,7 @@ Shapes: pred, target `[P, 4]` box deltas; per-element loss `[P, 4]`.
 `smooth_l1(d) = 0.5 d^2 / beta if |d| < beta else |d| - 0.5 beta`; torchvision's Fast R-CNN uses
 `beta = 1/9`.
 """
+
 import torch.nn.functional as F
 from torch import Tensor
 

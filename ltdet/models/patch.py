@@ -25,6 +25,7 @@ the `cls_score` shapes differ (`C + 2` against torchvision's `C + 1`): `load_sta
 on them, and `ltdet.models.weights.load_detector_state_dict` loads everything else, leaving the
 fresh `cls_score` (logged).
 """
+
 import copy
 from typing import Any, Mapping, Optional
 
@@ -37,16 +38,25 @@ from .roi_heads import LTRoIHeads
 
 __all__ = ["SUPPORTED_MODELS", "patch"]
 
-SUPPORTED_MODELS = ("torchvision.models.detection.FasterRCNN (fasterrcnn_resnet50_fpn, _v2, "
-                    "fasterrcnn_mobilenet_v3_large_fpn, _320_fpn) and its subclasses MaskRCNN, "
-                    "KeypointRCNN; torchvision.models.detection.RetinaNet (retinanet_resnet50_fpn, _v2)")
+SUPPORTED_MODELS = (
+    "torchvision.models.detection.FasterRCNN (fasterrcnn_resnet50_fpn, _v2, "
+    "fasterrcnn_mobilenet_v3_large_fpn, _320_fpn) and its subclasses MaskRCNN, "
+    "KeypointRCNN; torchvision.models.detection.RetinaNet (retinanet_resnet50_fpn, _v2)"
+)
 
 
-def patch(model: nn.Module, cls_loss: Any = None, box_loss: Any = None, sampler: Any = None,
-          stats: Any = None, *,
-          lds: Optional[nn.Module] = None, fds: Optional[nn.Module] = None,
-          cls_prior_prob: Optional[float] = None,
-          dfl: Optional[Mapping[str, Any]] = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    cls_loss: Any = None,
+    box_loss: Any = None,
+    sampler: Any = None,
+    stats: Any = None,
+    *,
+    lds: Optional[nn.Module] = None,
+    fds: Optional[nn.Module] = None,
+    cls_prior_prob: Optional[float] = None,
+    dfl: Optional[Mapping[str, Any]] = None,
+) -> nn.Module:
     """Installs ltdet losses (and, for two-stage models, a RoI sampler and LDS/FDS hooks) in
     `model`, in place, and returns it.
 
@@ -66,33 +76,54 @@ def patch(model: nn.Module, cls_loss: Any = None, box_loss: Any = None, sampler:
     Everything is validated before the first step: an unsupported model, inconsistent class counts
     or unknown loss / sampler options raise here."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        raise TypeError("patch the model before wrapping it in DataParallel / DistributedDataParallel "
-                        "(patch(model) then DistributedDataParallel(model))")
+        raise TypeError(
+            "patch the model before wrapping it in DataParallel / DistributedDataParallel "
+            "(patch(model) then DistributedDataParallel(model))"
+        )
     if isinstance(model, FasterRCNN):
         if dfl is not None and dfl.get("enabled", True):
-            raise ValueError("dfl (a distribution regression head, GFL) is a dense-head option; "
-                             "a two-stage RoI box head has none (use a RetinaNet model)")
+            raise ValueError(
+                "dfl (a distribution regression head, GFL) is a dense-head option; "
+                "a two-stage RoI box head has none (use a RetinaNet model)"
+            )
         if cls_prior_prob is not None:  # refuse a classifier it cannot set before changing any
             init_sigmoid_classifier(copy.deepcopy(model.roi_heads.box_predictor), cls_prior_prob)
-        model.roi_heads = LTRoIHeads.from_roi_heads(model.roi_heads, cls_loss=cls_loss,
-                                                    box_loss=box_loss, sampler=sampler, lds=lds,
-                                                    fds=fds, stats=stats)
+        model.roi_heads = LTRoIHeads.from_roi_heads(
+            model.roi_heads,
+            cls_loss=cls_loss,
+            box_loss=box_loss,
+            sampler=sampler,
+            lds=lds,
+            fds=fds,
+            stats=stats,
+        )
         if cls_prior_prob is not None:  # after validation, on the final (loss-width) cls_score
             init_sigmoid_classifier(model, cls_prior_prob)
         return model
     if cls_prior_prob is not None:
         init_sigmoid_classifier(model, cls_prior_prob)  # RetinaNet: refused, nothing changed
     if isinstance(model, RetinaNet):
-        extra = [name for name, value in (("sampler", sampler), ("lds", lds), ("fds", fds))
-                 if value is not None and not (name == "sampler" and _is_random(value))]
+        extra = [
+            name
+            for name, value in (("sampler", sampler), ("lds", lds), ("fds", fds))
+            if value is not None and not (name == "sampler" and _is_random(value))
+        ]
         if extra:
-            raise ValueError(f"{', '.join(extra)} apply to two-stage RoI heads only; RetinaNet "
-                             "learns from all anchors (drop them or use a FasterRCNN model)")
+            raise ValueError(
+                f"{', '.join(extra)} apply to two-stage RoI heads only; RetinaNet "
+                "learns from all anchors (drop them or use a FasterRCNN model)"
+            )
         # the dense head's class convention (and its check against stats) is patch_retinanet's
         return patch_retinanet(model, cls_loss=cls_loss, box_loss=box_loss, stats=stats, dfl=dfl)
-    raise TypeError(f"ltdet.patch does not support {type(model).__module__}.{type(model).__name__}; "
-                    f"supported: {SUPPORTED_MODELS}")
+    raise TypeError(
+        f"ltdet.patch does not support {type(model).__module__}.{type(model).__name__}; "
+        f"supported: {SUPPORTED_MODELS}"
+    )
 
 
 def _is_random(sampler: Any) -> bool:
-    return isinstance(sampler, dict) and sampler.get("type", "random") == "random" and len(sampler) <= 1
+    return (
+        isinstance(sampler, dict)
+        and sampler.get("type", "random") == "random"
+        and len(sampler) <= 1
+    )

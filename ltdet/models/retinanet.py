@@ -53,6 +53,7 @@ TorchScript: a patched RetinaNet scripts like torchvision's (eval mode; `LTRetin
 postprocess_detections` and the classification head's `scores` compile). The heads'
 `compute_loss` (ltdet losses) is `@torch.jit.unused`: a scripted patched model does not train.
 """
+
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -69,9 +70,16 @@ from ltdet.compat import adopt_module, topk_min
 from ltdet.losses import build_loss
 from ltdet.losses.gfl import DistributionFocalLoss
 
-__all__ = ["LTRetinaNetClassificationHead", "LTRetinaNetDistributionHead", "LTRetinaNetHead",
-           "LTRetinaNetRegressionHead", "LTRetinaNet", "anchor_quality", "decode_distribution",
-           "patch_retinanet"]
+__all__ = [
+    "LTRetinaNetClassificationHead",
+    "LTRetinaNetDistributionHead",
+    "LTRetinaNetHead",
+    "LTRetinaNetRegressionHead",
+    "LTRetinaNet",
+    "anchor_quality",
+    "decode_distribution",
+    "patch_retinanet",
+]
 
 
 def _foreground_weights(matched, num_images):
@@ -86,8 +94,9 @@ def _adopt_head(cls, head: nn.Module, expected_type: type, *, loss: nn.Module) -
     not re-initialised; `ltdet.compat.adopt_module`), with `loss` as a submodule (its state
     joins the state_dict)."""
     if not isinstance(head, expected_type):
-        raise TypeError(f"expected a torchvision {expected_type.__name__}, got "
-                        f"{type(head).__name__}")
+        raise TypeError(
+            f"expected a torchvision {expected_type.__name__}, got {type(head).__name__}"
+        )
     new = adopt_module(cls, head)
     new.loss = loss
     return new
@@ -107,22 +116,35 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
         return _adopt_head(cls, head, RetinaNetClassificationHead, loss=loss)
 
     @torch.jit.unused
-    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                     matched_idxs: List[Tensor]) -> Tensor:
+    def compute_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        matched_idxs: List[Tensor],
+    ) -> Tensor:
         """Classification loss of a batch: a scalar, normalised as torchvision does."""
         return self._batch_loss(targets, head_outputs, matched_idxs, None)
 
     @torch.jit.unused
-    def compute_quality_loss(self, targets: List[Dict[str, Tensor]],
-                             head_outputs: Dict[str, Tensor], matched_idxs: List[Tensor],
-                             quality: Tensor) -> Tensor:
+    def compute_quality_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        matched_idxs: List[Tensor],
+        quality: Tensor,
+    ) -> Tensor:
         """`compute_loss` of a loss that `needs_quality`: the target is `(labels, quality)`, with
         `quality [B, A]` from `anchor_quality`. (A method of its own: torchvision's scripted
         `RetinaNetHead.compute_loss` calls `compute_loss` with exactly three arguments.)"""
         return self._batch_loss(targets, head_outputs, matched_idxs, quality)
 
-    def _batch_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                    matched_idxs: List[Tensor], quality: Optional[Tensor]) -> Tensor:
+    def _batch_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        matched_idxs: List[Tensor],
+        quality: Optional[Tensor],
+    ) -> Tensor:
         cls_logits = head_outputs["cls_logits"]  # [B, A, K]
         num_images, _, num_columns = cls_logits.shape
         matched = torch.stack(matched_idxs)  # [B, A]; batched images share one anchor set
@@ -150,24 +172,30 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
         return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
 
     @torch.jit.unused
-    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Tensor:
+    def compute_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        anchors: List[Tensor],
+        matched_idxs: List[Tensor],
+    ) -> Tensor:
         """Box loss of a batch over its foreground anchors: a scalar, normalised as torchvision
         does."""
         bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4]
         matched = torch.stack(matched_idxs)
         weight = _foreground_weights(matched, len(targets))
-        preds, anchors_fg, gt_boxes, weights = [], [], [], []
-        for target, pred, anchor, match, w in zip(targets, bbox_regression, anchors, matched,
-                                                  weight):
+        preds, anchor_parts, gt_parts, weights = [], [], [], []
+        for image_target, pred, anchor, match, w in zip(
+            targets, bbox_regression, anchors, matched, weight
+        ):
             fg = torch.where(match >= 0)[0]
             preds.append(pred[fg])
-            anchors_fg.append(anchor[fg])
-            gt_boxes.append(target["boxes"][match[fg]])
+            anchor_parts.append(anchor[fg])
+            gt_parts.append(image_target["boxes"][match[fg]])
             weights.append(w[fg])
         pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchors_fg)
-        gt_boxes = torch.cat(gt_boxes).to(pred.dtype)
+        anchors_fg = torch.cat(anchor_parts)
+        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
         if self.loss.needs_boxes:
             pred = self.box_coder.decode_single(pred, anchors_fg)
             target = gt_boxes
@@ -215,15 +243,22 @@ def _aligned_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def anchor_quality(targets: List[Dict[str, Tensor]], bbox_regression: Tensor,
-                   anchors: List[Tensor], matched_idxs: List[Tensor], box_coder: Any) -> Tensor:
+def anchor_quality(
+    targets: List[Dict[str, Tensor]],
+    bbox_regression: Tensor,
+    anchors: List[Tensor],
+    matched_idxs: List[Tensor],
+    box_coder: Any,
+) -> Tensor:
     """QFL's soft targets `[B, A]`: the IoU of each foreground anchor's regressed box (detached)
     with its matched ground truth, 0 elsewhere. `bbox_regression [B, A, 4]` deltas (decoded by
     `box_coder`) or `[B, A, 4 (n+1)]` side distributions (`decode_distribution`)."""
-    quality = torch.zeros(bbox_regression.shape[:2], dtype=torch.float32,
-                          device=bbox_regression.device)
-    for b, (target, pred, anchor, match) in enumerate(zip(targets, bbox_regression, anchors,
-                                                          matched_idxs)):
+    quality = torch.zeros(
+        bbox_regression.shape[:2], dtype=torch.float32, device=bbox_regression.device
+    )
+    for b, (target, pred, anchor, match) in enumerate(
+        zip(targets, bbox_regression, anchors, matched_idxs)
+    ):
         fg = torch.where(match >= 0)[0]
         if fg.numel() == 0:
             continue
@@ -248,16 +283,23 @@ class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
     @classmethod
     def from_head(cls, head, *, loss, dfl, score_weighted=True):
         if not getattr(loss, "needs_boxes", False):
-            raise ValueError(f"the distribution regression head (dfl) trains its decoded boxes "
-                             f"with a box loss on xyxy boxes (needs_boxes, e.g. giou), got "
-                             f"{type(loss).__name__}")
+            raise ValueError(
+                f"the distribution regression head (dfl) trains its decoded boxes "
+                f"with a box loss on xyxy boxes (needs_boxes, e.g. giou), got "
+                f"{type(loss).__name__}"
+            )
         new = _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
         old = new.bbox_reg
         num_anchors = old.out_channels // getattr(head, "channels_per_anchor", 4)
         new.reg_max = int(dfl.reg_max)
         new.channels_per_anchor = 4 * (new.reg_max + 1)
-        new.bbox_reg = nn.Conv2d(old.in_channels, num_anchors * new.channels_per_anchor,
-                                 kernel_size=3, stride=1, padding=1).to(old.weight.device)
+        new.bbox_reg = nn.Conv2d(
+            old.in_channels,
+            num_anchors * new.channels_per_anchor,
+            kernel_size=3,
+            stride=1,
+            padding=1,
+        ).to(old.weight.device)
         nn.init.normal_(new.bbox_reg.weight, std=0.01)
         nn.init.zeros_(new.bbox_reg.bias)
         new.dfl = dfl
@@ -276,28 +318,37 @@ class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
         return torch.cat(all_bbox_regression, dim=1)
 
     @torch.jit.unused
-    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Tensor:
+    def compute_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        anchors: List[Tensor],
+        matched_idxs: List[Tensor],
+    ) -> Tensor:
         """DFL + box loss of a batch over its foreground anchors: a scalar."""
         bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4 (n+1)]
         matched = torch.stack(matched_idxs)
         fg_weight = _foreground_weights(matched, len(targets))
-        preds, anchors_fg, gt_boxes, weights, scores = [], [], [], [], []
-        for b, (target, pred, anchor, match) in enumerate(zip(targets, bbox_regression, anchors,
-                                                              matched)):
+        preds, anchor_parts, gt_parts, weights, scores = [], [], [], [], []
+        for b, (image_target, pred, anchor, match) in enumerate(
+            zip(targets, bbox_regression, anchors, matched)
+        ):
             fg = torch.where(match >= 0)[0]
             preds.append(pred[fg])
-            anchors_fg.append(anchor[fg])
-            gt_boxes.append(target["boxes"][match[fg]])
+            anchor_parts.append(anchor[fg])
+            gt_parts.append(image_target["boxes"][match[fg]])
             weights.append(fg_weight[b, fg])
             if self.score_weighted:
                 # GFL: the best class score of the anchor, detached (columns 1..C: foreground)
                 logits = head_outputs["cls_logits"][b, fg, 1:].detach()
-                scores.append(logits.float().sigmoid().max(dim=1).values if logits.shape[1]
-                              else logits.new_ones(fg.shape[0], dtype=torch.float32))
+                scores.append(
+                    logits.float().sigmoid().max(dim=1).values
+                    if logits.shape[1]
+                    else logits.new_ones(fg.shape[0], dtype=torch.float32)
+                )
         pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchors_fg).to(pred.dtype)
-        gt_boxes = torch.cat(gt_boxes).to(pred.dtype)
+        anchors_fg = torch.cat(anchor_parts).to(pred.dtype)
+        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
         if self.score_weighted:
             score = torch.cat(scores)
             weight = score / score.sum().clamp_min(torch.finfo(score.dtype).eps)
@@ -308,8 +359,9 @@ class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
         distance = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)
         distance = (distance / unit).clamp(0, self.reg_max - _DISTANCE_EPS)
         box_loss = self.loss(boxes, gt_boxes, weight=weight, reduction="sum")
-        dfl = self.dfl(pred.reshape(-1, 4, self.reg_max + 1), distance, weight=weight,
-                       reduction="sum")
+        dfl = self.dfl(
+            pred.reshape(-1, 4, self.reg_max + 1), distance, weight=weight, reduction="sum"
+        )
         return box_loss + dfl
 
 
@@ -325,19 +377,33 @@ class LTRetinaNetHead(RetinaNetHead):
         return adopt_module(cls, head)
 
     @torch.jit.unused
-    def compute_loss(self, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
-                     anchors: List[Tensor], matched_idxs: List[Tensor]) -> Dict[str, Tensor]:
+    def compute_loss(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        anchors: List[Tensor],
+        matched_idxs: List[Tensor],
+    ) -> Dict[str, Tensor]:
         cls_head = self.classification_head
         if getattr(getattr(cls_head, "loss", None), "needs_quality", False):
-            quality = anchor_quality(targets, head_outputs["bbox_regression"], anchors,
-                                     matched_idxs, self.regression_head.box_coder)
-            classification = cls_head.compute_quality_loss(targets, head_outputs, matched_idxs,
-                                                           quality)
+            quality = anchor_quality(
+                targets,
+                head_outputs["bbox_regression"],
+                anchors,
+                matched_idxs,
+                self.regression_head.box_coder,
+            )
+            classification = cls_head.compute_quality_loss(
+                targets, head_outputs, matched_idxs, quality
+            )
         else:
             classification = cls_head.compute_loss(targets, head_outputs, matched_idxs)
-        return {"classification": classification,
-                "bbox_regression": self.regression_head.compute_loss(targets, head_outputs,
-                                                                     anchors, matched_idxs)}
+        return {
+            "classification": classification,
+            "bbox_regression": self.regression_head.compute_loss(
+                targets, head_outputs, anchors, matched_idxs
+            ),
+        }
 
 
 def _anchor_labels(gt_labels, matched):
@@ -352,9 +418,11 @@ def _check_labels(targets, num_columns):
     if labels.numel():
         low, high = torch.stack(torch.aminmax(labels)).tolist()  # one host sync per step
         if low < 1 or high >= num_columns:
-            raise ValueError(f"RetinaNet target labels must lie in [1, {num_columns - 1}] (the "
-                             f"head has {num_columns} columns, column 0 = background) but range "
-                             f"over [{low}, {high}]; build the model with num_classes = C + 1")
+            raise ValueError(
+                f"RetinaNet target labels must lie in [1, {num_columns - 1}] (the "
+                f"head has {num_columns} columns, column 0 = background) but range "
+                f"over [{low}, {high}]; build the model with num_classes = C + 1"
+            )
 
 
 class LTRetinaNet(RetinaNet):
@@ -366,9 +434,12 @@ class LTRetinaNet(RetinaNet):
     to this one in place (weights untouched), because torchvision offers no hook for it.
     """
 
-    def postprocess_detections(self, head_outputs: Dict[str, List[Tensor]],
-                               anchors: List[List[Tensor]], image_shapes: List[Tuple[int, int]]
-                               ) -> List[Dict[str, Tensor]]:
+    def postprocess_detections(
+        self,
+        head_outputs: Dict[str, List[Tensor]],
+        anchors: List[List[Tensor]],
+        image_shapes: List[Tuple[int, int]],
+    ) -> List[Dict[str, Tensor]]:
         class_logits = head_outputs["cls_logits"]
         box_regression = head_outputs["bbox_regression"]
         detections: List[Dict[str, Tensor]] = []
@@ -376,8 +447,7 @@ class LTRetinaNet(RetinaNet):
             image_boxes: List[Tensor] = []
             image_scores: List[Tensor] = []
             image_labels: List[Tensor] = []
-            for logits, deltas, level_anchors in zip(class_logits, box_regression,
-                                                     anchors[index]):
+            for logits, deltas, level_anchors in zip(class_logits, box_regression, anchors[index]):
                 # Foreground scores [A_l, C]; column j scores label j + 1.
                 scores = self.head.classification_head.scores(logits[index])[:, 1:]
                 num_fg_classes = scores.shape[1]
@@ -400,8 +470,9 @@ class LTRetinaNet(RetinaNet):
             labels = torch.cat(image_labels)
             keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
             keep = keep[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "scores": scores[keep],
-                               "labels": labels[keep]})
+            detections.append(
+                {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            )
         return detections
 
 
@@ -433,8 +504,9 @@ def _dfl_options(dfl: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
         return None
     unknown = sorted(set(options) - set(DFL_DEFAULTS))
     if unknown:
-        raise ValueError(f"dfl: unknown key(s) {unknown}; valid ones: {sorted(DFL_DEFAULTS)} "
-                         f"and enabled")
+        raise ValueError(
+            f"dfl: unknown key(s) {unknown}; valid ones: {sorted(DFL_DEFAULTS)} and enabled"
+        )
     return {**DFL_DEFAULTS, **options}
 
 
@@ -459,42 +531,56 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None, dfl=None):
     loss the model's class becomes `LTRetinaNet` so that inference uses the loss's activation.
     """
     if not isinstance(model, RetinaNet):
-        raise TypeError(f"patch_retinanet needs a torchvision RetinaNet, got {type(model).__name__}")
+        raise TypeError(
+            f"patch_retinanet needs a torchvision RetinaNet, got {type(model).__name__}"
+        )
     if type(model) not in (RetinaNet, LTRetinaNet):
-        raise TypeError(f"patch_retinanet: {type(model).__name__} subclasses RetinaNet; only "
-                        f"torchvision's RetinaNet class is supported (its postprocess is replaced)")
+        raise TypeError(
+            f"patch_retinanet: {type(model).__name__} subclasses RetinaNet; only "
+            f"torchvision's RetinaNet class is supported (its postprocess is replaced)"
+        )
     head = model.head
     num_classes = head.classification_head.num_classes - 1
     cls_module = _as_loss(cls_loss, "cls", num_classes, stats)
     box_module = _as_loss(box_loss, "box", num_classes, stats)
     dfl_options = _dfl_options(dfl)
     if isinstance(box_module, DistributionFocalLoss):
-        raise ValueError("dfl trains the distribution regression head, not box deltas: pass "
-                         "dfl={'reg_max': 16, ...} (config: model.dfl.enabled: true) with a "
-                         "box_loss on decoded boxes (giou)")
+        raise ValueError(
+            "dfl trains the distribution regression head, not box deltas: pass "
+            "dfl={'reg_max': 16, ...} (config: model.dfl.enabled: true) with a "
+            "box_loss on decoded boxes (giou)"
+        )
     if dfl_options is not None and (box_module is None or not box_module.needs_boxes):
-        raise ValueError("dfl: the distribution regression head also trains its decoded boxes; "
-                         "it needs a box_loss on xyxy boxes (needs_boxes: giou), got "
-                         f"{'none' if box_module is None else type(box_module).__name__}")
+        raise ValueError(
+            "dfl: the distribution regression head also trains its decoded boxes; "
+            "it needs a box_loss on xyxy boxes (needs_boxes: giou), got "
+            f"{'none' if box_module is None else type(box_module).__name__}"
+        )
     if cls_module is not None:
         missing = [a for a in _CLS_LOSS_ATTRIBUTES if not hasattr(cls_module, a)]
         if missing:
-            raise TypeError(f"cls_loss {type(cls_module).__name__} is not a classification loss "
-                            f"(it has no {', '.join(missing)})")
+            raise TypeError(
+                f"cls_loss {type(cls_module).__name__} is not a classification loss "
+                f"(it has no {', '.join(missing)})"
+            )
         built_for = cls_module.num_classes
         if built_for is not None and built_for != num_classes:
-            raise ValueError(f"cls_loss was built for num_classes={built_for} but the RetinaNet "
-                             f"head has {num_classes + 1} columns (C = {num_classes}, column 0 = "
-                             f"background)")
+            raise ValueError(
+                f"cls_loss was built for num_classes={built_for} but the RetinaNet "
+                f"head has {num_classes + 1} columns (C = {num_classes}, column 0 = "
+                f"background)"
+            )
         channels = cls_module.get_cls_channels(num_classes)
         if channels != num_classes + 1:
             # seesaw's C + 2 (C classes + a 2-way objectness over the sampled RoIs) is the
             # authors' design for a two-stage bbox head (mmdetection has no dense-head seesaw)
-            raise ValueError(f"{type(cls_module).__name__} trains a classifier of {channels} "
-                             f"outputs (cls_channels) but a RetinaNet head has C + 1 = "
-                             f"{num_classes + 1} per anchor; it is a RoI-head loss: use a "
-                             f"FasterRCNN model, or on RetinaNet a C + 1 loss (e.g. seesaw_softmax, "
-                             f"focal, eqlv2)")
+            raise ValueError(
+                f"{type(cls_module).__name__} trains a classifier of {channels} "
+                f"outputs (cls_channels) but a RetinaNet head has C + 1 = "
+                f"{num_classes + 1} per anchor; it is a RoI-head loss: use a "
+                f"FasterRCNN model, or on RetinaNet a C + 1 loss (e.g. seesaw_softmax, "
+                f"focal, eqlv2)"
+            )
         old = head.classification_head
         if isinstance(old, LTRetinaNetClassificationHead):
             old.loss = cls_module
@@ -506,19 +592,29 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None, dfl=None):
     if box_module is not None:
         missing = [a for a in _BOX_LOSS_ATTRIBUTES if not hasattr(box_module, a)]
         if missing:
-            raise TypeError(f"box_loss {type(box_module).__name__} is not a regression loss "
-                            f"(it has no {', '.join(missing)})")
+            raise TypeError(
+                f"box_loss {type(box_module).__name__} is not a regression loss "
+                f"(it has no {', '.join(missing)})"
+            )
         old = head.regression_head
         if dfl_options is not None:
-            dfl_module = build_loss({"type": "dfl", "reg_max": dfl_options["reg_max"],
-                                     "loss_weight": dfl_options["loss_weight"]})
+            dfl_module = build_loss(
+                {
+                    "type": "dfl",
+                    "reg_max": dfl_options["reg_max"],
+                    "loss_weight": dfl_options["loss_weight"],
+                }
+            )
             if isinstance(old, LTRetinaNetDistributionHead) and old.reg_max == dfl_module.reg_max:
                 old.loss, old.dfl = box_module, dfl_module
                 old.score_weighted = bool(dfl_options["score_weighted"])
             else:
                 head.regression_head = LTRetinaNetDistributionHead.from_head(
-                    old, loss=box_module, dfl=dfl_module,
-                    score_weighted=dfl_options["score_weighted"])
+                    old,
+                    loss=box_module,
+                    dfl=dfl_module,
+                    score_weighted=dfl_options["score_weighted"],
+                )
             model.__class__ = LTRetinaNet  # its postprocess decodes the distributions
         elif isinstance(old, LTRetinaNetRegressionHead):
             old.loss = box_module

@@ -39,15 +39,14 @@ from ltdet.config import load_config
 from ltdet.engine.loaders import locate_or_generate_data
 from ltdet.engine.validation import evaluate_checkpoint
 from ltdet.evaluation import evaluate_lvis
-from ltdet.evaluation.calibration import (
+from ltdet.evaluation.calibration import dece_metrics, evaluate_calibration
+from ltdet.evaluation.calibrators import (
     apply_calibrator,
     columns_to_results,
-    dece_metrics,
-    evaluate_calibration,
     fit_calibrator,
-    plot_reliability,
     save_calibrator,
 )
+from ltdet.evaluation.reliability_plot import plot_reliability
 from ltdet.fileio import atomic_write
 
 METHODS = ("temperature", "temperature_group", "platt")

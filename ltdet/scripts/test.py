@@ -23,7 +23,8 @@ from ltdet.cli import USER_ERRORS, report
 from ltdet.config import load_config
 from ltdet.engine.validation import evaluate_checkpoint
 from ltdet.evaluation import evaluate_lvis, format_table, write_report
-from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration, plot_reliability
+from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration
+from ltdet.evaluation.reliability_plot import plot_reliability
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

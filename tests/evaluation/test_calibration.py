@@ -11,19 +11,21 @@ import torch
 from ltdet.evaluation.calibration import (
     IGNORED,
     TP,
-    PlattScaling,
-    TemperatureScaling,
-    apply_calibrator,
     calibration_error,
-    calibrator_from_state,
     dece_metrics,
     detection_outcomes,
     evaluate_calibration,
+)
+from ltdet.evaluation.calibrators import (
+    PlattScaling,
+    TemperatureScaling,
+    apply_calibrator,
+    calibrator_from_state,
     fit_calibrator,
     load_calibrator,
-    plot_reliability,
     save_calibrator,
 )
+from ltdet.evaluation.reliability_plot import plot_reliability
 
 
 def _loop_dece(conf, correct, num_bins, binning="uniform"):
