@@ -150,7 +150,8 @@ def main(argv=None):
     images, targets = detection_batch(c, args.size, args.batch, args.boxes, device)
     print(
         f"# training-step time, patched / vanilla torchvision, C={c}, {args.batch} images of "
-        f"{args.size}px, {args.reps} alternating pairs, device={device}, threads={torch.get_num_threads()}, "
+        f"{args.size}px, {args.reps} alternating pairs, device={device}, "
+        f"threads={torch.get_num_threads()}, "
         f"clock={'cpu' if CLOCK is time.process_time else 'wall'}"
     )
     print(f"{'arch':<22} {'loss':<18} {'kind':<4} {'vanilla s':>9} {'patched s':>9} {'ratio':>7}")

@@ -24,7 +24,7 @@ from ltdet.engine.loaders import build_datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the Faster R-CNN recipe; the RetinaNet configs (EFL, GFL) follow their authors' recipes,
-#: checked in tests/test_efl_gfl.py
+#: checked in tests/losses/test_efl_gfl.py
 LVIS_CONFIGS = sorted(
     p for p in (ROOT / "configs" / "lvis_v1").glob("*.yaml") if not p.stem.startswith("retinanet")
 )

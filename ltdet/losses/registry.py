@@ -2,12 +2,12 @@
 
 `LOSSES` maps a config `type` to its module class: a new loss is one file (its element-wise
 function and a `ClassificationLoss` / `RegressionLoss` subclass, `ltdet.losses.base`) and one line
-here; the contract tests (tests/test_losses_contract.py) then cover it. The remaining keys of the
-config are the class's keyword-only constructor arguments (`ltdet.spec.build_from_spec`, so the
-error for a misspelt hyper-parameter lists exactly the valid ones). `num_classes` and `stats` are
-injected by the builder, never written in the config: `stats` is a `ltdet.data.ClassStats`
-(duck-typed: `.image_count`, `.instance_count` float tensors `[C]` with index i = label i+1,
-`.num_images`).
+here; the contract tests (tests/losses/test_losses_contract.py) then cover it. The remaining keys
+of the config are the class's keyword-only constructor arguments (`ltdet.spec.build_from_spec`,
+so the error for a misspelt hyper-parameter lists exactly the valid ones). `num_classes` and
+`stats` are injected by the builder, never written in the config: `stats` is a
+`ltdet.data.ClassStats` (duck-typed: `.image_count`, `.instance_count` float tensors `[C]` with
+index i = label i+1, `.num_images`).
 """
 
 import inspect

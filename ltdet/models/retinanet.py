@@ -31,17 +31,9 @@ Quality targets (GFL's QFL, EQFL: a classification loss that declares `needs_qua
 detached, as the authors') with its matched ground truth (`anchor_quality`) and the loss is called
 with the target `(labels, quality)`.
 
-Distribution regression (GFL's DFL, Li et al., NeurIPS 2020, Sec. 3.3; `patch_retinanet(...,
-dfl=...)`): `LTRetinaNetDistributionHead` keeps torchvision's regression tower and replaces its last
-convolution by one with `4 (n + 1)` outputs per anchor (`reg_max = n = 16`), a discrete
-distribution over `0..n` for each side's distance from the anchor centre (left, top, right,
-bottom); a side decodes as the distribution's expectation (`decode_distribution`) times a unit of
-the anchor's size over 8 (`sqrt(w h) / 8`: GFL's ATSS anchors are 8 strides wide, so this is GFL's
-unit, the level's stride, on GFL's own anchors). It is trained with DFL on the ground-truth
-distances (clamped below n, mmdetection's `bbox2distance`) plus the box loss (GIoU, `needs_boxes`)
-on the decoded boxes. With `score_weighted` (GFL's head), both are weighted per foreground anchor
-by its detached best foreground score and normalised by the batch's sum of those weights;
-otherwise by the foreground weights above. `LTRetinaNet`'s postprocess decodes either output.
+Distribution regression (GFL's DFL, `patch_retinanet(..., dfl=...)`): `LTRetinaNetDistributionHead`
+(`ltdet.models.gfl_head`, whose docstring describes it); `LTRetinaNet`'s postprocess decodes
+either output.
 
 Inference: torchvision's `RetinaNet.postprocess_detections` hard-codes a sigmoid. The patched
 classification head carries the activation (`scores`, the loss's `activation`), and the model's
@@ -62,13 +54,15 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.retinanet import (
     RetinaNetClassificationHead,
     RetinaNetHead,
-    RetinaNetRegressionHead,
 )
 from torchvision.ops import boxes as box_ops
 
 from ltdet.compat import adopt_module, topk_min
 from ltdet.losses import build_loss
 from ltdet.losses.gfl import DistributionFocalLoss
+
+from .gfl_head import LTRetinaNetDistributionHead, decode_distribution
+from .retinanet_parts import LTRetinaNetRegressionHead, _adopt_head, _foreground_weights
 
 __all__ = [
     "LTRetinaNetClassificationHead",
@@ -80,26 +74,6 @@ __all__ = [
     "decode_distribution",
     "patch_retinanet",
 ]
-
-
-def _foreground_weights(matched, num_images):
-    """Per-anchor weight `1 / (B * max(1, fg_b))` `[B, A]`: torchvision's per-image
-    normalisation by the number of foreground anchors, averaged over the batch."""
-    num_fg = (matched >= 0).sum(dim=1, keepdim=True).clamp_min(1)
-    return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
-
-
-def _adopt_head(cls, head: nn.Module, expected_type: type, *, loss: nn.Module) -> nn.Module:
-    """A `cls` instance sharing every submodule and setting of torchvision's `head` (not copied,
-    not re-initialised; `ltdet.compat.adopt_module`), with `loss` as a submodule (its state
-    joins the state_dict)."""
-    if not isinstance(head, expected_type):
-        raise TypeError(
-            f"expected a torchvision {expected_type.__name__}, got {type(head).__name__}"
-        )
-    new = adopt_module(cls, head)
-    new.loss = loss
-    return new
 
 
 class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
@@ -163,75 +137,6 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
         return self.loss.activation(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
 
 
-class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
-    """torchvision's regression head (same modules, same weights) trained with an ltdet
-    regression loss; build it with `from_head(head, loss=...)`."""
-
-    @classmethod
-    def from_head(cls, head, *, loss):
-        return _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
-
-    @torch.jit.unused
-    def compute_loss(
-        self,
-        targets: List[Dict[str, Tensor]],
-        head_outputs: Dict[str, Tensor],
-        anchors: List[Tensor],
-        matched_idxs: List[Tensor],
-    ) -> Tensor:
-        """Box loss of a batch over its foreground anchors: a scalar, normalised as torchvision
-        does."""
-        bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4]
-        matched = torch.stack(matched_idxs)
-        weight = _foreground_weights(matched, len(targets))
-        preds, anchor_parts, gt_parts, weights = [], [], [], []
-        for image_target, pred, anchor, match, w in zip(
-            targets, bbox_regression, anchors, matched, weight
-        ):
-            fg = torch.where(match >= 0)[0]
-            preds.append(pred[fg])
-            anchor_parts.append(anchor[fg])
-            gt_parts.append(image_target["boxes"][match[fg]])
-            weights.append(w[fg])
-        pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchor_parts)
-        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
-        if self.loss.needs_boxes:
-            pred = self.box_coder.decode_single(pred, anchors_fg)
-            target = gt_boxes
-        else:
-            target = self.box_coder.encode_single(gt_boxes, anchors_fg)
-        if self.loss.self_normalising:
-            return self.loss(pred, target, reduction="mean")
-        return self.loss(pred, target, weight=torch.cat(weights), reduction="sum")
-
-
-#: Distance targets stay this far below the top bin (mmdetection's `bbox2distance` eps).
-_DISTANCE_EPS = 0.01
-
-
-def _centres_and_units(anchors: Tensor) -> Tuple[Tensor, Tensor]:
-    """Anchor centres `[P, 2]` and each anchor's distance unit `sqrt(w h) / 8` `[P, 1]`."""
-    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-    wh = (anchors[:, 2:] - anchors[:, :2]).clamp_min(1e-6)
-    # GFL's geometry: GFL's ATSS anchors are 8 strides wide (`octave_base_scale=8`), so a unit of
-    # the anchor's size over 8 is GFL's unit, the level's stride, on GFL's own anchors (a
-    # literal: TorchScript compiles this for the postprocess and cannot read module globals)
-    unit = torch.sqrt(wh[:, 0] * wh[:, 1]).unsqueeze(1) / 8.0
-    return centres, unit
-
-
-def decode_distribution(pred: Tensor, anchors: Tensor) -> Tensor:
-    """Integral decoding: side distributions `[P, 4 (n+1)]` (logits) -> xyxy boxes `[P, 4]`,
-    each side `unit * sum_i softmax_i * i` from the anchor centre (left, top, right, bottom)."""
-    bins = pred.shape[-1] // 4
-    prob = pred.reshape(-1, 4, bins).softmax(dim=-1)
-    distance = prob @ torch.arange(bins, dtype=prob.dtype, device=prob.device)
-    centres, unit = _centres_and_units(anchors.to(prob.dtype))
-    distance = distance * unit
-    return torch.cat([centres - distance[:, :2], centres + distance[:, 2:]], dim=1)
-
-
 def _aligned_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of the box pairs `(a[i], b[i])` `[P]`."""
     lt = torch.max(a[:, :2], b[:, :2])
@@ -269,100 +174,6 @@ def anchor_quality(
             boxes = decode_distribution(pred_fg, anchor_fg)
         quality[b, fg] = _aligned_iou(boxes, target["boxes"][match[fg]].float())
     return quality
-
-
-class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
-    """GFL's distribution regression on torchvision's regression tower (module docstring):
-    `bbox_reg` predicts `4 (reg_max + 1)` logits per anchor; trained with `dfl` (a
-    `DistributionFocalLoss`) plus `loss` (a `needs_boxes` loss, GIoU) on the decoded boxes.
-
-    Build it with `from_head(head, loss=..., dfl=..., score_weighted=...)`: the tower is shared,
-    `bbox_reg` is new (weight N(0, 0.01^2), bias 0: torchvision's and GFL's init of the layer).
-    """
-
-    @classmethod
-    def from_head(cls, head, *, loss, dfl, score_weighted=True):
-        if not getattr(loss, "needs_boxes", False):
-            raise ValueError(
-                f"the distribution regression head (dfl) trains its decoded boxes "
-                f"with a box loss on xyxy boxes (needs_boxes, e.g. giou), got "
-                f"{type(loss).__name__}"
-            )
-        new = _adopt_head(cls, head, RetinaNetRegressionHead, loss=loss)
-        old = new.bbox_reg
-        num_anchors = old.out_channels // getattr(head, "channels_per_anchor", 4)
-        new.reg_max = int(dfl.reg_max)
-        new.channels_per_anchor = 4 * (new.reg_max + 1)
-        new.bbox_reg = nn.Conv2d(
-            old.in_channels,
-            num_anchors * new.channels_per_anchor,
-            kernel_size=3,
-            stride=1,
-            padding=1,
-        ).to(old.weight.device)
-        nn.init.normal_(new.bbox_reg.weight, std=0.01)
-        nn.init.zeros_(new.bbox_reg.bias)
-        new.dfl = dfl
-        new.score_weighted = bool(score_weighted)
-        return new
-
-    def forward(self, x: List[Tensor]) -> Tensor:
-        """`[N, HWA, 4 (reg_max + 1)]` side-distribution logits over all levels."""
-        all_bbox_regression = []
-        for features in x:
-            bbox_regression = self.bbox_reg(self.conv(features))
-            n, _, h, w = bbox_regression.shape
-            bbox_regression = bbox_regression.view(n, -1, self.channels_per_anchor, h, w)
-            bbox_regression = bbox_regression.permute(0, 3, 4, 1, 2)
-            all_bbox_regression.append(bbox_regression.reshape(n, -1, self.channels_per_anchor))
-        return torch.cat(all_bbox_regression, dim=1)
-
-    @torch.jit.unused
-    def compute_loss(
-        self,
-        targets: List[Dict[str, Tensor]],
-        head_outputs: Dict[str, Tensor],
-        anchors: List[Tensor],
-        matched_idxs: List[Tensor],
-    ) -> Tensor:
-        """DFL + box loss of a batch over its foreground anchors: a scalar."""
-        bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4 (n+1)]
-        matched = torch.stack(matched_idxs)
-        fg_weight = _foreground_weights(matched, len(targets))
-        preds, anchor_parts, gt_parts, weights, scores = [], [], [], [], []
-        for b, (image_target, pred, anchor, match) in enumerate(
-            zip(targets, bbox_regression, anchors, matched)
-        ):
-            fg = torch.where(match >= 0)[0]
-            preds.append(pred[fg])
-            anchor_parts.append(anchor[fg])
-            gt_parts.append(image_target["boxes"][match[fg]])
-            weights.append(fg_weight[b, fg])
-            if self.score_weighted:
-                # GFL: the best class score of the anchor, detached (columns 1..C: foreground)
-                logits = head_outputs["cls_logits"][b, fg, 1:].detach()
-                scores.append(
-                    logits.float().sigmoid().max(dim=1).values
-                    if logits.shape[1]
-                    else logits.new_ones(fg.shape[0], dtype=torch.float32)
-                )
-        pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchor_parts).to(pred.dtype)
-        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
-        if self.score_weighted:
-            score = torch.cat(scores)
-            weight = score / score.sum().clamp_min(torch.finfo(score.dtype).eps)
-        else:
-            weight = torch.cat(weights)
-        boxes = decode_distribution(pred, anchors_fg)
-        centres, unit = _centres_and_units(anchors_fg)
-        distance = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)
-        distance = (distance / unit).clamp(0, self.reg_max - _DISTANCE_EPS)
-        box_loss = self.loss(boxes, gt_boxes, weight=weight, reduction="sum")
-        dfl = self.dfl(
-            pred.reshape(-1, 4, self.reg_max + 1), distance, weight=weight, reduction="sum"
-        )
-        return box_loss + dfl
 
 
 class LTRetinaNetHead(RetinaNetHead):

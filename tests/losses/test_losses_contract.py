@@ -7,7 +7,7 @@ when `needs_boxes`, for a regression loss), and must honour the template `LossMo
 owns: input checks, per-element shape, the reductions, weights, `avg_factor`, `loss_weight`,
 empty batches, `[N, C+1]` scores and the declared attributes. A loss whose inputs are of
 another form adds its input maker to `SPECIAL_INPUTS`. Each loss's values against its paper are
-tests/test_losses.py's.
+tests/losses/test_losses.py's.
 """
 
 import copy
@@ -15,15 +15,6 @@ import inspect
 
 import pytest
 import torch
-from _losses_fixtures import (
-    CLASSIFICATION,
-    NUM_CLASSES,
-    REGRESSION,
-    make_batch,
-    make_boxes,
-    make_deltas,
-    make_stats,
-)
 
 from ltdet.losses import (
     LOSSES,
@@ -35,8 +26,12 @@ from ltdet.losses import (
     hyper_parameters,
 )
 
-C = NUM_CLASSES
+C = 6  # foreground classes: the default of make_batch and make_stats (tests/conftest.py)
 ALL = sorted(LOSSES)
+#: The registry's losses by kind, read from `LOSSES` (a new loss joins them without a test edit);
+#: module constants because `parametrize` needs them at collection, where fixtures are not.
+CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, ClassificationLoss))
+REGRESSION = sorted(n for n, cls in LOSSES.items() if issubclass(cls, RegressionLoss))
 SIGMOID_FOREGROUND = sorted(
     n for n, cls in LOSSES.items() if issubclass(cls, SigmoidClassificationLoss)
 )
@@ -59,17 +54,29 @@ def _grad(loss_value, x):
     return g
 
 
-def _build(cfg, stats=None):
-    return build_loss(cfg, num_classes=C, stats=make_stats() if stats is None else stats).double()
+@pytest.fixture
+def build(make_stats):
+    """`build(cfg, stats=None)`: the loss in float64, given `make_stats()` unless `stats`."""
+
+    def _build(cfg, stats=None):
+        stats = make_stats() if stats is None else stats
+        return build_loss(cfg, num_classes=C, stats=stats).double()
+
+    return _build
 
 
-def _inputs(name, loss):
-    """A seeded batch the loss accepts; the input requires grad."""
-    if name in SPECIAL_INPUTS:
-        return SPECIAL_INPUTS[name](loss)
-    if isinstance(loss, RegressionLoss):
-        return make_boxes() if loss.needs_boxes else make_deltas()
-    return make_batch(num_columns=loss.cls_channels)
+@pytest.fixture
+def inputs(make_batch, make_boxes, make_deltas):
+    """`inputs(name, loss)`: a seeded batch the loss accepts; the input requires grad."""
+
+    def _inputs(name, loss):
+        if name in SPECIAL_INPUTS:
+            return SPECIAL_INPUTS[name](loss)
+        if isinstance(loss, RegressionLoss):
+            return make_boxes() if loss.needs_boxes else make_deltas()
+        return make_batch(num_columns=loss.cls_channels)
+
+    return _inputs
 
 
 def _needs_stats(cls):
@@ -87,8 +94,8 @@ def test_every_loss_is_a_classification_or_a_regression_loss():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_declared_attributes_and_the_template(name):
-    loss = _build({"type": name})
+def test_declared_attributes_and_the_template(name, build):
+    loss = build({"type": name})
     cls = type(loss)
     assert isinstance(loss, LossModule)
     # the template is the base's: a loss writes elementwise (and at most the narrow hook)
@@ -111,7 +118,7 @@ def test_declared_attributes_and_the_template(name):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in LOSSES.items() if _needs_stats(cls)))
-def test_losses_built_from_statistics_check_them(name):
+def test_losses_built_from_statistics_check_them(name, make_stats):
     with pytest.raises(ValueError, match="needs class statistics"):
         build_loss({"type": name}, num_classes=C)
     with pytest.raises(ValueError, match="num_classes=4 but the class statistics have 6"):
@@ -123,9 +130,9 @@ def test_losses_built_from_statistics_check_them(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_value_shape_and_finite(name):
-    loss = _build({"type": name}).train()
-    x, y = _inputs(name, loss)
+def test_value_shape_and_finite(name, build, inputs):
+    loss = build({"type": name}).train()
+    x, y = inputs(name, loss)
     none = loss(x, y, reduction="none")
     assert none.shape[0] == x.shape[0] and none.dim() in (1, 2)
     if none.dim() == 2:
@@ -137,9 +144,9 @@ def test_value_shape_and_finite(name):
 
 
 @pytest.mark.parametrize("name", CLASSIFICATION + REGRESSION)
-def test_reductions_are_consistent(name):
-    template = _build({"type": name}).eval()  # eval: stateful losses keep their state fixed
-    x, y = _inputs(name, template)
+def test_reductions_are_consistent(name, build, inputs):
+    template = build({"type": name}).eval()  # eval: stateful losses keep their state fixed
+    x, y = inputs(name, template)
     n = x.shape[0]
     weight = torch.rand(n, dtype=torch.float64) + 0.5
 
@@ -162,11 +169,11 @@ def test_reductions_are_consistent(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_loss_weight_scales_the_reduced_loss(name):
-    plain = _build({"type": name}).eval()
-    scaled = _build({"type": name, "loss_weight": 2.5}).eval()
+def test_loss_weight_scales_the_reduced_loss(name, build, inputs):
+    plain = build({"type": name}).eval()
+    scaled = build({"type": name, "loss_weight": 2.5}).eval()
     assert scaled.loss_weight == 2.5
-    x, y = _inputs(name, plain)
+    x, y = inputs(name, plain)
     for reduction in ("none", "sum", "mean"):
         assert torch.allclose(
             copy.deepcopy(scaled)(x, y, reduction=reduction),
@@ -178,8 +185,8 @@ def test_loss_weight_scales_the_reduced_loss(name):
 
 
 @pytest.mark.parametrize("name", CLASSIFICATION)
-def test_labels_out_of_range_are_rejected(name):
-    loss = _build({"type": name})
+def test_labels_out_of_range_are_rejected(name, build, make_batch):
+    loss = build({"type": name})
     logits, labels = make_batch(num_columns=loss.cls_channels)
     for bad in (C + 1, -1):
         labels_bad = labels.clone()
@@ -191,8 +198,8 @@ def test_labels_out_of_range_are_rejected(name):
 
 
 @pytest.mark.parametrize("name", CLASSIFICATION)
-def test_classification_empty_batch_and_all_background(name):
-    loss = _build({"type": name}).train()
+def test_classification_empty_batch_and_all_background(name, build, make_batch):
+    loss = build({"type": name}).train()
     logits, labels = make_batch(num_columns=loss.cls_channels)
     empty = logits[:0]
     for reduction in ("mean", "sum"):
@@ -208,9 +215,9 @@ def test_classification_empty_batch_and_all_background(name):
 
 
 @pytest.mark.parametrize("name", REGRESSION)
-def test_regression_empty_batch(name):
-    loss = _build({"type": name}).train()
-    pred, target = _inputs(name, loss)
+def test_regression_empty_batch(name, build, inputs):
+    loss = build({"type": name}).train()
+    pred, target = inputs(name, loss)
     for reduction in ("mean", "sum"):
         value = loss(pred[:0], target[:0], reduction=reduction)
         assert torch.isfinite(value) and value.item() == 0.0
@@ -218,8 +225,8 @@ def test_regression_empty_batch(name):
 
 
 @pytest.mark.parametrize("name", SIGMOID_FOREGROUND)
-def test_sigmoid_foreground_losses_leave_column_zero_untrained(name):
-    loss = _build({"type": name}).train()
+def test_sigmoid_foreground_losses_leave_column_zero_untrained(name, build, make_batch):
+    loss = build({"type": name}).train()
     assert loss.use_sigmoid
     logits, labels = make_batch(n=16, num_columns=loss.cls_channels)
     grad = _grad(loss(logits, labels), logits)
@@ -244,7 +251,7 @@ class _SquaredErrorLoss(ClassificationLoss):
         return (logits.softmax(dim=1) - target).square()
 
 
-def test_a_new_loss_is_one_class_and_one_registry_line(monkeypatch):
+def test_a_new_loss_is_one_class_and_one_registry_line(monkeypatch, make_batch):
     monkeypatch.setitem(LOSSES, "squared_error", _SquaredErrorLoss)
     loss = build_loss({"type": "squared_error", "loss_weight": 2.0}, num_classes=C).double()
     logits, labels = make_batch()

@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from _losses_fixtures import NUM_CLASSES, make_batch
 from torchvision.ops import box_iou
 
 from ltdet.config import load_config
@@ -41,7 +40,7 @@ from ltdet.models.retinanet import (
     patch_retinanet,
 )
 
-C = NUM_CLASSES
+C = 6  # foreground classes: the default of make_batch (tests/conftest.py)
 K = C + 1
 GAMMA_B, SCALE, ALPHA = 2.0, 8.0, 0.25
 
@@ -166,7 +165,7 @@ class EFLStateReference:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_efl_matches_reference_values_and_gradients(seed):
+def test_efl_matches_reference_values_and_gradients(seed, make_batch):
     logits, labels = make_batch(n=20, seed=seed, bg_fraction=0.6)
     loss = EqualizedFocalLoss(num_classes=C).double().eval()
     g = torch.Generator().manual_seed(seed)
@@ -185,7 +184,7 @@ def test_efl_matches_reference_values_and_gradients(seed):
     assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
-def test_efl_fresh_state_is_the_focal_loss():
+def test_efl_fresh_state_is_the_focal_loss(make_batch):
     logits, labels = make_batch(n=16, seed=3)
     efl = EqualizedFocalLoss(num_classes=C).double().eval()
     focal = FocalLoss(num_classes=C, alpha=ALPHA, gamma=GAMMA_B)
@@ -195,7 +194,7 @@ def test_efl_fresh_state_is_the_focal_loss():
     assert torch.equal(efl.pos_neg, torch.ones(C, dtype=torch.float64))
 
 
-def test_efl_gradcheck():
+def test_efl_gradcheck(make_batch):
     logits, labels = make_batch(n=6, seed=4)
     loss = EqualizedFocalLoss(num_classes=C).double().eval()
     loss.pos_neg.copy_(torch.linspace(0, 1, C, dtype=torch.float64))
@@ -203,7 +202,7 @@ def test_efl_gradcheck():
 
 
 @pytest.mark.parametrize("quality_variant", [False, True], ids=["efl", "eqfl"])
-def test_efl_state_over_four_steps(quality_variant):
+def test_efl_state_over_four_steps(quality_variant, make_batch):
     cls = EqualizedQualityFocalLoss if quality_variant else EqualizedFocalLoss
     loss = cls(num_classes=C).double().train()
     ref = EFLStateReference(quality_variant)
@@ -228,7 +227,7 @@ def test_efl_state_over_four_steps(quality_variant):
     assert loss.pos_neg.min() < 1  # the factors really moved
 
 
-def test_efl_element_weights_enter_the_statistics():
+def test_efl_element_weights_enter_the_statistics(make_batch):
     """A `[N, C+1]` weight (zero = an ignored element) weights `|dL/dz|` like a `[N]` one."""
     logits, labels = make_batch(n=18, seed=5)
     row = _weights(18, 5)
@@ -247,7 +246,7 @@ def test_efl_element_weights_enter_the_statistics():
     assert torch.allclose(c.neg_grad, d.neg_grad, rtol=1e-12)
 
 
-def test_efl_state_only_in_training_mode_from_detached_values():
+def test_efl_state_only_in_training_mode_from_detached_values(make_batch):
     logits, labels = make_batch(n=20, seed=6)
     loss = EqualizedFocalLoss(num_classes=C).double()
     fresh = {k: v.clone() for k, v in loss.state_dict().items()}
@@ -268,7 +267,7 @@ def test_efl_state_only_in_training_mode_from_detached_values():
     assert sorted(loss.state_dict()) == ["neg_grad", "pos_grad", "pos_neg"]
 
 
-def test_efl_background_only_batch():
+def test_efl_background_only_batch(make_batch):
     """A batch without a foreground anchor (images without boxes): a finite loss, only negative
     statistics, and the ratio of classes never seen positive drops to 0 (gamma_j = 10)."""
     logits, _ = make_batch(n=15, seed=7)
@@ -286,7 +285,7 @@ def test_efl_background_only_batch():
     assert empty.item() == 0
 
 
-def test_efl_float32_matches_float64():
+def test_efl_float32_matches_float64(make_batch):
     logits, labels = make_batch(n=30, seed=8)
     a = EqualizedFocalLoss(num_classes=C).double().train()
     b = EqualizedFocalLoss(num_classes=C).train()
@@ -302,7 +301,7 @@ def test_efl_float32_matches_float64():
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("beta", [2.0, 1.5])
-def test_qfl_matches_reference_values_and_gradients(seed, beta):
+def test_qfl_matches_reference_values_and_gradients(seed, beta, make_batch):
     logits, labels = make_batch(n=20, seed=seed, bg_fraction=0.5)
     quality = _quality(20, seed)
     loss = QualityFocalLoss(num_classes=C, beta=beta)
@@ -322,7 +321,7 @@ def test_qfl_matches_reference_values_and_gradients(seed, beta):
     assert not loss(logits.detach(), (labels, q)).requires_grad
 
 
-def test_qfl_plain_labels_mean_quality_one_and_background_rows_ignore_quality():
+def test_qfl_plain_labels_mean_quality_one_and_background_rows_ignore_quality(make_batch):
     logits, labels = make_batch(n=14, seed=2)
     loss = QualityFocalLoss(num_classes=C)
     ones = torch.ones(14, dtype=torch.float64)
@@ -341,7 +340,7 @@ def test_qfl_plain_labels_mean_quality_one_and_background_rows_ignore_quality():
         loss(logits, (labels, ones[:3]))
 
 
-def test_eqfl_matches_reference_values_and_gradients():
+def test_eqfl_matches_reference_values_and_gradients(make_batch):
     logits, labels = make_batch(n=20, seed=9)
     quality = _quality(20, 9)
     loss = EqualizedQualityFocalLoss(num_classes=C).double().eval()
@@ -431,12 +430,21 @@ def _dist_losses():
     }
 
 
-def _dist_run(rows):
+def _dist_batches(make_batch):
+    """(logits, labels) of each step: built in the test's process and handed to the spawned
+    ranks (which see no fixtures)."""
+    batches = []
+    for step in range(DIST_STEPS):
+        logits, labels = make_batch(n=DIST_ROWS, seed=300 + step, bg_fraction=0.5)
+        batches.append((logits.detach(), labels))
+    return batches
+
+
+def _dist_run(rows, batches):
     losses = _dist_losses()
     per_step = {name: [] for name in losses}
     for step in range(DIST_STEPS):
-        logits, labels = make_batch(n=DIST_ROWS, seed=300 + step, bg_fraction=0.5)
-        logits = logits.detach()
+        logits, labels = batches[step]
         weight = _weights(DIST_ROWS, step)
         quality = _quality(DIST_ROWS, step)
         for name, loss in losses.items():
@@ -453,14 +461,14 @@ def _dist_run(rows):
     )
 
 
-def _dist_worker(rank, world_size, port, out_dir):
+def _dist_worker(rank, world_size, port, out_dir, batches):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         rows = slice(0, DIST_SPLIT) if rank == 0 else slice(DIST_SPLIT, DIST_ROWS)
-        torch.save(_dist_run(rows), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(_dist_run(rows, batches), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -471,10 +479,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path):
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path, make_batch):
+    batches = _dist_batches(make_batch)
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path), batches), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    state, per_step = _dist_run(slice(0, DIST_ROWS))
+    state, per_step = _dist_run(slice(0, DIST_ROWS), batches)
     for name in state:
         assert state[name]["pos_neg"].min() < 1, name
         for r in range(2):
@@ -490,7 +499,7 @@ def test_two_gloo_processes_equal_one_process_on_the_joined_batch(tmp_path):
                 name,
                 step,
             )
-    alone, _ = _dist_run(slice(0, DIST_SPLIT))
+    alone, _ = _dist_run(slice(0, DIST_SPLIT), batches)
     assert not torch.allclose(alone["efl"]["pos_grad"], ranks[0][0]["efl"]["pos_grad"])
 
 
@@ -674,7 +683,7 @@ def test_dfl_options_are_validated():
 
 # ---------------------------------------------------------------- configs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # tests/losses/ -> the repository
 
 
 def test_lvis_efl_config_follows_the_eod_recipe():
