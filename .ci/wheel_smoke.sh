@@ -44,7 +44,7 @@ need = ["ltdet/configs/base.yaml", "ltdet/scripts/train.py", "ltdet/scripts/test
 missing = [n for n in need if n not in names]
 entry = [n for n in names if n.endswith("entry_points.txt")]
 text = zipfile.ZipFile(sys.argv[1]).read(entry[0]).decode() if entry else ""
-missing += [s for s in ("ltdet-train", "ltdet-test") if s not in text]
+missing += [s for s in ("ltdet-train", "ltdet-test", "ltdet-calibrate") if s not in text]
 if missing:
     sys.exit(f"wheel smoke: the wheel lacks {missing}")
 # what the wheel declares it needs (not the extras): the requirements the venv gets
@@ -81,6 +81,7 @@ cd "$tmp"  # outside the repository from here on
 assert p.startswith(sys.prefix), f'ltdet imported from {p}, not from the venv'; \
 print('wheel smoke: ltdet from', p, '- torch', torch.__version__, torchvision.__version__)"
 "$bin/ltdet-train" --help > /dev/null  # (ltdet-test runs for real below)
+"$bin/ltdet-calibrate" --help > /dev/null
 
 step "generating a tiny data set"
 "$bin/python" -m ltdet.scripts.make_synthetic --root "$tmp/data" --seed 0 --set num_train=8 \

@@ -162,6 +162,41 @@ def table(methods, results: Path) -> str:
     return "\n".join(lines)
 
 
+def _bar(std: float) -> float:
+    return 0.0 if math.isnan(std) else std  # one seed: no error bar
+
+
+def plot(methods, results: Path, path: Path) -> None:
+    """APr against APf, one point per method (mean over seeds; error bars: std, where >= 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for m in methods:
+        cells = [json.loads(p.read_text()) for p in sorted((results / m).glob("seed*.json"))]
+        if not cells:
+            continue
+        apf = _mean_std([c["APf"] for c in cells])
+        apr = _mean_std([c["APr"] for c in cells])
+        ax.errorbar(apf[0], apr[0], xerr=_bar(apf[1]), yerr=_bar(apr[1]), fmt="o", capsize=3)
+        ax.annotate(
+            f"{m} ({len(cells)})",
+            (apf[0], apr[0]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.set_xlabel("APf (frequent classes)")
+    ax.set_ylabel("APr (rare classes)")
+    ax.set_title("Long-tail methods on the bundled set (seeds in brackets; bars: std)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -171,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="runs/lt_methods", help="cell output folders")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--plot", default=None, help="also draw APr against APf into this PNG")
     args = p.parse_args(argv)
     methods = args.methods
     for m in list(methods):  # stage 2 starts from its stage-1 method's run of the same seed
@@ -188,6 +224,8 @@ def main(argv=None) -> int:
             threads=args.threads,
         )
     print(table(methods, results))
+    if args.plot:
+        plot(methods, results, Path(args.plot))
     return 0
 
 

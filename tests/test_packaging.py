@@ -36,13 +36,14 @@ def test_console_scripts_are_the_package_mains():
     assert scripts == {
         "ltdet-train": "ltdet.scripts.train:main",
         "ltdet-test": "ltdet.scripts.test:main",
+        "ltdet-calibrate": "ltdet.scripts.calibrate:main",
     }
     for target in scripts.values():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func))
 
 
-@pytest.mark.parametrize("name", ["train", "test"])
+@pytest.mark.parametrize("name", ["train", "test", "calibrate"])
 def test_tools_train_and_test_are_aliases(name):
     tool = _load_tool(name)
     package = importlib.import_module(f"ltdet.scripts.{name}")
@@ -56,9 +57,13 @@ def test_no_tool_edits_sys_path(path):
 
 
 def test_help_names_the_console_script(capsys):
-    from ltdet.scripts import test, train
+    from ltdet.scripts import calibrate, test, train
 
-    for module, prog in ((train, "ltdet-train"), (test, "ltdet-test")):
+    for module, prog in (
+        (train, "ltdet-train"),
+        (test, "ltdet-test"),
+        (calibrate, "ltdet-calibrate"),
+    ):
         with pytest.raises(SystemExit) as e:
             module.parse_args(["--help"])
         assert e.value.code == 0

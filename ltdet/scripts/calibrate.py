@@ -56,7 +56,7 @@ logger = logging.getLogger("calibrate")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="ltdet-calibrate", description=__doc__.split("\n")[0])
     p.add_argument("config", nargs="?", help="YAML config (checkpoint form, with --ckpt)")
     p.add_argument("--ckpt", help="checkpoint to calibrate")
     p.add_argument(
