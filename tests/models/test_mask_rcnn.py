@@ -121,14 +121,22 @@ def test_training_step_with_every_classification_loss(cls_loss, base_model, make
         cls_loss={"type": cls_loss},
         stats=make_stats(image_count=(400.0, 90.0, 30.0, 8.0, 2.0)),
     )
-    _train_step(model)
+    assert type(model.roi_heads.cls_loss) is LOSSES[cls_loss]  # the patched loss is the one used
+    losses = _train_step(model)
+    assert losses["loss_classifier"] > 0
+    cls_grad = model.roi_heads.box_predictor.cls_score.weight.grad
+    assert cls_grad is not None and cls_grad.abs().sum() > 0  # the classifier learns from it
 
 
 @pytest.mark.parametrize("box_loss", REGRESSION)
 def test_training_step_with_every_box_loss(box_loss, base_model):
     model = copy.deepcopy(base_model)
     ltdet.patch(model, box_loss={"type": box_loss})
-    _train_step(model)
+    assert type(model.roi_heads.box_loss) is LOSSES[box_loss]
+    losses = _train_step(model)
+    assert losses["loss_box_reg"] > 0
+    box_grad = model.roi_heads.box_predictor.bbox_pred.weight.grad
+    assert box_grad is not None and box_grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("sampler", sorted(ROI_SAMPLERS))
