@@ -20,7 +20,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 
-from .retinanet_parts import LTRetinaNetRegressionHead, _adopt_head, _foreground_weights
+from .retinanet_parts import (
+    LTRetinaNetRegressionHead,
+    _adopt_head,
+    _foreground_weights,
+    foreground_anchors,
+)
 
 __all__ = ["LTRetinaNetDistributionHead", "decode_distribution"]
 
@@ -109,31 +114,22 @@ class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
         bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4 (n+1)]
         matched = torch.stack(matched_idxs)
         fg_weight = _foreground_weights(matched, len(targets))
-        preds, anchor_parts, gt_parts, weights, scores = [], [], [], [], []
-        for b, (image_target, pred, anchor, match) in enumerate(
-            zip(targets, bbox_regression, anchors, matched)
-        ):
-            fg = torch.where(match >= 0)[0]
-            preds.append(pred[fg])
-            anchor_parts.append(anchor[fg])
-            gt_parts.append(image_target["boxes"][match[fg]])
-            weights.append(fg_weight[b, fg])
-            if self.score_weighted:
-                # GFL: the best class score of the anchor, detached (columns 1..C: foreground)
-                logits = head_outputs["cls_logits"][b, fg, 1:].detach()
-                scores.append(
-                    logits.float().sigmoid().max(dim=1).values
-                    if logits.shape[1]
-                    else logits.new_ones(fg.shape[0], dtype=torch.float32)
-                )
-        pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchor_parts).to(pred.dtype)
-        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
+        image, anchor, pred, anchors_fg, gt_boxes = foreground_anchors(
+            targets, bbox_regression, anchors, matched
+        )
+        anchors_fg = anchors_fg.to(pred.dtype)
+        gt_boxes = gt_boxes.to(pred.dtype)
         if self.score_weighted:
-            score = torch.cat(scores)
+            # GFL: the best class score of the anchor, detached (columns 1..C: foreground)
+            logits = head_outputs["cls_logits"][image, anchor, 1:].detach()
+            score = (
+                logits.float().sigmoid().max(dim=1).values
+                if logits.shape[1]
+                else logits.new_ones(image.shape[0], dtype=torch.float32)
+            )
             weight = score / score.sum().clamp_min(torch.finfo(score.dtype).eps)
         else:
-            weight = torch.cat(weights)
+            weight = fg_weight[image, anchor]
         boxes = decode_distribution(pred, anchors_fg)
         centres, unit = _centres_and_units(anchors_fg)
         distance = torch.cat([centres - gt_boxes[:, :2], gt_boxes[:, 2:] - centres], dim=1)

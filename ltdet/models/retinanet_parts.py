@@ -4,7 +4,7 @@ delta regression head (the distribution head's base class). A module of its own 
 import it without an import cycle.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,22 @@ def _foreground_weights(matched, num_images):
     normalisation by the number of foreground anchors, averaged over the batch."""
     num_fg = (matched >= 0).sum(dim=1, keepdim=True).clamp_min(1)
     return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
+
+
+def foreground_anchors(
+    targets: List[Dict[str, Tensor]],
+    bbox_regression: Tensor,
+    anchors: List[Tensor],
+    matched: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The foreground anchors of a batch in one gather, image-major (the order of torchvision's
+    per-image loop): image index `[P]`, anchor index `[P]`, their regression `[P, K]`, anchor
+    boxes `[P, 4]` and matched ground-truth boxes `[P, 4]`."""
+    image, anchor = torch.where(matched >= 0)
+    counts = torch.tensor([len(t["boxes"]) for t in targets], device=matched.device)
+    first = torch.cumsum(counts, 0) - counts  # row of each image's first gt in the batch
+    gt = torch.cat([t["boxes"] for t in targets])[first[image] + matched[image, anchor]]
+    return image, anchor, bbox_regression[image, anchor], torch.stack(anchors)[image, anchor], gt
 
 
 def _adopt_head(cls, head: nn.Module, expected_type: type, *, loss: nn.Module) -> nn.Module:
@@ -56,18 +72,10 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
         bbox_regression = head_outputs["bbox_regression"]  # [B, A, 4]
         matched = torch.stack(matched_idxs)
         weight = _foreground_weights(matched, len(targets))
-        preds, anchor_parts, gt_parts, weights = [], [], [], []
-        for image_target, pred, anchor, match, w in zip(
-            targets, bbox_regression, anchors, matched, weight
-        ):
-            fg = torch.where(match >= 0)[0]
-            preds.append(pred[fg])
-            anchor_parts.append(anchor[fg])
-            gt_parts.append(image_target["boxes"][match[fg]])
-            weights.append(w[fg])
-        pred = torch.cat(preds)
-        anchors_fg = torch.cat(anchor_parts)
-        gt_boxes = torch.cat(gt_parts).to(pred.dtype)
+        image, anchor, pred, anchors_fg, gt_boxes = foreground_anchors(
+            targets, bbox_regression, anchors, matched
+        )
+        gt_boxes = gt_boxes.to(pred.dtype)
         if self.loss.needs_boxes:
             pred = self.box_coder.decode_single(pred, anchors_fg)
             target = gt_boxes
@@ -75,4 +83,4 @@ class LTRetinaNetRegressionHead(RetinaNetRegressionHead):
             target = self.box_coder.encode_single(gt_boxes, anchors_fg)
         if self.loss.self_normalising:
             return self.loss(pred, target, reduction="mean")
-        return self.loss(pred, target, weight=torch.cat(weights), reduction="sum")
+        return self.loss(pred, target, weight=weight[image, anchor], reduction="sum")
