@@ -85,6 +85,8 @@ class LossModule(nn.Module):
     * `loss_weight` (float, 1.0): multiplies the reduced loss.
     * `self_normalising` (bool, False): the loss computes its own normaliser (GHM's gradient
       density); a caller must not normalise it again (the attribute's comment below).
+    * `dense_normaliser` ("image" or "batch", "image"): which foreground normaliser a dense
+      head applies (the attribute's comment below).
 
     TorchScript: `forward` is marked `@torch.jit.unused` (losses run in training only, where
     torchvision's detectors are not scriptable either; a subclass that still defines its own
@@ -102,6 +104,14 @@ class LossModule(nn.Module):
     #: a caller must not normalise it again (RetinaNet's per-image foreground weights); it
     #: calls it with `reduction="mean"` and no weight.
     self_normalising: bool = False
+    #: How a dense head (RetinaNet) normalises the loss by its foreground anchors: "image"
+    #: (torchvision's RetinaNet: each image's sum over its own foreground count, averaged over
+    #: the images) or "batch" (EOD's EFL, GFocal's QFL, mmdetection's dense heads: the step's sum
+    #: over its foreground count averaged over ranks, `max(1, N_all_ranks / world_size)`). A
+    #: loss whose authors trained it one way declares it: EFL's statistics are the gradients
+    #: under that normaliser, so per-image weights would let images with few foreground anchors
+    #: dominate `g_j`.
+    dense_normaliser: str = "image"
     #: Multiplies the reduced loss (set by the constructor's `loss_weight`).
     loss_weight: float = 1.0
 

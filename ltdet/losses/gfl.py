@@ -150,6 +150,8 @@ class QualityFocalLoss(SigmoidClassificationLoss):
 
     #: The target is `(labels, quality)`: a head passes the IoU of the regressed box.
     needs_quality: bool = True
+    #: GFocal's `num_total_samples`: the step's foreground count, averaged over ranks.
+    dense_normaliser = "batch"
 
     def __init__(self, *, num_classes=None, beta=2.0, loss_weight=1.0):
         super().__init__(num_classes=num_classes, loss_weight=loss_weight)

@@ -25,13 +25,15 @@ from .retinanet_parts import (
     _adopt_head,
     _foreground_weights,
     foreground_anchors,
+    rank_mean,
 )
 
 __all__ = ["LTRetinaNetDistributionHead", "decode_distribution"]
 
 
-#: Distance targets stay this far below the top bin (mmdetection's `bbox2distance` eps).
-_DISTANCE_EPS = 0.01
+#: Distance targets stay this far below the top bin (GFocal's `bbox2distance(..., dt=0.1)`;
+#: mmdetection's `eps=0.1`), so the upper of a target's two bins is at most `reg_max`.
+_DISTANCE_EPS = 0.1
 
 
 def _centres_and_units(anchors: Tensor) -> Tuple[Tensor, Tensor]:
@@ -127,7 +129,8 @@ class LTRetinaNetDistributionHead(LTRetinaNetRegressionHead):
                 if logits.shape[1]
                 else logits.new_ones(image.shape[0], dtype=torch.float32)
             )
-            weight = score / score.sum().clamp_min(torch.finfo(score.dtype).eps)
+            # GFocal's avg_factor: the score sum averaged over ranks (one normaliser per step)
+            weight = score / rank_mean(score.sum()).clamp_min(torch.finfo(score.dtype).eps)
         else:
             weight = fg_weight[image, anchor]
         boxes = decode_distribution(pred, anchors_fg)

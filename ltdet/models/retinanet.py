@@ -15,7 +15,9 @@ torchvision's `sigmoid_focal_loss` RetinaNet loss over the C foreground columns;
 column 0 as its objectness column. Normalisation is torchvision's: each image's loss is divided by
 its number of foreground anchors (at least 1), then averaged over the batch; it is applied as a
 per-anchor weight `1 / (B * max(1, fg_b))` with `reduction="sum"`, so one loss call sees the whole
-batch (stateful losses update their statistics once per step). The exception is a loss that
+batch (stateful losses update their statistics once per step). A loss whose authors normalise by
+the batch declares `dense_normaliser = "batch"` (EFL, EQFL, QFL: EOD's and GFocal's
+`max(1, N_all_ranks / W)`, `retinanet_parts.dense_foreground_weights`). The exception is a loss that
 declares `self_normalising` (GHM-C, GHM-R): its gradient-density weights are themselves the
 normaliser (Li et al., AAAI 2019, eq. 8: `sum_i L_i / GD(g_i)`, which ltdet's GHM returns with
 `reduction="mean"`), so dividing by the foreground count as well would scale it by anchors per
@@ -62,7 +64,11 @@ from ltdet.losses import build_loss
 from ltdet.losses.gfl import DistributionFocalLoss
 
 from .gfl_head import LTRetinaNetDistributionHead, decode_distribution
-from .retinanet_parts import LTRetinaNetRegressionHead, _adopt_head, _foreground_weights
+from .retinanet_parts import (
+    LTRetinaNetRegressionHead,
+    _adopt_head,
+    dense_foreground_weights,
+)
 
 __all__ = [
     "LTRetinaNetClassificationHead",
@@ -128,7 +134,7 @@ class LTRetinaNetClassificationHead(RetinaNetClassificationHead):
         target = labels[valid] if quality is None else (labels[valid], quality[valid])
         if self.loss.self_normalising:
             return self.loss(cls_logits[valid], target, reduction="mean")
-        weight = _foreground_weights(matched, num_images)
+        weight = dense_foreground_weights(matched, num_images, self.loss.dense_normaliser)
         return self.loss(cls_logits[valid], target, weight=weight[valid], reduction="sum")
 
     def scores(self, logits: Tensor) -> Tensor:

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 
+from ltdet.collectives import all_reduce_sum, get_world_size
 from ltdet.compat import adopt_module
 
-__all__ = ["LTRetinaNetRegressionHead"]
+__all__ = ["LTRetinaNetRegressionHead", "dense_foreground_weights", "rank_mean"]
 
 
 def _foreground_weights(matched, num_images):
@@ -20,6 +21,27 @@ def _foreground_weights(matched, num_images):
     normalisation by the number of foreground anchors, averaged over the batch."""
     num_fg = (matched >= 0).sum(dim=1, keepdim=True).clamp_min(1)
     return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
+
+
+def rank_mean(value: Tensor) -> Tensor:
+    """The mean of a scalar over the ranks (`reduce_mean` of EOD and GFocal); itself on one
+    process. A collective under DDP: every rank calls it at the same point of the step."""
+    total = all_reduce_sum(value.detach().to(torch.float32).reshape(1).clone())
+    return total[0] / get_world_size()
+
+
+def dense_foreground_weights(matched: Tensor, num_images: int, normaliser: str) -> Tensor:
+    """Per-anchor weights `[B, A]` of a dense loss with `reduction="sum"`.
+
+    "image": torchvision's `1 / (B * max(1, fg_b))`. "batch" (the authors' of EFL, QFL):
+    `1 / max(1, N / W)`, N the foreground anchors of the step on all W ranks; DDP's gradient
+    average over W then makes it the single-process loss on the joined batch."""
+    if normaliser == "image":
+        return _foreground_weights(matched, num_images)
+    if normaliser == "batch":
+        norm = rank_mean((matched >= 0).sum()).clamp_min(1.0)
+        return (1.0 / norm).expand_as(matched)
+    raise ValueError(f"dense_normaliser must be 'image' or 'batch', got {normaliser!r}")
 
 
 def foreground_anchors(

@@ -39,6 +39,7 @@ from ltdet.models.retinanet import (
     decode_distribution,
     patch_retinanet,
 )
+from ltdet.models.retinanet_parts import dense_foreground_weights
 
 C = 6  # foreground classes: the default of make_batch (tests/conftest.py)
 K = C + 1
@@ -593,6 +594,84 @@ def test_retinanet_all_images_without_boxes_train():
     sum(losses.values()).backward()
 
 
+def _efl_head_statistics_reference(z, labels, num_fg_norm):
+    """EOD's statistics after one step from the fresh state (g = 1: EFL is the focal loss,
+    gamma_b = 2, alpha = 0.25): `|dL/dz|` of `sum(focal) / num_fg_norm` (the gradient its hook
+    reads), summed per class over positives / negatives; and that loss."""
+    zf = z[:, 1:].double().detach().requires_grad_(True)
+    onehot = F.one_hot(labels, RC + 1)[:, 1:].double()
+    p = zf.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(zf, onehot, reduction="none")
+    p_t = p * onehot + (1 - p) * (1 - onehot)
+    alpha_t = 0.25 * onehot + 0.75 * (1 - onehot)
+    loss = (alpha_t * (1 - p_t) ** 2 * ce).sum() / num_fg_norm
+    magnitude = _grad(loss, zf).abs()
+    return (magnitude * onehot).sum(0), (magnitude * (1 - onehot)).sum(0), loss
+
+
+def test_efl_head_statistics_use_the_authors_batch_normaliser():
+    """RetinaNet + EFL: the loss and the gradient statistics are those of EOD's
+    `sum / max(1, N_fg of the step)`, not torchvision's per-image normalisation, on a batch whose
+    images have very different foreground counts."""
+    model = patch_retinanet(_tiny_retinanet(), cls_loss={"type": "efl"}).train()
+    efl = model.head.classification_head.loss
+    assert efl.dense_normaliser == "batch"
+    images, targets = _images_and_targets()
+    targets[1] = {"boxes": torch.tensor([[30.0, 30.0, 44.0, 41.0]]), "labels": torch.tensor([2])}
+    losses, out, _, matched = _capture(model, images, targets)
+    fg = [int((m >= 0).sum()) for m in matched]
+    assert fg[0] >= 4 * fg[1] > 0  # unbalanced on purpose
+    rows, labels, per_image = [], [], []
+    for b, (t, m) in enumerate(zip(targets, matched)):
+        valid = m != -2
+        rows.append(out["cls_logits"][b][valid])
+        lab = torch.where(m >= 0, t["labels"][m.clamp_min(0)], torch.zeros_like(m))[valid]
+        labels.append(lab)
+        per_image.append(_efl_head_statistics_reference(rows[-1], lab, 2 * fg[b]))
+    pos, neg, value = _efl_head_statistics_reference(torch.cat(rows), torch.cat(labels), sum(fg))
+    assert torch.allclose(losses["classification"].double(), value, rtol=1e-5)
+    assert torch.allclose(efl.pos_grad.double(), pos, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(efl.neg_grad.double(), neg, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(efl.pos_neg.double(), (pos / (neg + 1e-10)).clamp(0, 1), rtol=1e-4)
+    # torchvision's per-image weights would give other statistics: the test can tell them apart
+    pos_image = per_image[0][0] + per_image[1][0]
+    assert not torch.allclose(pos_image, pos, rtol=1e-2)
+
+
+def test_batch_normaliser_is_the_rank_mean_of_the_foreground_count():
+    matched = torch.tensor([[0, -1, 1, -2], [-1, -1, -1, -1]])
+    batch = dense_foreground_weights(matched, 2, "batch")
+    assert batch.shape == matched.shape and torch.all(batch == 0.5)
+    image = dense_foreground_weights(matched, 2, "image")
+    assert torch.equal(image, torch.tensor([[0.25] * 4, [0.5] * 4]))
+    assert torch.all(dense_foreground_weights(torch.full((1, 3), -1), 1, "batch") == 1.0)
+    with pytest.raises(ValueError, match="dense_normaliser"):
+        dense_foreground_weights(matched, 2, "anchor")
+
+
+def _rank_mean_worker(rank, world_size, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        # rank 0: 3 foreground anchors, rank 1: 7 -> each divides by 10 / 2 = 5
+        matched = torch.tensor([[0, 1, 2, -1]]) if rank == 0 else torch.arange(7).view(1, 7)
+        torch.save(dense_foreground_weights(matched, 1, "batch"), f"{out_dir}/w{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_normaliser_under_two_gloo_processes(tmp_path):
+    """Per rank `1 / (N_all / W)`; DDP's gradient mean over W makes it `1 / N_all`, the
+    single-process weight of the joined batch."""
+    mp.spawn(_rank_mean_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    joined = dense_foreground_weights(torch.arange(10).view(1, 10), 1, "batch")
+    for r in range(2):
+        w = torch.load(tmp_path / f"w{r}.pt")
+        assert torch.allclose(w, torch.full_like(w, 0.2))
+        assert torch.allclose(w / 2, joined[:, : w.shape[1]])
+
+
 def test_qfl_head_passes_the_iou_of_the_regressed_box():
     """The classification loss equals QFL with targets = IoU(decoded prediction, matched gt),
     computed here from scratch per anchor."""
@@ -613,7 +692,9 @@ def test_qfl_head_passes_the_iou_of_the_regressed_box():
         per = qfl_reference(
             out["cls_logits"][b][valid].double(), labels[valid], quality[valid].double()
         )
-        expected = expected + per.sum() / max(1, fg.numel()) / len(targets)
+        expected = expected + per.sum()
+    # GFocal's normaliser: num_total_samples = the batch's foreground count (not per image)
+    expected = expected / max(1, sum(int((m >= 0).sum()) for m in matched))
     assert torch.allclose(losses["classification"].double(), expected, rtol=1e-5)
     got = anchor_quality(targets, out["bbox_regression"], anchors, matched, coder)
     assert got.shape == out["bbox_regression"].shape[:2]
@@ -641,7 +722,7 @@ def test_distribution_head_shapes_loss_and_decoding():
     cx, cy = (anc[:, 0] + anc[:, 2]) / 2, (anc[:, 1] + anc[:, 3]) / 2
     unit = ((anc[:, 2] - anc[:, 0]) * (anc[:, 3] - anc[:, 1])).sqrt() / 8
     dist = torch.stack([cx - gt[:, 0], cy - gt[:, 1], gt[:, 2] - cx, gt[:, 3] - cy], 1)
-    dist = (dist / unit[:, None]).clamp(0, 16 - 0.01)
+    dist = (dist / unit[:, None]).clamp(0, 16 - 0.1)  # GFocal's bbox2distance(dt=0.1)
     prob = pred.view(-1, 4, 17).softmax(-1)
     side = (prob * torch.arange(17.0)).sum(-1) * unit[:, None]
     decoded = torch.stack([cx - side[:, 0], cy - side[:, 1], cx + side[:, 2], cy + side[:, 3]], 1)
@@ -715,6 +796,7 @@ def test_lvis_gfl_configs_follow_the_gfocal_recipe(name):
         "loss_weight": 0.25,
         "score_weighted": True,
     }
+    assert model["nms_thresh"] == 0.6  # gfl_r50_1x.py test_cfg nms iou_thr
     assert solver["lr"] == 0.01 and solver["max_iter"] == 12 * 6212
     assert solver["steps"] == [8 * 6212, 11 * 6212]
     assert solver["warmup_iters"] == 500 and abs(solver["warmup_factor"] - 1 / 3) < 1e-3
