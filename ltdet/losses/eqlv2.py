@@ -60,11 +60,16 @@ def eqlv2_gradient_sums(
 
     `|p - y|` is `1 - p` on a positive and `p` on a negative, and each row has exactly one
     positive, so the sums need one pass over the `[N, C+1]` probabilities plus O(N) work:
-    `neg_j = q_j (sum_i u_ij p_ij - sum_{i: y_i = j} u_ij p_ij)`,
-    `pos_j = r_j sum_{i: y_i = j} u_ij (1 - p_ij)`, with `u` the caller's weights (default 1).
+    `neg_j = q_j sum_{i: y_i != j} u_ij p_ij` (the true entries zeroed, then column sums) and
+    `pos_j = r_j sum_{i: y_i = j} u_ij sigmoid(-z_ij)`, with `u` the caller's weights (default
+    1). Neither is a difference of large sums: the column sum minus the positives' and the
+    positive count minus their probabilities both cancel in float32 when the positives are
+    confident (4e-4 and 3e-6 relative error with true-class p = 0.88 on 1204 columns).
     """
     # Sums over every RoI (or anchor): at least float32 so float16 (AMP) logits cannot overflow.
-    prob = logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    prob = z.sigmoid()
+    true_z = z.gather(1, labels.unsqueeze(1)).squeeze(1)
     if weight is not None:
         weight = weight.to(prob.dtype)
     if weight is not None and weight.dim() == 2:
@@ -75,14 +80,10 @@ def eqlv2_gradient_sums(
         u_true = weight
     else:
         u_true = torch.ones_like(labels, dtype=prob.dtype)
-    column_prob = prob.sum(dim=0)
-    true_prob = prob.gather(1, labels.unsqueeze(1)).squeeze(1)
-    pos_prob = torch.zeros_like(column_prob).index_add_(0, labels, true_prob)
-    pos_count = torch.zeros_like(column_prob).index_add_(0, labels, u_true)
-    return (
-        pos_w.to(prob.dtype) * (pos_count - pos_prob),
-        neg_w.to(prob.dtype) * (column_prob - pos_prob),
-    )
+    prob = prob.scatter(1, labels.unsqueeze(1), 0.0)  # the negatives alone
+    neg_prob = prob.sum(dim=0)
+    pos_grad = torch.zeros_like(neg_prob).index_add_(0, labels, u_true * torch.sigmoid(-true_z))
+    return pos_w.to(prob.dtype) * pos_grad, neg_w.to(prob.dtype) * neg_prob
 
 
 class EQLv2Loss(ClassificationLoss):

@@ -297,6 +297,30 @@ def test_efl_float32_matches_float64(make_batch):
     assert torch.allclose(a.pos_neg.float(), b.pos_neg, rtol=1e-4, atol=1e-6)
 
 
+def _dense_batch(n=6000, k=K, seed=3):
+    """A dense-head batch early in training: 90 % background anchors, easy negatives (p ~ 1e-3,
+    focal gradient ~1e-6) and hard positives (p ~ 0.01 on the true column, gradient ~0.25)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 0.5 * torch.randn(n, k, generator=g, dtype=torch.float64) - 7.0
+    labels = torch.randint(1, k, (n,), generator=g)
+    labels[: n * 9 // 10] = 0
+    fg = labels > 0
+    logits[fg, labels[fg]] += 2.5
+    return logits, labels
+
+
+def test_efl_statistics_float32_on_a_dense_batch():
+    """float32 statistics equal float64 ones on a dense batch, where a negative's focal gradient
+    is ~1e-5 of a positive's (column sum minus positives would cancel)."""
+    logits, labels = _dense_batch()
+    a = EqualizedFocalLoss(num_classes=C).double().train()
+    b = EqualizedFocalLoss(num_classes=C).train()
+    a(logits, labels, reduction="sum")
+    b(logits.float(), labels, reduction="sum")
+    assert torch.allclose(b.neg_grad.double(), a.neg_grad, rtol=1e-5)
+    assert torch.allclose(b.pos_grad.double(), a.pos_grad, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- QFL and EQFL
 
 
