@@ -182,7 +182,7 @@ def _mean_std(values):
     return mean, std, n
 
 
-def table(methods, results: Path) -> str:
+def table(methods, results: Path, reference: str = "baseline") -> str:
     rows = {}
     for m in methods:
         cells = [json.loads(p.read_text()) for p in sorted((results / m).glob("seed*.json"))]
@@ -196,12 +196,12 @@ def table(methods, results: Path) -> str:
             }
     if not rows:
         return "no results yet"
-    base = rows.get("baseline")
+    base = rows.get(reference)  # the row the `*` mark compares APr with
     lines = ["| method | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for m, r in rows.items():
         n = r["AP"][2]
         mark = ""
-        if base and m != "baseline" and n > 1 and base["APr"][2] > 1:
+        if base and m != reference and n > 1 and base["APr"][2] > 1:
             se = math.sqrt(r["APr"][1] ** 2 / n + base["APr"][1] ** 2 / base["APr"][2])
             mark = " *" if abs(r["APr"][0] - base["APr"][0]) > 2 * se else ""
         cells = [_cell_text(r[k], n, 4 if k.startswith("D-ECE") else 3) for k in KEYS]
@@ -262,6 +262,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--table-only", action="store_true")
     p.add_argument(
+        "--reference",
+        default="baseline",
+        help="the method whose APr the table's `*` mark compares with (RetinaNet: retinanet_focal)",
+    )
+    p.add_argument(
         "--backfill-calibration",
         action="store_true",
         help="add D-ECE to result files that lack it, from their cells' detections.json",
@@ -303,7 +308,7 @@ def main(argv=None) -> int:
             jobs=args.jobs,
             threads=args.threads,
         )
-    print(table(methods, results))
+    print(table(methods, results, args.reference))
     if args.plot:
         plot(methods, results, Path(args.plot))
     return 0

@@ -49,6 +49,15 @@ def test_table_mean_std_and_the_two_standard_error_mark(lt, tmp_path):
     assert seesaw[0] == "| seesaw" and seesaw[1] == "1" and seesaw[apr] == "0.300"
 
 
+def test_table_mark_against_another_reference(lt, tmp_path):
+    _write(tmp_path, "retinanet_focal", [0.002, 0.003, 0.004])
+    _write(tmp_path, "retinanet_qfl", [0.010, 0.011, 0.012])  # +0.008, 2 se = 0.0016
+    _write(tmp_path, "baseline", [0.0, 0.1, 0.2])  # would hide it: 2 se = 0.12
+    methods = ["retinanet_focal", "retinanet_qfl"]
+    assert _row(lt.table(methods, tmp_path, "retinanet_focal"), "retinanet_qfl")[0].endswith("*")
+    assert not _row(lt.table(methods + ["baseline"], tmp_path), "retinanet_qfl")[0].endswith("*")
+
+
 def test_stage2_cells_start_from_their_stage1_seed(lt, tmp_path):
     ckpt = tmp_path / "baseline" / "seed2" / "checkpoints"
     ckpt.mkdir(parents=True)
