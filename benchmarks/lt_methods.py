@@ -11,8 +11,11 @@ the baseline's, or baseline_v2's for MiSLAS, whose shifted BN needs the v2 box h
 own process with `--threads` torch threads. A cell whose metrics are already in `--results`
 (`benchmarks/results/METHOD/seedS.json`, committed: json only, no checkpoints) is skipped, so
 the grid resumes across days. The table marks a method whose APr differs from the baseline's by
-more than twice the combined standard error (`*`; needs >= 2 seeds per cell); a method with one
-seed reports its single value.
+more than twice the combined standard error (`*`; needs >= 2 seeds per cell; `--reference`
+picks another row, e.g. retinanet_focal); a method with one seed reports its single value.
+Columns: AP, AP50, APr, APc, APf, AP50r, AP50f and D-ECE (detection calibration); result files
+written before the trainer reported D-ECE get it from their cell's detections.json with
+`--backfill-calibration` (`--check-backfill METHOD SEED` verifies that on a cell with both).
 """
 
 import argparse
@@ -144,8 +147,6 @@ def backfill_calibration(
     what the cell's evaluation computes today, to ~1e-7 (the json's rounding of scores and
     boxes; `--check-backfill` compares the two on a cell that has both). Returns the number of
     files updated."""
-    from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration
-
     updated = 0
     for method in methods:
         for seed in seeds:
@@ -156,23 +157,40 @@ def backfill_calibration(
             out = json.loads(path.read_text())
             if "D-ECE" in out:
                 continue
-            out.update(
-                recompute_calibration(dets, evaluate_calibration, calibration_metrics, data_root)
-            )
+            out.update(recompute_calibration(dets, data_root))
             path.write_text(json.dumps(out, indent=1))
             updated += 1
             print(f"backfilled D-ECE of {method} seed {seed}: {out['D-ECE']:.5f}", flush=True)
     return updated
 
 
-def recompute_calibration(
-    dets: Path, evaluate_calibration, calibration_metrics, data_root: Path = SYNTHETIC
-) -> dict:
+def recompute_calibration(dets: Path, data_root: Path = SYNTHETIC) -> dict:
     """The calibration entries of metrics.json for a cell's detections on `data_root`'s val set."""
+    # imported here: the grid and the table need no torch / ltdet import in this process
+    from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration
+
     cal = evaluate_calibration(
         str(data_root / "val.json"), str(dets), train=str(data_root / "train.json")
     )
     return calibration_metrics(cal)
+
+
+def check_backfill(
+    method: str, seed: int, *, runs: Path, results: Path, data_root: Path = SYNTHETIC
+) -> int:
+    """Recompute a cell's calibration entries from its detections.json and compare them with
+    its stored ones (a cell whose evaluation computed them): 0 if equal to 1e-6, else 1."""
+    stored = json.loads((results / method / f"seed{seed}.json").read_text())
+    again = recompute_calibration(_cell_dir(runs, method, seed) / "detections.json", data_root)
+    shared = sorted(k for k in again if k in stored)
+    if not shared:
+        print(f"{method} seed {seed}: its result file has no calibration entries to compare")
+        return 1
+    diff = max(abs(again[k] - stored[k]) for k in shared)
+    print(f"{method} seed {seed}: largest difference over {shared}: {diff:.3g}")
+    # detections.json holds scores and boxes as json floats, the cell's evaluation the float32
+    # tensors: equal to ~1e-7. A NaN difference fails (`nan < 1e-6` is False).
+    return 0 if diff < 1e-6 else 1
 
 
 def _mean_std(values):
@@ -286,17 +304,8 @@ def main(argv=None) -> int:
             methods.insert(0, stage1)
     results = Path(args.results)
     if args.check_backfill:
-        from ltdet.evaluation.calibration import calibration_metrics, evaluate_calibration
-
         method, seed = args.check_backfill
-        stored = json.loads((results / method / f"seed{seed}.json").read_text())
-        dets = _cell_dir(Path(args.runs), method, int(seed)) / "detections.json"
-        again = recompute_calibration(dets, evaluate_calibration, calibration_metrics)
-        diff = max(abs(again[k] - stored[k]) for k in again)
-        print(f"{method} seed {seed}: largest difference over {sorted(again)}: {diff:.3g}")
-        # detections.json holds the scores and boxes as json floats, the cell's evaluation the
-        # float32 tensors: equal to ~1e-7
-        return 0 if diff < 1e-6 else 1
+        return check_backfill(method, int(seed), runs=Path(args.runs), results=results)
     if args.backfill_calibration:
         backfill_calibration(methods, args.seeds, runs=Path(args.runs), results=results)
     elif not args.table_only:

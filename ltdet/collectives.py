@@ -9,7 +9,7 @@ size 1, and a sum over ranks that returns its input unchanged.
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "is_distributed"]
+__all__ = ["all_reduce_sum", "get_rank", "get_world_size", "is_distributed", "rank_mean"]
 
 
 def is_distributed() -> bool:
@@ -38,3 +38,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the ranks, a detached float32 0-d tensor (GFocal's
+    `reduce_mean` of a step's normaliser); the value itself on one process. A collective:
+    every rank calls it at the same point of the step, whatever its own value (0 included)."""
+    total = all_reduce_sum(value.detach().to(torch.float32).reshape(1).clone())
+    return total[0] / get_world_size()

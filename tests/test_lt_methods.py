@@ -122,3 +122,19 @@ def test_backfill_adds_d_ece_from_the_cells_detections(lt, tmp_path):
     assert out["APr"] == 0.1  # the rest of the file is kept
     assert json.loads((results / "rfs" / "seed0.json").read_text())["D-ECE"] == 0.5
     assert lt.backfill_calibration(["eql"], [0], runs=runs, results=results, data_root=data) == 0
+
+
+def test_check_backfill_compares_with_the_stored_entries(lt, tmp_path, capsys):
+    data, runs, results = tmp_path / "data", tmp_path / "runs", tmp_path / "results"
+    data.mkdir()
+    _lvis_set(data)
+    (runs / "rfs" / "seed0").mkdir(parents=True)
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "score": 0.9}]
+    (runs / "rfs" / "seed0" / "detections.json").write_text(json.dumps(dets))
+    _write(results, "rfs", [0.2], dece=[0.1])  # 1 TP at 0.9: D-ECE 0.1
+    check = lambda: lt.check_backfill("rfs", 0, runs=runs, results=results, data_root=data)  # noqa: E731
+    assert check() == 0
+    _write(results, "rfs", [0.2], dece=[0.3])
+    assert check() == 1
+    _write(results, "rfs", [0.2])
+    assert check() == 1 and "no calibration entries" in capsys.readouterr().out

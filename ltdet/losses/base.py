@@ -106,8 +106,9 @@ class LossModule(nn.Module):
     self_normalising: bool = False
     #: How a dense head (RetinaNet) normalises the loss by its foreground anchors: "image"
     #: (torchvision's RetinaNet: each image's sum over its own foreground count, averaged over
-    #: the images) or "batch" (EOD's EFL, GFocal's QFL, mmdetection's dense heads: the step's sum
-    #: over its foreground count averaged over ranks, `max(1, N_all_ranks / world_size)`). A
+    #: the images) or "batch" (GFocal's QFL, EOD's EFL, mmdetection's dense heads: the step's sum
+    #: over its foreground count averaged over ranks, `max(1, N_all_ranks / world_size)`; EOD's
+    #: `max(N, 1) / W` differs only when a step has fewer foreground anchors than ranks). A
     #: loss whose authors trained it one way declares it: EFL's statistics are the gradients
     #: under that normaliser, so per-image weights would let images with few foreground anchors
     #: dominate `g_j`.

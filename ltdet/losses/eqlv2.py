@@ -80,7 +80,7 @@ def eqlv2_gradient_sums(
         u_true = weight
     else:
         u_true = torch.ones_like(labels, dtype=prob.dtype)
-    prob = prob.scatter(1, labels.unsqueeze(1), 0.0)  # the negatives alone
+    prob.scatter_(1, labels.unsqueeze(1), 0.0)  # the negatives alone (prob is a fresh tensor)
     neg_prob = prob.sum(dim=0)
     pos_grad = torch.zeros_like(neg_prob).index_add_(0, labels, u_true * torch.sigmoid(-true_z))
     return pos_w.to(prob.dtype) * pos_grad, neg_w.to(prob.dtype) * neg_prob

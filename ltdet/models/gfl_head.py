@@ -7,9 +7,10 @@ distribution over `0..n` for each side's distance from the anchor centre (left, 
 bottom); a side decodes as the distribution's expectation (`decode_distribution`) times a unit of
 the anchor's size over 8 (`sqrt(w h) / 8`: GFL's ATSS anchors are 8 strides wide, so this is GFL's
 unit, the level's stride, on GFL's own anchors). It is trained with DFL on the ground-truth
-distances (clamped below n, mmdetection's `bbox2distance`) plus the box loss (GIoU, `needs_boxes`)
+distances (clamped to n - 0.1, GFocal's `bbox2distance`) plus the box loss (GIoU, `needs_boxes`)
 on the decoded boxes. With `score_weighted` (GFL's head), both are weighted per foreground anchor
-by its detached best foreground score and normalised by the batch's sum of those weights;
+by its detached best foreground score and normalised by the batch's sum of those weights
+averaged over ranks (GFocal's `avg_factor`);
 otherwise by RetinaNet's per-image foreground weights (`1 / (B * max(1, fg_b))`,
 `ltdet.models.retinanet`). `LTRetinaNet`'s postprocess decodes either output.
 """
@@ -20,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 
+from ltdet.collectives import rank_mean
+
 from .retinanet_parts import (
     LTRetinaNetRegressionHead,
     _adopt_head,
     _foreground_weights,
     foreground_anchors,
-    rank_mean,
 )
 
 __all__ = ["LTRetinaNetDistributionHead", "decode_distribution"]

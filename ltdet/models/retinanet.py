@@ -16,8 +16,9 @@ column 0 as its objectness column. Normalisation is torchvision's: each image's 
 its number of foreground anchors (at least 1), then averaged over the batch; it is applied as a
 per-anchor weight `1 / (B * max(1, fg_b))` with `reduction="sum"`, so one loss call sees the whole
 batch (stateful losses update their statistics once per step). A loss whose authors normalise by
-the batch declares `dense_normaliser = "batch"` (EFL, EQFL, QFL: EOD's and GFocal's
-`max(1, N_all_ranks / W)`, `retinanet_parts.dense_foreground_weights`). The exception is a loss that
+the batch declares `dense_normaliser = "batch"` (EFL, EQFL, QFL: GFocal's
+`max(1, N_all_ranks / W)`, EOD's up to steps with fewer foreground anchors than ranks;
+`retinanet_parts.dense_foreground_weights`). The exception is a loss that
 declares `self_normalising` (GHM-C, GHM-R): its gradient-density weights are themselves the
 normaliser (Li et al., AAAI 2019, eq. 8: `sum_i L_i / GD(g_i)`, which ltdet's GHM returns with
 `reduction="mean"`), so dividing by the foreground count as well would scale it by anchors per
@@ -65,6 +66,7 @@ from ltdet.losses.gfl import DistributionFocalLoss
 
 from .gfl_head import LTRetinaNetDistributionHead, decode_distribution
 from .retinanet_parts import (
+    DENSE_NORMALISERS,
     LTRetinaNetRegressionHead,
     _adopt_head,
     dense_foreground_weights,
@@ -294,7 +296,13 @@ class LTRetinaNet(RetinaNet):
 
 
 #: what the heads read of their losses (declared by `ltdet.losses.base`'s loss classes)
-_CLS_LOSS_ATTRIBUTES = ("activation", "num_classes", "get_cls_channels", "self_normalising")
+_CLS_LOSS_ATTRIBUTES = (
+    "activation",
+    "num_classes",
+    "get_cls_channels",
+    "self_normalising",
+    "dense_normaliser",
+)
 _BOX_LOSS_ATTRIBUTES = ("needs_boxes", "self_normalising")
 
 
@@ -379,6 +387,11 @@ def patch_retinanet(model, cls_loss=None, box_loss=None, stats=None, dfl=None):
             raise TypeError(
                 f"cls_loss {type(cls_module).__name__} is not a classification loss "
                 f"(it has no {', '.join(missing)})"
+            )
+        if cls_module.dense_normaliser not in DENSE_NORMALISERS:
+            raise ValueError(
+                f"cls_loss {type(cls_module).__name__}: dense_normaliser must be one of "
+                f"{DENSE_NORMALISERS}, got {cls_module.dense_normaliser!r}"
             )
         built_for = cls_module.num_classes
         if built_for is not None and built_for != num_classes:

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.retinanet import RetinaNetRegressionHead
 
-from ltdet.collectives import all_reduce_sum, get_world_size
+from ltdet.collectives import rank_mean
 from ltdet.compat import adopt_module
 
-__all__ = ["LTRetinaNetRegressionHead", "dense_foreground_weights", "rank_mean"]
+__all__ = ["LTRetinaNetRegressionHead", "dense_foreground_weights"]
 
 
 def _foreground_weights(matched, num_images):
@@ -23,25 +23,24 @@ def _foreground_weights(matched, num_images):
     return (1.0 / (num_fg * num_images)).to(torch.float32).expand_as(matched)
 
 
-def rank_mean(value: Tensor) -> Tensor:
-    """The mean of a scalar over the ranks (`reduce_mean` of EOD and GFocal); itself on one
-    process. A collective under DDP: every rank calls it at the same point of the step."""
-    total = all_reduce_sum(value.detach().to(torch.float32).reshape(1).clone())
-    return total[0] / get_world_size()
+#: `LossModule.dense_normaliser`'s values (see `dense_foreground_weights`).
+DENSE_NORMALISERS = ("image", "batch")
 
 
 def dense_foreground_weights(matched: Tensor, num_images: int, normaliser: str) -> Tensor:
     """Per-anchor weights `[B, A]` of a dense loss with `reduction="sum"`.
 
-    "image": torchvision's `1 / (B * max(1, fg_b))`. "batch" (the authors' of EFL, QFL):
+    "image": torchvision's `1 / (B * max(1, fg_b))`. "batch" (GFocal's `num_total_samples`):
     `1 / max(1, N / W)`, N the foreground anchors of the step on all W ranks; DDP's gradient
-    average over W then makes it the single-process loss on the joined batch."""
+    average over W then makes it the single-process loss on the joined batch. (EOD's EFL head
+    divides by `max(N, 1) / W`: the same unless a step has fewer foreground anchors than
+    ranks.) A collective under DDP, called on every rank whatever its foreground count."""
     if normaliser == "image":
         return _foreground_weights(matched, num_images)
     if normaliser == "batch":
         norm = rank_mean((matched >= 0).sum()).clamp_min(1.0)
         return (1.0 / norm).expand_as(matched)
-    raise ValueError(f"dense_normaliser must be 'image' or 'batch', got {normaliser!r}")
+    raise ValueError(f"dense_normaliser must be one of {DENSE_NORMALISERS}, got {normaliser!r}")
 
 
 def foreground_anchors(

@@ -673,14 +673,25 @@ def test_batch_normaliser_is_the_rank_mean_of_the_foreground_count():
         dense_foreground_weights(matched, 2, "anchor")
 
 
+def test_patch_refuses_an_unknown_dense_normaliser():
+    loss = build_loss({"type": "efl"}, num_classes=RC)
+    loss.dense_normaliser = "anchor"
+    with pytest.raises(ValueError, match="dense_normaliser must be one of"):
+        patch_retinanet(_tiny_retinanet(), cls_loss=loss)
+
+
 def _rank_mean_worker(rank, world_size, port, out_dir):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         # rank 0: 3 foreground anchors, rank 1: 7 -> each divides by 10 / 2 = 5
         matched = torch.tensor([[0, 1, 2, -1]]) if rank == 0 else torch.arange(7).view(1, 7)
         torch.save(dense_foreground_weights(matched, 1, "batch"), f"{out_dir}/w{rank}.pt")
+        # a rank without foreground still takes part: 0 + 4 -> max(1, 4 / 2) = 2 on both
+        matched = torch.full((1, 5), -1) if rank == 0 else torch.arange(4).view(1, 4)
+        torch.save(dense_foreground_weights(matched, 1, "batch"), f"{out_dir}/z{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -694,6 +705,8 @@ def test_batch_normaliser_under_two_gloo_processes(tmp_path):
         w = torch.load(tmp_path / f"w{r}.pt")
         assert torch.allclose(w, torch.full_like(w, 0.2))
         assert torch.allclose(w / 2, joined[:, : w.shape[1]])
+        z = torch.load(tmp_path / f"z{r}.pt")
+        assert torch.allclose(z, torch.full_like(z, 0.5))
 
 
 def test_qfl_head_passes_the_iou_of_the_regressed_box():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ltdet.losses import build_loss
+from ltdet.losses.eqlv2 import eqlv2_gradient_sums
 
 C = 6  # foreground classes: the default of make_batch (tests/conftest.py)
 K = C + 1
@@ -82,8 +83,6 @@ def test_eqlv2_several_steps_match_the_paper(make_batch, one_hot):
 def test_eqlv2_statistics_float32_with_confident_positives():
     """float32 gradient sums equal float64 ones when the true columns are confident: neither sum
     is a difference of large sums (1204 columns, 25 % foreground at p ~ 0.88)."""
-    from ltdet.losses.eqlv2 import eqlv2_gradient_sums
-
     g = torch.Generator().manual_seed(0)
     n, k = 1024, 1204
     labels = torch.randint(1, 30, (n,), generator=g)
