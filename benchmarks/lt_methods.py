@@ -91,6 +91,16 @@ def run_grid(methods, seeds, *, runs: Path, results: Path, jobs: int, threads: i
     todo = [(m, s) for s in seeds for m in methods if not (results / m / f"seed{s}.json").is_file()]
     running = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    if todo:
+        # The bundled set is made once here, before any cell starts: cells started together on
+        # a fresh clone would otherwise each generate it into the same folder at once.
+        subprocess.run(
+            [sys.executable, "-m", "ltdet.scripts.make_synthetic", "--root", str(SYNTHETIC)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     t0 = time.time()
     while todo or running:
         ready = [

@@ -71,6 +71,35 @@ def test_stage2_cells_start_from_their_stage1_seed(lt, tmp_path):
     assert "--stage2" not in lt._command("rfs", 0, tmp_path)
 
 
+def test_grid_makes_the_data_set_once_before_any_cell_starts(lt, tmp_path, monkeypatch):
+    # Two cells started together on a fresh clone used to generate the set into one folder at
+    # once (the second failed with FileExistsError): the parent now makes it first.
+    events = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            events.append(("cell", cmd[cmd.index("--opts") + 1]))
+
+        def poll(self):
+            return 0
+
+    def fake_run(cmd, **kw):
+        events.append(("data", cmd[cmd.index("--root") + 1]))
+
+    monkeypatch.setattr(lt.subprocess, "run", fake_run)
+    monkeypatch.setattr(lt.subprocess, "Popen", Done)
+    monkeypatch.setattr(lt.time, "sleep", lambda s: None)
+    lt.run_grid(["rfs", "eql"], [0], runs=tmp_path / "runs", results=tmp_path, jobs=2, threads=1)
+    assert events == [("data", str(lt.SYNTHETIC)), ("cell", "seed=0"), ("cell", "seed=0")]
+    events.clear()
+    _write(tmp_path, "rfs", [0.2])
+    _write(tmp_path, "eql", [0.2])
+    lt.run_grid(["rfs", "eql"], [0], runs=tmp_path / "runs", results=tmp_path, jobs=2, threads=1)
+    assert events == []  # nothing left to run: no generation either
+
+
 def _lvis_set(root):
     """Two images, one rare and one frequent class, one ground-truth box each."""
     gt = {
