@@ -709,6 +709,65 @@ def test_batch_normaliser_under_two_gloo_processes(tmp_path):
         assert torch.allclose(z, torch.full_like(z, 0.5))
 
 
+def _head_run(name, image_ids):
+    """One training forward of a frozen-BN RetinaNet (seed 0: the same weights in every process)
+    with `name`'s losses on the images `image_ids` of `_images_and_targets`: the loss values and
+    the classification loss's buffers."""
+    torch.manual_seed(0)
+    cfg = {"model": {"arch": "retinanet", "backbone": "resnet18", "norm": "frozen_bn"}}
+    model = patch_retinanet(build_torchvision_detector(cfg, RC), **RETINA_CONFIGS[name]).train()
+    images, targets = _images_and_targets()
+    targets[1] = {"boxes": torch.tensor([[30.0, 30.0, 44.0, 41.0]]), "labels": torch.tensor([2])}
+    images.append(torch.rand(3, 96, 128))
+    targets.append({"boxes": torch.tensor([[5.0, 40.0, 70.0, 92.0]]), "labels": torch.tensor([3])})
+    losses = model([images[i] for i in image_ids], [dict(targets[i]) for i in image_ids])
+    state = model.head.classification_head.loss.state_dict()
+    return {k: v.detach() for k, v in losses.items()}, {k: v.clone() for k, v in state.items()}
+
+
+def _head_worker(rank, world_size, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        out = {name: _head_run(name, [0, 1] if rank == 0 else [2]) for name in ("efl", "gfl")}
+        torch.save(out, f"{out_dir}/head{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_efl_and_gfl_heads_under_two_gloo_processes_equal_the_joined_batch(tmp_path):
+    """The whole head, images 0 and 1 on rank 0 and image 2 on rank 1: the mean of the ranks'
+    losses (what DDP's gradient mean optimises) equals one process's loss on the 3 images, for
+    every term of GFL (QFL, GIoU and DFL with their batch foreground / score normalisers) and
+    for EFL's classification term. EFL's buffers: each rank adds the gradient of its own loss
+    (sum / (N_all / W)), summed over ranks as EOD's hook and allreduce do, so `pos_grad` /
+    `neg_grad` are W = 2 times the joined batch's on every rank and `pos_neg`, what the loss
+    reads, is equal. torchvision's per-image normaliser would not pass: with unequal images per
+    rank and unequal foreground counts it weights the ranks unequally (with one image on each
+    rank it would, which is why rank 0 has two)."""
+    mp.spawn(_head_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"head{r}.pt") for r in range(2)]
+    for name in ("efl", "gfl"):
+        joined_losses, joined_state = _head_run(name, [0, 1, 2])
+        # efl's box term is torchvision's (per image, the documented departure of its configs)
+        keys = ["classification"] if name == "efl" else sorted(joined_losses)
+        for key in keys:
+            value = joined_losses[key]
+            mean = (ranks[0][name][0][key] + ranks[1][name][0][key]) / 2
+            assert torch.allclose(mean, value, rtol=1e-5, atol=1e-7), (name, key, mean, value)
+            # a per-rank normaliser would make rank means differ from the joined value
+            assert value > 0, (name, key)
+        for r in range(2):
+            for key, value in joined_state.items():
+                scale = 2.0 if key in ("pos_grad", "neg_grad") else 1.0
+                got = ranks[r][name][1][key]
+                assert torch.allclose(got, scale * value, rtol=1e-4, atol=1e-9), (name, key, r)
+        if name == "efl":  # every class has positives and negatives: no 0 == 0 comparison
+            assert (joined_state["pos_grad"] > 0).all() and (joined_state["neg_grad"] > 0).all()
+
+
 def test_qfl_head_passes_the_iou_of_the_regressed_box():
     """The classification loss equals QFL with targets = IoU(decoded prediction, matched gt),
     computed here from scratch per anchor."""
