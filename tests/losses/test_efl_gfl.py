@@ -13,6 +13,7 @@ distribution head's loss against GFL's `loss_single` and its integral decoding, 
 boxes, TorchScript, and the synthetic / LVIS v1 configs against the authors' recipes.
 """
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -486,16 +487,23 @@ def _dist_run(rows, batches):
     )
 
 
-def _dist_worker(rank, world_size, port, out_dir, batches):
+@contextlib.contextmanager
+def _gloo_group(rank, world_size, port):
+    """One spawned rank's gloo process group on 127.0.0.1:`port`, one thread; destroyed after."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        rows = slice(0, DIST_SPLIT) if rank == 0 else slice(DIST_SPLIT, DIST_ROWS)
-        torch.save(_dist_run(rows, batches), os.path.join(out_dir, f"rank{rank}.pt"))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _dist_worker(rank, world_size, port, out_dir, batches):
+    with _gloo_group(rank, world_size, port):
+        rows = slice(0, DIST_SPLIT) if rank == 0 else slice(DIST_SPLIT, DIST_ROWS)
+        torch.save(_dist_run(rows, batches), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _free_port():
@@ -681,19 +689,13 @@ def test_patch_refuses_an_unknown_dense_normaliser():
 
 
 def _rank_mean_worker(rank, world_size, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         # rank 0: 3 foreground anchors, rank 1: 7 -> each divides by 10 / 2 = 5
         matched = torch.tensor([[0, 1, 2, -1]]) if rank == 0 else torch.arange(7).view(1, 7)
         torch.save(dense_foreground_weights(matched, 1, "batch"), f"{out_dir}/w{rank}.pt")
         # a rank without foreground still takes part: 0 + 4 -> max(1, 4 / 2) = 2 on both
         matched = torch.full((1, 5), -1) if rank == 0 else torch.arange(4).view(1, 4)
         torch.save(dense_foreground_weights(matched, 1, "batch"), f"{out_dir}/z{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_batch_normaliser_under_two_gloo_processes(tmp_path):
@@ -726,15 +728,9 @@ def _head_run(name, image_ids):
 
 
 def _head_worker(rank, world_size, port, out_dir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with _gloo_group(rank, world_size, port):
         out = {name: _head_run(name, [0, 1] if rank == 0 else [2]) for name in ("efl", "gfl")}
         torch.save(out, f"{out_dir}/head{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_efl_and_gfl_heads_under_two_gloo_processes_equal_the_joined_batch(tmp_path):
